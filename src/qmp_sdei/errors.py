@@ -1,0 +1,59 @@
+"""The exception tree of qmp-sdei.
+
+Every error this package raises on purpose derives from :class:`SdeiError`, so a caller can catch
+one root. The children say *what kind* of thing went wrong, and wrap the underlying cause with
+``raise ... from err`` so tracebacks (for bugs) still show it::
+
+    SdeiError
+     +-- ConfigError          a config file or value is invalid (names the key)
+     +-- CatalogueError       an event catalogue or topology is invalid (at Dispatcher construction)
+     +-- IncompatibleState    a state blob is damaged, unknown, or cannot be honoured here
+     +-- VersionError         a requested or pinned SDEI/PSCI version cannot be honoured
+     +-- TriggerError         the host asked to raise an event that cannot be raised that way
+     +-- QemuError            QEMU is unreachable, not QEMU, or not a machine we can serve
+     +-- ConduitError         the gdbstub conduit failed (protocol error, lost connection)
+
+``asyncio.CancelledError`` is never wrapped.
+"""
+
+from __future__ import annotations
+
+
+class SdeiError(Exception):
+    """Root of every error qmp-sdei raises deliberately."""
+
+
+class ConfigError(SdeiError):
+    """A configuration file or value is invalid.
+
+    The message names the offending key (``sdei.events[2].number``) and the problem.
+    """
+
+
+class CatalogueError(SdeiError):
+    """An event catalogue or vCPU topology given to the dispatcher is invalid."""
+
+
+class IncompatibleState(SdeiError):
+    """A saved dispatcher state cannot be restored here.
+
+    Raised for truncated or corrupted blobs, unknown format versions, and states from a VM whose
+    catalogue, topology or pinned versions differ from this dispatcher's. Restoring never changes
+    anything when this is raised.
+    """
+
+
+class VersionError(SdeiError):
+    """A requested or pinned SDEI/PSCI version cannot be honoured."""
+
+
+class TriggerError(SdeiError):
+    """The host asked to raise an event in a way the catalogue does not allow."""
+
+
+class QemuError(SdeiError):
+    """QEMU is unreachable, is not QEMU, or runs a machine the sidecar cannot serve."""
+
+
+class ConduitError(SdeiError):
+    """The guest conduit (QEMU's gdbstub) failed: protocol error, lost connection, bad reply."""
