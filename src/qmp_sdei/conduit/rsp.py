@@ -1,0 +1,660 @@
+"""An asyncio client for the GDB remote serial protocol, shaped around QEMU 7.2's gdbstub.
+
+The sidecar reaches the guest through QEMU's gdbstub because QEMU 7.2 answers every ``hvc``
+itself; breakpoints on the guest's ``hvc #0`` are the only way to see its calls. This module is
+the wire layer only: framing, checksums, escaping, run-length decoding, reply routing, and typed
+helpers for the handful of packets the conduit needs. It knows nothing about SDEI.
+
+QEMU 7.2 facts this client is built around (see ``docs/gdbstub-conduit-notes.md``):
+
+* There is no ``QStartNoAckMode``. QEMU acks each of our packets with ``+`` but never waits for
+  our acks, and *any* byte reaching it while the VM runs stops the VM. So this client never sends
+  ``+``/``-``; it ignores QEMU's acks. That is also what makes pipelining (``G`` and ``vCont;c``
+  in one write) safe.
+* A raw ``0x03`` byte stops a running VM (reply ``T02``). QEMU discards it when a stop reply is
+  already on its way, so an interrupt racing a breakpoint is benign: one stop reply arrives.
+* Connecting stops a running VM and QEMU pushes an unsolicited ``T02`` before any request.
+* Thread ids are multiprocess style (``p01.02``); detach must be ``D;1``.
+
+Replies are routed by their first byte: stop replies (``T``, ``S``, ``W``, ``X``) go to a stop
+queue, everything else resolves the oldest outstanding request, in order. No command we send has a
+reply that starts with those letters, so the split is unambiguous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from qmp_sdei.errors import ConduitError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds to wait for any single reply. Generous: TCG on a busy 2-core host can stall."""
+
+INTERRUPT = b"\x03"
+_ESCAPE = 0x7D  # '}'
+_NEEDS_ESCAPE = frozenset(b"$#}*")
+_STOP_KINDS = frozenset(b"TSWX")
+
+CORE_FORMAT = struct.Struct("<33QI")
+"""The ``g``/``G`` block of QEMU's aarch64 core feature: x0..x30, sp, pc (u64) and cpsr (u32)."""
+
+SIGNAL_INT = 0x02  # SIGINT: our 0x03, or QEMU's own pause (attach, QMP stop)
+SIGNAL_TRAP = 0x05  # breakpoint or single-step completion
+SIGNAL_XCPU = 0x18  # QEMU's migration stop (RUN_STATE_FINISH_MIGRATE)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure codec: framing, checksums, escaping, run-length decoding
+# --------------------------------------------------------------------------------------------
+
+
+def checksum(data: bytes) -> int:
+    """The RSP checksum: the sum of the bytes between ``$`` and ``#``, modulo 256."""
+    return sum(data) & 0xFF
+
+
+def escape(data: bytes) -> bytes:
+    """Escape the bytes the framing reserves (``$ # } *``) as ``}`` followed by byte XOR 0x20."""
+    if not any(b in _NEEDS_ESCAPE for b in data):
+        return data
+    out = bytearray()
+    for b in data:
+        if b in _NEEDS_ESCAPE:
+            out += bytes((_ESCAPE, b ^ 0x20))
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def decode_body(data: bytes) -> bytes:
+    """Undo escaping and run-length encoding of a received packet body.
+
+    ``X*n`` repeats the previous *decoded* byte ``ord(n) - 29`` more times; ``}c`` stands for
+    ``c ^ 0x20``. Both are processed in one pass, as GDB does, because a run may repeat an
+    escaped byte.
+    """
+    if _ESCAPE not in data and 0x2A not in data:
+        return data
+    out = bytearray()
+    i = 0
+    n = len(data)
+    while i < n:
+        b = data[i]
+        if b == _ESCAPE:
+            if i + 1 >= n:
+                raise ConduitError("malformed RSP packet: escape character at the end of the body")
+            out.append(data[i + 1] ^ 0x20)
+            i += 2
+        elif b == 0x2A:  # '*'
+            if not out or i + 1 >= n:
+                raise ConduitError("malformed RSP packet: run-length marker without a byte to repeat")
+            count = data[i + 1] - 29
+            if count < 0:
+                raise ConduitError(f"malformed RSP packet: bad run-length count {data[i + 1]:#x}")
+            out += bytes((out[-1],)) * count
+            i += 2
+        else:
+            out.append(b)
+            i += 1
+    return bytes(out)
+
+
+def frame(payload: bytes | str) -> bytes:
+    """Wrap a payload as ``$<escaped payload>#<checksum>`` ready to send."""
+    raw = payload.encode("ascii") if isinstance(payload, str) else payload
+    body = escape(raw)
+    return b"$" + body + b"#" + f"{checksum(body):02x}".encode("ascii")
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A ``+`` (ok) or ``-`` (resend) from the peer."""
+
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One received packet with its body decoded."""
+
+    payload: bytes
+
+
+class PacketDecoder:
+    """Incremental decoder: feed it bytes as they arrive, iterate the acks and packets found.
+
+    It keeps partial packets between calls, verifies checksums, and skips stray bytes between
+    packets (QEMU sends none, but a half-read connection must not wedge the parser).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[Ack | Packet]:
+        self._buf += data
+        while self._buf:
+            first = self._buf[0]
+            if first in (0x2B, 0x2D):  # '+', '-'
+                del self._buf[0]
+                yield Ack(first == 0x2B)
+                continue
+            if first != 0x24:  # '$'
+                # Junk between packets: drop it up to the next byte that starts something.
+                cut = next((i for i, b in enumerate(self._buf) if b in (0x24, 0x2B, 0x2D)), len(self._buf))
+                log.debug("rsp: skipping %r between packets", bytes(self._buf[:cut]))
+                del self._buf[:cut]
+                continue
+            end = self._buf.find(b"#")
+            if end < 0 or len(self._buf) < end + 3:
+                return  # incomplete: wait for more bytes
+            body = bytes(self._buf[1:end])
+            sent_sum = bytes(self._buf[end + 1 : end + 3])
+            del self._buf[: end + 3]
+            try:
+                expected = int(sent_sum, 16)
+            except ValueError as err:
+                raise ConduitError(f"malformed RSP checksum {sent_sum!r}") from err
+            if checksum(body) != expected:
+                raise ConduitError(
+                    f"RSP checksum mismatch: got {expected:02x}, computed {checksum(body):02x} "
+                    f"for {body[:60]!r}"
+                )
+            yield Packet(decode_body(body))
+
+
+# --------------------------------------------------------------------------------------------
+# Thread ids and stop replies
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class ThreadId:
+    """A multiprocess thread id ``p<pid>.<tid>``; QEMU numbers vCPU *i* as thread *i + 1*."""
+
+    pid: int
+    tid: int
+
+    @classmethod
+    def parse(cls, text: str) -> ThreadId:
+        m = re.fullmatch(r"p([0-9a-fA-F]+)\.([0-9a-fA-F]+)", text) or re.fullmatch(r"([0-9a-fA-F]+)", text)
+        if m is None:
+            raise ConduitError(f"unparseable thread id {text!r}")
+        if m.lastindex == 2:
+            return cls(int(m.group(1), 16), int(m.group(2), 16))
+        return cls(1, int(m.group(1), 16))
+
+    def __str__(self) -> str:
+        return f"p{self.pid:02x}.{self.tid:02x}"
+
+    @property
+    def vcpu(self) -> int:
+        """The vCPU index (QEMU's ``cpu_index``) this thread stands for."""
+        return self.tid - 1
+
+    @classmethod
+    def for_vcpu(cls, index: int, pid: int = 1) -> ThreadId:
+        return cls(pid, index + 1)
+
+
+@dataclass(frozen=True)
+class StopReply:
+    """A parsed stop reply: ``T05thread:p01.02;``, ``S02``, ``W00``, ``X09``."""
+
+    kind: str  # 'T', 'S', 'W' (exited) or 'X' (killed)
+    signal: int  # the signal (T/S/X) or exit status (W)
+    thread: ThreadId | None = None
+    info: dict[str, str] = field(default_factory=dict)
+    received_ns: int = 0  # time.perf_counter_ns() when the reader saw it; for latency measurement
+
+    @property
+    def exited(self) -> bool:
+        return self.kind in ("W", "X")
+
+
+def parse_stop_reply(payload: bytes | str, received_ns: int = 0) -> StopReply:
+    """Parse a stop reply; raise :class:`ConduitError` if it is not one."""
+    text = payload.decode("ascii", "replace") if isinstance(payload, bytes) else payload
+    if len(text) < 3 or text[0] not in "TSWX":
+        raise ConduitError(f"not a stop reply: {text[:60]!r}")
+    try:
+        signal = int(text[1:3], 16)
+    except ValueError as err:
+        raise ConduitError(f"bad signal in stop reply {text[:60]!r}") from err
+    info: dict[str, str] = {}
+    thread: ThreadId | None = None
+    if text[0] == "T":
+        for item in text[3:].split(";"):
+            if not item:
+                continue
+            key, sep, value = item.partition(":")
+            if not sep:
+                raise ConduitError(f"bad field {item!r} in stop reply {text[:60]!r}")
+            info[key] = value
+        if "thread" in info:
+            thread = ThreadId.parse(info["thread"])
+    return StopReply(text[0], signal, thread, info, received_ns)
+
+
+# --------------------------------------------------------------------------------------------
+# Registers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CoreRegs:
+    """The ``g`` block: x0..x30, sp, pc, cpsr (32-bit in QEMU's XML, written via pstate_write)."""
+
+    x: list[int]
+    sp: int
+    pc: int
+    cpsr: int
+
+    @classmethod
+    def unpack(cls, data: bytes) -> CoreRegs:
+        if len(data) != CORE_FORMAT.size:
+            raise ConduitError(
+                f"'g' reply is {len(data)} bytes, expected {CORE_FORMAT.size} (x0-x30, sp, pc, cpsr)"
+            )
+        values = CORE_FORMAT.unpack(data)
+        return cls(list(values[:31]), values[31], values[32], values[33])
+
+    def pack(self) -> bytes:
+        return CORE_FORMAT.pack(*self.x, self.sp, self.pc, self.cpsr & 0xFFFF_FFFF)
+
+    def copy(self) -> CoreRegs:
+        return CoreRegs(list(self.x), self.sp, self.pc, self.cpsr)
+
+
+@dataclass(frozen=True)
+class RegisterInfo:
+    name: str
+    regnum: int
+    bitsize: int
+
+
+_INCLUDE_RE = re.compile(r"<xi:include\s+href\s*=\s*[\"']([^\"']+)[\"']")
+_REG_RE = re.compile(r"<reg\b([^>]*?)/?>", re.S)
+_ATTR_RE = re.compile(r"([A-Za-z_][\w:-]*)\s*=\s*[\"']([^\"']*)[\"']")
+
+
+def parse_feature_includes(xml: str) -> list[str]:
+    """The ``xi:include`` targets of a target description, in document order.
+
+    Parsed with regexes because QEMU's target.xml uses the ``xi:`` prefix without declaring it,
+    which XML parsers (rightly) reject.
+    """
+    return _INCLUDE_RE.findall(xml)
+
+
+def parse_feature_registers(xml: str, first_regnum: int) -> list[RegisterInfo]:
+    """The ``<reg>`` elements of one feature document, numbered as GDB numbers them.
+
+    Registers without a ``regnum`` attribute take the number after the previous register, starting
+    at ``first_regnum`` (the next number after the previous document).
+    """
+    regs: list[RegisterInfo] = []
+    nxt = first_regnum
+    for m in _REG_RE.finditer(xml):
+        attrs = dict(_ATTR_RE.findall(m.group(1)))
+        if "name" not in attrs or "bitsize" not in attrs:
+            raise ConduitError(f"register element without name/bitsize in target description: {m.group(0)!r}")
+        num = int(attrs["regnum"]) if "regnum" in attrs else nxt
+        regs.append(RegisterInfo(attrs["name"], num, int(attrs["bitsize"])))
+        nxt = num + 1
+    return regs
+
+
+class RegisterMap:
+    """Register names to numbers, as learned from the target description.
+
+    System register numbers are generated at run time by QEMU and depend on the CPU model, so they
+    are always looked up by name. Some AArch64 registers are exposed under AArch32-style names
+    (VBAR_EL1 is ``VBAR``), so lookups fall back through known aliases.
+    """
+
+    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "VBAR_EL1": ("VBAR",),
+        "SCTLR_EL1": ("SCTLR",),
+    }
+
+    def __init__(self, registers: Iterable[RegisterInfo]) -> None:
+        self._by_name: dict[str, RegisterInfo] = {}
+        for reg in registers:
+            self._by_name.setdefault(reg.name.upper(), reg)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.find(name) is not None
+
+    def find(self, name: str) -> RegisterInfo | None:
+        key = name.upper()
+        for candidate in (key, *self.ALIASES.get(key, ())):
+            if candidate in self._by_name:
+                return self._by_name[candidate]
+        return None
+
+    def __getitem__(self, name: str) -> RegisterInfo:
+        reg = self.find(name)
+        if reg is None:
+            raise ConduitError(f"the gdbstub does not expose register {name}")
+        return reg
+
+
+def _hex_bytes(payload: bytes, what: str) -> bytes:
+    try:
+        return bytes.fromhex(payload.decode("ascii"))
+    except ValueError as err:
+        raise ConduitError(f"{what}: expected hex, got {payload[:60]!r}") from err
+
+
+def _check_ok(reply: bytes, what: str) -> None:
+    if reply != b"OK":
+        raise ConduitError(f"{what} failed: gdbstub replied {reply[:60]!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------------
+
+
+class RspClient:
+    """One connection to a gdbstub.
+
+    A reader task decodes everything QEMU sends. Replies resolve the oldest outstanding request
+    (requests are answered in order), stop replies are queued for :meth:`wait_stop`. Senders
+    never wait for each other's replies before writing, which is what allows pipelining.
+
+    It does not track whether the VM runs; the caller (the conduit) knows when it has resumed the
+    VM and must only send :meth:`interrupt` then, and only requests while the VM is stopped.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.timeout = timeout
+        self._reader = reader
+        self._writer = writer
+        self._pending: deque[asyncio.Future[bytes]] = deque()
+        self._stops: asyncio.Queue[StopReply | ConduitError] = asyncio.Queue()
+        self._closed_error: ConduitError | None = None
+        self._decoder = PacketDecoder()
+        self._task = asyncio.create_task(self._read_loop(), name="rsp.reader")
+        self.supported: dict[str, str] = {}
+        self.attach_stops: list[StopReply] = []  # the T02 QEMU pushes when we attach to a running VM
+        self.packets_sent = 0
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT) -> RspClient:
+        """Connect and run the ``qSupported`` handshake.
+
+        If the VM was running, QEMU has paused it and queued an unsolicited ``T02``; it is
+        consumed here (it always precedes our first reply on the stream), so callers start from a
+        clean stop queue with the VM stopped either way.
+        """
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as err:
+            raise ConduitError(f"cannot connect to the gdbstub at {host}:{port}: {err}") from err
+        client = cls(reader, writer, timeout=timeout)
+        try:
+            await client.query_supported()
+            client.attach_stops = client.drain_stops()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    # ---- raw I/O --------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        error: ConduitError
+        try:
+            while data := await self._reader.read(65536):
+                now = time.perf_counter_ns()
+                for item in self._decoder.feed(data):
+                    if isinstance(item, Ack):
+                        if not item.ok:
+                            raise ConduitError(
+                                "the gdbstub asked for a resend ('-'): our packet was corrupted"
+                            )
+                        continue
+                    self._dispatch(item.payload, now)
+            error = ConduitError("the gdbstub closed the connection")
+        except ConduitError as err:
+            error = err
+        except OSError as err:
+            error = ConduitError(f"gdbstub connection failed: {err}")
+        self._fail_all(error)
+
+    def _dispatch(self, payload: bytes, received_ns: int) -> None:
+        if payload and payload[0] in _STOP_KINDS:
+            self._stops.put_nowait(parse_stop_reply(payload, received_ns))
+            return
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():  # a request that timed out keeps its slot so replies stay aligned
+                fut.set_result(payload)
+                return
+        log.warning("rsp: reply %r arrived with no request outstanding", payload[:60])
+
+    def _fail_all(self, error: ConduitError) -> None:
+        self._closed_error = error
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+        self._stops.put_nowait(error)
+
+    def _check_open(self) -> None:
+        if self._closed_error is not None:
+            raise ConduitError(str(self._closed_error)) from self._closed_error
+
+    def send(
+        self, *payloads: bytes | str, expect_reply: Iterable[bool] | None = None
+    ) -> list[asyncio.Future[bytes]]:
+        """Frame and write several packets in one write; return a future per packet expecting a reply.
+
+        ``expect_reply`` says, per packet, whether it gets a normal reply (default: all do).
+        Resume packets (``vCont;c``, ``vCont;s``, ``c``) get a *stop* reply instead and must be
+        marked ``False``. One write matters: QEMU processes it in one go, so ``G`` + ``vCont;c``
+        costs one round trip instead of two.
+        """
+        self._check_open()
+        flags = list(expect_reply) if expect_reply is not None else [True] * len(payloads)
+        if len(flags) != len(payloads):
+            raise ValueError("expect_reply must have one flag per payload")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bytes]] = []
+        for wants in flags:
+            if wants:
+                fut: asyncio.Future[bytes] = loop.create_future()
+                self._pending.append(fut)
+                futures.append(fut)
+        self._writer.write(b"".join(frame(p) for p in payloads))
+        self.packets_sent += len(payloads)
+        return futures
+
+    async def reply(self, fut: asyncio.Future[bytes], what: str, timeout: float | None = None) -> bytes:
+        """Wait for a reply future from :meth:`send`, with a timeout and a clear error."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout or self.timeout)
+        except TimeoutError as err:
+            raise ConduitError(f"no reply to {what} within {timeout or self.timeout}s") from err
+
+    async def request(self, payload: bytes | str, timeout: float | None = None) -> bytes:
+        """Send one packet and return its reply body."""
+        (fut,) = self.send(payload)
+        what = payload[:40] if isinstance(payload, str) else payload[:40].decode("ascii", "replace")
+        return await self.reply(fut, repr(what), timeout)
+
+    def interrupt(self) -> None:
+        """Send the raw 0x03 byte: a running VM stops and QEMU sends ``T02``.
+
+        Only meaningful while the VM runs. QEMU ignores it while a stop reply is in flight.
+        """
+        self._check_open()
+        self._writer.write(INTERRUPT)
+
+    async def wait_stop(self, timeout: float | None = None) -> StopReply:
+        """Wait for the next stop reply."""
+        try:
+            item = await asyncio.wait_for(self._stops.get(), timeout or self.timeout)
+        except TimeoutError as err:
+            raise ConduitError(f"the VM did not stop within {timeout or self.timeout}s") from err
+        if isinstance(item, ConduitError):
+            self._stops.put_nowait(item)  # keep failing every later waiter too
+            raise ConduitError(str(item)) from item
+        return item
+
+    def drain_stops(self) -> list[StopReply]:
+        """Take every already-received stop reply (e.g. the unsolicited ``T02`` on attach)."""
+        out: list[StopReply] = []
+        while not self._stops.empty():
+            item = self._stops.get_nowait()
+            if isinstance(item, ConduitError):
+                self._stops.put_nowait(item)
+                break
+            out.append(item)
+        return out
+
+    async def close(self) -> None:
+        """Close the socket without detaching (QEMU then leaves the VM paused)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConduitError):
+            await self._task
+        if self._closed_error is None:
+            self._fail_all(ConduitError("the RSP client was closed"))
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+    # ---- typed helpers ----------------------------------------------------------------------
+
+    async def query_supported(self) -> dict[str, str]:
+        reply = (await self.request("qSupported:multiprocess+;vContSupported+;xmlRegisters=aarch64")).decode()
+        features: dict[str, str] = {}
+        for item in reply.split(";"):
+            if not item:
+                continue
+            if "=" in item:
+                key, value = item.split("=", 1)
+                features[key] = value
+            else:
+                features[item[:-1]] = item[-1]
+        self.supported = features
+        return features
+
+    async def threads(self) -> list[ThreadId]:
+        """All threads (vCPUs), via ``qfThreadInfo``/``qsThreadInfo``."""
+        found: list[ThreadId] = []
+        reply = await self.request("qfThreadInfo")
+        while reply.startswith(b"m"):
+            found += [ThreadId.parse(t) for t in reply[1:].decode().split(",") if t]
+            reply = await self.request("qsThreadInfo")
+        if reply != b"l":
+            raise ConduitError(f"unexpected thread list reply {reply[:60]!r}")
+        return found
+
+    async def read_xfer(self, obj: str, annex: str) -> bytes:
+        """Read a whole ``qXfer:<obj>:read:<annex>`` object in chunks."""
+        chunk = 0xF00  # below PacketSize=0x1000 with room for framing
+        data = bytearray()
+        while True:
+            reply = await self.request(f"qXfer:{obj}:read:{annex}:{len(data):x},{chunk:x}")
+            if not reply or reply[0] not in b"ml":
+                raise ConduitError(f"qXfer {obj}/{annex} failed: {reply[:60]!r}")
+            data += reply[1:]
+            if reply[0] == ord("l"):
+                return bytes(data)
+
+    async def read_register_map(self) -> RegisterMap:
+        """Read target.xml and everything it includes, and number the registers."""
+        target = (await self.read_xfer("features", "target.xml")).decode()
+        registers = parse_feature_registers(target, 0)
+        nxt = registers[-1].regnum + 1 if registers else 0
+        for href in parse_feature_includes(target):
+            doc = (await self.read_xfer("features", href)).decode()
+            regs = parse_feature_registers(doc, nxt)
+            if regs:
+                nxt = max(r.regnum for r in regs) + 1
+            registers += regs
+        return RegisterMap(registers)
+
+    async def select_thread(self, thread: ThreadId) -> None:
+        """``Hg``: make ``g``/``G``/``p``/``P``/``m``/``M`` act on ``thread``."""
+        _check_ok(await self.request(f"Hg{thread}"), f"Hg{thread}")
+
+    async def read_core(self) -> CoreRegs:
+        return CoreRegs.unpack(_hex_bytes(await self.request("g"), "'g' reply"))
+
+    @staticmethod
+    def core_packet(regs: CoreRegs) -> bytes:
+        return b"G" + regs.pack().hex().encode("ascii")
+
+    async def write_core(self, regs: CoreRegs) -> None:
+        _check_ok(await self.request(self.core_packet(regs)), "G")
+
+    async def read_register(self, regnum: int) -> int:
+        data = _hex_bytes(await self.request(f"p{regnum:x}"), f"'p{regnum:x}' reply")
+        return int.from_bytes(data, "little")
+
+    async def write_register(self, regnum: int, value: int, size: int = 8) -> None:
+        """``P``. Note: QEMU 7.2 replies OK to system register writes but ignores them."""
+        _check_ok(await self.request(f"P{regnum:x}={value.to_bytes(size, 'little').hex()}"), f"P{regnum:x}")
+
+    async def read_memory(self, addr: int, length: int) -> bytes:
+        reply = await self.request(f"m{addr:x},{length:x}")
+        if reply.startswith(b"E") and len(reply) == 3:
+            raise ConduitError(f"cannot read {length} bytes at {addr:#x}: {reply.decode()}")
+        data = _hex_bytes(reply, f"'m{addr:x}' reply")
+        if len(data) != length:
+            raise ConduitError(f"short memory read at {addr:#x}: {len(data)} of {length} bytes")
+        return data
+
+    async def write_memory(self, addr: int, data: bytes) -> None:
+        _check_ok(await self.request(f"M{addr:x},{len(data):x}:{data.hex()}"), f"M{addr:x}")
+
+    async def insert_breakpoint(self, addr: int, kind: int = 4) -> None:
+        """``Z0``: a breakpoint on every vCPU, hit *before* the instruction executes."""
+        _check_ok(await self.request(f"Z0,{addr:x},{kind:x}"), f"Z0 at {addr:#x}")
+
+    async def remove_breakpoint(self, addr: int, kind: int = 4) -> None:
+        _check_ok(await self.request(f"z0,{addr:x},{kind:x}"), f"z0 at {addr:#x}")
+
+    def resume(self, *, step: ThreadId | None = None, others_continue: bool = True) -> None:
+        """Resume the VM (no reply until it stops again; see :meth:`wait_stop`).
+
+        ``step=None``: continue every vCPU. ``step=t, others_continue=False``: step only ``t``, the
+        other vCPUs stay stopped. ``step=t, others_continue=True``: step ``t`` while the rest run;
+        used for pass-through calls that may never come back (CPU_OFF), where waiting for the step
+        alone would hang.
+        """
+        self.send(self.resume_packet(step=step, others_continue=others_continue), expect_reply=[False])
+
+    @staticmethod
+    def resume_packet(*, step: ThreadId | None = None, others_continue: bool = True) -> str:
+        if step is None:
+            return "vCont;c"
+        return f"vCont;s:{step};c" if others_continue else f"vCont;s:{step}"
+
+    async def step(self, thread: ThreadId, timeout: float | None = None) -> StopReply:
+        """Single-step one vCPU (the others stay stopped) and wait for it to stop."""
+        self.resume(step=thread, others_continue=False)
+        return await self.wait_stop(timeout)
+
+    async def detach(self) -> None:
+        """``D;1``: remove our breakpoints and let the VM run. Plain ``D`` is refused (multiprocess)."""
+        _check_ok(await self.request("D;1"), "detach")

@@ -1,0 +1,137 @@
+"""The RSP client against a real QEMU 7.2 gdbstub, with no guest image.
+
+The machine boots nothing; the tests write a three-instruction loop into RAM through the stub and
+point vCPU 0 at it, so every behaviour the conduit relies on (breakpoints before the ``hvc``,
+pipelined ``G`` + ``vCont;c``, per-thread stepping, 0x03, read-only system registers, detach) is
+checked without depending on the test guest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from qmp_sdei.conduit.rsp import CoreRegs, RspClient, ThreadId
+from qmp_sdei.errors import QemuError
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from support.guests import connect_gdbstub, free_port
+
+pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
+
+RAM = 0x4000_0000
+LOOP = [
+    0x91000421,  # add x1, x1, #1
+    0xD4000002,  # hvc #0
+    0x17FFFFFE,  # b <the add>
+]
+HVC = RAM + 4
+EL1H_MASKED = 0x3C5
+TIMEOUT = 30.0
+
+
+async def start_qemu(tmp_path: Path, *, smp: int = 2, paused: bool = True) -> tuple[QemuProcess, int]:
+    """Start QEMU with a gdbstub on a free port; retry if another process grabbed the port first."""
+    for attempt in range(3):
+        port = free_port()
+        vm = QemuProcess(
+            QemuSpec(smp=smp, paused=paused, gdb=f"tcp:127.0.0.1:{port}"), tmp_path / f"qemu{attempt}"
+        )
+        try:
+            await vm.start()
+        except QemuError:
+            await vm.stop()
+            continue
+        return vm, port
+    raise QemuError("could not start QEMU with a gdbstub on a free port")
+
+
+@pytest_asyncio.fixture
+async def stub(tmp_path: Path) -> AsyncIterator[RspClient]:
+    vm, port = await start_qemu(tmp_path)
+    client = await connect_gdbstub(port, TIMEOUT)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await vm.stop()
+
+
+async def load_loop(client: RspClient) -> CoreRegs:
+    """Write the loop into RAM and point vCPU 0 at it (EL1h, interrupts masked)."""
+    code = b"".join(insn.to_bytes(4, "little") for insn in LOOP)
+    await client.write_memory(RAM, code)
+    assert await client.read_memory(RAM, len(code)) == code
+    regs = await client.read_core()
+    regs.pc, regs.cpsr, regs.x[0], regs.x[1] = RAM, EL1H_MASKED, 0xC400_0020, 0
+    await client.write_core(regs)
+    return regs
+
+
+async def test_handshake_threads_and_register_map(stub: RspClient) -> None:
+    assert stub.supported.get("multiprocess") == "+"
+    assert stub.attach_stops == []  # -S: nothing was running, so QEMU pushed no T02
+    assert await stub.threads() == [ThreadId(1, 1), ThreadId(1, 2)]
+    regs = await stub.read_register_map()
+    assert regs["cpsr"].regnum == 33 and regs["cpsr"].bitsize == 32
+    for name in ("ELR_EL1", "SPSR_EL1", "ESR_EL1", "VBAR_EL1"):
+        assert regs[name].regnum > 67, name  # after core (0-33) and fpu (34-67)
+
+
+async def test_breakpoint_pipelined_write_and_continue(stub: RspClient) -> None:
+    await load_loop(stub)
+    await stub.insert_breakpoint(HVC)
+    stub.resume()
+    seen = []
+    for _ in range(5):
+        stop = await stub.wait_stop()
+        assert (stop.signal, stop.thread) == (5, ThreadId(1, 1))
+        regs = await stub.read_core()
+        assert regs.pc == HVC  # stopped before the hvc executed
+        seen.append(regs.x[1])
+        regs.x[0], regs.pc = 0x1234, regs.pc + 4  # answer the call ourselves
+        (ok,) = stub.send(stub.core_packet(regs), stub.resume_packet(), expect_reply=[True, False])
+        assert await stub.reply(ok, "G") == b"OK"
+    assert seen == [1, 2, 3, 4, 5]
+
+
+async def test_step_one_thread_and_interrupt(stub: RspClient) -> None:
+    await load_loop(stub)
+    stop = await stub.step(ThreadId(1, 1))
+    assert (stop.signal, stop.thread) == (5, ThreadId(1, 1))
+    assert (await stub.read_core()).pc == RAM + 4
+    # Stepping the hvc itself lets QEMU's PSCI emulation answer it: not PSCI, so -1 (NOT_SUPPORTED).
+    await stub.step(ThreadId(1, 1))
+    regs = await stub.read_core()
+    assert regs.pc == RAM + 8 and regs.x[0] == (1 << 64) - 1
+    # No breakpoints: the loop runs until we send 0x03.
+    stub.resume()
+    stub.interrupt()  # bytes arrive in order: QEMU has resumed the VM when it reads the 0x03
+    stop = await stub.wait_stop()
+    assert stop.signal == 2
+
+
+async def test_system_registers_are_read_only(stub: RspClient) -> None:
+    regs = await stub.read_register_map()
+    elr = regs["ELR_EL1"].regnum
+    before = await stub.read_register(elr)
+    await stub.write_register(elr, before ^ 0xF0)  # QEMU 7.2 says OK...
+    assert await stub.read_register(elr) == before  # ...and ignores it
+
+
+async def test_attach_to_running_vm_and_detach(tmp_path: Path) -> None:
+    vm, port = await start_qemu(tmp_path, smp=1, paused=False)
+    try:
+        client = await connect_gdbstub(port, TIMEOUT)
+        try:
+            assert [s.signal for s in client.attach_stops] == [2]  # attaching paused the running VM
+            await client.detach()
+        finally:
+            await client.close()
+        # After detach the stub takes a new client again.
+        client = await connect_gdbstub(port, TIMEOUT)
+        await client.close()
+    finally:
+        await vm.stop()

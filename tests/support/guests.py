@@ -1,0 +1,101 @@
+"""Build the bare-metal aarch64 test guest, find its symbols, and pick loopback ports for gdbstubs.
+
+The guest sources live in ``tests/guests/baremetal/``. Builds are cached by a hash of the sources,
+the compiler flags and the compiler version, so every test after the first reuses the ELF; the
+output is written to a temporary name and renamed, so concurrent test runs never see half a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+from qmp_sdei.conduit.rsp import RspClient
+from qmp_sdei.errors import ConduitError
+
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guests" / "baremetal"
+CROSS = "aarch64-linux-gnu-"
+CFLAGS = [
+    "-O2", "-ffreestanding", "-nostdlib", "-fno-builtin", "-mgeneral-regs-only", "-static", "-no-pie",
+    # The MMU stays off, so all data accesses are Device memory, where unaligned accesses fault.
+    "-mstrict-align",
+    "-Wall", "-Wextra", "-Werror",
+]  # fmt: skip
+SOURCES = ("start.S", "guest.c")
+LINKER_SCRIPT = "link.ld"
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in (*SOURCES, LINKER_SCRIPT):
+        digest.update(name.encode() + b"\0" + (GUEST_DIR / name).read_bytes() + b"\0")
+    digest.update(" ".join(CFLAGS).encode())
+    version = subprocess.run([f"{CROSS}gcc", "--version"], capture_output=True, check=True, text=True).stdout
+    digest.update(version.encode())
+    return digest.hexdigest()[:16]
+
+
+def build_baremetal_guest(outdir: Path) -> Path:
+    """Compile the guest into ``outdir`` (reusing an identical earlier build) and return the ELF path."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    elf = outdir / f"baremetal-{_fingerprint()}.elf"
+    if elf.exists():
+        return elf
+    fd, tmp_name = tempfile.mkstemp(prefix=".baremetal-", suffix=".elf", dir=outdir)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [f"{CROSS}gcc", *CFLAGS, "-T", str(GUEST_DIR / LINKER_SCRIPT), "-o", tmp_name,
+             *(str(GUEST_DIR / s) for s in SOURCES)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"building the bare-metal guest failed:\n{result.stderr}")
+        os.replace(tmp_name, elf)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return elf
+
+
+def elf_symbols(elf: Path) -> dict[str, int]:
+    """Symbol name -> address, from ``nm`` (binutils comes with the cross compiler)."""
+    out = subprocess.run([f"{CROSS}nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    symbols: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            symbols[parts[2]] = int(parts[0], 16)
+    return symbols
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (QEMU binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def connect_gdbstub(port: int, timeout: float = 30.0) -> RspClient:
+    """Connect to a gdbstub QEMU is still bringing up.
+
+    QEMU creates its QMP sockets (which ``QemuProcess.start`` waits for) before it listens on the
+    gdb port, so the first attempts may be refused. Probing with a plain connect is not an option:
+    every gdbstub connection pauses a running VM, so the real client retries instead.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await RspClient.connect("127.0.0.1", port, timeout=timeout)
+        except ConduitError as err:
+            if not isinstance(err.__cause__, ConnectionRefusedError):
+                raise
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.02)  # nothing to wait on: QEMU gives no signal when the port is up
