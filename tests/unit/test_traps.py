@@ -6,10 +6,12 @@ import gzip
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from qmp_sdei.conduit import traps
 from qmp_sdei.conduit.traps import (
     HVC_0,
     SMC_0,
@@ -311,3 +313,48 @@ def test_scan_words_alignment_and_bounds() -> None:
 
 def test_merge_sites() -> None:
     assert merge_sites([3, 1], (2, 3), iter([0x10])) == [1, 2, 3, 0x10]
+
+
+# --------------------------------------------------------------------------------------------------
+# load_kallsyms, with a stand-in for kallsyms-finder
+
+
+def _fake_finder(tmp_path: Path, output: str, status: int = 0) -> tuple[list[str], Path]:
+    """A script that counts its runs and prints ``output`` like kallsyms-finder would."""
+    counter = tmp_path / "runs"
+    script = tmp_path / "finder.py"
+    script.write_text(
+        "import sys, pathlib\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "p.write_text(str(int(p.read_text()) + 1) if p.exists() else '1')\n"
+        f"sys.stdout.write({output!r}); sys.stderr.write('[+] done\\n'); sys.exit({status})\n"
+    )
+    return [sys.executable, str(script)], counter
+
+
+def test_load_kallsyms_runs_once_per_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    command, runs = _fake_finder(tmp_path, "ffff800008010000 T _stext\nffff800008028640 T __arm_smccc_hvc\n")
+    monkeypatch.setattr(traps, "_kallsyms_finder_command", lambda: command)
+    image = tmp_path / "Image"
+    image.write_bytes(_fake_image(FAKE_WORDS))
+    cache = tmp_path / "cache"
+    first = traps.load_kallsyms(image, cache)
+    assert first == {"_stext": TEXT + 0x10000, "__arm_smccc_hvc": TEXT + 0x28640}
+    assert traps.load_kallsyms(image, cache) == first
+    assert runs.read_text() == "1"
+    image.write_bytes(_fake_image({**FAKE_WORDS, 0x100: 1}))  # different bytes: a new entry
+    traps.load_kallsyms(image, cache)
+    assert runs.read_text() == "2"
+    assert len(list(cache.glob("kallsyms-*.txt"))) == 2
+
+
+def test_load_kallsyms_reports_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    command, _ = _fake_finder(tmp_path, "", status=1)
+    monkeypatch.setattr(traps, "_kallsyms_finder_command", lambda: command)
+    image = tmp_path / "Image"
+    image.write_bytes(b"x")
+    with pytest.raises(GuestImageError, match=r"no symbol table .*exit 1.*done"):
+        traps.load_kallsyms(image, tmp_path / "cache")
+    with pytest.raises(GuestImageError, match="cannot read"):
+        traps.load_kallsyms(tmp_path / "missing", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # a failed run leaves nothing to be mistaken for a result
