@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from qmp_sdei.cache import cache_root
 from qmp_sdei.conduit.traps import (
     HVC_0,
     LINUX_DT_SDEI_FIX_SYMBOL,
@@ -48,7 +47,7 @@ def kernel() -> DebianKernel:
 
 @pytest.fixture(scope="module")
 def kallsyms(kernel: DebianKernel) -> Kallsyms:
-    return load_kallsyms(kernel.image, cache_root() / "kallsyms")
+    return load_kallsyms(kernel.image)
 
 
 def test_kernel_is_a_plain_image_with_sdei(kernel: DebianKernel) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmp_sdei.cache import cache_root
 from qmp_sdei.errors import ConfigError, SdeiError
 
 HVC_0 = 0xD4000002
@@ -492,15 +493,18 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_kallsyms(image: Path | str, cache_dir: Path | str, *, timeout: float = 300.0) -> Kallsyms:
+def load_kallsyms(
+    image: Path | str, cache_dir: Path | str | None = None, *, timeout: float = 300.0
+) -> Kallsyms:
     """Recover a kernel Image's symbol table with ``kallsyms-finder``, cached by the image's SHA-256.
 
     Debian's ``System.map`` is a stub and the real one is in an 800 MB ``-dbg`` package, so we read
     the kallsyms table the kernel embeds for ``/proc/kallsyms``. That takes a few seconds, so the
-    text output is kept in ``cache_dir`` and reused for the same image bytes.
+    text output is kept in ``cache_dir`` (default: ``kallsyms/`` under the qmp-sdei cache root) and
+    reused for the same image bytes.
     """
     image = Path(image)
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "kallsyms"
     try:
         key = _file_sha256(image)
     except OSError as err:
