@@ -79,12 +79,10 @@ async def test_stop_and_cont_give_stop_and_resume(tmp_path: Path) -> None:
         with s.subscribe({VmEventKind.STOP, VmEventKind.RESUME}) as events:
             await host.execute("cont")
             assert (await events.get(SLOW)).kind is VmEventKind.RESUME
-            assert s.running
-            assert s.status == "running"
+            assert (s.running, s.status) == (True, "running")
             await host.execute("stop")
             assert (await events.get(SLOW)).kind is VmEventKind.STOP
-            assert not s.running
-            assert s.status == "paused"
+            assert (s.running, s.status) == (False, "paused")
         assert await s.refresh_runstate() == "paused"
 
 

@@ -64,6 +64,7 @@ from qmp_sdei.errors import QemuError
 
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_SUBSCRIPTION_LIMIT",
     "EventSubscription",
     "QmpAddress",
     "QmpCommandError",
