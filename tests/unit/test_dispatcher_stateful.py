@@ -9,7 +9,8 @@ Invariants (issue: the foundation):
 
 from __future__ import annotations
 
-from hypothesis import event, settings
+from hypothesis import event as record_event
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -173,11 +174,11 @@ class DispatcherMachine(RuleBasedStateMachine):
     def record_coverage(self) -> None:
         """Statistics (pytest --hypothesis-show-statistics) show the deep states are reached."""
         depth = max(len(v.stack) for v in self.d.vcpus)
-        event(f"max nesting depth {depth}")
+        record_event(f"max nesting depth {depth}")
         states = {int(i.state) for v in self.d.vcpus for i in v.private.values()}
         states |= {int(i.state) for i in self.d.shared.values()}
         if 4 in states:
-            event("unregister-pending reached")
+            record_event("unregister-pending reached")
 
     @invariant()
     def status_values_reachable_only(self) -> None:

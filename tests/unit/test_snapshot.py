@@ -10,7 +10,7 @@ import pytest
 
 from qmp_sdei.errors import IncompatibleState
 from qmp_sdei.sdei import Dispatcher, EventSpec, peek
-from qmp_sdei.sdei.snapshot import HEADER, MAGIC
+from qmp_sdei.sdei.snapshot import HEADER, MAGIC, state_document
 from support.sdei import CRITICAL, PRIVATE, SHARED, F, call, make, register, run_handler
 
 
@@ -104,8 +104,6 @@ def _reframe(doc: object, version: int = 1, flags: int = 1) -> bytes:
 
 
 def _doc(d: Dispatcher) -> dict[str, object]:
-    from qmp_sdei.sdei.snapshot import state_document
-
     return state_document(d)
 
 
