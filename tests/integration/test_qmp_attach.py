@@ -158,10 +158,10 @@ async def test_listen_mode_qemu_connects_out(tmp_path: Path) -> None:
         await vm.start()  # reconnect=1: QEMU retries each second until our server listens
         async with await attaching as s, harness_client(vm) as host:
             assert s.status == "prelaunch"
+            assert not vm.sidecar_socket.exists()  # one peer only: our socket file is gone
             with s.subscribe({VmEventKind.RESET}) as events:
                 await host.execute("system_reset")
                 assert (await events.get(SLOW)).kind is VmEventKind.RESET
-        assert not vm.sidecar_socket.exists()  # our listening socket is cleaned up
     finally:
         attaching.cancel()
         await vm.stop()
@@ -304,3 +304,15 @@ async def test_start_gdbstub_reports_qemu_failure(tmp_path: Path) -> None:
         ):
             with pytest.raises(QemuError, match="could not start its gdbstub"):
                 await start_gdbstub(s, f"tcp:127.0.0.1:{port}")
+
+
+@pytest.mark.asyncio
+async def test_socket_file_without_listener_is_retried_until_timeout(tmp_path: Path) -> None:
+    # QEMU creates its socket file before listen(): connecting then gets ECONNREFUSED.
+    path = tmp_path / "early.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound_only:
+        bound_only.bind(str(path))
+        start = time.monotonic()
+        with pytest.raises(QemuError, match="no QMP socket accepting connections"):
+            await attach(path, listen=False, timeout=0.5)
+        assert time.monotonic() - start >= 0.5

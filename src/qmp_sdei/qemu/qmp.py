@@ -304,7 +304,6 @@ class QmpSession:
         self._close_requested = False
         self._disconnect_event: VmEvent | None = None
         self._disconnected = asyncio.Event()
-        self._unlink_on_close: Path | None = None
         self.events_seen = 0
         """Every QMP event received, followed or not (a cheap health counter for benchmarks/logs)."""
 
@@ -518,16 +517,23 @@ class QmpSession:
         self._publish(self._disconnect_event)
         self._subscribers.clear()
         self._disconnected.set()
-        if self._unlink_on_close is not None:
-            _unlink_socket(self._unlink_on_close)
 
 
 # -- attaching ----------------------------------------------------------------------------------
 
 
-def _unlink_socket(path: Path) -> None:
+def _socket_identity(path: Path) -> tuple[int, int] | None:
     with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
+        info = path.lstat()
+        if stat.S_ISSOCK(info.st_mode):
+            return info.st_dev, info.st_ino
+    return None
+
+
+def _unlink_socket(path: Path, identity: tuple[int, int] | None) -> None:
+    """Remove our listening socket file, unless it is gone or is someone else's by now."""
+    if identity is not None and _socket_identity(path) == identity:
+        with contextlib.suppress(OSError):
             path.unlink()
 
 
@@ -616,6 +622,7 @@ class _Attempt:
         self.listen = listen
         self.phase = "accept" if listen else "connect"
         self.listen_path = None if (not listen or isinstance(address, tuple)) else Path(os.fspath(address))
+        self.listen_identity: tuple[int, int] | None = None
 
     async def run(self, client: QMPClient, timeout: float) -> object:
         """Connect or accept, handshake, and return the ``query-status`` reply."""
@@ -627,7 +634,11 @@ class _Attempt:
                 cause = err.exc
                 detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
                 raise QemuError(f"cannot listen for QEMU on {self.where}: {detail}") from err
+            if self.listen_path is not None:
+                self.listen_identity = _socket_identity(self.listen_path)
             await client.accept()
+            # qemu.qmp stops listening after one peer; the file would only invite ECONNREFUSED.
+            self.remove_listen_socket()
         else:
             sock = await _connect_with_retry(self.address, self.where, timeout)
             self.phase = "greeting"
@@ -638,6 +649,11 @@ class _Attempt:
                 raise
         self.phase = "query-status"
         return await client.execute("query-status")
+
+    def remove_listen_socket(self) -> None:
+        if self.listen_path is not None:
+            _unlink_socket(self.listen_path, self.listen_identity)
+            self.listen_identity = None
 
     def error(self, err: BaseException, timeout: float) -> QemuError | None:
         """The :class:`QemuError` to raise for ``err``; ``None`` to re-raise ``err`` as is."""
@@ -667,8 +683,8 @@ async def attach(
     :param address: unix socket path, or ``(host, port)``.
     :param listen: ``False``: connect to QEMU's server socket, waiting for it to exist and
         accept (QEMU may start after the sidecar). ``True``: listen on ``address`` and accept
-        the one connection QEMU makes (``-chardev socket,...,reconnect=N``); the socket file is
-        removed again when the session ends or attaching fails.
+        the one connection QEMU makes (``-chardev socket,...,reconnect=N``); the socket file
+        is removed once QEMU is accepted (nothing else may connect) or attaching fails.
     :param timeout: seconds for the whole attach: connect or accept, greeting, negotiation and
         the initial ``query-status``. QEMU's monitor serves one client at a time and a second
         one gets no greeting, so this bound is what turns "monitor taken" into an error.
@@ -685,12 +701,10 @@ async def attach(
             status = await attempt.run(client, timeout)
         if not isinstance(status, Mapping):
             raise QemuError(f"{attempt.where} answered query-status with {status!r}: not QEMU")
-        session._unlink_on_close = attempt.listen_path
         session._start(status)
     except BaseException as err:
         await _drop(client)
-        if attempt.listen_path is not None:
-            _unlink_socket(attempt.listen_path)
+        attempt.remove_listen_socket()
         mapped = attempt.error(err, timeout)
         if mapped is None:
             raise
