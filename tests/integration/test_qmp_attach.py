@@ -316,3 +316,21 @@ async def test_socket_file_without_listener_is_retried_until_timeout(tmp_path: P
         with pytest.raises(QemuError, match="no QMP socket accepting connections"):
             await attach(path, listen=False, timeout=0.5)
         assert time.monotonic() - start >= 0.5
+
+
+@pytest.mark.asyncio
+async def test_migration_events_carry_status(tmp_path: Path) -> None:
+    async with (
+        running_qemu(tmp_path) as vm,
+        await attach(vm.sidecar_socket, listen=False, timeout=SLOW) as s,
+        harness_client(vm) as host,
+    ):
+        with s.subscribe({VmEventKind.MIGRATION}) as events:
+            caps = [{"capability": "events", "state": True}]
+            await host.execute("migrate-set-capabilities", {"capabilities": caps})
+            await host.execute("migrate", {"uri": "exec:cat > /dev/null"})
+            statuses = []
+            while not statuses or statuses[-1] not in ("completed", "failed"):
+                statuses.append((await events.get(SLOW)).status)
+        assert statuses[0] == "setup"
+        assert statuses[-1] == "completed"
