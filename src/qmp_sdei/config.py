@@ -1,0 +1,311 @@
+"""The sidecar's TOML configuration: parsed once, validated completely, then immutable.
+
+Every problem raises :class:`~qmp_sdei.errors.ConfigError` whose message starts with the key path
+(``sdei.events[2].number: ...``), so an operator can find it in the file. Unknown keys are errors:
+a typo must not silently fall back to a default. Example (``examples/vm1.toml`` has a full one)::
+
+    [qmp]
+    socket = "/run/qmp-sdei/vm1.sock"   # or "tcp:127.0.0.1:4444"
+    mode = "connect"                    # "listen": QEMU connects to us (chardev reconnect=N)
+
+    [sdei]
+    version = "latest"                  # "1.0" | "1.1" | "latest"
+    profile = "tf-a"                    # "tf-a" | "kvm"
+    bind_slots = [3, 3]                 # (private, shared) INTERRUPT_BIND slots
+    events = [
+      { number = 1000, type = "private", priority = "normal", name = "ras" },
+      { number = 2000, type = "shared", priority = "critical" },
+    ]
+
+    [psci]
+    version = "auto"                    # "0.2" | "1.0" | "1.1" | "auto" (what QEMU implements)
+
+No I/O beyond reading the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qmp_sdei.errors import ConfigError, VersionError
+from qmp_sdei.sdei.model import PROFILES, EventSpec
+from qmp_sdei.versions import VersionRequest
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+DEFAULT_STATE_ROOT = Path("/var/lib/qmp-sdei")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QmpSettings:
+    #: unix socket path, or (host, port) for TCP
+    address: str | tuple[str, int]
+    #: "connect": we connect to QEMU's server socket; "listen": QEMU connects to ours
+    mode: str = "connect"
+    #: how long to wait for QEMU to appear (it may start after the sidecar)
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class SdeiSettings:
+    events: tuple[EventSpec, ...] = ()
+    profile: str = "tf-a"
+    bind_slots: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class ConduitSettings:
+    """How the sidecar reaches the guest (the gdbstub conduit)."""
+
+    #: False: QMP-only (versions, lifecycle, state), no guest traps
+    enabled: bool = False
+    #: gdbstub address "tcp:HOST:PORT"; empty means the sidecar starts one over QMP on a free port
+    gdb: str = ""
+    #: bare-metal guest ELF whose hvc/smc sites are trapped
+    elf: Path | None = None
+    #: Linux kernel Image whose SDEI/PSCI call sites are trapped (booted with nokaslr)
+    kernel: Path | None = None
+    #: extra guest addresses to trap
+    trap_sites: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    qmp: QmpSettings
+    state_dir: Path
+    name: str | None = None
+    versions: VersionRequest = field(default_factory=VersionRequest)
+    sdei: SdeiSettings = field(default_factory=SdeiSettings)
+    conduit: ConduitSettings = field(default_factory=ConduitSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    source: Path | None = None
+
+    def runtime_changes(self, new: Config) -> tuple[list[str], list[str]]:
+        """Compare with a re-read config: (keys that may change at run time, keys that may not)."""
+        allowed, refused = [], []
+        if new.log != self.log:
+            allowed.append("log")
+        for key in ("qmp", "state_dir", "name", "versions", "sdei", "conduit"):
+            if getattr(new, key) != getattr(self, key):
+                refused.append(key)
+        return allowed, refused
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+
+class _Table:
+    """A TOML table with its key path, for error messages, and a record of keys read."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'}: must be a table")
+        self.data, self.path, self.seen = data, path, set[str]()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(
+        self,
+        name: str,
+        kind: type[T] | tuple[type, ...],
+        default: T,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> T:
+        self.seen.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(f"{self.key(name)}: expected {_names(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise ConfigError(
+                f"{self.key(name)}: expected {_names(kinds)}, got {type(value).__name__} {value!r}"
+            )
+        if check is not None and (problem := check(value)):
+            raise ConfigError(f"{self.key(name)}: {problem}")
+        return value  # type: ignore[return-value]
+
+    def table(self, name: str) -> _Table:
+        self.seen.add(name)
+        return _Table(self.data.get(name, {}), self.key(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    words = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        list: "a list",
+        dict: "a table",
+    }
+    return " or ".join(words.get(k, k.__name__) for k in kinds)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
+
+
+def _parse_address(text: str) -> str | tuple[str, int]:
+    if text.startswith("tcp:"):
+        host, _, port = text[4:].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"qmp.socket: {text!r} is not tcp:HOST:PORT")
+        return host, int(port)
+    if text.startswith("unix:"):
+        text = text[5:]
+    if not text:
+        raise ConfigError("qmp.socket: is empty")
+    return text
+
+
+def _parse_event(raw: Any, path: str) -> EventSpec:
+    t = _Table(raw, path)
+    number = t.get(
+        "number", int, -1, lambda n: None if 0 <= n <= 0x7FFF_FFFF else "must be 0..0x7fffffff (bit 31 clear)"
+    )
+    if number < 0:
+        raise ConfigError(f"{path}.number: is required")
+    kind = t.get("type", str, "private", _one_of("private", "shared"))
+    priority = t.get("priority", str, "normal", _one_of("normal", "critical"))
+    name = t.get("name", str, None)
+    t.done()
+    return EventSpec(number, shared=kind == "shared", critical=priority == "critical", name=name)
+
+
+def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
+    """Validate an already-decoded TOML document. :raise ConfigError:"""
+    root = _Table(data, "")
+    vm = root.table("vm")
+    name = vm.get("name", str, None)
+    state_dir_text = vm.get("state_dir", str, "")
+    vm.done()
+
+    qmp = root.table("qmp")
+    socket_text = qmp.get("socket", str, "")
+    if not socket_text:
+        raise ConfigError("qmp.socket: is required (a unix socket path or tcp:HOST:PORT)")
+    qmp_settings = QmpSettings(
+        address=_parse_address(socket_text),
+        mode=qmp.get("mode", str, "connect", _one_of("connect", "listen")),
+        timeout=float(
+            qmp.get("timeout", (int, float), 30.0, lambda v: None if v > 0 else "must be positive")
+        ),
+    )
+    qmp.done()
+
+    sdei = root.table("sdei")
+    sdei_version = sdei.get("version", str, "latest")
+    vendor = sdei.get("vendor", int, 0, lambda v: None if 0 <= v <= 0xFFFF_FFFF else "must fit in 32 bits")
+    profile = sdei.get("profile", str, "tf-a", _one_of(*PROFILES))
+    slots = sdei.get(
+        "bind_slots",
+        list,
+        [0, 0],
+        lambda v: (
+            None
+            if len(v) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 0xFFFF for n in v)
+            else "must be [private, shared] with counts 0..65535"
+        ),
+    )
+    raw_events = sdei.get("events", list, [])
+    events = tuple(_parse_event(raw, f"sdei.events[{i}]") for i, raw in enumerate(raw_events))
+    seen: dict[int, int] = {}
+    for i, spec in enumerate(events):
+        if spec.number in seen:
+            raise ConfigError(
+                f"sdei.events[{i}].number: event {spec.number} is already declared at sdei.events[{seen[spec.number]}]"
+            )
+        if spec.number == 0 and (spec.shared or spec.critical):
+            raise ConfigError(f"sdei.events[{i}]: event 0 is always private and normal priority")
+        seen[spec.number] = i
+    sdei.done()
+
+    psci = root.table("psci")
+    psci_version = psci.get("version", str, "auto")
+    psci.done()
+    request = VersionRequest(sdei=sdei_version, sdei_vendor=vendor, psci=psci_version)
+    try:
+        request.validate()
+    except VersionError as err:
+        key = "sdei.version" if "SDEI" in str(err) else "psci.version"
+        raise ConfigError(f"{key}: {err}") from err
+
+    conduit = root.table("conduit")
+    elf = conduit.get("elf", str, "")
+    kernel = conduit.get("kernel", str, "")
+    sites = conduit.get(
+        "trap_sites",
+        list,
+        [],
+        lambda v: (
+            None
+            if all(
+                isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 1 << 64 and a % 4 == 0 for a in v
+            )
+            else "must list 4-byte-aligned 64-bit addresses"
+        ),
+    )
+    conduit_settings = ConduitSettings(
+        enabled=conduit.get("enabled", bool, False),
+        gdb=conduit.get(
+            "gdb", str, "", lambda v: None if v == "" or v.startswith("tcp:") else "must be tcp:HOST:PORT"
+        ),
+        elf=Path(elf) if elf else None,
+        kernel=Path(kernel) if kernel else None,
+        trap_sites=tuple(sites),
+    )
+    conduit.done()
+
+    log = root.table("log")
+    log_settings = LogSettings(
+        level=log.get("level", str, "info", _one_of(*LOG_LEVELS)),
+        format=log.get("format", str, "text", _one_of(*LOG_FORMATS)),
+    )
+    log.done()
+    root.done()
+
+    state_dir = Path(state_dir_text) if state_dir_text else DEFAULT_STATE_ROOT / (name or "default")
+    return Config(
+        qmp=qmp_settings,
+        state_dir=state_dir,
+        name=name,
+        versions=request,
+        sdei=SdeiSettings(events=events, profile=profile, bind_slots=(slots[0], slots[1])),
+        conduit=conduit_settings,
+        log=log_settings,
+        source=source,
+    )
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate a config file. :raise ConfigError: unreadable, not TOML, or invalid."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    return parse(data, source=path)
