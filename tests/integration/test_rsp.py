@@ -36,9 +36,7 @@ async def start_qemu(tmp_path: Path, *, smp: int = 2, paused: bool = True) -> tu
     """Start QEMU with a gdbstub on a free port; retry if another process grabbed the port first."""
     for attempt in range(3):
         port = free_port()
-        vm = QemuProcess(
-            QemuSpec(smp=smp, paused=paused, gdb=f"tcp:127.0.0.1:{port}"), tmp_path / f"qemu{attempt}"
-        )
+        vm = QemuProcess(QemuSpec(smp=smp, paused=paused, gdb=f"tcp:127.0.0.1:{port}"), tmp_path / f"qemu{attempt}")
         try:
             await vm.start()
         except QemuError:

@@ -50,6 +50,7 @@ CORE_FORMAT = struct.Struct("<33QI")
 """The ``g``/``G`` block of QEMU's aarch64 core feature: x0..x30, sp, pc (u64) and cpsr (u32)."""
 
 SIGNAL_INT = 0x02  # SIGINT: our 0x03, or QEMU's own pause (attach, QMP stop)
+SIGNAL_QUIT = 0x03  # QEMU's RUN_STATE_SHUTDOWN stop: the guest powered off (QEMU exits next)
 SIGNAL_TRAP = 0x05  # breakpoint or single-step completion
 SIGNAL_XCPU = 0x18  # QEMU's migration stop (RUN_STATE_FINISH_MIGRATE)
 
@@ -167,8 +168,7 @@ class PacketDecoder:
                 raise ConduitError(f"malformed RSP checksum {sent_sum!r}") from err
             if checksum(body) != expected:
                 raise ConduitError(
-                    f"RSP checksum mismatch: got {expected:02x}, computed {checksum(body):02x} "
-                    f"for {body[:60]!r}"
+                    f"RSP checksum mismatch: got {expected:02x}, computed {checksum(body):02x} for {body[:60]!r}"
                 )
             yield Packet(decode_body(body))
 
@@ -263,9 +263,7 @@ class CoreRegs:
     @classmethod
     def unpack(cls, data: bytes) -> CoreRegs:
         if len(data) != CORE_FORMAT.size:
-            raise ConduitError(
-                f"'g' reply is {len(data)} bytes, expected {CORE_FORMAT.size} (x0-x30, sp, pc, cpsr)"
-            )
+            raise ConduitError(f"'g' reply is {len(data)} bytes, expected {CORE_FORMAT.size} (x0-x30, sp, pc, cpsr)")
         values = CORE_FORMAT.unpack(data)
         return cls(list(values[:31]), values[31], values[32], values[33])
 
@@ -393,6 +391,7 @@ class RspClient:
         self._decoder = PacketDecoder()
         self._task = asyncio.create_task(self._read_loop(), name="rsp.reader")
         self.supported: dict[str, str] = {}
+        self.peer_closed = False  # QEMU closed the socket (it exits without a W packet on poweroff)
         self.attach_stops: list[StopReply] = []  # the T02 QEMU pushes when we attach to a running VM
         self.packets_sent = 0
 
@@ -427,15 +426,15 @@ class RspClient:
                 for item in self._decoder.feed(data):
                     if isinstance(item, Ack):
                         if not item.ok:
-                            raise ConduitError(
-                                "the gdbstub asked for a resend ('-'): our packet was corrupted"
-                            )
+                            raise ConduitError("the gdbstub asked for a resend ('-'): our packet was corrupted")
                         continue
                     self._dispatch(item.payload, now)
+            self.peer_closed = True
             error = ConduitError("the gdbstub closed the connection")
         except ConduitError as err:
             error = err
         except OSError as err:
+            self.peer_closed = True
             error = ConduitError(f"gdbstub connection failed: {err}")
         self._fail_all(error)
 
@@ -462,9 +461,7 @@ class RspClient:
         if self._closed_error is not None:
             raise ConduitError(str(self._closed_error)) from self._closed_error
 
-    def send(
-        self, *payloads: bytes | str, expect_reply: Iterable[bool] | None = None
-    ) -> list[asyncio.Future[bytes]]:
+    def send(self, *payloads: bytes | str, expect_reply: Iterable[bool] | None = None) -> list[asyncio.Future[bytes]]:
         """Frame and write several packets in one write; return a future per packet expecting a reply.
 
         ``expect_reply`` says, per packet, whether it gets a normal reply (default: all do).
@@ -508,10 +505,10 @@ class RspClient:
         self._check_open()
         self._writer.write(INTERRUPT)
 
-    async def wait_stop(self, timeout: float | None = None) -> StopReply:
-        """Wait for the next stop reply."""
+    async def wait_stop(self, timeout: float | None = None, *, forever: bool = False) -> StopReply:
+        """Wait for the next stop reply (``forever``: a running guest may not stop for hours)."""
         try:
-            item = await asyncio.wait_for(self._stops.get(), timeout or self.timeout)
+            item = await asyncio.wait_for(self._stops.get(), None if forever else timeout or self.timeout)
         except TimeoutError as err:
             raise ConduitError(f"the VM did not stop within {timeout or self.timeout}s") from err
         if isinstance(item, ConduitError):

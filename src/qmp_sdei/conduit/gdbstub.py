@@ -1,0 +1,528 @@
+"""The gdbstub conduit: turns breakpoint stops on the guest's ``hvc`` into dispatcher calls.
+
+QEMU 7.2 answers every ``hvc`` with its own PSCI code, so the sidecar puts breakpoints on the
+guest's call sites (``trap_sites``, found by the caller) and handles each stop:
+
+* SDEI function ids go to :meth:`Dispatcher.hypercall`; the result (or a whole new context, for
+  COMPLETE) is written back with one ``G`` pipelined with the ``vCont;c`` that resumes the VM.
+* PSCI ids go to an optional policy callback; if it has no opinion the call is passed through by
+  single-stepping the ``hvc`` (QEMU's PSCI then runs) while the other vCPUs continue.
+* Anything else is passed through the same way (QEMU answers NOT_SUPPORTED).
+
+After every stop the conduit asks the dispatcher which vCPUs have a deliverable event and enters
+the handlers by rewriting registers. Registers can only be rewritten safely when the vCPU sits in
+EL1h (QEMU's cpsr write does not swap stack pointers or rebuild hflags), so for a vCPU in EL0 or
+EL1t delivery is deferred: temporary breakpoints on its VBAR_EL1 vectors catch the next exception
+entry, which is EL1h by construction.
+
+System registers are read-only through the 7.2 stub, so COMPLETE_AND_RESUME's ELR_EL1/SPSR_EL1
+are set by patching two ``msr`` instructions over the trapped ``hvc``, stepping them on that vCPU
+alone, and restoring the original bytes.
+
+Only this module's run loop talks to the stub. Other tasks (``raise_event``, ``rearm``,
+``detach``) ask the loop for a stop and wait for it to do the work, so RSP requests are never
+interleaved. It owns breakpoints and registers in flight; SDEI state stays in the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qmp_sdei.abi import psci, sdei
+from qmp_sdei.abi.smccc import function_id, to_u64
+from qmp_sdei.conduit.rsp import (
+    SIGNAL_QUIT,
+    SIGNAL_TRAP,
+    CoreRegs,
+    RegisterMap,
+    RspClient,
+    StopReply,
+    ThreadId,
+)
+from qmp_sdei.errors import ConduitError
+from qmp_sdei.sdei import Completion, TriggerOutcome, TriggerResult, VcpuRegs
+
+log = logging.getLogger(__name__)
+
+PSTATE_MODE_MASK = 0xF  # M[3:0]: EL and SP selection
+PSTATE_EL1H = 0x5
+MSR_ELR_EL1_X0 = 0xD5184020  # msr elr_el1, x0
+MSR_SPSR_EL1_X1 = 0xD5184001  # msr spsr_el1, x1
+# VBAR_EL1 offsets of the vectors that an exception from EL1t (0x000-0x180) or a lower EL
+# (0x400-0x780) enters; they are the first EL1h instructions after the vCPU leaves EL0/EL1t.
+DEFERRAL_VECTOR_OFFSETS = tuple(range(0x000, 0x200, 0x80)) + tuple(range(0x400, 0x800, 0x80))
+
+PsciFilter = Callable[[int, int, int, int], "int | None"]
+"""``(fid, x1, x2, x3) -> result`` to answer a PSCI call, or None to let QEMU answer it."""
+
+LATENCY_SAMPLES = 4096
+
+
+class DispatcherLike(Protocol):
+    """The part of :class:`qmp_sdei.sdei.Dispatcher` the conduit drives."""
+
+    def hypercall(self, vcpu: int, regs: VcpuRegs) -> Completion: ...
+    def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult: ...
+    def deliverable(self) -> list[int]: ...
+    def deliver(self, vcpu: int, regs: VcpuRegs) -> bool: ...
+
+
+@dataclass
+class ConduitStats:
+    """Counters and latency samples (nanoseconds) for monitoring and the benchmark."""
+
+    stops: int = 0
+    traps: int = 0
+    sdei_calls: int = 0
+    psci_answered: int = 0
+    psci_passthrough: int = 0
+    other_passthrough: int = 0
+    deliveries: int = 0
+    deferred_deliveries: int = 0
+    interrupts: int = 0
+    sysreg_writes: int = 0
+    #: stop reply received -> resume sent, for trapped calls (the sidecar's share of a call)
+    trap_handling_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    #: raise_event() called -> handler registers written and the VM resumed
+    delivery_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+
+
+@dataclass
+class _Waiter:
+    """A request from another task, served at the next stop."""
+
+    action: Callable[[], Awaitable[None]] | None
+    done: asyncio.Future[None]
+    started_ns: int = 0
+
+
+def _is_el1h(cpsr: int) -> bool:
+    return cpsr & PSTATE_MODE_MASK == PSTATE_EL1H
+
+
+def _to_vcpu_regs(core: CoreRegs) -> VcpuRegs:
+    return VcpuRegs(list(core.x), core.pc, core.cpsr)
+
+
+def _apply(core: CoreRegs, regs: VcpuRegs) -> None:
+    core.x[:] = [v & 0xFFFF_FFFF_FFFF_FFFF for v in regs.x]
+    core.pc = regs.pc
+    core.cpsr = regs.pstate & 0xFFFF_FFFF
+
+
+class GdbstubConduit:
+    """Serve one VM's SDEI interface through its gdbstub.
+
+    Typical use::
+
+        conduit = GdbstubConduit(client, dispatcher, trap_sites=[hvc_address])
+        await conduit.start()                 # threads, registers, breakpoints; VM stays stopped
+        task = asyncio.create_task(conduit.run(), name="conduit")   # resumes the VM
+        await conduit.raise_event(1000, vcpu=0)
+        await conduit.detach()                # the run task ends; the VM keeps running
+    """
+
+    def __init__(
+        self,
+        rsp: RspClient,
+        dispatcher: DispatcherLike,
+        trap_sites: Sequence[int],
+        *,
+        psci_filter: PsciFilter | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        if not trap_sites:
+            raise ConduitError("no trap sites: the conduit would never see a call")
+        self.rsp = rsp
+        self.dispatcher = dispatcher
+        self.trap_sites = frozenset(trap_sites)
+        self.psci_filter = psci_filter
+        self.timeout = timeout
+        self.stats = ConduitStats()
+        self.threads: list[ThreadId] = []
+        self.registers: RegisterMap | None = None
+        self._running = False  # we sent a resume and no stop reply has been consumed since
+        self._stopping = False  # run() should end at the next stop (detach or close)
+        self._waiters: list[_Waiter] = []
+        self._vector_bps: set[int] = set()
+        self._deferred: set[int] = set()  # vCPUs waiting for their next EL1h kernel entry
+        self._run_task: asyncio.Task[None] | None = None
+        self._g_thread: ThreadId | None = None  # which thread g/G/p/m act on (QEMU's g_cpu)
+        self._dirty: dict[int, CoreRegs] = {}  # vCPU -> registers to write before resuming
+        self.exit_reason: str | None = None  # why run() returned by itself (VM exit)
+
+    @classmethod
+    async def attach(
+        cls,
+        host: str,
+        port: int,
+        dispatcher: DispatcherLike,
+        trap_sites: Sequence[int],
+        *,
+        psci_filter: PsciFilter | None = None,
+        timeout: float = 10.0,
+    ) -> GdbstubConduit:
+        """Connect to the stub and :meth:`start`; the VM is left stopped until :meth:`run`."""
+        client = await RspClient.connect(host, port, timeout=timeout)
+        conduit = cls(client, dispatcher, trap_sites, psci_filter=psci_filter, timeout=timeout)
+        try:
+            await conduit.start()
+        except BaseException:
+            await client.close()
+            raise
+        return conduit
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Learn the vCPUs and registers, and arm the trap breakpoints. The VM must be stopped."""
+        self.threads = await self.rsp.threads()
+        if not self.threads:
+            raise ConduitError("the gdbstub lists no vCPUs")
+        self.registers = await self.rsp.read_register_map()
+        for name in ("ELR_EL1", "SPSR_EL1", "VBAR_EL1"):
+            self.registers[name]  # fail now, not at the first COMPLETE_AND_RESUME
+        await self._arm()
+
+    async def _arm(self) -> None:
+        for site in sorted(self.trap_sites):
+            await self.rsp.insert_breakpoint(site)
+        for addr in sorted(self._vector_bps):
+            await self.rsp.insert_breakpoint(addr)
+
+    async def rearm(self) -> None:
+        """Insert the breakpoints again (after a VM reset, or on a migration destination).
+
+        QEMU does not migrate gdbstub breakpoints, so the destination must be re-armed before the
+        guest runs there. Inserting an existing breakpoint again is harmless.
+        """
+        await self._at_next_stop(self._arm)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Resume the VM and serve stops until :meth:`detach`/:meth:`close` or the VM exits."""
+        self._run_task = asyncio.current_task()
+        try:
+            # Requests that arrived before the loop started, and events already deliverable.
+            await self._after_stop(None, None)
+            if self._stopping:
+                return
+            while True:
+                stop = await self.rsp.wait_stop(forever=True)  # requests carry their own timeouts
+                self._running = False
+                if stop.exited:
+                    log.info("VM exited (%s%02x)", stop.kind, stop.signal)
+                    self.exit_reason = f"{stop.kind}{stop.signal:02x}"
+                    self._fail_waiters(ConduitError("the VM exited"))
+                    return
+                self.stats.stops += 1
+                if stop.signal == SIGNAL_QUIT:
+                    # RUN_STATE_SHUTDOWN: the guest powered off or reset with -no-reboot. QEMU is
+                    # about to exit; nothing can be resumed, so stop serving.
+                    log.info("VM shut down (T%02x)", stop.signal)
+                    self.exit_reason = "shutdown"
+                    self._fail_waiters(ConduitError("the VM shut down"))
+                    return
+                await self._handle_stop(stop)
+                if self._stop_requested():
+                    return
+        except ConduitError as err:
+            self._fail_waiters(err)
+            if self.rsp.peer_closed:
+                # QEMU 7.2 reports a guest power-off as a T03 stop and then closes the socket
+                # (no W packet), possibly while we are still reading registers for that stop.
+                log.info("the gdbstub closed the connection: the VM has gone")
+                self.exit_reason = "connection closed"
+                return
+            raise
+        finally:
+            self._running = False
+
+    async def _handle_stop(self, stop: StopReply) -> None:
+        thread = stop.thread or self.threads[0]
+        self._g_thread = thread  # QEMU points g/G at the vCPU that stopped
+        core = await self.rsp.read_core()
+        step_over: ThreadId | None = None
+        trapped = core.pc in self.trap_sites
+        if trapped:
+            # Also for a T02: a vCPU interrupted exactly at the hvc was about to trap anyway.
+            step_over = await self._trap(thread, core)
+        elif stop.signal == SIGNAL_TRAP and core.pc in self._vector_bps:
+            # A deferred delivery point; if nothing is delivered the vCPU must step off it.
+            step_over = thread
+        # Otherwise a single-step finished (pass-through) or the stop was ours (0x03): go on.
+        resumed_ns = await self._after_stop(thread, core, step_over=step_over)
+        if trapped and stop.received_ns:
+            self.stats.trap_handling_ns.append(resumed_ns - stop.received_ns)
+
+    async def _trap(self, thread: ThreadId, core: CoreRegs) -> ThreadId | None:
+        """Handle a call at a trap site. Returns the thread to single-step, if it passes through."""
+        self.stats.traps += 1
+        fid = function_id(core.x[0])
+        vcpu = thread.vcpu
+        if sdei.is_sdei_range(fid):
+            self.stats.sdei_calls += 1
+            site = core.pc
+            regs = _to_vcpu_regs(core)
+            regs.pc = site + 4
+            completion = self.dispatcher.hypercall(vcpu, regs)
+            _apply(core, regs)
+            if completion is Completion.COMPLETE_AND_RESUME:
+                await self._write_elr_spsr(thread, site, core, regs.elr_el1, regs.spsr_el1)
+            self._dirty[vcpu] = core
+            return None
+        if psci.is_psci_range(fid) and self.psci_filter is not None:
+            answer = self.psci_filter(fid, core.x[1], core.x[2], core.x[3])
+            if answer is not None:
+                self.stats.psci_answered += 1
+                core.x[0] = to_u64(answer)
+                core.pc += 4
+                self._dirty[vcpu] = core
+                return None
+        if psci.is_psci_range(fid):
+            self.stats.psci_passthrough += 1
+        else:
+            self.stats.other_passthrough += 1
+        return thread
+
+    async def _write_elr_spsr(self, thread: ThreadId, site: int, core: CoreRegs, elr: int, spsr: int) -> None:
+        """Set ELR_EL1/SPSR_EL1 on a stopped EL1 vCPU by executing two ``msr`` there.
+
+        The stub ignores writes to system registers, so: patch ``msr elr_el1, x0; msr spsr_el1,
+        x1`` over the trapped ``hvc`` (``M`` bypasses page permissions and invalidates translated
+        code), load x0/x1, step the two instructions on this vCPU only (the others stay stopped
+        and cannot run the patched code), then restore the bytes. The caller then writes the final
+        registers, so x0/x1 and pc are restored too.
+        """
+        self.stats.sysreg_writes += 1
+        await self._select(thread)
+        original = await self.rsp.read_memory(site, 8)
+        patch = MSR_ELR_EL1_X0.to_bytes(4, "little") + MSR_SPSR_EL1_X1.to_bytes(4, "little")
+        scratch = core.copy()
+        scratch.x[0], scratch.x[1], scratch.pc = elr, spsr & 0xFFFF_FFFF_FFFF_FFFF, site
+        await self.rsp.write_memory(site, patch)
+        try:
+            await self.rsp.write_core(scratch)
+            for expected in (site + 4, site + 8):
+                stop = await self.rsp.step(thread, timeout=self.timeout)
+                if stop.thread not in (None, thread):
+                    raise ConduitError(f"stepping {thread} stopped {stop.thread} instead")
+                pc = (await self.rsp.read_core()).pc
+                if pc != expected:
+                    raise ConduitError(f"patched msr step on {thread} ended at {pc:#x}, expected {expected:#x}")
+        finally:
+            await self.rsp.write_memory(site, original)
+        self._g_thread = thread
+
+    async def _select(self, thread: ThreadId) -> None:
+        if self._g_thread != thread:
+            await self.rsp.select_thread(thread)
+            self._g_thread = thread
+
+    async def _after_stop(
+        self,
+        thread: ThreadId | None,
+        core: CoreRegs | None,
+        *,
+        step_over: ThreadId | None = None,
+    ) -> int:
+        """Serve requests, deliver events, write registers back and resume the VM.
+
+        Returns the time (perf_counter_ns) the resume was sent.
+        """
+        known: dict[int, CoreRegs] = {}
+        if thread is not None and core is not None:
+            known[thread.vcpu] = core
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if waiter.action is not None:
+                try:
+                    await waiter.action()
+                except ConduitError as err:
+                    if not waiter.done.done():
+                        waiter.done.set_exception(err)
+        delivered = await self._deliver_all(known)
+        if step_over is not None and step_over.vcpu in delivered:
+            step_over = None  # its pc now points at the handler, nothing to step over
+        await self._update_vector_breakpoints()
+        if self._stopping:
+            await self._flush_dirty(resume=None)
+            for waiter in waiters:
+                if not waiter.done.done():
+                    waiter.done.set_result(None)
+            return time.perf_counter_ns()
+        await self._flush_dirty(resume=step_over, resume_always=True)
+        now = time.perf_counter_ns()
+        for waiter in waiters:
+            if waiter.started_ns and delivered:
+                self.stats.delivery_ns.append(now - waiter.started_ns)
+            if not waiter.done.done():
+                waiter.done.set_result(None)
+        return now
+
+    # ---- delivery ------------------------------------------------------------------------------
+
+    async def _deliver_all(self, known: dict[int, CoreRegs]) -> set[int]:
+        delivered: set[int] = set()
+        for vcpu in self.dispatcher.deliverable():
+            if vcpu >= len(self.threads):
+                log.warning("dispatcher names vCPU %d but the stub has %d", vcpu, len(self.threads))
+                continue
+            thread = self.threads[vcpu]
+            core = self._dirty.get(vcpu) or known.get(vcpu)
+            if core is None:
+                await self._select(thread)
+                core = await self.rsp.read_core()
+                known[vcpu] = core
+            if not _is_el1h(core.cpsr):
+                if vcpu not in self._deferred:
+                    self.stats.deferred_deliveries += 1
+                    self._deferred.add(vcpu)
+                continue
+            regs = _to_vcpu_regs(core)
+            entered = False
+            # A critical event may be deliverable right on top of a normal one just entered.
+            while self.dispatcher.deliver(vcpu, regs):
+                entered = True
+                self.stats.deliveries += 1
+                if vcpu not in self.dispatcher.deliverable():
+                    break
+            if entered:
+                _apply(core, regs)
+                self._dirty[vcpu] = core
+                delivered.add(vcpu)
+                self._deferred.discard(vcpu)
+        # A deferred vCPU whose event went away (delivered elsewhere, unregistered) stops waiting.
+        still = set(self.dispatcher.deliverable())
+        self._deferred &= still
+        return delivered
+
+    async def _update_vector_breakpoints(self) -> None:
+        """Arm vector breakpoints while some vCPU waits for an EL1h entry; drop them after."""
+        wanted: set[int] = set()
+        if self._deferred:
+            assert self.registers is not None
+            vbar_reg = self.registers["VBAR_EL1"].regnum
+            for vcpu in sorted(self._deferred):
+                await self._select(self.threads[vcpu])
+                vbar = await self.rsp.read_register(vbar_reg)
+                if vbar:
+                    wanted.update(vbar + off for off in DEFERRAL_VECTOR_OFFSETS)
+                else:
+                    log.warning("vCPU %d has no VBAR_EL1 yet; its event waits for a later stop", vcpu)
+        wanted -= self.trap_sites
+        for addr in sorted(self._vector_bps - wanted):
+            await self.rsp.remove_breakpoint(addr)
+        for addr in sorted(wanted - self._vector_bps):
+            await self.rsp.insert_breakpoint(addr)
+        self._vector_bps = wanted
+
+    # ---- write back and resume -----------------------------------------------------------------
+
+    async def _flush_dirty(self, *, resume: ThreadId | None, resume_always: bool = False) -> None:
+        """Write changed registers; with ``resume_always``, resume the VM in the same write.
+
+        The last ``Hg`` + ``G`` go out in one write with the resume packet: QEMU handles them in
+        order, and only the stop reply is waited for later (replies to Hg/G are checked as they
+        arrive, while the VM already runs).
+        """
+        dirty, self._dirty = self._dirty, {}
+        packets: list[bytes | str] = []
+        expect: list[bool] = []
+        for vcpu, core in dirty.items():
+            thread = self.threads[vcpu]
+            if self._g_thread != thread:
+                packets.append(f"Hg{thread}")
+                expect.append(True)
+                self._g_thread = thread
+            packets.append(RspClient.core_packet(core))
+            expect.append(True)
+        if resume_always:
+            # Stepping a pass-through hvc lets the other vCPUs run: CPU_OFF never finishes its step.
+            packets.append(RspClient.resume_packet(step=resume, others_continue=True))
+            expect.append(False)
+        if not packets:
+            return
+        futures = self.rsp.send(*packets, expect_reply=expect)
+        if resume_always:
+            self._running = True
+            if self._waiters:
+                # A request arrived while this stop was being handled, too late to be served in it.
+                self.stats.interrupts += 1
+                self.rsp.interrupt()
+        for fut in futures:
+            reply = await self.rsp.reply(fut, "register write-back", self.timeout)
+            if reply != b"OK":
+                raise ConduitError(f"register write-back failed: gdbstub replied {reply[:60]!r}")
+
+    # ---- requests from other tasks ----------------------------------------------------------
+
+    async def _at_next_stop(self, action: Callable[[], Awaitable[None]] | None, started_ns: int = 0) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(_Waiter(action, done, started_ns))
+        if self._running:
+            self.stats.interrupts += 1
+            self.rsp.interrupt()
+        elif self._run_task is not None and self._run_task.done():
+            self._waiters.pop()
+            raise ConduitError("the conduit is not running (the VM exited or the loop failed)")
+        elif self._run_task is None:
+            # No loop yet: the VM is stopped and nobody else talks to the stub, act directly.
+            self._waiters.pop()
+            if action is not None:
+                await action()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.timeout)
+        except TimeoutError as err:
+            raise ConduitError(f"the VM did not stop within {self.timeout}s to serve a request") from err
+
+    async def raise_event(self, event: int, vcpu: int | None) -> TriggerResult:
+        """Raise an event from the host and, if it can be taken now, enter the handler.
+
+        Returns the dispatcher's verdict. For a deliverable event this waits until the handler's
+        registers are written and the VM resumed (the handler then runs); a pending or dropped
+        event returns at once. :class:`qmp_sdei.errors.TriggerError` propagates unchanged.
+        """
+        started = time.perf_counter_ns()
+        result = self.dispatcher.trigger(event, vcpu)
+        if result.outcome is TriggerOutcome.DELIVERABLE:
+            await self._at_next_stop(None, started_ns=started)
+        return result
+
+    async def detach(self) -> None:
+        """Remove every breakpoint and let the VM run without us (``D;1``), then close."""
+        self._stopping = True
+        if self._run_task is not None and not self._run_task.done():
+            await self._at_next_stop(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._run_task), self.timeout)
+        await self.rsp.detach()
+        await self.rsp.close()
+
+    async def close(self) -> None:
+        """Drop the connection without detaching (QEMU leaves the VM paused)."""
+        self._stopping = True
+        if self._run_task is not None and not self._run_task.done():
+            self._run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConduitError):
+                await self._run_task
+        await self.rsp.close()
+
+    def _stop_requested(self) -> bool:
+        # A method, not the attribute, because another task sets it while the loop awaits.
+        return self._stopping
+
+    def _fail_waiters(self, err: ConduitError) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done.done():
+                waiter.done.set_exception(err)
