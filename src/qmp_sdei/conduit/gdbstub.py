@@ -156,6 +156,7 @@ class GdbstubConduit:
         self._run_task: asyncio.Task[None] | None = None
         self._g_thread: ThreadId | None = None  # which thread g/G/p/m act on (QEMU's g_cpu)
         self._dirty: dict[int, CoreRegs] = {}  # vCPU -> registers to write before resuming
+        self._last_write_ns = 0
         self.exit_reason: str | None = None  # why run() returned by itself (VM exit)
 
     @classmethod
@@ -360,7 +361,7 @@ class GdbstubConduit:
                     waiter.done.set_result(None)
             return time.perf_counter_ns()
         await self._flush_dirty(resume=step_over, resume_always=True)
-        now = time.perf_counter_ns()
+        now = self._last_write_ns
         for waiter in waiters:
             if waiter.started_ns and delivered:
                 self.stats.delivery_ns.append(now - waiter.started_ns)
@@ -452,6 +453,7 @@ class GdbstubConduit:
         if not packets:
             return
         futures = self.rsp.send(*packets, expect_reply=expect)
+        self._last_write_ns = time.perf_counter_ns()  # the VM resumes now; replies are checked after
         if resume_always:
             self._running = True
             if self._waiters:
