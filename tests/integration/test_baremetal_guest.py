@@ -21,6 +21,7 @@ from qmp_sdei.conduit.gdbstub import GdbstubConduit
 from qmp_sdei.errors import QemuError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec, TriggerOutcome
+from qmp_sdei.versions import psci_answer
 from support.guests import build_baremetal_guest, connect_gdbstub, elf_symbols, free_port
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
@@ -133,10 +134,10 @@ class Booted:
     symbols: dict[str, int]
 
 
-def psci_filter(fid: int, x1: int, x2: int, x3: int) -> int | None:
-    """Answer PSCI_VERSION ourselves (as the version-pinning policy would); pass the rest."""
-    del x1, x2, x3
-    return PINNED_PSCI_VERSION if fid == PSCI_VERSION else None
+def psci_filter(vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
+    """The real pinning policy, pinned to PSCI 1.0 so the test can tell its answers from QEMU's 1.1."""
+    del vcpu, x2, x3
+    return psci_answer((1, 0), fid, x1)
 
 
 @pytest.fixture(scope="session")

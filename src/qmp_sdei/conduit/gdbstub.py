@@ -59,8 +59,11 @@ MSR_SPSR_EL1_X1 = 0xD5184001  # msr spsr_el1, x1
 # (0x400-0x780) enters; they are the first EL1h instructions after the vCPU leaves EL0/EL1t.
 DEFERRAL_VECTOR_OFFSETS = tuple(range(0x000, 0x200, 0x80)) + tuple(range(0x400, 0x800, 0x80))
 
-PsciFilter = Callable[[int, int, int, int], "int | None"]
-"""``(fid, x1, x2, x3) -> result`` to answer a PSCI call, or None to let QEMU answer it."""
+PsciFilter = Callable[[int, int, int, int, int], "int | None"]
+"""``(vcpu, fid, x1, x2, x3) -> result`` to answer a PSCI call, or None to let QEMU answer it.
+
+It also sees calls it lets through, so the policy can act on them (CPU_OFF resets that vCPU's
+private SDEI state)."""
 
 LATENCY_SAMPLES = 4096
 
@@ -281,7 +284,7 @@ class GdbstubConduit:
             self._dirty[vcpu] = core
             return None
         if psci.is_psci_range(fid) and self.psci_filter is not None:
-            answer = self.psci_filter(fid, core.x[1], core.x[2], core.x[3])
+            answer = self.psci_filter(vcpu, fid, core.x[1], core.x[2], core.x[3])
             if answer is not None:
                 self.stats.psci_answered += 1
                 core.x[0] = to_u64(answer)
