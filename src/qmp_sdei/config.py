@@ -73,6 +73,9 @@ class ConduitSettings:
     kernel: Path | None = None
     #: extra guest addresses to trap
     trap_sites: tuple[int, ...] = ()
+    #: start a VM that QEMU holds in prelaunch (-S) once the traps are armed; otherwise wait for
+    #: its owner's QMP cont (a VM someone else paused is never resumed by the sidecar)
+    start_vm: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,9 +135,7 @@ class _Table:
         if isinstance(value, bool) and bool not in kinds:
             raise ConfigError(f"{self.key(name)}: expected {_names(kinds)}, got a boolean")
         if not isinstance(value, kinds):
-            raise ConfigError(
-                f"{self.key(name)}: expected {_names(kinds)}, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"{self.key(name)}: expected {_names(kinds)}, got {type(value).__name__} {value!r}")
         if check is not None and (problem := check(value)):
             raise ConfigError(f"{self.key(name)}: {problem}")
         return value  # type: ignore[return-value]
@@ -207,9 +208,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     qmp_settings = QmpSettings(
         address=_parse_address(socket_text),
         mode=qmp.get("mode", str, "connect", _one_of("connect", "listen")),
-        timeout=float(
-            qmp.get("timeout", (int, float), 30.0, lambda v: None if v > 0 else "must be positive")
-        ),
+        timeout=float(qmp.get("timeout", (int, float), 30.0, lambda v: None if v > 0 else "must be positive")),
     )
     qmp.done()
 
@@ -223,8 +222,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
         [0, 0],
         lambda v: (
             None
-            if len(v) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 0xFFFF for n in v)
+            if len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 0xFFFF for n in v)
             else "must be [private, shared] with counts 0..65535"
         ),
     )
@@ -260,20 +258,17 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
         [],
         lambda v: (
             None
-            if all(
-                isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 1 << 64 and a % 4 == 0 for a in v
-            )
+            if all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 1 << 64 and a % 4 == 0 for a in v)
             else "must list 4-byte-aligned 64-bit addresses"
         ),
     )
     conduit_settings = ConduitSettings(
         enabled=conduit.get("enabled", bool, False),
-        gdb=conduit.get(
-            "gdb", str, "", lambda v: None if v == "" or v.startswith("tcp:") else "must be tcp:HOST:PORT"
-        ),
+        gdb=conduit.get("gdb", str, "", lambda v: None if v == "" or v.startswith("tcp:") else "must be tcp:HOST:PORT"),
         elf=Path(elf) if elf else None,
         kernel=Path(kernel) if kernel else None,
         trap_sites=tuple(sites),
+        start_vm=conduit.get("start_vm", bool, False),
     )
     conduit.done()
 

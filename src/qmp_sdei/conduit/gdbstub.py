@@ -153,6 +153,11 @@ class GdbstubConduit:
         self.registers: RegisterMap | None = None
         self._running = False  # we sent a resume and no stop reply has been consumed since
         self._stopping = False  # run() should end at the next stop (detach or close)
+        # The VM was stopped by someone else (QMP stop, -S, migration): we must not resume it. The
+        # loop then only waits for the next stop, which comes once the owner resumes it and the
+        # guest traps; vm_resumed() tells us the owner let it go.
+        self._held = False
+        self._interrupt_sent = False  # a 0x03 of ours is outstanding: the next T02 is ours
         self._waiters: list[_Waiter] = []
         self._vector_bps: set[int] = set()
         self._deferred: set[int] = set()  # vCPUs waiting for their next EL1h kernel entry
@@ -211,12 +216,19 @@ class GdbstubConduit:
 
     # ---- the loop -------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Resume the VM and serve stops until :meth:`detach`/:meth:`close` or the VM exits."""
+    async def run(self, *, resume: bool = True) -> None:
+        """Serve stops until :meth:`detach`/:meth:`close` or the VM exits.
+
+        :param resume: start the VM now. False leaves a VM that someone else stopped (``-S``,
+            QMP ``stop``) stopped, with the breakpoints armed, until its owner resumes it.
+        """
         self._run_task = asyncio.current_task()
         try:
-            # Requests that arrived before the loop started, and events already deliverable.
-            await self._after_stop(None, None)
+            if resume:
+                # Requests that arrived before the loop started, and events already deliverable.
+                await self._after_stop(None, None)
+            else:
+                self._held = True
             if self._stopping:
                 return
             while True:
@@ -228,6 +240,7 @@ class GdbstubConduit:
                     self._fail_waiters(ConduitError("the VM exited"))
                     return
                 self.stats.stops += 1
+                ours, self._interrupt_sent = self._interrupt_sent, False
                 if stop.signal == SIGNAL_QUIT:
                     # RUN_STATE_SHUTDOWN: the guest powered off or reset with -no-reboot. QEMU is
                     # about to exit; nothing can be resumed, so stop serving.
@@ -235,7 +248,7 @@ class GdbstubConduit:
                     self.exit_reason = "shutdown"
                     self._fail_waiters(ConduitError("the VM shut down"))
                     return
-                await self._handle_stop(stop)
+                await self._handle_stop(stop, ours=ours)
                 if self._stop_requested():
                     return
         except ConduitError as err:
@@ -250,12 +263,18 @@ class GdbstubConduit:
         finally:
             self._running = False
 
-    async def _handle_stop(self, stop: StopReply) -> None:
+    async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
         thread = stop.thread or self.threads[0]
         self._g_thread = thread  # QEMU points g/G at the vCPU that stopped
         core = await self.rsp.read_core()
         step_over: ThreadId | None = None
         trapped = core.pc in self.trap_sites
+        if stop.signal != SIGNAL_TRAP and not ours and not trapped:
+            # Stopped by someone else (QMP stop, migration): serve what we can, but do not resume.
+            log.info("VM stopped by its owner (T%02x); waiting until it is resumed", stop.signal)
+            self._held = True
+            await self._after_stop(thread, core, resume=False)
+            return
         if trapped:
             # Also for a T02: a vCPU interrupted exactly at the hvc was about to trap anyway.
             step_over = await self._trap(thread, core)
@@ -337,6 +356,7 @@ class GdbstubConduit:
         core: CoreRegs | None,
         *,
         step_over: ThreadId | None = None,
+        resume: bool = True,
     ) -> int:
         """Serve requests, deliver events, write registers back and resume the VM.
 
@@ -357,7 +377,7 @@ class GdbstubConduit:
         if step_over is not None and step_over.vcpu in delivered:
             step_over = None  # its pc now points at the handler, nothing to step over
         await self._update_vector_breakpoints()
-        if self._stopping:
+        if self._stopping or not resume:
             await self._flush_dirty(resume=None)
             for waiter in waiters:
                 if not waiter.done.done():
@@ -461,8 +481,7 @@ class GdbstubConduit:
             self._running = True
             if self._waiters:
                 # A request arrived while this stop was being handled, too late to be served in it.
-                self.stats.interrupts += 1
-                self.rsp.interrupt()
+                self._interrupt()
         for fut in futures:
             reply = await self.rsp.reply(fut, "register write-back", self.timeout)
             if reply != b"OK":
@@ -471,11 +490,15 @@ class GdbstubConduit:
     # ---- requests from other tasks ----------------------------------------------------------
 
     async def _at_next_stop(self, action: Callable[[], Awaitable[None]] | None, started_ns: int = 0) -> None:
+        if self._held:
+            # The VM is stopped and no resume of ours is outstanding: the stub answers requests.
+            if action is not None:
+                await action()
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(_Waiter(action, done, started_ns))
         if self._running:
-            self.stats.interrupts += 1
-            self.rsp.interrupt()
+            self._interrupt()
         elif self._run_task is not None and self._run_task.done():
             self._waiters.pop()
             raise ConduitError("the conduit is not running (the VM exited or the loop failed)")
@@ -489,6 +512,29 @@ class GdbstubConduit:
             await asyncio.wait_for(asyncio.shield(done), self.timeout)
         except TimeoutError as err:
             raise ConduitError(f"the VM did not stop within {self.timeout}s to serve a request") from err
+
+    def _interrupt(self) -> None:
+        self.stats.interrupts += 1
+        self._interrupt_sent = True
+        self.rsp.interrupt()
+
+    def vm_resumed(self) -> None:
+        """The VM's owner resumed a VM we were holding (QMP ``cont``); it runs without our ``c``.
+
+        Call it only when QEMU reports the VM running. Pending deliveries and requests then get a
+        0x03 so they are served promptly rather than at the guest's next call.
+        """
+        if not self._held:
+            return
+        self._held = False
+        self._running = True
+        if self._waiters or self.dispatcher.deliverable():
+            self._interrupt()
+
+    @property
+    def held(self) -> bool:
+        """True while the VM is stopped by someone else and we are waiting for it to run."""
+        return self._held
 
     async def raise_event(self, event: int, vcpu: int | None) -> TriggerResult:
         """Raise an event from the host and, if it can be taken now, enter the handler.
