@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian 12 machine (run as root):
+#   bash scripts/quickstart.sh demo   install everything, then boot a stock Debian arm64 kernel under
+#                                     QEMU with the sidecar attached and check its SDEI/PSCI lines
+#   bash scripts/quickstart.sh test   install everything, then run lint, types and the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    python3 python3-venv python3-pip ca-certificates
+    qemu-system-arm                 # qemu-system-aarch64 (TCG)
+    gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu   # the bare-metal test guests
+    device-tree-compiler            # dtc: the DTB with /firmware/sdei
+    dbus mosquitto                  # migration (dbus-vmstate) and orchestration tests
+)
+
+install_system() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+}
+
+install_python() {
+    if [ ! -x .venv/bin/python ]; then
+        python3 -m venv .venv
+    fi
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test,linux]'
+}
+
+case "${1:-}" in
+    demo)
+        install_system
+        install_python
+        kernel=$(.venv/bin/python -c 'from qmp_sdei.linux_kernel import fetch_debian_kernel; print(fetch_debian_kernel())')
+        exec .venv/bin/qmp-sdei boot-test --kernel "$kernel" --expect-sdei 1.1 --expect-psci 1.0 --smp 2
+        ;;
+    test)
+        install_system
+        install_python
+        .venv/bin/ruff check .
+        .venv/bin/ruff format --check .
+        .venv/bin/mypy
+        exec .venv/bin/pytest -q
+        ;;
+    *)
+        echo "usage: bash scripts/quickstart.sh demo|test" >&2
+        exit 2
+        ;;
+esac
