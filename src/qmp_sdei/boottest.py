@@ -1,0 +1,429 @@
+"""``qmp-sdei boot-test``: boot a stock arm64 Linux kernel with the sidecar and read what it detected.
+
+The end-to-end check a user can run on their own host: the kernel finds ``/firmware/sdei`` in the
+device tree, asks for the SDEI version through ``hvc`` (trapped by the sidecar's gdbstub conduit)
+and prints ``sdei: SDEIv1.<minor> (0x<vendor>) detected in firmware.``; its PSCI probe asks
+PSCI_VERSION (answered by the sidecar's pinning filter) and prints ``psci: PSCIv<maj>.<min>
+detected in firmware.``. Both lines must show exactly the versions the sidecar was told to pin.
+
+Steps (:func:`run_boot_test`):
+
+1. Recover the kernel's symbols (``kallsyms-finder``, cached) and refuse a kernel that cannot print
+   the SDEI line on a DT boot (the v5.19..59529bbe642d regression, see ``conduit/traps.py``).
+2. Build QEMU's DTB plus ``/firmware/sdei`` (method hvc) with a ``/psci`` compatible matching the
+   pinned PSCI version.
+3. Start QEMU paused (``-S``) in a work directory, run a :class:`~qmp_sdei.daemon.Sidecar` in this
+   process with the versions pinned and ``conduit.start_vm`` set, so the sidecar starts the guest
+   once its breakpoints are armed.
+4. Wait on the console for the two lines (with the timeout), compare them with the pins, record
+   timings and the conduit's counters, then stop the sidecar (which detaches) and QEMU.
+
+Problems with the inputs (no such kernel, a malformed version) raise
+:class:`~qmp_sdei.errors.ConfigError`; everything that goes wrong during the boot ends up in the
+:class:`BootReport` as ``passed=False`` with a one-line ``reason``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from qmp_sdei.conduit.traps import LINUX_DT_SDEI_FIX_SYMBOL, kernel_has_dt_sdei_fix, load_kallsyms
+from qmp_sdei.config import parse
+from qmp_sdei.daemon import ExitCode, Sidecar
+from qmp_sdei.errors import ConfigError, QemuError, SdeiError, VersionError
+from qmp_sdei.qemu.dtb import build_sdei_dtb, psci_compatible_for
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from qmp_sdei.versions import PSCI_FUNCTIONS, SDEI_FUNCTIONS, Version, format_version, parse_version
+
+log = logging.getLogger(__name__)
+
+APPEND = "console=ttyAMA0 nokaslr panic=-1 nohlt"
+"""``nokaslr``: the trap sites are link addresses. ``panic=-1`` with ``-no-reboot``: the rootless boot
+ends in one panic and QEMU exits instead of rebooting. ``nohlt``: idle vCPUs poll instead of WFI."""
+CPU = "cortex-a57"  # on the KPTI-safe list, so the SDEI exit is not moved to the trampoline alias
+MEMORY_MB = 1024
+VM_NAME = "boot-test"
+STOP_TIMEOUT = 15.0
+
+SDEI_LINE = re.compile(
+    r"^(?:\[\s*(?P<ts>\d+\.\d+)\] )?(?P<msg>sdei: (?:SDEIv(?P<major>\d+)\.(?P<minor>\d+) "
+    r"\(0x(?P<vendor>[0-9a-f]+)\) detected in firmware\.|(?P<failed>Failed to get SDEI version: -?\d+)))\r?$",
+    re.MULTILINE,
+)
+PSCI_LINE = re.compile(
+    r"^(?:\[\s*(?P<ts>\d+\.\d+)\] )?(?P<msg>psci: PSCIv(?P<major>\d+)\.(?P<minor>\d+) detected in firmware\.)\r?$",
+    re.MULTILINE,
+)
+CONSOLE_TAIL_LINES = 25
+ARM64_MAGIC_OFFSET, ARM64_MAGIC, GZIP_MAGIC = 0x38, b"ARM\x64", b"\x1f\x8b"
+
+
+@dataclass
+class FoundLine:
+    """A console line the test waited for."""
+
+    text: str  # without the printk timestamp
+    version: str | None  # "1.1", or None for a failure line
+    vendor: int | None = None  # SDEI only
+    after_qemu_start_s: float = 0.0
+    after_vm_start_s: float | None = None
+    kernel_timestamp_s: float | None = None  # the printk time, if the kernel prints times
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "version": self.version,
+            "vendor": self.vendor,
+            "after_qemu_start_s": round(self.after_qemu_start_s, 4),
+            "after_vm_start_s": None if self.after_vm_start_s is None else round(self.after_vm_start_s, 4),
+            "kernel_timestamp_s": self.kernel_timestamp_s,
+        }
+
+
+@dataclass
+class BootReport:
+    """What one boot test saw. ``passed`` only if both lines appeared with the pinned versions."""
+
+    kernel: str
+    smp: int
+    expected: dict[str, str]
+    passed: bool = False
+    reason: str | None = None
+    lines: dict[str, FoundLine] = field(default_factory=dict)
+    #: seconds: QEMU start -> VM started by the sidecar, sidecar QMP attach, sidecar ready, total
+    timings: dict[str, float] = field(default_factory=dict)
+    #: the conduit's counters at the end of the test (traps, SDEI calls, PSCI answered/passed through)
+    conduit: dict[str, Any] = field(default_factory=dict)
+    sidecar_exit: int | None = None
+    console_tail: list[str] = field(default_factory=list)
+
+    def fail(self, reason: str) -> BootReport:
+        if self.reason is None:  # the first reason is the cause; later ones are consequences
+            self.reason = reason
+        self.passed = False
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "reason": self.reason,
+            "kernel": self.kernel,
+            "smp": self.smp,
+            "expected": dict(self.expected),
+            "lines": {name: line.to_dict() for name, line in self.lines.items()},
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "conduit": dict(self.conduit),
+            "sidecar_exit": self.sidecar_exit,
+            "console_tail": list(self.console_tail),
+        }
+
+    def text(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        out = [
+            f"boot-test {verdict}: {self.kernel} (smp {self.smp}), expecting SDEI {self.expected['sdei']} "
+            f"and PSCI {self.expected['psci']}"
+        ]
+        if self.reason:
+            out.append(f"  reason: {self.reason}")
+        for name in ("sdei", "psci"):
+            line = self.lines.get(name)
+            if line is None:
+                out.append(f"  {name}: no line")
+                continue
+            when = f"{line.after_qemu_start_s:.2f}s after QEMU start"
+            if line.after_vm_start_s is not None:
+                when += f", {line.after_vm_start_s:.2f}s after the VM started"
+            if line.kernel_timestamp_s is not None:
+                when += f", kernel time {line.kernel_timestamp_s:.3f}s"
+            out.append(f"  {line.text}  ({when})")
+        if self.timings:
+            out.append("  timings: " + ", ".join(f"{k}={v:.3f}s" for k, v in self.timings.items()))
+        if self.conduit:
+            c = self.conduit
+            out.append(
+                f"  conduit: {c.get('traps', 0)} traps, {c.get('sdei_calls', 0)} SDEI calls, "
+                f"PSCI {c.get('psci_answered', 0)} answered / {c.get('psci_passthrough', 0)} passed through"
+                + (
+                    f", trap handling median {c['trap_handling_median_us']:.0f} us"
+                    if c.get("trap_handling_median_us") is not None
+                    else ""
+                )
+            )
+        if not self.passed and self.console_tail:
+            out.append("  console (last lines):")
+            out.extend(f"    {line}" for line in self.console_tail)
+        return "\n".join(out)
+
+
+def _version(text: str, known: dict[Version, Any], what: str) -> Version:
+    try:
+        return parse_version(text, known=known, what=what)
+    except VersionError as err:
+        raise ConfigError(f"boot-test: {err}") from err
+
+
+def _check_kernel(kernel: Path) -> None:
+    if not kernel.exists():
+        raise ConfigError(f"boot-test: kernel image {kernel}: no such file")
+    if not kernel.is_file():
+        raise ConfigError(f"boot-test: kernel image {kernel}: not a regular file")
+    try:
+        with kernel.open("rb") as image:
+            head = image.read(ARM64_MAGIC_OFFSET + 4)
+    except OSError as err:
+        raise ConfigError(f"boot-test: kernel image {kernel}: {err.strerror}") from err
+    if head[:2] != GZIP_MAGIC and head[ARM64_MAGIC_OFFSET:] != ARM64_MAGIC:
+        raise ConfigError(f"boot-test: {kernel} is not an arm64 Linux Image (no 'ARM\\x64' magic at 0x38)")
+
+
+def _sidecar_config(kernel: Path, workdir: Path, vm: QemuProcess, sdei: str, psci: str) -> dict[str, Any]:
+    return {
+        "vm": {"name": VM_NAME, "state_dir": str(workdir / "state")},
+        "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": 30.0},
+        "sdei": {"version": sdei},
+        "psci": {"version": psci},
+        "conduit": {"enabled": True, "kernel": str(kernel), "start_vm": True},
+        "log": {"level": "info", "format": "text"},
+    }
+
+
+@contextlib.asynccontextmanager
+async def _workdir(given: Path | None) -> AsyncIterator[Path]:
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-boot-test-") as scratch:
+        yield Path(scratch)
+
+
+async def _first_resume(client: QMPClient, started: float, timings: dict[str, float]) -> None:
+    """Record when the VM first runs: the sidecar's ``c`` after its breakpoints are armed."""
+    with client.listener("RESUME") as listener:
+        await listener.get()
+    timings["vm_started"] = time.perf_counter() - started
+
+
+async def run_boot_test(
+    kernel: Path | str,
+    *,
+    expect_sdei: str = "1.1",
+    expect_psci: str = "1.1",
+    smp: int = 1,
+    timeout: float = 120.0,
+    workdir: Path | None = None,
+) -> BootReport:
+    """Boot ``kernel`` with the sidecar pinning ``expect_sdei``/``expect_psci`` and check its lines.
+
+    :param timeout: seconds from QEMU's start until both lines must have appeared.
+    :param workdir: where QEMU's sockets, the DTB and the sidecar's state go (default: a temporary
+        directory, removed afterwards).
+    :raise ConfigError: the kernel path does not exist, or a version is malformed/unsupported.
+    """
+    kernel = Path(kernel)
+    sdei_version = _version(expect_sdei, SDEI_FUNCTIONS, "SDEI")
+    psci_version = _version(expect_psci, PSCI_FUNCTIONS, "PSCI")
+    if smp < 1:
+        raise ConfigError(f"boot-test: --smp must be at least 1, not {smp}")
+    _check_kernel(kernel)
+    expected = {"sdei": format_version(sdei_version), "psci": format_version(psci_version)}
+    report = BootReport(kernel=str(kernel), smp=smp, expected=expected)
+
+    t_setup = time.perf_counter()
+    kallsyms = await asyncio.to_thread(load_kallsyms, kernel)
+    if not kernel_has_dt_sdei_fix(kallsyms):
+        return report.fail(
+            f"{kernel.name} lacks {LINUX_DT_SDEI_FIX_SYMBOL}: on a device-tree boot this kernel never "
+            "probes SDEI (v5.19+ without 59529bbe642d), so it cannot print the SDEI line; use a kernel "
+            "with the fix (Debian 6.1.192 or later, or 6.12)"
+        )
+
+    async with _workdir(workdir) as work:
+        spec = QemuSpec(smp=smp, memory_mb=MEMORY_MB, cpu=CPU, kernel=kernel, append=APPEND, paused=True, name=VM_NAME)
+        try:
+            spec.dtb = await build_sdei_dtb(
+                spec, work / "sdei.dtb", sdei_method="hvc", psci_compatible=psci_compatible_for(psci_version)
+            )
+        except SdeiError as err:
+            return report.fail(f"cannot build the SDEI device tree: {err}")
+        report.timings["setup"] = time.perf_counter() - t_setup
+        await _boot(report, spec, kernel, work, timeout)
+    return report
+
+
+async def _boot(report: BootReport, spec: QemuSpec, kernel: Path, work: Path, timeout: float) -> None:
+    vm = QemuProcess(spec, work / "vm")
+    started = time.perf_counter()
+    sidecar: Sidecar | None = None
+    sidecar_task: asyncio.Task[ExitCode] | None = None
+    harness: QMPClient | None = None
+    resume_task: asyncio.Task[None] | None = None
+    try:
+        try:
+            await asyncio.wait_for(vm.start(), timeout)
+        except (QemuError, TimeoutError) as err:
+            report.fail(f"QEMU did not start: {err or 'timed out'}")
+            return
+        # The harness monitor only watches for the first RESUME, to time the boot from the
+        # moment the sidecar lets the guest run.
+        harness = QMPClient("boot-test")
+        await asyncio.wait_for(harness.connect(str(vm.harness_socket)), timeout)
+        resume_task = asyncio.create_task(_first_resume(harness, started, report.timings), name="boot.resume")
+
+        config = parse(_sidecar_config(kernel, work, vm, report.expected["sdei"], report.expected["psci"]))
+        sidecar = Sidecar(config)
+        sidecar_task = asyncio.create_task(sidecar.run(), name="boot.sidecar")
+        deadline = started + timeout
+        await _wait_ready(report, sidecar, sidecar_task, deadline)
+        report.timings["sidecar_ready"] = time.perf_counter() - started
+        report.timings["sidecar_attach"] = sidecar.attach_seconds
+        if report.reason is None:
+            await _wait_lines(report, vm, sidecar_task, started, deadline)
+        _collect_conduit(report, sidecar)
+    finally:
+        if resume_task is not None:
+            resume_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await resume_task
+        if sidecar is not None and sidecar_task is not None:
+            await _stop_sidecar(report, sidecar, sidecar_task)
+        if harness is not None:
+            with contextlib.suppress(Exception):
+                await harness.disconnect()
+        await vm.stop()
+        report.timings["total"] = time.perf_counter() - started
+        if not report.passed:
+            report.console_tail = vm.console.splitlines()[-CONSOLE_TAIL_LINES:]
+
+
+async def _wait_ready(report: BootReport, sidecar: Sidecar, task: asyncio.Task[ExitCode], deadline: float) -> None:
+    ready = asyncio.create_task(sidecar.ready.wait(), name="boot.ready")
+    try:
+        done, _ = await asyncio.wait(
+            {ready, task}, timeout=max(0.0, deadline - time.perf_counter()), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        ready.cancel()
+    if task in done:
+        report.fail(f"the sidecar stopped before serving: {sidecar.shutdown_reason or 'no reason given'}")
+    elif not done:
+        report.fail("the sidecar did not attach within the timeout")
+
+
+async def _wait_lines(
+    report: BootReport, vm: QemuProcess, sidecar_task: asyncio.Task[ExitCode], started: float, deadline: float
+) -> None:
+    async def wait(name: str, pattern: re.Pattern[str]) -> None:
+        match = await vm.wait_for_console(pattern, max(0.0, deadline - time.perf_counter()))
+        now = time.perf_counter() - started
+        vm_started = report.timings.get("vm_started")
+        groups = match.groupdict()
+        failed = groups.get("failed")
+        report.lines[name] = FoundLine(
+            text=groups["msg"],
+            version=None if failed else f"{groups['major']}.{groups['minor']}",
+            vendor=int(groups["vendor"], 16) if groups.get("vendor") else None,
+            after_qemu_start_s=now,
+            after_vm_start_s=None if vm_started is None else now - vm_started,
+            kernel_timestamp_s=float(groups["ts"]) if groups.get("ts") else None,
+        )
+
+    waits = [
+        asyncio.create_task(wait("sdei", SDEI_LINE), name="boot.sdei-line"),
+        asyncio.create_task(wait("psci", PSCI_LINE), name="boot.psci-line"),
+    ]
+    try:
+        pending: set[asyncio.Future[Any]] = {*waits, sidecar_task}
+        while any(not w.done() for w in waits):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if sidecar_task in done and any(not w.done() for w in waits):
+                # The lines may still be in the pipe when a dying QEMU takes the sidecar with it.
+                await asyncio.wait([w for w in waits if not w.done()], timeout=1.0)
+                if any(not w.done() for w in waits):
+                    report.fail(f"the sidecar stopped during the boot: {_ended(sidecar_task)}")
+                    return
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    for name, w in zip(("sdei", "psci"), waits, strict=True):
+        err = w.exception() if not w.cancelled() else None
+        if isinstance(err, TimeoutError):
+            report.fail(f"no {name} line within the timeout")
+        elif isinstance(err, QemuError):
+            report.fail(f"QEMU exited before the {name} line appeared")
+        elif err is not None:
+            report.fail(f"waiting for the {name} line failed: {err!r}")
+    _judge(report)
+
+
+def _ended(task: asyncio.Task[ExitCode]) -> str:
+    if task.cancelled():
+        return "cancelled"
+    err = task.exception()
+    return f"crashed: {err!r}" if err is not None else f"exit {task.result().name}"
+
+
+def _judge(report: BootReport) -> None:
+    sdei, psci = report.lines.get("sdei"), report.lines.get("psci")
+    if sdei is None or psci is None:
+        report.fail(report.reason or "a console line is missing")
+        return
+    if sdei.version is None:
+        report.fail(f"the kernel did not get an SDEI version: {sdei.text!r}")
+    elif sdei.version != report.expected["sdei"]:
+        report.fail(f"the kernel detected SDEI {sdei.version}, but the sidecar pinned {report.expected['sdei']}")
+    elif sdei.vendor != 0:
+        report.fail(f"the kernel saw SDEI vendor {sdei.vendor:#x}, expected 0x0")
+    if psci.version != report.expected["psci"]:
+        report.fail(f"the kernel detected PSCI {psci.version}, but the sidecar pinned {report.expected['psci']}")
+    if report.reason is None:
+        report.passed = True
+
+
+def _collect_conduit(report: BootReport, sidecar: Sidecar) -> None:
+    conduit = sidecar.conduit
+    if conduit is None:
+        return
+    stats = conduit.stats
+    samples = list(stats.trap_handling_ns)
+    report.conduit = {
+        "stops": stats.stops,
+        "traps": stats.traps,
+        "sdei_calls": stats.sdei_calls,
+        "psci_answered": stats.psci_answered,
+        "psci_passthrough": stats.psci_passthrough,
+        "other_passthrough": stats.other_passthrough,
+        "trap_sites": len(conduit.trap_sites),
+        "trap_handling_median_us": round(statistics.median(samples) / 1e3, 1) if samples else None,
+    }
+
+
+async def _stop_sidecar(report: BootReport, sidecar: Sidecar, task: asyncio.Task[ExitCode]) -> None:
+    """Ask the sidecar to go (it detaches its breakpoints) and wait; cancel it if it hangs."""
+    sidecar.request_shutdown("boot test finished")
+    try:
+        report.sidecar_exit = int(await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT))
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        report.fail("the sidecar did not stop within the shutdown timeout")
+        return
+    except Exception as err:  # a bug in the sidecar: report it rather than lose the boot result
+        report.fail(f"the sidecar crashed: {err!r}")
+        return
+    if report.sidecar_exit != ExitCode.OK:
+        report.fail(f"the sidecar exited with {ExitCode(report.sidecar_exit).name}: {sidecar.shutdown_reason}")

@@ -1,0 +1,140 @@
+"""``qmp-sdei boot-test``: a stock Debian arm64 kernel detects exactly the SDEI/PSCI versions the sidecar pins.
+
+Each boot runs a real QEMU (TCG) and the whole sidecar in-process (QMP, version pinning, gdbstub
+conduit trapping the kernel's ``hvc``). The kernel's own console lines are the verdict. A boot takes
+1-3 s here; the timeouts are generous because CI hosts are slower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmp_sdei import boottest
+from qmp_sdei.boottest import BootReport, run_boot_test
+from qmp_sdei.conduit.traps import Kallsyms
+from qmp_sdei.errors import ConfigError
+from qmp_sdei.linux_kernel import fetch_debian_kernel
+
+pytestmark = [
+    pytest.mark.linux,
+    pytest.mark.skipif(shutil.which("apt-get") is None, reason="fetching the Debian kernel needs apt"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("vmlinux_to_elf") is None,
+        reason="vmlinux-to-elf not installed (the 'linux' extra)",
+    ),
+]
+
+TIMEOUT = 120.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Path:
+    return fetch_debian_kernel()
+
+
+def assert_passed(report: BootReport, sdei: str, psci: str) -> None:
+    assert report.passed, report.text()
+    assert report.reason is None
+    assert report.lines["sdei"].text == f"sdei: SDEIv{sdei} (0x0) detected in firmware."
+    assert report.lines["psci"].text == f"psci: PSCIv{psci} detected in firmware."
+    assert report.expected == {"sdei": sdei, "psci": psci}
+    # The sidecar answered the kernel's SDEI_VERSION (a trapped SDEI call) and its PSCI_VERSION.
+    assert report.conduit["sdei_calls"] >= 1
+    assert report.conduit["psci_answered"] >= 1
+    assert report.sidecar_exit == 0
+    timings = report.timings
+    assert 0 < timings["vm_started"] < report.lines["sdei"].after_qemu_start_s <= timings["total"]
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("sdei", "psci", "smp"),
+    [("1.1", "1.0", 1), ("1.0", "1.1", 1), ("1.1", "0.2", 2)],
+    ids=["sdei1.1-psci1.0", "sdei1.0-psci1.1", "sdei1.1-psci0.2-smp2"],
+)
+async def test_kernel_sees_the_pinned_versions(kernel: Path, tmp_path: Path, sdei: str, psci: str, smp: int) -> None:
+    report = await run_boot_test(kernel, expect_sdei=sdei, expect_psci=psci, smp=smp, timeout=TIMEOUT, workdir=tmp_path)
+    print(report.text())
+    assert_passed(report, sdei, psci)
+    # The state the sidecar kept is the pinned one.
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["pins"] == {"sdei": sdei, "sdei_vendor": 0, "psci": psci}
+    if smp == 2:
+        # The secondary is started with CPU_ON, passed through to QEMU, and makes its own SDEI calls.
+        assert report.conduit["psci_passthrough"] >= 1
+        status = json.loads((tmp_path / "state" / "status.json").read_text())
+        assert len(status["vm"]["vcpus"]) == 2
+
+
+@pytest.mark.qemu
+def test_cli_boot_test_json(kernel: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qmp_sdei", "boot-test", "--kernel", str(kernel),
+         "--expect-sdei", "1.1", "--expect-psci", "1.0", "--timeout", str(TIMEOUT), "--json"],
+        capture_output=True, text=True, timeout=TIMEOUT + 60, check=False, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["passed"] is True and doc["reason"] is None
+    assert doc["expected"] == {"sdei": "1.1", "psci": "1.0"}
+    assert doc["lines"]["sdei"]["text"] == "sdei: SDEIv1.1 (0x0) detected in firmware."
+    assert doc["lines"]["sdei"]["version"] == "1.1"
+    assert doc["lines"]["psci"]["text"] == "psci: PSCIv1.0 detected in firmware."
+    assert doc["conduit"]["traps"] >= doc["conduit"]["sdei_calls"] >= 1
+    assert doc["sidecar_exit"] == 0
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "kernel_arg",
+    ["/nonexistent/vmlinuz", "/etc/hostname"],
+    ids=["missing", "not-an-image"],
+)
+def test_cli_bad_kernel_is_one_line_error(kernel_arg: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qmp_sdei", "boot-test", "--kernel", kernel_arg, "--timeout", "30"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    assert result.returncode not in (0, 1), result  # 1 would mean "booted and failed"
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("qmp-sdei: ") and kernel_arg in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.asyncio
+async def test_bad_versions_are_refused_before_booting(tmp_path: Path) -> None:
+    image = tmp_path / "Image"
+    image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    with pytest.raises(ConfigError, match=r"PSCI version 2\.0 is not supported"):
+        await run_boot_test(image, expect_sdei="1.1", expect_psci="2.0", smp=1, timeout=10)
+    with pytest.raises(ConfigError, match=r"SDEI version 1\.2 is not supported"):
+        await run_boot_test(image, expect_sdei="1.2", expect_psci="1.0", smp=1, timeout=10)
+
+
+@pytest.mark.asyncio
+async def test_kernel_without_dt_sdei_fix_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 5.19+ kernel without 59529bbe642d never probes SDEI on DT: refuse, do not time out."""
+    image = tmp_path / "Image"
+    image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    old_table = Kallsyms([("__arm_smccc_hvc", 0xFFFF_8000_0802_8640), ("__sdei_asm_handler", 0xFFFF_8000_0801_6800)])
+    monkeypatch.setattr(boottest, "load_kallsyms", lambda _image: old_table)
+    report = await run_boot_test(image, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=10)
+    assert not report.passed
+    assert report.reason is not None and "acpi_sdei_init" in report.reason
+    assert "FAILED" in report.text() and "acpi_sdei_init" in report.text()
+    assert report.to_dict()["passed"] is False
+    assert not report.lines
