@@ -127,6 +127,7 @@ class Sidecar:
         self.exit_code = ExitCode.OK
         #: set once attached, negotiated and serving; tests and ``boot-test`` wait on it
         self.ready = asyncio.Event()
+        self._changed = asyncio.Event()  # replaced after each VM event: see wait_until()
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -283,6 +284,17 @@ class Sidecar:
         elif kind is VmEventKind.SHUTDOWN:
             log.info("VM shutdown (%s, %s)", "guest" if event.guest else "host", event.reason)
         self.write_status()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking after each VM event the sidecar handled."""
+
+        async def wait() -> None:
+            while not predicate():
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.ensure_future(coro)

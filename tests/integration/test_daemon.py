@@ -1,0 +1,416 @@
+"""The sidecar daemon against real QEMU (TCG, ``-M virt``): attach, pin, follow, persist, exit.
+
+In-process tests drive :class:`Sidecar` directly and play "the host" on QEMU's harness monitor;
+subprocess tests run ``python -m qmp_sdei`` to check exit codes, signals and one-line errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmp_sdei.config import Config, parse
+from qmp_sdei.daemon import ExitCode, Sidecar
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from support.qemu import SLOW, fake_peer, harness_client, requires_qemu, running_qemu, send_junk
+from support.sdei import ENTRY, F, call
+
+pytestmark = [pytest.mark.qemu, requires_qemu]
+
+UUID = "6b3f4d2e-0c1a-4f5e-9d8c-7a6b5c4d3e2f"
+RESET_ACTION = ("-action", "reboot=reset")  # QemuSpec passes -no-reboot; a reset must stay a reset
+
+
+def config_for(tmp_path: Path, vm: QemuProcess | Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    socket = vm.sidecar_socket if isinstance(vm, QemuProcess) else vm
+    doc: dict[str, Any] = {
+        "vm": {"state_dir": str(tmp_path / "state")},
+        "qmp": {"socket": str(socket), "timeout": SLOW},
+        "sdei": {"events": [{"number": 1000}, {"number": 2000, "type": "shared"}], "bind_slots": [2, 2]},
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    return doc
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[tuple[Sidecar, asyncio.Task[ExitCode]]]:
+    """A Sidecar running in this event loop, ready; shut down and awaited on exit."""
+    sidecar = Sidecar(config)
+    task = asyncio.create_task(sidecar.run(), name="sidecar")
+    ready = asyncio.create_task(sidecar.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=SLOW, return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        ready.cancel()
+        code = await task if task in done else None
+        raise AssertionError(f"sidecar did not become ready (exit {code})")
+    try:
+        yield sidecar, task
+    finally:
+        sidecar.request_shutdown("test over")
+        await asyncio.wait_for(task, SLOW)
+
+
+def state_doc(tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / "state" / "state.json").read_text())
+
+
+def status_doc(tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / "state" / "status.json").read_text())
+
+
+# -- attach, topology, exit -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("smp", [1, 2, 8])
+async def test_topology_and_mpidrs(tmp_path: Path, smp: int) -> None:
+    async with running_qemu(tmp_path, QemuSpec(smp=smp)) as vm, serving(parse(config_for(tmp_path, vm))) as (s, _):
+        assert s.dispatcher is not None
+        assert s.dispatcher.mpidrs == tuple(range(smp))  # virt: Aff0 = index up to 8 per cluster
+        status = status_doc(tmp_path)
+        assert [v["mpidr"] for v in status["vm"]["vcpus"]] == list(range(smp))
+        assert all(v["masked"] for v in status["sdei"]["vcpus"])
+
+
+@pytest.mark.asyncio
+async def test_exits_zero_when_qemu_quits(tmp_path: Path) -> None:
+    async with (
+        running_qemu(tmp_path) as vm,
+        serving(parse(config_for(tmp_path, vm))) as (sidecar, task),
+        harness_client(vm) as host,
+    ):
+        await host.execute("quit")
+        assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+        assert sidecar.shutdown_reason == "QEMU exited"
+
+
+@pytest.mark.asyncio
+async def test_exits_zero_when_qemu_is_killed(tmp_path: Path) -> None:
+    async with running_qemu(tmp_path) as vm, serving(parse(config_for(tmp_path, vm))) as (_, task):
+        vm.kill(signal.SIGKILL)
+        assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+
+
+@pytest.mark.asyncio
+async def test_sidecar_started_before_qemu(tmp_path: Path) -> None:
+    vm = QemuProcess(QemuSpec(), tmp_path / "vm")
+    sidecar = Sidecar(parse(config_for(tmp_path, vm.sidecar_socket)))
+    task = asyncio.create_task(sidecar.run())
+    done, _ = await asyncio.wait({task}, timeout=1.0)
+    assert not done, "the sidecar gave up instead of waiting for QEMU"
+    try:
+        await vm.start()
+        await asyncio.wait_for(sidecar.ready.wait(), SLOW)
+        assert sidecar.facts is not None
+        assert len(sidecar.facts.vcpus) == 1
+    finally:
+        await vm.stop()
+    assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+
+
+@pytest.mark.asyncio
+async def test_listen_mode(tmp_path: Path) -> None:
+    socket = tmp_path / "listen.sock"
+    sidecar = Sidecar(parse(config_for(tmp_path, socket, qmp={"mode": "listen"})))
+    task = asyncio.create_task(sidecar.run())
+    spec = QemuSpec(sidecar_listens=True, extra_args=("-chardev", f"socket,id=s2,path={socket},reconnect=1",
+                                                      "-mon", "chardev=s2,mode=control"))  # fmt: skip
+    async with running_qemu(tmp_path, spec):
+        await asyncio.wait_for(sidecar.ready.wait(), SLOW)
+    assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+
+
+# -- versions and resets ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_pins_survive_reset_and_a_changed_config(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    spec = QemuSpec(uuid=UUID, extra_args=RESET_ACTION)
+    async with running_qemu(tmp_path, spec) as vm:
+        first = parse(config_for(tmp_path, vm, sdei={"version": "1.0"}, psci={"version": "1.0"}))
+        async with serving(first) as (sidecar, _), harness_client(vm) as host:
+            assert sidecar.dispatcher is not None
+            call(sidecar.persisting.inner, 0, F.EVENT_REGISTER, 1000, ENTRY, 1, 0, 0)  # type: ignore[arg-type]
+            sidecar.save_state()
+            await host.execute("system_reset")
+            await sidecar.wait_until(lambda: sidecar.counters.resets == 1, SLOW)
+            assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, 1000) == 0  # SDEI state reset...
+            assert call(sidecar.dispatcher, 0, F.VERSION) >> 32 == 0x1_0000  # ...SDEI 1.0 kept
+            assert state_doc(tmp_path)["pins"] == {"sdei": "1.0", "sdei_vendor": 0, "psci": "1.0"}
+
+        caplog.set_level(logging.WARNING)
+        later = parse(config_for(tmp_path, vm, sdei={"version": "1.1"}, psci={"version": "1.1"}))
+        async with serving(later) as (sidecar, _):
+            assert sidecar.pins is not None
+            assert (sidecar.pins.sdei, sidecar.pins.psci) == ((1, 0), (1, 0))
+            assert sidecar.psci_policy(0, 0x8400_0000, 0, 0, 0) == 0x10000  # PSCI_VERSION answers 1.0
+    assert sum("keeping what it saw" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.asyncio
+async def test_guest_reset_resets_sdei_state(tmp_path: Path) -> None:
+    guest = _reset_guest(tmp_path)
+    spec = QemuSpec(kernel=guest, extra_args=RESET_ACTION)  # paused until the sidecar serves
+    async with running_qemu(tmp_path, spec) as vm, serving(parse(config_for(tmp_path, vm))) as (sidecar, _):
+        assert sidecar.dispatcher is not None
+        call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
+        async with harness_client(vm) as host:
+            await host.execute("cont")
+            await sidecar.wait_until(lambda: sidecar.counters.guest_resets >= 1, SLOW)
+        assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, 1000) == 0
+        assert status_doc(tmp_path)["counters"]["guest_resets"] >= 1
+
+
+def _reset_guest(tmp_path: Path) -> Path:
+    """A guest that performs one PSCI SYSTEM_RESET (counted in RAM that survives the reset)."""
+    source = tmp_path / "reset.S"
+    source.write_text(
+        """
+        .global _start
+        _start:
+            ldr x1, =0x40200000
+            ldr x2, [x1]
+            add x2, x2, #1
+            str x2, [x1]
+            cmp x2, #1
+            b.ne 1f
+            movz x0, #0x0009
+            movk x0, #0x8400, lsl #16
+            hvc #0
+        1:  wfi
+            b 1b
+        """
+    )
+    elf = tmp_path / "reset.elf"
+    subprocess.run(
+        ["aarch64-linux-gnu-gcc", "-nostdlib", "-static", "-Wl,-Ttext=0x40080000", "-o", str(elf), str(source)],
+        check=True,
+    )
+    return elf
+
+
+# -- state directory --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_restart_picks_up_state_of_a_running_vm(tmp_path: Path) -> None:
+    spec = QemuSpec(smp=2, uuid=UUID, paused=False)
+    async with running_qemu(tmp_path, spec) as vm:
+        async with serving(parse(config_for(tmp_path, vm))) as (sidecar, _):
+            assert call(sidecar.persisting, 1, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0) == 0  # type: ignore[arg-type]
+            assert call(sidecar.persisting, 1, F.PE_UNMASK) == 0  # type: ignore[arg-type]
+        async with serving(parse(config_for(tmp_path, vm))) as (again, _):
+            assert again.dispatcher is not None
+            assert call(again.dispatcher, 1, F.EVENT_STATUS, 1000) == 1
+            assert not again.dispatcher.vcpus[1].masked
+
+
+@pytest.mark.asyncio
+async def test_fresh_qemu_keeps_pins_but_not_sdei_state(tmp_path: Path) -> None:
+    for attempt in range(2):
+        async with running_qemu(tmp_path / str(attempt), QemuSpec(uuid=UUID)) as vm:
+            version = "1.0" if attempt == 0 else "latest"
+            async with serving(parse(config_for(tmp_path, vm, sdei={"version": version}))) as (sidecar, _):
+                assert sidecar.pins is not None and sidecar.pins.sdei == (1, 0)
+                assert sidecar.dispatcher is not None
+                assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, 1000) == 0  # prelaunch: nothing restored
+                call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_state_from_another_vm_is_refused(tmp_path: Path) -> None:
+    async with running_qemu(tmp_path / "a", QemuSpec(uuid=UUID)) as vm, serving(parse(config_for(tmp_path, vm))):
+        pass
+    other = QemuSpec(uuid="00000000-1111-2222-3333-444444444444")
+    async with running_qemu(tmp_path / "b", other) as vm:
+        before = (tmp_path / "state" / "state.json").read_bytes()
+        code = await Sidecar(parse(config_for(tmp_path, vm))).run()
+        assert code == ExitCode.STATE
+        assert (tmp_path / "state" / "state.json").read_bytes() == before
+
+
+@pytest.mark.asyncio
+async def test_damaged_state_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.json").write_text('{"format": 1, "vm": {}, "pins": "x"}')
+    async with running_qemu(tmp_path) as vm:
+        assert await Sidecar(parse(config_for(tmp_path, vm))).run() == ExitCode.STATE
+
+
+@pytest.mark.asyncio
+async def test_pinned_psci_this_qemu_cannot_honour_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_qemu(tmp_path, QemuSpec(uuid=UUID)) as vm:
+        async with serving(parse(config_for(tmp_path, vm, psci={"version": "1.1"}))):
+            pass
+        # The same VM meets a QEMU that implements only PSCI 1.0 (the version table is the only
+        # thing that differs between QEMU releases here).
+        monkeypatch.setattr("qmp_sdei.daemon.qemu_psci_version", lambda facts: (1, 0))
+        assert await Sidecar(parse(config_for(tmp_path, vm))).run() == ExitCode.STATE
+    assert any("cannot honour" in r.getMessage() for r in caplog.records)
+
+
+# -- the program: exit codes, signals, logs ---------------------------------------------------------
+
+
+def _write_config(tmp_path: Path, doc: dict[str, Any]) -> Path:
+    lines = []
+    for section, values in doc.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items() if key != "events")
+        if "events" in values:
+            events = ", ".join(
+                "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in e.items()) + " }" for e in values["events"]
+            )
+            lines.append(f"events = [{events}]")
+    path = tmp_path / "vm.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _start_cli(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmp_sdei", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def _read_until(stream: asyncio.StreamReader, needle: str, seen: list[str]) -> None:
+    async def read() -> None:
+        while line := await stream.readline():
+            seen.append(line.decode())
+            if needle in seen[-1]:
+                return
+        raise AssertionError(f"stream ended before {needle!r}: {''.join(seen)}")
+
+    await asyncio.wait_for(read(), SLOW)
+
+
+@pytest.mark.asyncio
+async def test_sigterm_is_graceful_and_sighup_reloads(tmp_path: Path) -> None:
+    async with running_qemu(tmp_path) as vm:
+        doc = config_for(tmp_path, vm)
+        path = _write_config(tmp_path, doc)
+        proc = await _start_cli("run", "--config", str(path), "--log-format", "json")
+        assert proc.stderr is not None
+        seen: list[str] = []
+        await _read_until(proc.stderr, "attached to QEMU", seen)
+        assert json.loads(seen[-1])["level"] == "info"  # JSON logs
+
+        doc["log"] = {"level": "debug", "format": "text"}
+        doc["sdei"]["events"].append({"number": 3000})
+        _write_config(tmp_path, doc)
+        proc.send_signal(signal.SIGHUP)
+        await _read_until(proc.stderr, "[sdei] cannot change while the VM runs", seen)
+        await _read_until(proc.stderr, "logging is now debug/text", seen)
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), SLOW) == ExitCode.OK
+        assert "Traceback" not in "".join(seen) + (await proc.stderr.read()).decode()
+
+
+@pytest.mark.asyncio
+async def test_sigkilled_sidecar_restarts_with_state(tmp_path: Path) -> None:
+    async with running_qemu(tmp_path, QemuSpec(uuid=UUID, paused=False)) as vm:
+        path = _write_config(tmp_path, config_for(tmp_path, vm, sdei={"version": "1.0"}))
+        proc = await _start_cli("run", "--config", str(path))
+        assert proc.stderr is not None
+        await _read_until(proc.stderr, "attached to QEMU", [])
+        proc.kill()
+        await proc.wait()
+        # The lock died with the process; a new sidecar takes over with the pinned versions.
+        path = _write_config(tmp_path, config_for(tmp_path, vm, sdei={"version": "1.1"}))
+        proc = await _start_cli("run", "--config", str(path))
+        assert proc.stderr is not None
+        seen: list[str] = []
+        await _read_until(proc.stderr, "attached to QEMU", seen)
+        assert any("keeping what it saw" in line for line in seen)
+        assert any("resumed SDEI state" in line for line in seen)
+        status = await _start_cli("status", "--state-dir", str(tmp_path / "state"), "--json")
+        out, _ = await status.communicate()
+        doc = json.loads(out)
+        assert doc["alive"] is True
+        assert doc["pins"]["sdei"] == "1.0"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), SLOW) == 0
+
+
+@pytest.mark.asyncio
+async def test_second_sidecar_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    async with running_qemu(tmp_path) as vm, serving(parse(config_for(tmp_path, vm))):
+        assert await Sidecar(parse(config_for(tmp_path, vm))).run() == ExitCode.STATE
+
+
+def _run_cli(*args: str, timeout: float = SLOW) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qmp_sdei", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, words: str) -> None:
+    assert result.returncode == code, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line or line.startswith("qmp-sdei:")]
+    assert len(errors) == 1, result.stderr
+    assert words in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_socket(tmp_path: Path) -> None:
+    doc = config_for(tmp_path, tmp_path / "nothing.sock", qmp={"timeout": 0.5})
+    result = _run_cli("run", "--config", str(_write_config(tmp_path, doc)))
+    _assert_one_line_error(result, ExitCode.QEMU, "nothing.sock")
+
+
+@pytest.mark.asyncio
+async def test_peer_that_is_not_qemu(tmp_path: Path) -> None:
+    async with fake_peer(tmp_path / "junk.sock", send_junk) as path:
+        doc = config_for(tmp_path, path, qmp={"timeout": 5})
+        proc = await asyncio.to_thread(_run_cli, "run", "--config", str(_write_config(tmp_path, doc)))
+    _assert_one_line_error(proc, ExitCode.QEMU, "junk.sock")
+
+
+@pytest.mark.asyncio
+async def test_machine_without_psci_is_refused(tmp_path: Path) -> None:
+    async with running_qemu(tmp_path, QemuSpec(machine_options={"secure": "on"})) as vm:
+        doc = config_for(tmp_path, vm)
+        result = await asyncio.to_thread(_run_cli, "run", "--config", str(_write_config(tmp_path, doc)))
+    _assert_one_line_error(result, ExitCode.QEMU, "PSCI")
+
+
+def test_invalid_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[qmp]\nsocket = "/x"\n[sdei]\nevents = [{number = -4}]\n')
+    _assert_one_line_error(_run_cli("run", "--config", str(path)), ExitCode.CONFIG, "sdei.events[0].number")
+    _assert_one_line_error(_run_cli("check-config", str(path)), ExitCode.CONFIG, "sdei.events[0].number")
+
+
+def test_status_without_a_sidecar(tmp_path: Path) -> None:
+    _assert_one_line_error(_run_cli("status", "--state-dir", str(tmp_path)), ExitCode.STATE, "no sidecar status")
+
+
+@pytest.mark.asyncio
+async def test_status_text(tmp_path: Path) -> None:
+    async with (
+        running_qemu(tmp_path, QemuSpec(smp=2, name="vm-status")) as vm,
+        serving(parse(config_for(tmp_path, vm))) as (sidecar, _),
+    ):
+        call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
+        sidecar.write_status()
+        result = await asyncio.to_thread(_run_cli, "status", "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0, result.stderr
+    assert "sidecar   running" in result.stdout
+    assert "vm        vm-status" in result.stdout
+    assert "1000:registered" in result.stdout
+    assert os.linesep.join(result.stdout.splitlines()).count("vcpu ") == 2
