@@ -57,7 +57,7 @@ async def one_run(smp: int, workdir: Path) -> dict[str, float]:
         for _ in range(1000):
             await host.execute("cont")
             await host.execute("stop")
-        host.events._history.clear()  # noqa: SLF001 (our own client's memory, not the sidecar's)
+        host.events._history.clear()  # our own client keeps every event; not the sidecar
         await host.disconnect()
         rss_after = rss_kib(proc.pid)
         proc.send_signal(signal.SIGTERM)
