@@ -62,13 +62,9 @@ def default_kernel_cache() -> Path:
     return cache_root() / "kernels"
 
 
-def _run(
-    argv: list[str], what: str, timeout: float, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], what: str, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     if shutil.which(argv[0]) is None:
-        raise KernelFetchError(
-            f"{what}: {argv[0]} not found; fetching a Debian kernel needs a Debian/apt host"
-        )
+        raise KernelFetchError(f"{what}: {argv[0]} not found; fetching a Debian kernel needs a Debian/apt host")
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
     except subprocess.TimeoutExpired as err:
@@ -84,9 +80,7 @@ def _check(result: subprocess.CompletedProcess[str], what: str) -> str:
 
 def _ensure_arm64_architecture(timeout: float) -> bool:
     """Add the arm64 dpkg architecture if missing; return True if apt lists must be refreshed."""
-    foreign = _check(
-        _run(["dpkg", "--print-foreign-architectures"], "listing dpkg architectures", timeout), "dpkg"
-    )
+    foreign = _check(_run(["dpkg", "--print-foreign-architectures"], "listing dpkg architectures", timeout), "dpkg")
     native = _run(["dpkg", "--print-architecture"], "reading the dpkg architecture", timeout).stdout.strip()
     if _ARCH in foreign.split() or native == _ARCH:
         return False
@@ -148,9 +142,7 @@ def resolve_debian_kernel(package: str = DEFAULT_PACKAGE, *, timeout: float = 30
             updated = True
             fields = _apt_show(name, timeout)
         if fields is None:
-            raise KernelFetchError(
-                f"apt knows no package {name}:{_ARCH} (see 'apt-cache search linux-image')"
-            )
+            raise KernelFetchError(f"apt knows no package {name}:{_ARCH} (see 'apt-cache search linux-image')")
         dependency = _image_dependency(fields)
         if dependency is None:  # a real image package: depends on kmod/initramfs-tools, not on an image
             return fields["Package"], fields["Version"]

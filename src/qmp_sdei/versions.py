@@ -125,15 +125,11 @@ def negotiate(request: VersionRequest, *, qemu_psci: Version, pinned: VersionPin
     """
     request.validate()
     wanted_sdei = (
-        SDEI_LATEST
-        if request.sdei == "latest"
-        else parse_version(request.sdei, known=SDEI_FUNCTIONS, what="SDEI")
+        SDEI_LATEST if request.sdei == "latest" else parse_version(request.sdei, known=SDEI_FUNCTIONS, what="SDEI")
     )
     offered = honourable_psci(qemu_psci)
     if not offered:
-        raise VersionError(
-            f"this QEMU implements PSCI {format_version(qemu_psci)}, older than any version we support"
-        )
+        raise VersionError(f"this QEMU implements PSCI {format_version(qemu_psci)}, older than any version we support")
     if request.psci == "auto":
         wanted_psci = offered[-1]
     else:
@@ -178,9 +174,7 @@ def accept_incoming(local: VersionPins | None, incoming: VersionPins, *, qemu_ps
             f"(PSCI {format_version(qemu_psci)}) cannot honour"
         )
     if local is not None and local != incoming:
-        raise VersionError(
-            f"incoming guest pins {incoming.to_dict()} differ from this VM's pins {local.to_dict()}"
-        )
+        raise VersionError(f"incoming guest pins {incoming.to_dict()} differ from this VM's pins {local.to_dict()}")
     return incoming
 
 

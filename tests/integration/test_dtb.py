@@ -123,9 +123,7 @@ async def test_bad_inputs_and_missing_tools(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.asyncio
 async def test_qemu_failure_is_reported(tmp_path: Path) -> None:
     with pytest.raises(QemuError, match="could not dump its DTB"):
-        await build_sdei_dtb(
-            QemuSpec(cpu="no-such-cpu"), tmp_path / "x.dtb", use_cache=False, timeout=TIMEOUT
-        )
+        await build_sdei_dtb(QemuSpec(cpu="no-such-cpu"), tmp_path / "x.dtb", use_cache=False, timeout=TIMEOUT)
 
 
 def test_psci_compatible_strings() -> None:

@@ -61,9 +61,7 @@ def test_kernel_is_a_plain_image_with_sdei(kernel: DebianKernel) -> None:
 
 def test_trap_sites_of_the_debian_kernel(kernel: DebianKernel, kallsyms: Kallsyms) -> None:
     assert len(kallsyms) > 10_000
-    assert kernel_has_dt_sdei_fix(kallsyms), (
-        f"{kernel.package} {kernel.version} lacks {LINUX_DT_SDEI_FIX_SYMBOL}"
-    )
+    assert kernel_has_dt_sdei_fix(kallsyms), f"{kernel.package} {kernel.version} lacks {LINUX_DT_SDEI_FIX_SYMBOL}"
     hvc_sites = linux_trap_sites(kernel.image, kallsyms, insns={HVC_0})
     # __arm_smccc_hvc starts with "bti c"; its hvc is the next instruction.
     assert kallsyms["__arm_smccc_hvc"] + 4 in hvc_sites

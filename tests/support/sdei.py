@@ -13,9 +13,7 @@ ARG = 0xABCD
 PRIVATE, CRITICAL, SHARED, SHARED_CRITICAL = 1000, 1001, 2000, 2001
 
 
-def make(
-    profile: str = "tf-a", vcpus: int = 2, version: tuple[int, int] = (1, 1), **kw: object
-) -> Dispatcher:
+def make(profile: str = "tf-a", vcpus: int = 2, version: tuple[int, int] = (1, 1), **kw: object) -> Dispatcher:
     events = [
         EventSpec(PRIVATE, name="private"),
         EventSpec(CRITICAL, critical=True),

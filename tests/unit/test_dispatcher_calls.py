@@ -98,9 +98,7 @@ def test_version_encoding(version: tuple[int, int], vendor: int, word: int) -> N
     assert call(d, 0, F.VERSION) == word
 
 
-@pytest.mark.parametrize(
-    "fid", [0x8400_0020, 0x8400_002F, 0x8400_0032, 0xC400_0033, 0xC400_003F, 0xC400_0000, 0x1234]
-)
+@pytest.mark.parametrize("fid", [0x8400_0020, 0x8400_002F, 0x8400_0032, 0xC400_0033, 0xC400_003F, 0xC400_0000, 0x1234])
 def test_smc32_forms_and_unknown_ids_not_supported(fid: int) -> None:
     d = make()
     assert call(d, 0, fid) == NOT_SUPPORTED

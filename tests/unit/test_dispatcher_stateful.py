@@ -37,8 +37,7 @@ class DispatcherMachine(RuleBasedStateMachine):
     def setup(self, profile: str, version: tuple[int, int]) -> None:
         self.d = make(profile=profile, vcpus=VCPUS, version=version)
         self.regs = [
-            VcpuRegs(x=[i * 0x100 + r for r in range(31)], pc=0x4000_0000 + i, pstate=0x5)
-            for i in range(VCPUS)
+            VcpuRegs(x=[i * 0x100 + r for r in range(31)], pc=0x4000_0000 + i, pstate=0x5) for i in range(VCPUS)
         ]
 
     def _call(self, vcpu: int, fid: int, *args: int) -> None:
@@ -62,9 +61,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         for event in events:
             if event in (DYNAMIC_PRIVATE_BASE, DYNAMIC_SHARED_BASE):
                 self._call(vcpu, Function.INTERRUPT_BIND, 16 if event == DYNAMIC_PRIVATE_BASE else 33)
-            self._call(
-                vcpu, Function.EVENT_REGISTER, event, 0x4008_1000 + event, 0xA0, int(rm_pe), mpidr_of(vcpu)
-            )
+            self._call(vcpu, Function.EVENT_REGISTER, event, 0x4008_1000 + event, 0xA0, int(rm_pe), mpidr_of(vcpu))
             self._call(vcpu, Function.EVENT_ENABLE, event)
         self._call(vcpu, Function.PE_UNMASK)
 
@@ -125,10 +122,7 @@ class DispatcherMachine(RuleBasedStateMachine):
 
     def _registered(self) -> list[tuple[int, int | None]]:
         found: list[tuple[int, int | None]] = [
-            (n, i)
-            for i, v in enumerate(self.d.vcpus)
-            for n, inst in v.private.items()
-            if inst.state.registered
+            (n, i) for i, v in enumerate(self.d.vcpus) for n, inst in v.private.items() if inst.state.registered
         ]
         return found + [(n, None) for n, inst in self.d.shared.items() if inst.state.registered]
 

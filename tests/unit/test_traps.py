@@ -72,12 +72,9 @@ needs_cc = pytest.mark.skipif(shutil.which(CC) is None, reason=f"{CC} not instal
 
 
 def _symbols(elf: Path) -> dict[str, int]:
-    out = subprocess.run(
-        ["aarch64-linux-gnu-nm", str(elf)], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run(["aarch64-linux-gnu-nm", str(elf)], capture_output=True, text=True, check=True).stdout
     return {
-        name: int(addr, 16)
-        for addr, _, name in (line.split() for line in out.splitlines() if line.count(" ") == 2)
+        name: int(addr, 16) for addr, _, name in (line.split() for line in out.splitlines() if line.count(" ") == 2)
     }
 
 

@@ -51,9 +51,7 @@ def test_psci_above_what_qemu_implements_is_refused() -> None:
         negotiate(VersionRequest(), qemu_psci=(1, 0), pinned=VersionPins((1, 1), 0, (1, 1)))
 
 
-@pytest.mark.parametrize(
-    "bad", [VersionRequest(sdei="2.0"), VersionRequest(psci="1.3"), VersionRequest(sdei="x")]
-)
+@pytest.mark.parametrize("bad", [VersionRequest(sdei="2.0"), VersionRequest(psci="1.3"), VersionRequest(sdei="x")])
 def test_unknown_requests_are_refused(bad: VersionRequest) -> None:
     with pytest.raises(VersionError):
         negotiate(bad, qemu_psci=QEMU_72, pinned=None)

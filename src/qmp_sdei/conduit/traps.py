@@ -204,17 +204,13 @@ class ElfImage:
         return self._string(self.sections[self._shstrndx][4], self.sections[index][0])
 
     def _read_symbols(self) -> list[ElfSymbol]:
-        tables = [s for s in self.sections if s[1] == _SHT_SYMTAB] or [
-            s for s in self.sections if s[1] == _SHT_DYNSYM
-        ]
+        tables = [s for s in self.sections if s[1] == _SHT_SYMTAB] or [s for s in self.sections if s[1] == _SHT_DYNSYM]
         symbols: list[ElfSymbol] = []
         for _, _, _, _, offset, size, link, _, _, entsize in tables:
             if link >= len(self.sections):
                 raise GuestImageError(f"{self.name}: symbol table links to missing section {link}")
             strtab = self.sections[link][4]
-            for st_name, info, _, shndx, value, st_size in self._table(
-                offset, entsize, size // entsize, _SYM
-            ):
+            for st_name, info, _, shndx, value, st_size in self._table(offset, entsize, size // entsize, _SYM):
                 kind = info & 0xF
                 if st_name == 0 or kind in (_STT_SECTION, _STT_FILE):
                     continue
@@ -260,9 +256,7 @@ def _symbol_extent(symbol: ElfSymbol, image: ElfImage, region: _Region) -> tuple
 def _data_ranges(image: ElfImage, region: _Region) -> list[tuple[int, int]]:
     """Literal pools marked by AArch64 mapping symbols (``$d`` up to the next ``$x``) inside a region."""
     marks = sorted(
-        (s.value, s.name[:2])
-        for s in image.symbols
-        if s.name[:2] in ("$d", "$x") and region.contains(s.value)
+        (s.value, s.name[:2]) for s in image.symbols if s.name[:2] in ("$d", "$x") and region.contains(s.value)
     )
     ranges: list[tuple[int, int]] = []
     for i, (address, kind) in enumerate(marks):
@@ -493,9 +487,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_kallsyms(
-    image: Path | str, cache_dir: Path | str | None = None, *, timeout: float = 300.0
-) -> Kallsyms:
+def load_kallsyms(image: Path | str, cache_dir: Path | str | None = None, *, timeout: float = 300.0) -> Kallsyms:
     """Recover a kernel Image's symbol table with ``kallsyms-finder``, cached by the image's SHA-256.
 
     Debian's ``System.map`` is a stub and the real one is in an 800 MB ``-dbg`` package, so we read
@@ -525,9 +517,7 @@ def load_kallsyms(
     table = Kallsyms.parse(text)
     if result.returncode != 0 or not table:
         tail = " | ".join(result.stderr.decode("utf-8", "replace").strip().splitlines()[-5:])
-        raise GuestImageError(
-            f"kallsyms-finder found no symbol table in {image} (exit {result.returncode}): {tail}"
-        )
+        raise GuestImageError(f"kallsyms-finder found no symbol table in {image} (exit {result.returncode}): {tail}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=cached.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as stream:

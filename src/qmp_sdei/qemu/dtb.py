@@ -197,9 +197,7 @@ async def build_sdei_dtb(
     overlay = sdei_overlay(sdei_method, psci_compatible)
     cached: Path | None = None
     if use_cache:
-        cached = (
-            cache_dir or cache_root() / "dtb"
-        ) / f"sdei-{_cache_key(spec, sdei_method, psci_compatible)}.dtb"
+        cached = (cache_dir or cache_root() / "dtb") / f"sdei-{_cache_key(spec, sdei_method, psci_compatible)}.dtb"
         if cached.is_file() and cached.stat().st_size:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cached, out)
@@ -212,14 +210,10 @@ async def build_sdei_dtb(
             Path(scratch, "sdei.dtb"),
         )
         await dump_qemu_dtb(spec, base_dtb, timeout=timeout)
-        await _dtc(
-            ["-I", "dtb", "-O", "dts", "-o", str(dts), str(base_dtb)], timeout, "decompiling QEMU's DTB"
-        )
+        await _dtc(["-I", "dtb", "-O", "dts", "-o", str(dts), str(base_dtb)], timeout, "decompiling QEMU's DTB")
         source = dts.read_text(encoding="utf-8")
         if psci_compatible is not None and re.search(r"^\tpsci \{", source, re.MULTILINE) is None:
-            raise QemuError(
-                f"QEMU's tree for -M {spec.machine} has no /psci node to pin (secure=on without firmware?)"
-            )
+            raise QemuError(f"QEMU's tree for -M {spec.machine} has no /psci node to pin (secure=on without firmware?)")
         dts.write_text(source + overlay, encoding="utf-8")
         await _dtc(["-I", "dts", "-O", "dtb", "-o", str(result), str(dts)], timeout, "compiling the SDEI DTB")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -171,9 +171,7 @@ def _check_machine(machine_type: str) -> None:
     # QOM names machine classes "<alias>-machine"; the virt family is "virt" or "virt-X.Y".
     base = machine_type.removesuffix("-machine")
     if base != "virt" and not base.startswith("virt-"):
-        raise QemuError(
-            f"VM runs machine {base!r}, not 'virt': the sidecar relies on -M virt's PSCI and layout"
-        )
+        raise QemuError(f"VM runs machine {base!r}, not 'virt': the sidecar relies on -M virt's PSCI and layout")
 
 
 async def discover(session: QmpSession) -> VmFacts:

@@ -498,11 +498,7 @@ class QmpSession:
         else:
             if peer_gone:
                 reason = "QEMU closed the QMP connection"
-        tasks = [
-            t
-            for t in (self._pump_task, self._watch_task)
-            if t is not None and t is not asyncio.current_task()
-        ]
+        tasks = [t for t in (self._pump_task, self._watch_task) if t is not None and t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -719,10 +715,7 @@ def _timeout_message(where: str, phase: str, timeout: float) -> str:
     if phase == "accept":
         return f"QEMU did not connect to {where} within {timeout}s"
     if phase == "greeting":
-        return (
-            f"no QMP greeting from {where} within {timeout}s: not QEMU, "
-            "or its monitor already serves another client"
-        )
+        return f"no QMP greeting from {where} within {timeout}s: not QEMU, or its monitor already serves another client"
     return f"QEMU at {where} did not answer {phase} within {timeout}s"
 
 

@@ -181,9 +181,7 @@ class Dispatcher:
         self.vcpus: list[VcpuState] = [
             VcpuState(mpidr, private=self.fresh_private_instances()) for mpidr in self.mpidrs
         ]
-        self.shared: dict[int, EventInstance] = {
-            n: EventInstance() for n, spec in self._specs.items() if spec.shared
-        }
+        self.shared: dict[int, EventInstance] = {n: EventInstance() for n, spec in self._specs.items() if spec.shared}
         #: dynamic event number -> bound interrupt id
         self.bindings: dict[int, int] = {}
         #: pending triggers: (vCPU, event) for private events, (None, event) for shared ones
@@ -609,9 +607,7 @@ class Dispatcher:
         assert isinstance(nxt, HandlerState)
         inst.state = nxt
         self.pending.discard(key)
-        self.vcpus[vcpu].stack.append(
-            DispatchFrame(number, list(regs.x[: abi.SAVED_GPRS]), regs.pc, regs.pstate)
-        )
+        self.vcpus[vcpu].stack.append(DispatchFrame(number, list(regs.x[: abi.SAVED_GPRS]), regs.pc, regs.pstate))
         regs.x[0], regs.x[1], regs.x[2], regs.x[3] = number, inst.argument, regs.pc, regs.pstate
         if self.profile.zero_unused_entry_registers:
             regs.x[4 : abi.SAVED_GPRS] = [0] * (abi.SAVED_GPRS - 4)

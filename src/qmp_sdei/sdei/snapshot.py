@@ -329,9 +329,7 @@ def _check_consistency(d: Dispatcher, vcpus: list[VcpuState], shared: dict[int, 
     for index, vcpu in enumerate(vcpus):
         if len(vcpu.stack) > 2:
             raise IncompatibleState(f"state is corrupted: vCPU {index} has {len(vcpu.stack)} nested handlers")
-        if len(vcpu.stack) == 2 and (
-            d.spec(vcpu.stack[0].event).critical or not d.spec(vcpu.stack[1].event).critical
-        ):
+        if len(vcpu.stack) == 2 and (d.spec(vcpu.stack[0].event).critical or not d.spec(vcpu.stack[1].event).critical):
             raise IncompatibleState(f"state is corrupted: vCPU {index} nests handlers in an impossible order")
         on_stack = {f.event for f in vcpu.stack}
         for number, inst in vcpu.private.items():
