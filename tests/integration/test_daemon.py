@@ -414,3 +414,21 @@ async def test_status_text(tmp_path: Path) -> None:
     assert "vm        vm-status" in result.stdout
     assert "1000:registered" in result.stdout
     assert os.linesep.join(result.stdout.splitlines()).count("vcpu ") == 2
+
+
+@pytest.mark.asyncio
+async def test_qemu_that_is_not_aarch64_is_refused(tmp_path: Path) -> None:
+    """qemu-system-arm (32-bit Arm target, same Debian package) speaks QMP but is not our machine."""
+    socket = tmp_path / "arm.sock"
+    qemu = await asyncio.create_subprocess_exec(
+        "qemu-system-arm", "-M", "virt", "-S", "-display", "none", "-nodefaults",
+        "-qmp", f"unix:{socket},server=on,wait=off",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        doc = config_for(tmp_path, socket, qmp={"timeout": SLOW})
+        result = await asyncio.to_thread(_run_cli, "run", "--config", str(_write_config(tmp_path, doc)))
+    finally:
+        qemu.kill()
+        await qemu.wait()
+    _assert_one_line_error(result, ExitCode.QEMU, "not aarch64")
