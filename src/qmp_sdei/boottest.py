@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from qmp_sdei.conduit.traps import LINUX_DT_SDEI_FIX_SYMBOL, kernel_has_dt_sdei_fix, load_kallsyms
 from qmp_sdei.config import parse
@@ -55,6 +55,7 @@ ends in one panic and QEMU exits instead of rebooting. ``nohlt``: idle vCPUs pol
 CPU = "cortex-a57"  # on the KPTI-safe list, so the SDEI exit is not moved to the trampoline alias
 MEMORY_MB = 1024
 VM_NAME = "boot-test"
+HARNESS_NAME = "boot-test-harness"
 STOP_TIMEOUT = 15.0
 
 SDEI_LINE = re.compile(
@@ -209,6 +210,22 @@ async def _workdir(given: Path | None) -> AsyncIterator[Path]:
         yield Path(scratch)
 
 
+async def _harness(vm: QemuProcess, deadline: float) -> QMPClient:
+    """Connect to QEMU's harness monitor. QEMU creates the socket file before it listens and
+    gives no signal when it does, so a refused connection is retried until the deadline."""
+    # qemu.qmp logs every refused attempt as an error; they are expected here.
+    logging.getLogger(f"qemu.qmp.protocol.{HARNESS_NAME}").setLevel(logging.CRITICAL)
+    while True:
+        client = QMPClient(HARNESS_NAME)
+        try:
+            await asyncio.wait_for(client.connect(str(vm.harness_socket)), max(0.1, deadline - time.perf_counter()))
+            return client
+        except ConnectError as err:
+            if not isinstance(err.exc, ConnectionRefusedError) or time.perf_counter() > deadline:
+                raise QemuError(f"cannot connect to QEMU's harness monitor: {err}") from err
+        await asyncio.sleep(0.02)
+
+
 async def _first_resume(client: QMPClient, started: float, timings: dict[str, float]) -> None:
     """Record when the VM first runs: the sidecar's ``c`` after its breakpoints are armed."""
     with client.listener("RESUME") as listener:
@@ -278,8 +295,11 @@ async def _boot(report: BootReport, spec: QemuSpec, kernel: Path, work: Path, ti
             return
         # The harness monitor only watches for the first RESUME, to time the boot from the
         # moment the sidecar lets the guest run.
-        harness = QMPClient("boot-test")
-        await asyncio.wait_for(harness.connect(str(vm.harness_socket)), timeout)
+        try:
+            harness = await _harness(vm, started + timeout)
+        except (QemuError, TimeoutError) as err:
+            report.fail(f"QEMU's monitor did not answer: {err or 'timed out'}")
+            return
         resume_task = asyncio.create_task(_first_resume(harness, started, report.timings), name="boot.resume")
 
         config = parse(_sidecar_config(kernel, work, vm, report.expected["sdei"], report.expected["psci"]))

@@ -1,0 +1,355 @@
+"""The whole sidecar (QMP attach, version pins, state directory, gdbstub conduit) serving the bare-metal guest.
+
+``test_baremetal_guest.py`` drives a bare :class:`GdbstubConduit`; here the same guest runs behind
+:class:`qmp_sdei.daemon.Sidecar` built from a config, which starts the gdbstub over QMP itself,
+pins the versions, persists every state change, and follows QEMU's runstate. The guest's step
+table is the verdict, so every SDEI/PSCI answer is checked through the daemon path:
+
+* (a) a full guest run with an in-process sidecar that starts the ``-S`` VM itself;
+* (b) a sidecar process SIGKILLed while the guest waits for a host event with events registered
+  and unmasked; a new sidecar on the same state directory restores the registrations, and the
+  guest carries on through every later step (handlers ask SDEI_EVENT_CONTEXT of the new sidecar);
+* (c) a ``-S`` VM with ``conduit.start_vm = false`` stays stopped until its owner sends ``cont``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from qemu.qmp import ConnectError, QMPClient
+
+from integration.test_baremetal_guest import EXPECTED_FACTS, EXPECTED_X0, HOST_EVENTS, parse_steps
+from qmp_sdei.config import Config, parse
+from qmp_sdei.daemon import ExitCode, Sidecar
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from qmp_sdei.sdei import Dispatcher, TriggerOutcome
+from qmp_sdei.statefile import StateStore
+from support.guests import build_baremetal_guest, elf_symbols
+
+pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
+
+TIMEOUT = 60.0  # per wait: TCG on a busy 2-core host
+REPO = Path(__file__).resolve().parents[2]
+VERSION_LINE = "STEP version x0=0x0001000100000000"  # SDEI 1.1, vendor 0
+PSCI_LINE = "STEP psci-version x0=0x0000000000010000"  # PSCI pinned to 1.0 (QEMU itself has 1.1)
+
+
+@pytest.fixture(scope="session")
+def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = getattr(request.config, "cache", None)
+    outdir = Path(cache.mkdir("baremetal-guest")) if cache is not None else tmp_path_factory.mktemp("guest")
+    return build_baremetal_guest(outdir)
+
+
+def config_doc(vm: QemuProcess, state_dir: Path, elf: Path, *, start_vm: bool) -> dict[str, Any]:
+    """The guest's catalogue and pins (what test_baremetal_guest.EXPECTED_X0 assumes)."""
+    return {
+        "vm": {"name": "sidecar-conduit-test", "state_dir": str(state_dir)},
+        "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": TIMEOUT},
+        "sdei": {
+            "version": "1.1",
+            "profile": "tf-a",
+            "bind_slots": [3, 3],
+            "events": [
+                {"number": 1000},
+                {"number": 1001, "priority": "critical"},
+                {"number": 2000, "type": "shared"},
+            ],
+        },
+        "psci": {"version": "1.0"},
+        "conduit": {"enabled": True, "elf": str(elf), "start_vm": start_vm},
+        "log": {"level": "info", "format": "text"},
+    }
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Just enough TOML for :func:`config_doc` (tables of scalars, int lists, lists of inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(v)
+
+    return "\n".join(
+        f"[{table}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in body.items()) for table, body in doc.items()
+    )
+
+
+@contextlib.asynccontextmanager
+async def guest_vm(tmp_path: Path, elf: Path) -> AsyncIterator[QemuProcess]:
+    """The bare-metal guest on 2 vCPUs, held by -S, no gdbstub (the sidecar starts one over QMP)."""
+    vm = QemuProcess(QemuSpec(smp=2, kernel=elf, paused=True, name="sidecar-conduit-test"), tmp_path / "vm")
+    try:
+        await asyncio.wait_for(vm.start(), TIMEOUT)
+        yield vm
+    finally:
+        await vm.stop()
+
+
+@contextlib.asynccontextmanager
+async def harness_client(vm: QemuProcess) -> AsyncIterator[QMPClient]:
+    """A QMP client on the harness monitor. QEMU creates the socket file before it listens, and
+    says nothing when it starts listening, so a refused connection is retried."""
+    client = QMPClient("test-harness")
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            await asyncio.wait_for(client.connect(str(vm.harness_socket)), TIMEOUT)
+            break
+        except ConnectError as err:
+            if not isinstance(err.exc, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.02)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+
+class RunningSidecar:
+    """An in-process sidecar task, always shut down at the end."""
+
+    def __init__(self, config: Config) -> None:
+        self.sidecar = Sidecar(config)
+        self.task = asyncio.create_task(self.sidecar.run(), name="test.sidecar")
+
+    async def ready(self) -> Sidecar:
+        waiter = asyncio.create_task(self.sidecar.ready.wait())
+        done, _ = await asyncio.wait({waiter, self.task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        assert self.task not in done, f"sidecar ended early: {self.sidecar.shutdown_reason}"
+        assert done, "sidecar not ready in time"
+        return self.sidecar
+
+    async def conduit_attached(self) -> Any:
+        """The conduit, once attached. The sidecar sets no event for it, so poll the attribute."""
+        await self.ready()
+        deadline = time.monotonic() + TIMEOUT
+        while self.sidecar.conduit is None:
+            assert not self.task.done(), f"sidecar ended: {self.sidecar.shutdown_reason}"
+            assert time.monotonic() < deadline, "conduit not attached in time"
+            await asyncio.sleep(0.01)
+        return self.sidecar.conduit
+
+    async def stop(self) -> ExitCode:
+        self.sidecar.request_shutdown("test finished")
+        return await asyncio.wait_for(self.task, TIMEOUT)
+
+
+@pytest_asyncio.fixture
+async def sidecars() -> AsyncIterator[list[RunningSidecar]]:
+    started: list[RunningSidecar] = []
+    try:
+        yield started
+    finally:
+        for running in started:
+            if not running.task.done():
+                with contextlib.suppress(Exception):
+                    await running.stop()
+
+
+async def raise_host_events(vm: QemuProcess, sidecar: Sidecar, tags: list[str]) -> None:
+    for tag in tags:
+        event, vcpu = HOST_EVENTS[tag]
+        await vm.wait_for_console(rf"WAIT {tag} {event}\r?\n", TIMEOUT)
+        result = await sidecar.conduit.raise_event(event, vcpu)
+        # The guest announces a wait as soon as its previous handler has recorded its visit, which
+        # may be just before that handler's COMPLETE traps: then the event is pending and is
+        # delivered right after the COMPLETE. The guest's step lines check that it arrived.
+        assert result.outcome is TriggerOutcome.DELIVERABLE or (
+            result.outcome is TriggerOutcome.PENDING and "running" in result.reason
+        ), (tag, result)
+
+
+def check_all_steps(console: str, symbols: dict[str, int]) -> None:
+    assert "FATAL" not in console, console
+    steps = parse_steps(console)
+    assert steps["boot"]["hvc"] == symbols["sdei_hvc_insn"]
+    mismatches = {
+        name: (hex(steps[name]["x0"]) if name in steps else "missing", hex(want))
+        for name, want in EXPECTED_X0.items()
+        if name not in steps or steps[name].get("x0") != want
+    }
+    for name, facts in EXPECTED_FACTS.items():
+        got = steps.get(name, {})
+        for key, want in facts.items():
+            if got.get(key) != want:
+                mismatches[f"{name}.{key}"] = (hex(got[key]) if key in got else "missing", hex(want))
+    assert not mismatches, f"steps that differ (got, want): {mismatches}\n\n{console}"
+
+
+def registrations(state_dir: Path, config: Config, vcpus: int = 2) -> dict[str, Any]:
+    """What state.json says the guest has registered, decoded by a dispatcher like the sidecar's."""
+    stored = StateStore(state_dir).load()
+    assert stored is not None, f"no state.json in {state_dir}"
+    dispatcher = Dispatcher(
+        events=config.sdei.events,
+        mpidrs=list(range(vcpus)),
+        version=stored.pins.sdei,
+        vendor=stored.pins.sdei_vendor,
+        profile=config.sdei.profile,
+        bind_slots=config.sdei.bind_slots,
+    )
+    dispatcher.restore(stored.snapshot)
+    return dispatcher.describe()
+
+
+def assert_guest_waiting_registrations(described: dict[str, Any]) -> None:
+    """vCPU 0 at 'WAIT host-private': events 0, 1000, 1001 registered+enabled, PE unmasked; vCPU 1 too."""
+    cpu0, cpu1 = described["vcpus"]
+    assert not cpu0["masked"] and not cpu1["masked"]
+    # status bits: registered (1) | enabled (2)
+    assert {n: e["status"] for n, e in cpu0["events"].items()} == {"0": 3, "1000": 3, "1001": 3}, cpu0
+    # vCPU 1's handler for the guest's signal-other may still be between recording its visit and
+    # its COMPLETE (status 7 = running too): then the sidecar is killed with a handler running.
+    cpu1_events = {n: e["status"] for n, e in cpu1["events"].items()}
+    assert cpu1_events in ({"0": 3, "1000": 3}, {"0": 7, "1000": 3}), cpu1
+    assert cpu1["running"] == ([0] if cpu1_events["0"] == 7 else []), cpu1
+    assert cpu0["running"] == []
+
+
+async def status_from(state_dir: Path, pid: int) -> dict[str, Any]:
+    """status.json once the sidecar with ``pid`` has written it (it gives no other signal; poll)."""
+    path = state_dir / "status.json"
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            doc: dict[str, Any] = json.loads(path.read_text())
+            if doc["sidecar"]["pid"] == pid and "sdei" in doc:
+                return doc
+        assert time.monotonic() < deadline, f"no status.json from pid {pid}"
+        await asyncio.sleep(0.02)
+
+
+# -- (a) -------------------------------------------------------------------------------------------
+
+
+async def test_sidecar_serves_the_whole_guest(tmp_path: Path, guest_elf: Path, sidecars: list[RunningSidecar]) -> None:
+    async with guest_vm(tmp_path, guest_elf) as vm:
+        state_dir = tmp_path / "state"
+        config = parse(config_doc(vm, state_dir, guest_elf, start_vm=True))
+        running = RunningSidecar(config)
+        sidecars.append(running)
+        sidecar = await running.ready()
+        # The sidecar started the -S VM itself once its breakpoint was armed.
+        await vm.wait_for_console(rf"{VERSION_LINE}\r?\n", TIMEOUT)
+        await vm.wait_for_console(rf"{PSCI_LINE}\r?\n", TIMEOUT)
+        await raise_host_events(vm, sidecar, list(HOST_EVENTS))
+        await vm.wait_for_console(r"DONE\r?\n", TIMEOUT)
+        check_all_steps(vm.console, elf_symbols(guest_elf))
+
+        # SYSTEM_OFF is passed through: QEMU exits and takes the sidecar with it, cleanly.
+        assert await vm.wait(TIMEOUT) == 0
+        assert await asyncio.wait_for(running.task, TIMEOUT) is ExitCode.OK
+        stats = sidecar.conduit.stats
+        assert stats.deliveries == 9  # 3 signals to self, 1 to vCPU 1, 5 host events
+        assert stats.psci_answered == 1 and stats.psci_passthrough >= 4
+        assert stats.sysreg_writes == 1
+        state = json.loads((state_dir / "state.json").read_text())
+        assert state["pins"] == {"sdei": "1.1", "sdei_vendor": 0, "psci": "1.0"}
+        status = json.loads((state_dir / "status.json").read_text())
+        assert status["counters"]["conduit_sdei_calls"] == stats.sdei_calls > 100
+        assert status["pins"]["psci"] == "1.0"
+
+
+# -- (b) -------------------------------------------------------------------------------------------
+
+
+async def test_sigkilled_sidecar_restarts_with_the_guests_registrations(
+    tmp_path: Path, guest_elf: Path, sidecars: list[RunningSidecar]
+) -> None:
+    async with guest_vm(tmp_path, guest_elf) as vm:
+        state_dir = tmp_path / "state"
+        doc = config_doc(vm, state_dir, guest_elf, start_vm=True)
+        config_file = tmp_path / "vm.toml"
+        config_file.write_text(to_toml(doc))
+        config = parse(doc)
+        log_path = tmp_path / "sidecar1.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "qmp_sdei", "run", "--config", str(config_file),
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+            )  # fmt: skip
+        try:
+            # The guest registered and unmasked everything, and now spins until the host raises 1000.
+            await vm.wait_for_console(r"WAIT host-private 1000\r?\n", TIMEOUT)
+            assert proc.returncode is None, log_path.read_text()
+            assert_guest_waiting_registrations(registrations(state_dir, config))
+            assert StateStore(state_dir).writer_alive()
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(proc.wait(), TIMEOUT)
+        assert proc.returncode == -signal.SIGKILL
+        assert not StateStore(state_dir).writer_alive()
+        console_at_kill = vm.console
+        assert "STEP host-private-handled" not in console_at_kill
+
+        # A new sidecar on the same state directory (in-process, so the test can raise events).
+        running = RunningSidecar(parse(config_doc(vm, state_dir, guest_elf, start_vm=False)))
+        sidecars.append(running)
+        sidecar = await running.ready()
+        assert sidecar.dispatcher is not None
+        assert_guest_waiting_registrations(sidecar.dispatcher.describe())
+        assert sidecar.pins is not None and sidecar.pins.psci == (1, 0)
+        status = await status_from(state_dir, os.getpid())
+        assert_guest_waiting_registrations(status["sdei"])
+        await running.conduit_attached()
+
+        # The guest goes on: the rest of its host events, handled by the new sidecar.
+        await raise_host_events(vm, sidecar, list(HOST_EVENTS))
+        await vm.wait_for_console(r"DONE\r?\n", TIMEOUT)
+        check_all_steps(vm.console, elf_symbols(guest_elf))
+        assert await vm.wait(TIMEOUT) == 0
+        assert await asyncio.wait_for(running.task, TIMEOUT) is ExitCode.OK
+        assert sidecar.conduit.stats.deliveries == 7  # 5 host events + 2 self-signals after the restart
+
+
+# -- (c) -------------------------------------------------------------------------------------------
+
+
+async def test_prelaunch_vm_waits_for_its_owners_cont(
+    tmp_path: Path, guest_elf: Path, sidecars: list[RunningSidecar]
+) -> None:
+    async with guest_vm(tmp_path, guest_elf) as vm, harness_client(vm) as harness:
+        config = parse(config_doc(vm, tmp_path / "state", guest_elf, start_vm=False))
+        running = RunningSidecar(config)
+        sidecars.append(running)
+        conduit = await running.conduit_attached()
+        # Fully attached, breakpoint armed, serving: and the VM has not run.
+        deadline = time.monotonic() + TIMEOUT
+        while not conduit.held:  # run() marks the hold as its first step; no event for it
+            assert time.monotonic() < deadline and not running.task.done()
+            await asyncio.sleep(0.01)
+        status = await harness.execute("query-status")
+        assert status["status"] == "prelaunch" and status["running"] is False, status
+        assert vm.console == ""
+
+        await harness.execute("cont")
+        await vm.wait_for_console(rf"{VERSION_LINE}\r?\n", TIMEOUT)
+        await vm.wait_for_console(rf"{PSCI_LINE}\r?\n", TIMEOUT)
+        steps = parse_steps(vm.console)
+        assert steps["version"]["x0"] == EXPECTED_X0["version"]
+        assert running.sidecar.conduit.stats.sdei_calls >= 1
+        assert await running.stop() is ExitCode.OK
