@@ -1,0 +1,400 @@
+"""Benchmark: what the gdbstub conduit costs a guest. Prints one JSON document.
+
+Bare metal (``tests/guests/loop``, 1 vCPU, built with aarch64-linux-gnu-gcc):
+
+* **trapped calls per second**: the guest makes 10 rounds of 200 back-to-back ``SDEI_VERSION``
+  calls through its one breakpointed ``hvc``. Each call is one gdbstub round trip: stop packet ->
+  ``g`` -> answer -> ``G`` + ``vCont;c`` pipelined. Per call we also report the sidecar's share
+  (stop packet received -> resume written, ``ConduitStats.trap_handling_ns``) and the rest
+  (QEMU + guest: the resume is parsed, QEMU restarts the vCPU, *retranslates the guest code because
+  every breakpoint stop does tb_flush()*, runs to the next ``hvc`` and sends the stop packet). The
+  guest's own CNTVCT view is reported too; its clock stops while QEMU is stopped.
+* **event delivery latency**: the host raises private event 1000 (plain handler) or 1001 (the
+  handler first makes one trapped ``SDEI_EVENT_CONTEXT`` call) while the guest spins:
+  ``request -> entered`` is until the handler's registers are written and the VM resumed (one 0x03
+  interrupt round trip, a ``g``, the state save, a ``G`` + ``c``); ``request -> handler running`` is
+  until the 1001 handler's first trapped call reaches the sidecar (one more trap); ``request ->
+  resumed`` is until the handler's ``SDEI_EVENT_COMPLETE`` is answered with the interrupted
+  context (its ``G`` + ``c`` go out right after).
+
+  The conduit runs behind the daemon's :class:`PersistingDispatcher`, i.e. every state change is
+  written to a state file before the guest goes on, as in ``qmp-sdei run``; ``--no-persist`` shows
+  the cost without it.
+
+Linux (the cached Debian arm64 kernel, ``--linux-boots N``, 0 to skip): wall time from the VM's
+start to the ``sdei:`` console line with the sidecar (``boot-test``: the kernel then detects
+SDEI 1.1) and without it (plain QEMU on the same SDEI DTB: the kernel's SDEI_VERSION reaches
+QEMU's PSCI code and fails with -95), plus the kernel's printk timestamps for the line. Event
+delivery into Linux needs a test module (notes D+) and is not measured here.
+
+    python bench/conduit.py [--linux-boots N] [--no-persist] [--rounds-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, QMPClient
+
+from qmp_sdei.abi.sdei import Function
+from qmp_sdei.abi.smccc import function_id
+from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit
+from qmp_sdei.conduit.rsp import RspClient
+from qmp_sdei.daemon import PersistingDispatcher
+from qmp_sdei.errors import ConduitError, QemuError
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from qmp_sdei.sdei import Completion, Dispatcher, EventSpec, TriggerOutcome, TriggerResult, VcpuRegs
+from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
+from qmp_sdei.versions import VersionPins
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_DIR = REPO / "tests" / "guests" / "loop"
+CROSS = "aarch64-linux-gnu-"
+CFLAGS = [
+    "-O2", "-ffreestanding", "-nostdlib", "-fno-builtin", "-mgeneral-regs-only", "-static", "-no-pie",
+    "-mstrict-align", "-Wall", "-Wextra", "-Werror",
+]  # fmt: skip
+ROUNDS, CALLS, EVENTS = 10, 200, 100  # as compiled into tests/guests/loop/loop.c
+TIMEOUT = 120.0
+
+
+def build_loop_guest(outdir: Path) -> Path:
+    """Compile tests/guests/loop (cached by a hash of sources, flags and compiler)."""
+    sources = [GUEST_DIR / "start.S", GUEST_DIR / "loop.c"]
+    script = GUEST_DIR / "link.ld"
+    version = subprocess.run([f"{CROSS}gcc", "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256(version.encode() + " ".join(CFLAGS).encode())
+    for path in [*sources, script]:
+        digest.update(path.read_bytes())
+    elf = outdir / f"loop-{digest.hexdigest()[:16]}.elf"
+    if not elf.exists():
+        outdir.mkdir(parents=True, exist_ok=True)
+        tmp = outdir / f".{elf.name}.{os.getpid()}"
+        result = subprocess.run(
+            [f"{CROSS}gcc", *CFLAGS, "-T", str(script), "-o", str(tmp), *map(str, sources)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"building the loop guest failed:\n{result.stderr}")
+        os.replace(tmp, elf)
+    return elf
+
+
+def hvc_site(elf: Path) -> int:
+    out = subprocess.run([f"{CROSS}nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        address, _, name = line.split()
+        if name == "smccc_hvc_insn":
+            return int(address, 16)
+    raise RuntimeError("no smccc_hvc_insn in the loop guest")
+
+
+def summary_us(samples_ns: list[int]) -> dict[str, float | int]:
+    """Median, p90 and max in microseconds."""
+    if not samples_ns:
+        return {"n": 0}
+    ordered = sorted(samples_ns)
+    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    return {
+        "n": len(ordered),
+        "median_us": round(statistics.median(ordered) / 1e3, 1),
+        "p90_us": round(p90 / 1e3, 1),
+        "max_us": round(ordered[-1] / 1e3, 1),
+    }
+
+
+def summary_s(samples: list[float]) -> dict[str, Any]:
+    if not samples:
+        return {"n": 0}
+    ordered = sorted(samples)
+    return {
+        "n": len(ordered),
+        "median_s": round(statistics.median(ordered), 3),
+        "p90_s": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
+        "all_s": [round(s, 3) for s in samples],
+    }
+
+
+class TimingDispatcher:
+    """Wraps the dispatcher the conduit drives and timestamps every call it sees."""
+
+    def __init__(self, inner: PersistingDispatcher | Dispatcher) -> None:
+        self.inner = inner
+        self.calls: list[tuple[int, int]] = []  # (function id, perf_counter_ns on arrival)
+        self.completed = asyncio.Event()
+
+    def hypercall(self, vcpu: int, regs: VcpuRegs) -> Completion:
+        arrived = time.perf_counter_ns()
+        fid = function_id(regs.x[0])
+        outcome = self.inner.hypercall(vcpu, regs)
+        self.calls.append((fid, arrived))
+        if fid == Function.EVENT_COMPLETE:
+            self.calls.append((-1, time.perf_counter_ns()))  # the interrupted context is ready
+            self.completed.set()
+        return outcome
+
+    def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult:
+        return self.inner.trigger(event, vcpu)
+
+    def deliverable(self) -> list[int]:
+        return self.inner.deliverable()
+
+    def deliver(self, vcpu: int, regs: VcpuRegs) -> bool:
+        return self.inner.deliver(vcpu, regs)
+
+
+async def connect_gdbstub(port: int) -> RspClient:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return await RspClient.connect("127.0.0.1", port, timeout=TIMEOUT)
+        except ConduitError as err:
+            if not isinstance(err.__cause__, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.02)  # QEMU gives no signal when the gdb port starts listening
+
+
+def free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[str, Any]:
+    port = free_port()
+    spec = QemuSpec(smp=1, kernel=elf, gdb=f"tcp:127.0.0.1:{port}", paused=True)
+    inner = Dispatcher(events=[EventSpec(1000), EventSpec(1001)], mpidrs=[0], version=(1, 1), profile="tf-a")
+    store = StateStore(workdir / "state")
+    identity, pins = VmIdentity(None, "bench"), VersionPins((1, 1), 0, (1, 1))
+    store.directory.mkdir(parents=True, exist_ok=True)
+    saves = 0
+
+    def save() -> None:
+        nonlocal saves
+        store.save(StoredState(identity, pins, inner.snapshot()))
+        saves += 1
+
+    timing = TimingDispatcher(PersistingDispatcher(inner, save) if persist else inner)
+    async with QemuProcess(spec, workdir / "vm") as vm:
+        conduit = GdbstubConduit(await connect_gdbstub(port), timing, [hvc_site(elf)], timeout=TIMEOUT)
+        await conduit.start()
+        run = asyncio.create_task(conduit.run(), name="conduit.run")
+        try:
+            await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
+            loop_handling = list(conduit.stats.trap_handling_ns)
+            version_times = [t for fid, t in timing.calls if fid == Function.VERSION]
+            assert len(version_times) == ROUNDS * CALLS, len(version_times)
+
+            deliver_ns: list[int] = []
+            running_ns: list[int] = []
+            resumed_ns: list[int] = []
+            for i in range(EVENTS):
+                event = 1001 if i % 2 else 1000
+                timing.completed.clear()
+                mark = len(timing.calls)
+                t0 = time.perf_counter_ns()
+                result = await conduit.raise_event(event, 0)
+                entered = time.perf_counter_ns()
+                if result.outcome is not TriggerOutcome.DELIVERABLE:
+                    raise RuntimeError(f"event {event} was not deliverable: {result}")
+                await asyncio.wait_for(timing.completed.wait(), TIMEOUT)
+                deliver_ns.append(entered - t0)
+                after = timing.calls[mark:]
+                resumed_ns.append(next(t for fid, t in after if fid == -1) - t0)
+                if event == 1001:
+                    running_ns.append(next(t for fid, t in after if fid == Function.EVENT_CONTEXT) - t0)
+            await vm.wait_for_console(rf"EVENTS {EVENTS}\r?\n", TIMEOUT)
+            assert await vm.wait(TIMEOUT) == 0
+            await asyncio.wait_for(run, TIMEOUT)
+        finally:
+            if not run.done():
+                await conduit.close()
+            else:
+                await conduit.rsp.close()
+        console = vm.console
+
+    return baremetal_summary(
+        persist=persist,
+        saves=saves,
+        version_times=version_times,
+        loop_handling=loop_handling,
+        console=console,
+        deliver_ns=deliver_ns,
+        running_ns=running_ns,
+        resumed_ns=resumed_ns,
+        stats=conduit.stats,
+    )
+
+
+def baremetal_summary(
+    *,
+    persist: bool,
+    saves: int,
+    version_times: list[int],
+    loop_handling: list[int],
+    console: str,
+    deliver_ns: list[int],
+    running_ns: list[int],
+    resumed_ns: list[int],
+    stats: ConduitStats,
+) -> dict[str, Any]:
+    rounds = [version_times[r * CALLS : (r + 1) * CALLS] for r in range(ROUNDS)]
+    rates = [(CALLS - 1) / ((ts[-1] - ts[0]) / 1e9) for ts in rounds]
+    intervals = [b - a for ts in rounds for a, b in itertools.pairwise(ts)]
+    guest = [
+        (int(m["ticks"]) / int(m["freq"])) / int(m["calls"])
+        for m in re.finditer(r"ROUND \d+ calls=(?P<calls>\d+) ticks=(?P<ticks>\d+) freq=(?P<freq>\d+)", console)
+    ]
+    handling = summary_us(loop_handling)
+    round_trip = summary_us(intervals)
+    return {
+        "persist_state": persist,
+        "state_saves": saves,
+        "trapped_calls": {
+            "calls_per_second": {
+                "median": round(statistics.median(rates)),
+                "min": round(min(rates)),
+                "max": round(max(rates)),
+                "per_round": [round(r) for r in rates],
+            },
+            "round_trip": round_trip,
+            "sidecar_share": handling,
+            "qemu_and_guest_share_median_us": round(round_trip["median_us"] - handling["median_us"], 1),
+            "guest_visible_per_call_us_median": round(statistics.median(guest) * 1e6, 1) if guest else None,
+        },
+        "event_delivery": {
+            "request_to_entered": summary_us(deliver_ns),
+            "request_to_handler_running": summary_us(running_ns),
+            "request_to_resumed": summary_us(resumed_ns),
+            "conduit_interrupts": stats.interrupts,
+            "deliveries": stats.deliveries,
+        },
+    }
+
+
+async def harness(vm: QemuProcess) -> QMPClient:
+    import logging  # noqa: PLC0415
+
+    logging.getLogger("qemu.qmp.protocol.bench").setLevel(logging.CRITICAL)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        client = QMPClient("bench")
+        try:
+            await client.connect(str(vm.harness_socket))
+            return client
+        except ConnectError as err:
+            if not isinstance(err.exc, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.02)  # QEMU creates the socket file before it listens
+
+
+TS_LINE = r"^\[\s*(?P<ts>\d+\.\d+)\] {what}"
+
+
+async def boot_without_sidecar(kernel: Path, workdir: Path) -> dict[str, float]:
+    """The same kernel, DTB and command line as boot-test, but nothing traps its hvc."""
+    from qmp_sdei.boottest import APPEND, CPU, MEMORY_MB  # noqa: PLC0415
+    from qmp_sdei.qemu.dtb import build_sdei_dtb, psci_compatible_for  # noqa: PLC0415
+
+    spec = QemuSpec(smp=1, memory_mb=MEMORY_MB, cpu=CPU, kernel=kernel, append=APPEND, paused=True)
+    spec.dtb = await build_sdei_dtb(spec, workdir / "sdei.dtb", psci_compatible=psci_compatible_for("1.1"))
+    async with QemuProcess(spec, workdir / "vm") as vm:
+        client = await harness(vm)
+        try:
+            await client.execute("cont")
+            started = time.perf_counter()
+            match = await vm.wait_for_console(
+                re.compile(TS_LINE.format(what=r"sdei: Failed to get SDEI version: -95"), re.M), TIMEOUT
+            )
+            wall = time.perf_counter() - started
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+    return {"wall_s": wall, "kernel_s": float(match["ts"])}
+
+
+async def bench_linux(boots: int, workdir: Path) -> dict[str, Any]:
+    from qmp_sdei.boottest import run_boot_test  # noqa: PLC0415
+    from qmp_sdei.linux_kernel import fetch_debian_kernel  # noqa: PLC0415
+
+    try:
+        kernel = await asyncio.to_thread(fetch_debian_kernel)
+    except Exception as err:  # no apt, no network: say so in the JSON instead of failing the bench
+        return {"skipped": f"no Debian kernel: {err}"}
+    with_wall, with_kernel, traps, handling = [], [], [], []
+    without_wall, without_kernel = [], []
+    for n in range(boots):
+        report = await run_boot_test(
+            kernel, expect_sdei="1.1", expect_psci="1.1", smp=1, timeout=TIMEOUT, workdir=workdir / f"with{n}"
+        )
+        if not report.passed:
+            raise RuntimeError(report.text())
+        line = report.lines["sdei"]
+        assert line.after_vm_start_s is not None and line.kernel_timestamp_s is not None
+        with_wall.append(line.after_vm_start_s)
+        with_kernel.append(line.kernel_timestamp_s)
+        traps.append(report.conduit["traps"])
+        handling.append(report.conduit["trap_handling_median_us"])
+        plain = await boot_without_sidecar(kernel, workdir / f"without{n}")
+        without_wall.append(plain["wall_s"])
+        without_kernel.append(plain["kernel_s"])
+    return {
+        "kernel": str(kernel),
+        "to_sdei_line_with_sidecar": {
+            "wall_from_vm_start": summary_s(with_wall),
+            "kernel_timestamp": summary_s(with_kernel),
+            "traps_per_boot": traps,
+            "trap_handling_median_us_per_boot": handling,
+        },
+        "to_sdei_line_without_sidecar": {
+            "wall_from_cont": summary_s(without_wall),
+            "kernel_timestamp": summary_s(without_kernel),
+        },
+    }
+
+
+def qemu_version() -> str:
+    out = subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+async def main(args: argparse.Namespace, qemu: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-bench-") as scratch:
+        work = Path(scratch)
+        elf = build_loop_guest(work / "guest")
+        result: dict[str, Any] = {
+            "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "qemu": qemu,
+        }
+        runs = [False] if args.no_persist else [True, False]
+        result["baremetal"] = [await bench_baremetal(elf, work / f"bm-{persist}", persist=persist) for persist in runs]
+        if args.linux_boots > 0:
+            result["linux"] = await bench_linux(args.linux_boots, work / "linux")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--linux-boots", type=int, default=5, help="boots with and without the sidecar (0: skip)")
+    parser.add_argument("--no-persist", action="store_true", help="bare metal only without state-file writes")
+    try:
+        print(json.dumps(asyncio.run(main(parser.parse_args(), qemu_version())), indent=2))
+    except QemuError as err:
+        sys.exit(f"bench: {err}")
