@@ -68,19 +68,28 @@ READ_ONLY_CALLS = frozenset(
 class PersistingDispatcher:
     """The dispatcher as the conduit sees it: every state change is saved before the guest goes on.
 
-    The conduit writes registers back only after ``hypercall``/``deliver`` return, so saving inside
-    them means a sidecar killed at any point restarts with a state the guest agrees with.
+    Guest-side changes (``hypercall``, ``deliver``) mark the state dirty; the conduit calls
+    :meth:`commit` once per stop, after its dispatcher calls and before it writes any register
+    back or resumes the VM. So the guest never sees a result that a restarted sidecar would not
+    know about, at the cost of one state write per stop instead of one per call. Host-side changes
+    (``trigger``) are saved at once: no stop follows a trigger that stays pending.
     """
 
     def __init__(self, dispatcher: Dispatcher, save: Callable[[], None]) -> None:
         self.inner = dispatcher
         self._save = save
+        self._dirty = False
+
+    def commit(self) -> None:
+        if self._dirty:
+            self._save()
+            self._dirty = False
 
     def hypercall(self, vcpu: int, regs: VcpuRegs) -> Completion:
         fid = function_id(regs.x[0])
         outcome = self.inner.hypercall(vcpu, regs)
         if fid not in READ_ONLY_CALLS:
-            self._save()
+            self._dirty = True
         return outcome
 
     def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult:
@@ -95,7 +104,7 @@ class PersistingDispatcher:
     def deliver(self, vcpu: int, regs: VcpuRegs) -> bool:
         entered = self.inner.deliver(vcpu, regs)
         if entered:
-            self._save()
+            self._dirty = True
         return entered
 
 
@@ -119,6 +128,8 @@ class Sidecar:
         self.dispatcher: Dispatcher | None = None
         self.pins: VersionPins | None = None
         self.conduit: Any = None  # GdbstubConduit when enabled (imported lazily: optional path)
+        #: set once the conduit is attached (``self.conduit`` usable); its ``serving`` event follows
+        self.conduit_ready = asyncio.Event()
         self.counters = Counters()
         self.started = time.time()
         self.attach_seconds = 0.0

@@ -23,6 +23,8 @@ import pytest
 from qmp_sdei.config import Config, parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from qmp_sdei.sdei import Dispatcher
+from qmp_sdei.statefile import StateStore
 from support.qemu import SLOW, fake_peer, harness_client, requires_qemu, running_qemu, send_junk
 from support.sdei import ENTRY, F, call
 
@@ -211,6 +213,7 @@ async def test_restart_picks_up_state_of_a_running_vm(tmp_path: Path) -> None:
         async with serving(parse(config_for(tmp_path, vm))) as (sidecar, _):
             assert call(sidecar.persisting, 1, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0) == 0  # type: ignore[arg-type]
             assert call(sidecar.persisting, 1, F.PE_UNMASK) == 0  # type: ignore[arg-type]
+            sidecar.persisting.commit()  # what the conduit does before letting the guest go
         async with serving(parse(config_for(tmp_path, vm))) as (again, _):
             assert again.dispatcher is not None
             assert call(again.dispatcher, 1, F.EVENT_STATUS, 1000) == 1
@@ -227,6 +230,7 @@ async def test_fresh_qemu_keeps_pins_but_not_sdei_state(tmp_path: Path) -> None:
                 assert sidecar.dispatcher is not None
                 assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, 1000) == 0  # prelaunch: nothing restored
                 call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
+                sidecar.persisting.commit()
 
 
 @pytest.mark.asyncio
@@ -432,3 +436,30 @@ async def test_qemu_that_is_not_aarch64_is_refused(tmp_path: Path) -> None:
         qemu.kill()
         await qemu.wait()
     _assert_one_line_error(result, ExitCode.QEMU, "not aarch64")
+
+
+@pytest.mark.asyncio
+async def test_guest_changes_are_durable_at_commit_not_before(tmp_path: Path) -> None:
+    """One state write per conduit stop: nothing before the commit, everything after it."""
+    async with running_qemu(tmp_path) as vm, serving(parse(config_for(tmp_path, vm))) as (sidecar, _):
+        writes = sidecar.counters.state_writes
+        assert call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0) == 0  # type: ignore[arg-type]
+        assert call(sidecar.persisting, 0, F.EVENT_ENABLE, 1000) == 0  # type: ignore[arg-type]
+        assert call(sidecar.persisting, 0, F.EVENT_STATUS, 1000) == 3  # type: ignore[arg-type]
+        assert sidecar.counters.state_writes == writes
+        sidecar.persisting.commit()
+        sidecar.persisting.commit()  # nothing new: no second write
+        assert sidecar.counters.state_writes == writes + 1
+        stored = StateStore(tmp_path / "state").load()
+        assert stored is not None
+        target = make_like(sidecar)
+        target.restore(stored.snapshot)
+        assert call(target, 0, F.EVENT_STATUS, 1000) == 3
+
+
+def make_like(sidecar: Sidecar) -> Dispatcher:
+    d = sidecar.dispatcher
+    assert d is not None
+    return Dispatcher(
+        events=d.catalogue, mpidrs=d.mpidrs, version=d.version, profile=d.profile, bind_slots=d.bind_slots
+    )

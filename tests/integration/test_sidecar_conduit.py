@@ -143,13 +143,14 @@ class RunningSidecar:
         return self.sidecar
 
     async def conduit_attached(self) -> Any:
-        """The conduit, once attached. The sidecar sets no event for it, so poll the attribute."""
+        """The conduit, once attached and serving (resumed or holding the VM)."""
         await self.ready()
-        deadline = time.monotonic() + TIMEOUT
-        while self.sidecar.conduit is None:
-            assert not self.task.done(), f"sidecar ended: {self.sidecar.shutdown_reason}"
-            assert time.monotonic() < deadline, "conduit not attached in time"
-            await asyncio.sleep(0.01)
+        ready = asyncio.create_task(self.sidecar.conduit_ready.wait())
+        done, _ = await asyncio.wait({ready, self.task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        assert self.task not in done, f"sidecar ended: {self.sidecar.shutdown_reason}"
+        assert done, "conduit not attached in time"
+        await asyncio.wait_for(self.sidecar.conduit.serving.wait(), TIMEOUT)
         return self.sidecar.conduit
 
     async def stop(self) -> ExitCode:
@@ -338,10 +339,7 @@ async def test_prelaunch_vm_waits_for_its_owners_cont(
         sidecars.append(running)
         conduit = await running.conduit_attached()
         # Fully attached, breakpoint armed, serving: and the VM has not run.
-        deadline = time.monotonic() + TIMEOUT
-        while not conduit.held:  # run() marks the hold as its first step; no event for it
-            assert time.monotonic() < deadline and not running.task.done()
-            await asyncio.sleep(0.01)
+        assert conduit.held
         status = await harness.execute("query-status")
         assert status["status"] == "prelaunch" and status["running"] is False, status
         assert vm.console == ""

@@ -139,14 +139,21 @@ class GdbstubConduit:
         trap_sites: Sequence[int],
         *,
         psci_filter: PsciFilter | None = None,
+        on_commit: Callable[[], None] | None = None,
         timeout: float = 10.0,
     ) -> None:
+        """:param on_commit: called after each stop's dispatcher calls and before any register is
+        written back or the VM resumed: the point where SDEI state must be durable (the sidecar
+        writes its state file there, once per stop rather than once per call)."""
         if not trap_sites:
             raise ConduitError("no trap sites: the conduit would never see a call")
         self.rsp = rsp
         self.dispatcher = dispatcher
         self.trap_sites = frozenset(trap_sites)
         self.psci_filter = psci_filter
+        self.on_commit = on_commit
+        #: set once run() has resumed the VM or decided to hold it
+        self.serving = asyncio.Event()
         self.timeout = timeout
         self.stats = ConduitStats()
         self.threads: list[ThreadId] = []
@@ -176,11 +183,12 @@ class GdbstubConduit:
         trap_sites: Sequence[int],
         *,
         psci_filter: PsciFilter | None = None,
+        on_commit: Callable[[], None] | None = None,
         timeout: float = 10.0,
     ) -> GdbstubConduit:
         """Connect to the stub and :meth:`start`; the VM is left stopped until :meth:`run`."""
         client = await RspClient.connect(host, port, timeout=timeout)
-        conduit = cls(client, dispatcher, trap_sites, psci_filter=psci_filter, timeout=timeout)
+        conduit = cls(client, dispatcher, trap_sites, psci_filter=psci_filter, on_commit=on_commit, timeout=timeout)
         try:
             await conduit.start()
         except BaseException:
@@ -229,6 +237,7 @@ class GdbstubConduit:
                 await self._after_stop(None, None)
             else:
                 self._held = True
+            self.serving.set()
             if self._stopping:
                 return
             while True:
@@ -377,6 +386,8 @@ class GdbstubConduit:
         if step_over is not None and step_over.vcpu in delivered:
             step_over = None  # its pc now points at the handler, nothing to step over
         await self._update_vector_breakpoints()
+        if self.on_commit is not None:
+            self.on_commit()
         if self._stopping or not resume:
             await self._flush_dirty(resume=None)
             for waiter in waiters:

@@ -63,9 +63,16 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
     # VM its owner paused or started with -S.
     was_running = await session.refresh_runstate() in ("running", "debug")
     conduit = await GdbstubConduit.attach(
-        host, port, sidecar.persisting, sites, psci_filter=sidecar.psci_policy, timeout=30.0
+        host,
+        port,
+        sidecar.persisting,
+        sites,
+        psci_filter=sidecar.psci_policy,
+        on_commit=sidecar.persisting.commit,
+        timeout=30.0,
     )
     sidecar.conduit = conduit
+    sidecar.conduit_ready.set()
     log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(sites))
     resume = was_running or start_vm or sidecar.config.conduit.start_vm
     with session.subscribe({VmEventKind.RESUME}) as resumes:
