@@ -31,10 +31,11 @@ import pytest_asyncio
 from qemu.qmp import ConnectError, QMPClient
 
 from integration.test_baremetal_guest import EXPECTED_FACTS, EXPECTED_X0, HOST_EVENTS, parse_steps
+from integration.test_baremetal_guest import raise_host_events as raise_awaited_events
 from qmp_sdei.config import Config, parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
-from qmp_sdei.sdei import Dispatcher, TriggerOutcome
+from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import StateStore
 from support.guests import build_baremetal_guest, elf_symbols
 
@@ -171,16 +172,7 @@ async def sidecars() -> AsyncIterator[list[RunningSidecar]]:
 
 
 async def raise_host_events(vm: QemuProcess, sidecar: Sidecar, tags: list[str]) -> None:
-    for tag in tags:
-        event, vcpu = HOST_EVENTS[tag]
-        await vm.wait_for_console(rf"WAIT {tag} {event}\r?\n", TIMEOUT)
-        result = await sidecar.conduit.raise_event(event, vcpu)
-        # The guest announces a wait as soon as its previous handler has recorded its visit, which
-        # may be just before that handler's COMPLETE traps: then the event is pending and is
-        # delivered right after the COMPLETE. The guest's step lines check that it arrived.
-        assert result.outcome is TriggerOutcome.DELIVERABLE or (
-            result.outcome is TriggerOutcome.PENDING and "running" in result.reason
-        ), (tag, result)
+    await raise_awaited_events(vm, sidecar.conduit.raise_event, tags)
 
 
 def check_all_steps(console: str, symbols: dict[str, int]) -> None:
