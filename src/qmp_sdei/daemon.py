@@ -79,11 +79,23 @@ class PersistingDispatcher:
         self.inner = dispatcher
         self._save = save
         self._dirty = False
+        #: shutting down: enter no new handlers, so the running ones can finish before we detach
+        self.draining = False
+        self._committed = asyncio.Event()  # replaced at each commit; see wait_committed()
 
     def commit(self) -> None:
         if self._dirty:
             self._save()
             self._dirty = False
+        self._committed.set()
+        self._committed = asyncio.Event()
+
+    async def wait_committed(self) -> None:
+        """Wait for the conduit's next commit (the end of a stop that may have changed state)."""
+        await self._committed.wait()
+
+    def handlers_running(self) -> bool:
+        return any(vcpu.stack for vcpu in self.inner.vcpus)
 
     def hypercall(self, vcpu: int, regs: VcpuRegs) -> Completion:
         fid = function_id(regs.x[0])
@@ -99,9 +111,11 @@ class PersistingDispatcher:
         return result
 
     def deliverable(self) -> list[int]:
-        return self.inner.deliverable()
+        return [] if self.draining else self.inner.deliverable()
 
     def deliver(self, vcpu: int, regs: VcpuRegs) -> bool:
+        if self.draining:
+            return False
         entered = self.inner.deliver(vcpu, regs)
         if entered:
             self._dirty = True
@@ -386,8 +400,30 @@ class Sidecar:
                 loop.remove_signal_handler(sig)
         return self.exit_code
 
+    async def drain_handlers(self, timeout: float) -> bool:
+        """Stop entering handlers and wait for the running ones to COMPLETE; False on timeout.
+
+        Detaching while a handler runs would send its COMPLETE to QEMU, which answers -1, and the
+        handler would return into whatever x30 held: so shutdown waits for handlers first.
+        """
+        persisting = self.persisting
+        persisting.draining = True
+
+        async def wait() -> None:
+            while persisting.handlers_running():
+                await persisting.wait_committed()
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            running = {i: [f.event for f in v.stack] for i, v in enumerate(persisting.inner.vcpus) if v.stack}
+            log.warning("detaching with SDEI handlers still running after %.0fs: %s", timeout, running)
+            return False
+        return True
+
     async def _stop_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
         if self.conduit is not None:
+            await self.drain_handlers(SHUTDOWN_GRACE)
             with contextlib.suppress(SdeiError, TimeoutError):
                 await asyncio.wait_for(self.conduit.detach(), SHUTDOWN_GRACE)
         pending = [t for t in tasks if not t.done()]
