@@ -31,12 +31,12 @@ from qmp_sdei.abi import psci
 from qmp_sdei.abi.sdei import Function as SdeiFunction
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.config import Config, load
-from qmp_sdei.errors import ConfigError, IncompatibleState, QemuError, SdeiError
+from qmp_sdei.errors import ConfigError, IncompatibleState, QemuError, SdeiError, StateDirBusy
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.qemu.facts import VmFacts, discover, qemu_psci_version
 from qmp_sdei.qemu.qmp import QmpSession, VmEvent, VmEventKind, attach
 from qmp_sdei.sdei import Completion, Dispatcher, TriggerOutcome, TriggerResult, VcpuRegs
-from qmp_sdei.statefile import StateDirBusy, StateStore, StoredState, VmIdentity
+from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
 from qmp_sdei.versions import Negotiation, VersionPins, format_version, negotiate, psci_answer
 
 log = logging.getLogger("qmp_sdei.daemon")

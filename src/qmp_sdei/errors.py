@@ -6,12 +6,17 @@ one root. The children say *what kind* of thing went wrong, and wrap the underly
 
     SdeiError
      +-- ConfigError          a config file or value is invalid (names the key)
+     |    +-- GuestImageError  a guest ELF/kernel Image cannot give trap sites
      +-- CatalogueError       an event catalogue or topology is invalid (at Dispatcher construction)
      +-- IncompatibleState    a state blob is damaged, unknown, or cannot be honoured here
      +-- VersionError         a requested or pinned SDEI/PSCI version cannot be honoured
      +-- TriggerError         the host asked to raise an event that cannot be raised that way
      +-- QemuError            QEMU is unreachable, not QEMU, or not a machine we can serve
+     |    +-- QmpCommandError  a QMP command failed (in qemu/qmp.py, carries QEMU's error class)
      +-- ConduitError         the gdbstub conduit failed (protocol error, lost connection)
+     +-- StateDirBusy         another sidecar holds the state directory
+     +-- KernelFetchError     a Debian arm64 kernel could not be fetched
+     +-- DtbError             dtc failed or is missing
 
 ``asyncio.CancelledError`` is never wrapped.
 """
@@ -57,3 +62,23 @@ class QemuError(SdeiError):
 
 class ConduitError(SdeiError):
     """The guest conduit (QEMU's gdbstub) failed: protocol error, lost connection, bad reply."""
+
+
+class KernelFetchError(SdeiError):
+    """A Debian arm64 kernel could not be resolved, downloaded or unpacked (the message says which)."""
+
+
+class DtbError(SdeiError):
+    """dtc is missing, or failed to decompile/compile the tree (the message has its diagnostics)."""
+
+
+class GuestImageError(ConfigError):
+    """A guest image or its symbol table cannot be used to find trap sites.
+
+    Subclasses :class:`~qmp_sdei.errors.ConfigError` because the image is something the user
+    configured; the message names the file and what is wrong with it.
+    """
+
+
+class StateDirBusy(SdeiError):
+    """Another sidecar holds this state directory."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from qmp_sdei.cache import cache_root
-from qmp_sdei.errors import SdeiError
+from qmp_sdei.errors import KernelFetchError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ DEFAULT_PACKAGE = "linux-image-arm64"
 
 _ARCH = "arm64"
 _MAX_META_HOPS = 3
-
-
-class KernelFetchError(SdeiError):
-    """A Debian arm64 kernel could not be resolved, downloaded or unpacked (the message says which)."""
 
 
 @dataclass(frozen=True)

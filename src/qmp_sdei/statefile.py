@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qmp_sdei.errors import IncompatibleState, SdeiError, VersionError
+from qmp_sdei.errors import IncompatibleState, SdeiError, StateDirBusy, VersionError
 from qmp_sdei.versions import VersionPins
 
 STATE_FILE = "state.json"
@@ -57,10 +57,6 @@ class StoredState:
     identity: VmIdentity
     pins: VersionPins
     snapshot: bytes
-
-
-class StateDirBusy(SdeiError):
-    """Another sidecar holds this state directory."""
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from qmp_sdei import linux_kernel
-from qmp_sdei.linux_kernel import KernelFetchError, _image_dependency, fetch_debian_kernel_package
+from qmp_sdei.errors import KernelFetchError
+from qmp_sdei.linux_kernel import _image_dependency, fetch_debian_kernel_package
 
 META = "Package: linux-image-arm64\nVersion: 6.1.192-2\nDepends: linux-image-6.1.0-56-arm64 (= 6.1.192-2)\n"
 REAL = (

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmp_sdei.cache import cache_root
-from qmp_sdei.errors import ConfigError, SdeiError
+from qmp_sdei.errors import GuestImageError, SdeiError
 
 HVC_0 = 0xD4000002
 """A64 encoding of ``hvc #0``: the SMCCC conduit for a guest under a hypervisor."""
@@ -70,14 +70,6 @@ _ARM64_IMAGE_MAGIC = b"ARM\x64"
 _KIMAGE_ALIGN = 2 * 1024 * 1024
 """With nokaslr, ``_text`` is the 2 MiB-aligned KIMAGE_VADDR, and the first kallsyms entry lies within
 the first 2 MiB (it is ``_stext`` at ``_text + 64 KiB`` on 6.1)."""
-
-
-class GuestImageError(ConfigError):
-    """A guest image or its symbol table cannot be used to find trap sites.
-
-    Subclasses :class:`~qmp_sdei.errors.ConfigError` because the image is something the user
-    configured; the message names the file and what is wrong with it.
-    """
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,17 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qmp_sdei.cache import cache_root
-from qmp_sdei.errors import ConfigError, QemuError, SdeiError, VersionError
+from qmp_sdei.errors import ConfigError, DtbError, QemuError, SdeiError, VersionError
 from qmp_sdei.qemu.launch import QEMU_BINARY, QemuSpec
 
 DTC = "dtc"
 SDEI_COMPATIBLE = "arm,sdei-1.0"  # the binding's only string; it covers every SDEI 1.x
 SDEI_METHODS = ("hvc", "smc")
 _CACHE_FORMAT = 1  # bump when the produced tree changes for the same inputs
-
-
-class DtbError(SdeiError):
-    """dtc is missing, or failed to decompile/compile the tree (the message has its diagnostics)."""
 
 
 def psci_compatible_for(version: tuple[int, int] | str) -> tuple[str, ...]:
