@@ -196,6 +196,25 @@ def parse_steps(console: str) -> dict[str, dict[str, int]]:
     return steps
 
 
+def check_all_steps(console: str, symbols: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Compare every STEP line the guest printed with the expected values; return the steps."""
+    assert "FATAL" not in console, console
+    steps = parse_steps(console)
+    assert steps["boot"]["hvc"] == symbols["sdei_hvc_insn"]
+    mismatches = {
+        name: (hex(steps[name]["x0"]) if name in steps else "missing", hex(want))
+        for name, want in EXPECTED_X0.items()
+        if name not in steps or steps[name].get("x0") != want
+    }
+    for name, facts in EXPECTED_FACTS.items():
+        got = steps.get(name, {})
+        for key, want in facts.items():
+            if got.get(key) != want:
+                mismatches[f"{name}.{key}"] = (hex(got[key]) if key in got else "missing", hex(want))
+    assert not mismatches, f"steps that differ (got, want): {mismatches}\n\n{console}"
+    return steps
+
+
 async def raise_host_events(
     vm: QemuProcess, raise_event: Callable[[int, int | None], Awaitable[TriggerResult]], tags: Iterable[str]
 ) -> None:
@@ -217,21 +236,7 @@ async def test_guest_drives_every_sdei_call(booted: Booted) -> None:
     await raise_host_events(vm, conduit.raise_event, HOST_EVENTS)
     await vm.wait_for_console(r"DONE\r?\n", TIMEOUT)
     console = vm.console
-    assert "FATAL" not in console, console
-
-    steps = parse_steps(console)
-    assert steps["boot"]["hvc"] == booted.symbols["sdei_hvc_insn"]
-    mismatches = {
-        name: (hex(steps[name]["x0"]) if name in steps else "missing", hex(want))
-        for name, want in EXPECTED_X0.items()
-        if name not in steps or steps[name].get("x0") != want
-    }
-    for name, facts in EXPECTED_FACTS.items():
-        got = steps.get(name, {})
-        for key, want in facts.items():
-            if got.get(key) != want:
-                mismatches[f"{name}.{key}"] = (hex(got[key]) if key in got else "missing", hex(want))
-    assert not mismatches, f"steps that differ (got, want): {mismatches}\n\n{console}"
+    steps = check_all_steps(console, booted.symbols)
     unexpected = set(steps) - set(EXPECTED_X0) - set(EXPECTED_FACTS)
     assert not unexpected, f"steps this test does not check: {sorted(unexpected)}"
 

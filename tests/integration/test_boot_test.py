@@ -7,10 +7,8 @@ conduit trapping the kernel's ``hvc``). The kernel's own console lines are the v
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +20,9 @@ from qmp_sdei.boottest import BootReport, run_boot_test
 from qmp_sdei.conduit.traps import Kallsyms
 from qmp_sdei.errors import ConfigError
 from qmp_sdei.linux_kernel import fetch_debian_kernel
+from support.linux import LINUX_MARKS
 
-pytestmark = [
-    pytest.mark.linux,
-    pytest.mark.skipif(shutil.which("apt-get") is None, reason="fetching the Debian kernel needs apt"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("vmlinux_to_elf") is None,
-        reason="vmlinux-to-elf not installed (the 'linux' extra)",
-    ),
-]
+pytestmark = [*LINUX_MARKS]
 
 TIMEOUT = 120.0
 REPO = Path(__file__).resolve().parents[2]

@@ -8,8 +8,6 @@ kernel has the DT SDEI fix, and the boot command line is right, before any trapp
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import time
 from pathlib import Path
 
@@ -26,15 +24,9 @@ from qmp_sdei.conduit.traps import (
 from qmp_sdei.linux_kernel import DebianKernel, fetch_debian_kernel_package
 from qmp_sdei.qemu.dtb import build_sdei_dtb
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from support.linux import LINUX_MARKS
 
-pytestmark = [
-    pytest.mark.linux,
-    pytest.mark.skipif(shutil.which("apt-get") is None, reason="fetching the Debian kernel needs apt"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("vmlinux_to_elf") is None,
-        reason="vmlinux-to-elf not installed (the 'linux' extra)",
-    ),
-]
+pytestmark = [*LINUX_MARKS]
 
 BOOT_TIMEOUT = 240.0  # TCG on a busy 2-core host; the line normally shows within a second or two
 APPEND = "console=ttyAMA0 nokaslr panic=-1 nohlt"

@@ -30,7 +30,7 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import ConnectError, QMPClient
 
-from integration.test_baremetal_guest import EXPECTED_FACTS, EXPECTED_X0, HOST_EVENTS, parse_steps
+from integration.test_baremetal_guest import EXPECTED_X0, HOST_EVENTS, check_all_steps, parse_steps
 from integration.test_baremetal_guest import raise_host_events as raise_awaited_events
 from qmp_sdei.config import Config, parse
 from qmp_sdei.daemon import ExitCode, Sidecar
@@ -173,23 +173,6 @@ async def sidecars() -> AsyncIterator[list[RunningSidecar]]:
 
 async def raise_host_events(vm: QemuProcess, sidecar: Sidecar, tags: list[str]) -> None:
     await raise_awaited_events(vm, sidecar.conduit.raise_event, tags)
-
-
-def check_all_steps(console: str, symbols: dict[str, int]) -> None:
-    assert "FATAL" not in console, console
-    steps = parse_steps(console)
-    assert steps["boot"]["hvc"] == symbols["sdei_hvc_insn"]
-    mismatches = {
-        name: (hex(steps[name]["x0"]) if name in steps else "missing", hex(want))
-        for name, want in EXPECTED_X0.items()
-        if name not in steps or steps[name].get("x0") != want
-    }
-    for name, facts in EXPECTED_FACTS.items():
-        got = steps.get(name, {})
-        for key, want in facts.items():
-            if got.get(key) != want:
-                mismatches[f"{name}.{key}"] = (hex(got[key]) if key in got else "missing", hex(want))
-    assert not mismatches, f"steps that differ (got, want): {mismatches}\n\n{console}"
 
 
 def registrations(state_dir: Path, config: Config, vcpus: int = 2) -> dict[str, Any]:
