@@ -106,7 +106,9 @@ def state_document(d: Dispatcher) -> dict[str, Any]:
 
 def encode(d: Dispatcher) -> bytes:
     body = json.dumps(state_document(d), separators=(",", ":"), sort_keys=True).encode()
-    packed = zlib.compress(body, 6)
+    # Level 1: snapshots are taken on the guest's critical path (once per conduit stop); level 6
+    # costs six times the CPU for about 10% fewer bytes.
+    packed = zlib.compress(body, 1)
     return HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_ZLIB, len(packed), zlib.crc32(packed)) + packed
 
 
