@@ -24,10 +24,22 @@ Bare metal (``tests/guests/loop``, 1 vCPU, built with aarch64-linux-gnu-gcc):
 Linux (the cached Debian arm64 kernel, ``--linux-boots N``, 0 to skip): wall time from the VM's
 start to the ``sdei:`` console line with the sidecar (``boot-test``: the kernel then detects
 SDEI 1.1) and without it (plain QEMU on the same SDEI DTB: the kernel's SDEI_VERSION reaches
-QEMU's PSCI code and fails with -95), plus the kernel's printk timestamps for the line. Event
-delivery into Linux needs a test module (notes D+) and is not measured here.
+QEMU's PSCI code and fails with -95), plus the kernel's printk timestamps for the line.
 
-    python bench/conduit.py [--linux-boots N] [--no-persist] [--rounds-only]
+Linux event delivery (``--linux-events N``, 0 to skip; the guest of
+``tests/integration/test_linux_events.py``: the same kernel with an initramfs whose ``/init`` loads
+``sdei_test.ko``, which registers private event 1000 through Linux's own SDEI driver): the full
+sidecar in-process (state file written per stop), N events raised one after the other while the
+guest idles in poll mode (``nohlt``), on smp 1 and smp 2 (alternating vCPUs). Per event:
+``request -> entered`` (the dispatcher entered the handler; the registers go out with the resume
+right after), the conduit's own ``delivery_ns`` (until that resume was written), ``request ->
+resumed`` (the handler's COMPLETE / COMPLETE_AND_RESUME answered: the interrupted context is
+ready) and ``request -> console line`` (the callback's printk reached the host; Linux defers NMI
+printk to irq_work, so this is after the resume). Linux's SDEI entry makes 4 trapped
+``SDEI_EVENT_CONTEXT`` calls before the callback and then completes, so a Linux event costs one
+interrupt stop plus 5 breakpoint traps, each of which makes QEMU flush its translation cache.
+
+    python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist]
 """
 
 from __future__ import annotations
@@ -370,6 +382,61 @@ async def bench_linux(boots: int, workdir: Path) -> dict[str, Any]:
     }
 
 
+async def bench_linux_events(count: int, workdir: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from support.linux_guest import (  # noqa: PLC0415 (test support, only for this section)
+        LinuxGuestUnavailable,
+        booted_linux,
+        prepare_linux_event_guest,
+    )
+
+    try:
+        guest = await asyncio.to_thread(prepare_linux_event_guest)
+    except LinuxGuestUnavailable as err:
+        return {"skipped": str(err)}
+    result: dict[str, Any] = {"kernel": f"{guest.kernel.package} {guest.kernel.version}", "event": guest.event}
+    for smp in (1, 2):
+        async with booted_linux(guest, workdir / f"smp{smp}", smp=smp, timeout=TIMEOUT) as linux:
+            handling_mark = len(linux.sidecar.conduit.stats.trap_handling_ns)
+            deliveries = [await linux.raise_event(n % smp, TIMEOUT) for n in range(count)]
+            await linux.wait_heartbeat_after(linux.heartbeat(), TIMEOUT)
+            stats = linux.sidecar.conduit.stats
+            handling = list(stats.trap_handling_ns)[handling_mark:]
+            trouble = linux.trouble()
+            boot_to_ready = linux.boot_to_ready_s
+            probe = linux.probe
+        if trouble:
+            raise RuntimeError("the kernel complained:\n" + "\n".join(trouble))
+        wrong_cpu = [d.n for d in deliveries if d.cpu != d.vcpu]
+        if wrong_cpu:
+            raise RuntimeError(f"events delivered on the wrong CPU: {wrong_cpu}")
+        # Trap round trips inside the handler: entered -> each call -> the completion.
+        in_handler: list[int] = []
+        for d in deliveries:
+            assert d.entered_ns is not None
+            marks = [d.entered_ns, *d.handler_call_ns]
+            in_handler.extend(b - a for a, b in itertools.pairwise(marks))
+        completions: dict[str, int] = {}
+        for d in deliveries:
+            completions[d.handler_calls[-1]] = completions.get(d.handler_calls[-1], 0) + 1
+        calls = {",".join(d.handler_calls) for d in deliveries}
+        result[f"smp{smp}"] = {
+            "events": count,
+            "boot_to_ready_s": round(boot_to_ready, 3),
+            "request_to_entered": summary_us([d.entered_ns for d in deliveries if d.entered_ns is not None]),
+            "conduit_delivery_ns": summary_us([d.conduit_delivery_ns for d in deliveries if d.conduit_delivery_ns]),
+            "request_to_resumed": summary_us([d.resumed_ns for d in deliveries]),
+            "request_to_console_line": summary_us([d.line_ns for d in deliveries]),
+            "handler_trap_round_trip": summary_us(in_handler),
+            "handler_trap_sidecar_share": summary_us(handling),
+            "handler_calls": sorted(calls),
+            "completions": completions,
+            "deferred_deliveries": stats.deferred_deliveries,
+            "probe_entries": len(probe.entered),
+        }
+    return result
+
+
 def qemu_version() -> str:
     out = subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True, check=False)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -387,12 +454,15 @@ async def main(args: argparse.Namespace, qemu: str) -> dict[str, Any]:
         result["baremetal"] = [await bench_baremetal(elf, work / f"bm-{persist}", persist=persist) for persist in runs]
         if args.linux_boots > 0:
             result["linux"] = await bench_linux(args.linux_boots, work / "linux")
+        if args.linux_events > 0:
+            result["linux_events"] = await bench_linux_events(args.linux_events, work / "linux-events")
     return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--linux-boots", type=int, default=5, help="boots with and without the sidecar (0: skip)")
+    parser.add_argument("--linux-events", type=int, default=50, help="events raised into Linux per smp (0: skip)")
     parser.add_argument("--no-persist", action="store_true", help="bare metal only without state-file writes")
     try:
         print(json.dumps(asyncio.run(main(parser.parse_args(), qemu_version())), indent=2))

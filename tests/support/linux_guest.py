@@ -402,6 +402,7 @@ class Delivery:
     line_ns: int  # the callback's console line reached the host
     resumed_ns: int  # the handler's COMPLETE / COMPLETE_AND_RESUME was answered
     handler_calls: list[str]  # the SDEI calls the handler made, in order
+    handler_call_ns: list[int]  # when each of them reached the sidecar
     conduit_delivery_ns: int | None  # conduit.stats.delivery_ns sample for this request, if any
 
 
@@ -438,7 +439,7 @@ class LinuxEventVm:
         entered = self.probe.entered[marks[0] :]
         completion = self.probe.completions[marks[2]]
         delivery = list(conduit.stats.delivery_ns)[samples:] if len(conduit.stats.delivery_ns) > samples else []
-        calls = [c for c in self.probe.calls[marks[1] :] if c[2] <= completion[2]]
+        calls = [c for c in self.probe.calls[marks[1] :] if c[0] == vcpu and c[2] <= completion[2]]
         return Delivery(
             n=n,
             vcpu=vcpu,
@@ -450,6 +451,7 @@ class LinuxEventVm:
             line_ns=line_at - t0,
             resumed_ns=completion[2] - t0,
             handler_calls=[_call_name(fid) for _, fid, _ in calls],
+            handler_call_ns=[at - t0 for _, _, at in calls],
             conduit_delivery_ns=delivery[0] if delivery else None,
         )
 
