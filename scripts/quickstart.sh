@@ -10,6 +10,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-pip ca-certificates
     qemu-system-arm                 # qemu-system-aarch64 (TCG)
     gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu   # the bare-metal test guests
+    libc6-dev-arm64-cross make      # the Linux test module and its static /init
     device-tree-compiler            # dtc: the DTB with /firmware/sdei
     dbus mosquitto                  # migration (dbus-vmstate) and orchestration tests
 )
