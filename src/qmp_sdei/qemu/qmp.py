@@ -666,6 +666,24 @@ class _Attempt:
         return QemuError(f"QMP attach to {self.where} failed during {self.phase}: {_one_line(str(err))}")
 
 
+class _QuietQMPClient(QMPClient):
+    """qemu.qmp formats every message for a debug log line even when nobody logs debug.
+
+    With the gdbstub conduit every trapped guest call brings a STOP and a RESUME event, and that
+    eager ``str(msg)`` (a JSON dump each) was a measurable share of the sidecar's time per call.
+    """
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            return super()._cb_inbound(msg)
+        return msg
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            return super()._cb_outbound(msg)
+        return msg
+
+
 async def attach(
     address: QmpAddress,
     *,
@@ -690,7 +708,7 @@ async def attach(
         system emulator (one-line message naming the address).
     """
     attempt = _Attempt(address, listen)
-    client = QMPClient(name or f"qmp-sdei:{attempt.where}")
+    client = _QuietQMPClient(name or f"qmp-sdei:{attempt.where}")
     session = QmpSession(client, address, command_timeout)
     try:
         async with asyncio.timeout(timeout):
