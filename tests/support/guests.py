@@ -99,3 +99,44 @@ async def connect_gdbstub(port: int, timeout: float = 30.0) -> RspClient:
             if asyncio.get_running_loop().time() > deadline:
                 raise
         await asyncio.sleep(0.02)  # nothing to wait on: QEMU gives no signal when the port is up
+
+
+DEFERRAL_GUEST_DIR = GUEST_DIR.parent / "deferral"
+
+
+def build_guest_dir(guest_dir: Path, outdir: Path, sources: tuple[str, ...] = SOURCES) -> Path:
+    """Compile the guest in ``guest_dir`` (``sources`` + ``link.ld``) like the bare-metal one.
+
+    Same flags, same cache scheme: the ELF is named by a hash of the sources, flags and compiler,
+    and written under a temporary name first, so concurrent runs share one build safely.
+    """
+    digest = hashlib.sha256()
+    for name in (*sources, LINKER_SCRIPT):
+        digest.update(name.encode() + b"\0" + (guest_dir / name).read_bytes() + b"\0")
+    digest.update(" ".join(CFLAGS).encode())
+    version = subprocess.run([f"{CROSS}gcc", "--version"], capture_output=True, check=True, text=True).stdout
+    digest.update(version.encode())
+    outdir.mkdir(parents=True, exist_ok=True)
+    elf = outdir / f"{guest_dir.name}-{digest.hexdigest()[:16]}.elf"
+    if elf.exists():
+        return elf
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{guest_dir.name}-", suffix=".elf", dir=outdir)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [f"{CROSS}gcc", *CFLAGS, "-T", str(guest_dir / LINKER_SCRIPT), "-o", tmp_name,
+             *(str(guest_dir / s) for s in sources)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"building the guest in {guest_dir} failed:\n{result.stderr}")
+        os.replace(tmp_name, elf)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return elf
+
+
+def build_deferral_guest(outdir: Path) -> Path:
+    """The deferred-delivery guest (``tests/guests/deferral``): vCPU 0 waits in EL1t and EL0."""
+    return build_guest_dir(DEFERRAL_GUEST_DIR, outdir)
