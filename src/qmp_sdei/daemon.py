@@ -53,6 +53,9 @@ class ExitCode(enum.IntEnum):
     CONDUIT = 5  # the gdbstub conduit failed
 
 
+#: PSCI calls with which a guest resets the VM (passed through to QEMU).
+GUEST_RESET_CALLS = frozenset({psci.Function.SYSTEM_RESET, psci.Function.SYSTEM_RESET2, psci.Function.SYSTEM_RESET2_64})
+
 #: SDEI calls that never change dispatcher state: no need to write the state file after them.
 READ_ONLY_CALLS = frozenset(
     {
@@ -153,6 +156,9 @@ class Sidecar:
         #: set once attached, negotiated and serving; tests and ``boot-test`` wait on it
         self.ready = asyncio.Event()
         self._changed = asyncio.Event()  # replaced after each VM event: see wait_until()
+        #: guest resets already applied when the conduit passed the guest's PSCI reset call through;
+        #: the QMP RESET event that follows each must not reset SDEI state a second time
+        self._resets_applied_early = 0
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -266,7 +272,14 @@ class Sidecar:
         """Filter PSCI for the pinned version; keep SDEI state in step with vCPU power."""
         assert self.pins is not None and self.dispatcher is not None
         answer = psci_answer(self.pins.psci, fid, x1)
-        if answer is None and fid == psci.Function.CPU_OFF:
+        if answer is None and fid in GUEST_RESET_CALLS:
+            # Reset SDEI state now, before QEMU resets the VM and the guest runs again. Waiting for
+            # QMP's RESET event would race with the guest's first calls after the reset: the event
+            # and the next breakpoint stop arrive on different sockets in no guaranteed order.
+            self.dispatcher.reset()
+            self._resets_applied_early += 1
+            self.save_state()
+        elif answer is None and fid == psci.Function.CPU_OFF:
             # The vCPU powers down: its private events are gone and it comes back masked.
             self.dispatcher.reset_vcpu(vcpu)
             self.counters.vcpu_resets += 1
@@ -299,7 +312,10 @@ class Sidecar:
         kind = event.kind
         if kind is VmEventKind.RESET:
             # SDEI state resets with the VM (all masked, nothing registered); the pins stay.
-            self.dispatcher.reset()
+            if event.guest and self._resets_applied_early:
+                self._resets_applied_early -= 1  # done when the conduit saw the PSCI call
+            else:
+                self.dispatcher.reset()
             self.counters.resets += 1
             self.counters.guest_resets += int(bool(event.guest))
             self.save_state()

@@ -10,6 +10,7 @@ import pytest
 from qmp_sdei.abi import psci
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import PersistingDispatcher, Sidecar
+from qmp_sdei.qemu.qmp import VmEvent, VmEventKind
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.statefile import VmIdentity
 from qmp_sdei.versions import VersionPins
@@ -89,4 +90,23 @@ def test_cpu_off_resets_that_vcpus_sdei_state(tmp_path: Path) -> None:
     assert sidecar.dispatcher.vcpus[1].stack == []
     assert call(sidecar.dispatcher, 1, F.EVENT_STATUS, PRIVATE) == 0
     assert sidecar.counters.state_writes == writes + 1  # durable before the vCPU goes down
+    sidecar.store.release()
+
+
+def test_guest_reset_is_applied_when_the_conduit_passes_it_through(tmp_path: Path) -> None:
+    """The SDEI reset happens at the PSCI call, and QMP's later RESET event does not repeat it."""
+    sidecar = sidecar_without_qemu(tmp_path)
+    assert sidecar.dispatcher is not None
+    enter_handler(sidecar)
+    assert sidecar.psci_policy(0, psci.Function.SYSTEM_RESET, 0, 0, 0) is None  # QEMU performs it
+    assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, PRIVATE) == 0
+    assert sidecar.dispatcher.vcpus[0].masked
+    # The guest runs again and registers before the sidecar has read QMP's RESET event...
+    assert call(sidecar.persisting, 0, F.EVENT_REGISTER, PRIVATE, ENTRY, 1, 0, 0) == 0  # type: ignore[arg-type]
+    sidecar._on_vm_event(VmEvent(VmEventKind.RESET, 0.0, guest=True, reason="guest-reset"))
+    assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, PRIVATE) == 1  # ...and keeps its registration
+    assert sidecar.counters.resets == 1
+    # A later host reset still resets.
+    sidecar._on_vm_event(VmEvent(VmEventKind.RESET, 0.0, guest=False, reason="host-qmp-system-reset"))
+    assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, PRIVATE) == 0
     sidecar.store.release()
