@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,15 @@ from qmp_sdei.abi import psci
 from qmp_sdei.abi.sdei import Function as SdeiFunction
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.config import Config, load
-from qmp_sdei.errors import ConfigError, IncompatibleState, QemuError, SdeiError, StateDirBusy
+from qmp_sdei.errors import (
+    ConduitError,
+    ConfigError,
+    IncompatibleState,
+    QemuError,
+    SdeiError,
+    StateDirBusy,
+    VersionError,
+)
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.qemu.facts import VmFacts, discover, qemu_psci_version
 from qmp_sdei.qemu.qmp import QmpSession, VmEvent, VmEventKind, attach
@@ -159,6 +168,7 @@ class Sidecar:
         #: guest resets already applied when the conduit passed the guest's PSCI reset call through;
         #: the QMP RESET event that follows each must not reset SDEI state a second time
         self._resets_applied_early = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -337,12 +347,14 @@ class Sidecar:
 
         await asyncio.wait_for(wait(), timeout)
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a short job beside the main tasks; its failure is logged, not fatal."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._background_done)
 
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s failed: %s", task.get_name(), task.exception())
 
@@ -387,7 +399,7 @@ class Sidecar:
             log.warning("SIGHUP: [%s] cannot change while the VM runs; keeping the current settings", key)
         if "log" in allowed:
             configure_logging(new.log.level, new.log.format)
-            self.config = Config(**{**vars(self.config), "log": new.log})
+            self.config = dataclasses.replace(self.config, log=new.log)
             log.info("SIGHUP: logging is now %s/%s", new.log.level, new.log.format)
         elif not refused:
             log.info("SIGHUP: config unchanged")
@@ -466,8 +478,6 @@ def _first_leaf(group: BaseExceptionGroup[SdeiError]) -> SdeiError:
 
 
 def _exit_code_for(err: SdeiError) -> ExitCode:
-    from qmp_sdei.errors import ConduitError, VersionError  # noqa: PLC0415
-
     if isinstance(err, ConfigError):
         return ExitCode.CONFIG
     if isinstance(err, QemuError):
