@@ -523,12 +523,51 @@ def test_signal_to_masked_or_disabled_target(profile: str, queued: bool) -> None
     d = make(profile=profile)
     register(d, 1, 0, unmask=False)  # masked
     expected = 0 if queued else INVALID
-    assert call(d, 0, F.EVENT_SIGNAL, 0, mpidr_of(1)) == expected
+    assert call(d, 1, F.EVENT_SIGNAL, 0, mpidr_of(1)) == expected
     call(d, 1, F.PE_UNMASK)
     call(d, 1, F.EVENT_DISABLE, 0)
-    assert call(d, 0, F.EVENT_SIGNAL, 0, mpidr_of(1)) == expected
+    assert call(d, 1, F.EVENT_SIGNAL, 0, mpidr_of(1)) == expected
     call(d, 1, F.EVENT_ENABLE, 0)
     assert (d.deliverable() == [1]) == queued
+
+
+def test_kvm_signal_ignores_x2_and_targets_the_caller() -> None:
+    d = make(profile="kvm")
+    register(d, 1, 0)
+    assert call(d, 1, F.EVENT_SIGNAL, 0, 0xDEAD) == 0  # x2 is not even checked
+    assert d.deliverable() == [1]
+    assert call(d, 0, F.EVENT_SIGNAL, 0, mpidr_of(1)) == INVALID  # caller vCPU 0 has no event 0
+
+
+def test_profiles_default_versions() -> None:
+    assert call(Dispatcher(profile="tf-a"), 0, F.VERSION) == 0x1_0000_0000_0000
+    assert call(Dispatcher(profile="kvm"), 0, F.VERSION) == 0x1_0001_004B_564D
+    assert call(Dispatcher(profile="kvm", version=(1, 0), vendor=0), 0, F.VERSION) == 0x1_0000_0000_0000
+
+
+def test_kvm_has_no_interrupt_binding_and_no_private_affinity_check() -> None:
+    d = make(profile="kvm")
+    assert call(d, 0, F.INTERRUPT_BIND, 40) == NOT_SUPPORTED
+    assert call(d, 0, F.INTERRUPT_RELEASE, DYNAMIC_SHARED_BASE) == NOT_SUPPORTED
+    assert call(d, 0, F.EVENT_REGISTER, PRIVATE, ENTRY, ARG, 1, 0x77) == 0  # RM_PE, bogus affinity
+    assert call(make(), 0, F.EVENT_REGISTER, PRIVATE, ENTRY, ARG, 1, 0x77) == INVALID  # TF-A checks it
+
+
+def test_trigger_reports_only_the_triggered_event_as_deliverable() -> None:
+    d = make()
+    register(d, 0, 0)
+    register(d, 0, PRIVATE, enable=False)
+    d.trigger(0, 0)
+    result = d.trigger(PRIVATE, 0)  # vCPU 0 has a deliverable event, but not this one
+    assert result.outcome is TriggerOutcome.PENDING
+    assert "disabled" in result.reason
+    register(d, 0, CRITICAL)
+    d.trigger(PRIVATE, 0)
+    call(d, 0, F.EVENT_ENABLE, PRIVATE)
+    assert d.trigger(CRITICAL, 0).outcome is TriggerOutcome.DELIVERABLE  # critical goes first
+    late = d.trigger(0, 0)
+    assert late.outcome is TriggerOutcome.PENDING
+    assert "higher-priority" in late.reason
 
 
 def test_signal_argument_errors() -> None:

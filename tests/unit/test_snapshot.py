@@ -23,7 +23,7 @@ def busy(vcpus: int = 2, **kw: object) -> Dispatcher:
         register(d, v, 0, enable=False)
     register(d, 0, SHARED)
     call(d, 0, F.EVENT_ROUTING_SET, SHARED, 0, 0)
-    call(d, 0, F.INTERRUPT_BIND, 20)
+    register(d, 0, call(d, 0, F.INTERRUPT_BIND, 20))  # a bound dynamic event, registered
     call(d, 0, F.INTERRUPT_BIND, 40)
     for v in range(vcpus):
         regs = run_handler(d, v, PRIVATE, seed=(v + 1) << 40)
@@ -129,10 +129,13 @@ def test_uncompressed_body_is_accepted() -> None:
         (lambda: make(vcpus=3), "for 2 vCPUs, this VM has 3"),
         (lambda: make(version=(1, 0)), "SDEI version"),
         (lambda: make(vendor=5), "vendor"),
-        (lambda: make(profile="kvm"), "profile"),
+        (lambda: make(profile="kvm", vendor=0), "profile"),
         (lambda: make(bind_slots=(1, 1)), "bind slots"),
-        (lambda: Dispatcher(events=[EventSpec(1000)], mpidrs=[0, 1], bind_slots=(3, 3)), "catalogue"),
-        (lambda: Dispatcher(events=make().catalogue, mpidrs=[0, 0x100], bind_slots=(3, 3)), "MPIDRs"),
+        (lambda: Dispatcher(events=[EventSpec(1000)], mpidrs=[0, 1], version=(1, 1), bind_slots=(3, 3)), "catalogue"),
+        (
+            lambda: Dispatcher(events=make().catalogue, mpidrs=[0, 0x100], version=(1, 1), bind_slots=(3, 3)),
+            "MPIDRs",
+        ),
     ],
 )
 def test_incompatible_dispatcher_is_refused(other: object, match: str) -> None:
@@ -155,6 +158,12 @@ def test_incompatible_dispatcher_is_refused(other: object, match: str) -> None:
         (lambda doc: doc["bindings"].append([SHARED, 5]), "bindings"),
         (lambda doc: doc["pending"].append([-1, PRIVATE]), "wrong kind of target"),
         (lambda doc: doc.pop("vcpus"), "vcpus is missing"),
+        (lambda doc: doc["shared"][0].update(route=1, affinity=0x77), "routed to unknown PE"),
+        (lambda doc: doc["shared"][0].update(affinity=1), "affinity in RM_ANY"),
+        (lambda doc: doc["bindings"].append([0x4000_0002, 20]), "bound to two events"),
+        (lambda doc: doc["bindings"].__setitem__(0, [0x4000_0000, 41]), "of the wrong kind"),
+        (lambda doc: doc["bindings"].pop(0), "registered but not bound"),
+        (lambda doc: doc["vcpus"][0]["events"].pop(0), "pending but not registered"),
     ],
 )
 def test_inconsistent_documents_are_refused(mutate: object, match: str) -> None:

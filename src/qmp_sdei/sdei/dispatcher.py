@@ -140,8 +140,8 @@ class Dispatcher:
 
     :param events: the VM's fixed catalogue; event 0 is always added (private, normal, signalable).
     :param mpidrs: each vCPU's MPIDR, indexed by vCPU number (affinity fields only).
-    :param version: the SDEI version to advertise, (1, 0) or (1, 1).
-    :param vendor: the 32-bit vendor field of SDEI_VERSION.
+    :param version: the SDEI version to advertise, (1, 0) or (1, 1); default: the profile's.
+    :param vendor: the 32-bit vendor field of SDEI_VERSION; default: the profile's.
     :param profile: ``"tf-a"`` (default), ``"kvm"``, or a :class:`Profile`.
     :param bind_slots: (private, shared) dynamic slots for SDEI_INTERRUPT_BIND.
     :raise CatalogueError: for an invalid catalogue or topology.
@@ -151,16 +151,17 @@ class Dispatcher:
         self,
         events: Iterable[EventSpec] = (),
         mpidrs: Sequence[int] = (0,),
-        version: tuple[int, int] = (1, 1),
+        version: tuple[int, int] | None = None,
         profile: str | Profile = "tf-a",
         bind_slots: tuple[int, int] = (0, 0),
-        vendor: int = 0,
+        vendor: int | None = None,
     ) -> None:
-        self.version = _check_version(version)
+        self.profile = _resolve_profile(profile)
+        self.version = _check_version(self.profile.default_version if version is None else version)
+        vendor = self.profile.default_vendor if vendor is None else vendor
         if not 0 <= vendor <= 0xFFFF_FFFF:
             raise CatalogueError(f"SDEI vendor field {vendor:#x} does not fit in 32 bits")
         self.vendor = vendor
-        self.profile = _resolve_profile(profile)
         self.bind_slots = _check_bind_slots(bind_slots)
         self.mpidrs = _check_mpidrs(mpidrs)
         self.catalogue: tuple[EventSpec, ...] = _check_catalogue(events)
@@ -263,7 +264,10 @@ class Dispatcher:
         entry_point, argument, flags, affinity = regs.x[2], regs.x[3], regs.x[4], regs.x[5]
         if spec is None or entry_point == 0:
             return Result.INVALID_PARAMETERS
-        if flags not in abi.REGISTER_FLAGS_VALID or not self._valid_route(flags, affinity):
+        if flags not in abi.REGISTER_FLAGS_VALID:
+            return Result.INVALID_PARAMETERS
+        checks_affinity = spec.shared or self.profile.validates_private_affinity
+        if checks_affinity and not self._valid_route(flags, affinity):
             return Result.INVALID_PARAMETERS
         if self.is_dynamic(spec.number) and spec.number not in self.bindings:
             return Result.DENIED
@@ -424,9 +428,14 @@ class Dispatcher:
 
     @_handles(Function.EVENT_SIGNAL)
     def _signal(self, vcpu: int, regs: VcpuRegs) -> int:
-        if _u32_signed(regs.x[1]) != abi.SIGNAL_EVENT or not self._valid_mpidr(regs.x[2]):
+        if _u32_signed(regs.x[1]) != abi.SIGNAL_EVENT:
             return Result.INVALID_PARAMETERS
-        target = self._vcpu_by_mpidr[regs.x[2] & abi.MPIDR_AFFINITY_MASK]
+        if self.profile.signal_targets_caller:
+            target = vcpu
+        elif self._valid_mpidr(regs.x[2]):
+            target = self._vcpu_by_mpidr[regs.x[2] & abi.MPIDR_AFFINITY_MASK]
+        else:
+            return Result.INVALID_PARAMETERS
         inst = self.vcpus[target].private[abi.SIGNAL_EVENT]
         if not self.profile.signal_queues_when_not_ready:
             ready = inst.state.enabled and not self.vcpus[target].masked
@@ -450,6 +459,8 @@ class Dispatcher:
 
     @_handles(Function.INTERRUPT_BIND)
     def _interrupt_bind(self, vcpu: int, regs: VcpuRegs) -> int:
+        if not self.profile.interrupt_binding:
+            return Result.NOT_SUPPORTED
         intid = regs.x[1]
         if intid in abi.PPI_RANGE:
             base, slots = DYNAMIC_PRIVATE_BASE, self.bind_slots[0]
@@ -468,6 +479,8 @@ class Dispatcher:
 
     @_handles(Function.INTERRUPT_RELEASE)
     def _interrupt_release(self, vcpu: int, regs: VcpuRegs) -> int:
+        if not self.profile.interrupt_binding:
+            return Result.NOT_SUPPORTED
         spec = self._event_arg(regs.x[1])
         if spec is None or not self.is_dynamic(spec.number) or spec.number not in self.bindings:
             return Result.INVALID_PARAMETERS
@@ -536,7 +549,8 @@ class Dispatcher:
             return TriggerResult(TriggerOutcome.DROPPED, reason="event is not registered")
         key = self._pending_key(event, target)
         self.pending.add(key)
-        ready = tuple(v for v in self._route_targets(key) if self._pick(v) is not None)
+        # Only this event counts: another one being deliverable on the vCPU says nothing about it.
+        ready = tuple(v for v in self._route_targets(key) if self._pick(v) == key)
         if ready:
             return TriggerResult(TriggerOutcome.DELIVERABLE, ready)
         return TriggerResult(TriggerOutcome.PENDING, reason=self._why_waiting(key))
@@ -548,6 +562,8 @@ class Dispatcher:
         targets = self._route_targets(key)
         if all(self.vcpus[v].masked for v in targets):
             return "target vCPU is masked"
+        if all(not self.vcpus[v].stack for v in targets):
+            return "a higher-priority event is delivered first"
         return "a handler of equal or higher priority is running"
 
     def _route_targets(self, key: tuple[int | None, int]) -> list[int]:

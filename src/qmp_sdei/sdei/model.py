@@ -79,6 +79,15 @@ class Profile:
     zero_unused_entry_registers: bool
     #: FEATURES(RELATIVE_MODE) on an SDEI 1.0 dispatcher: INVALID_PARAMETERS (TF-A) or 0 (KVM).
     relative_mode_feature_on_1_0: bool
+    #: EVENT_SIGNAL: x2 names the target PE (TF-A), or is ignored and the caller is the target (KVM).
+    signal_targets_caller: bool
+    #: INTERRUPT_BIND/RELEASE are served (TF-A) or answer NOT_SUPPORTED (KVM has no binding).
+    interrupt_binding: bool
+    #: REGISTER of a private event with RM_PE checks the affinity (TF-A) or only the flags (KVM).
+    validates_private_affinity: bool
+    #: SDEI_VERSION when the dispatcher is not given one: TF-A reports 1.0/0, KVM 1.1/"KVM".
+    default_version: tuple[int, int]
+    default_vendor: int
 
 
 PROFILES: dict[str, Profile] = {
@@ -91,6 +100,11 @@ PROFILES: dict[str, Profile] = {
         context_checks_index_first=True,
         zero_unused_entry_registers=False,
         relative_mode_feature_on_1_0=False,
+        signal_targets_caller=False,
+        interrupt_binding=True,
+        validates_private_affinity=True,
+        default_version=(1, 0),
+        default_vendor=0,
     ),
     "kvm": Profile(
         name="kvm",
@@ -101,5 +115,10 @@ PROFILES: dict[str, Profile] = {
         context_checks_index_first=False,
         zero_unused_entry_registers=True,
         relative_mode_feature_on_1_0=True,
+        signal_targets_caller=True,
+        interrupt_binding=False,
+        validates_private_affinity=False,
+        default_version=(1, 1),
+        default_vendor=0x4B564D,  # ASCII "KVM"
     ),
 }

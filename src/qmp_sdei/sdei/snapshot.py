@@ -318,6 +318,7 @@ def _decode_v1(d: Dispatcher, doc: dict[str, Any]) -> Callable[[], None]:
         pending.add((None if is_shared else vcpu, number))
 
     _check_consistency(d, vcpus, shared)
+    _check_reachable(d, vcpus, shared, bindings, pending)
 
     def install() -> None:
         d.vcpus, d.shared, d.bindings, d.pending = vcpus, shared, bindings, pending
@@ -345,6 +346,45 @@ def _check_consistency(d: Dispatcher, vcpus: list[VcpuState], shared: dict[int, 
     for number, inst in shared.items():
         if inst.state.running != (number in running_shared):
             raise IncompatibleState(f"state is corrupted: shared event {number} running flag")
+
+
+def _check_reachable(
+    d: Dispatcher,
+    vcpus: list[VcpuState],
+    shared: dict[int, EventInstance],
+    bindings: dict[int, int],
+    pending: set[tuple[int | None, int]],
+) -> None:
+    """Reject what no sequence of calls can produce: it would be state the guest never made."""
+    from qmp_sdei.sdei.dispatcher import DYNAMIC_SHARED_BASE  # noqa: PLC0415
+
+    for number, inst in shared.items():
+        if inst.route_mode == abi.RM_PE and inst.affinity not in d.mpidrs:
+            raise IncompatibleState(
+                f"state is corrupted: shared event {number} routed to unknown PE {inst.affinity:#x}"
+            )
+        if inst.route_mode == abi.RM_ANY and inst.affinity:
+            raise IncompatibleState(f"state is corrupted: shared event {number} has an affinity in RM_ANY")
+    if len(set(bindings.values())) != len(bindings):
+        raise IncompatibleState("state is corrupted: an interrupt is bound to two events")
+    for number, intid in bindings.items():
+        wanted = abi.SPI_RANGE if number >= DYNAMIC_SHARED_BASE else abi.PPI_RANGE
+        if intid not in wanted:
+            raise IncompatibleState(
+                f"state is corrupted: event {number:#x} bound to interrupt {intid} of the wrong kind"
+            )
+
+    def instances(number: int) -> list[EventInstance]:
+        return [shared[number]] if d.spec(number).shared else [v.private[number] for v in vcpus]
+
+    for number in d.shared.keys() | vcpus[0].private.keys():
+        bound_or_static = not d.is_dynamic(number) or number in bindings
+        if not bound_or_static and any(inst.state is not HandlerState.UNREGISTERED for inst in instances(number)):
+            raise IncompatibleState(f"state is corrupted: event {number:#x} is registered but not bound")
+    for vcpu, number in pending:
+        inst = shared[number] if vcpu is None else vcpus[vcpu].private[number]
+        if not inst.state.registered:
+            raise IncompatibleState(f"state is corrupted: event {number} is pending but not registered")
 
 
 _DECODERS: dict[int, Callable[[Dispatcher, dict[str, Any]], Callable[[], None]]] = {1: _decode_v1}
