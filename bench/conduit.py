@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -65,54 +64,29 @@ from qemu.qmp import ConnectError, QMPClient
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit
-from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.daemon import PersistingDispatcher
-from qmp_sdei.errors import ConduitError, QemuError
+from qmp_sdei.errors import QemuError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Completion, Dispatcher, EventSpec, TriggerOutcome, TriggerResult, VcpuRegs
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
 from qmp_sdei.versions import VersionPins
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the guests and their builders live with the tests
+from support.guests import build_guest_dir, connect_gdbstub, elf_symbols, free_port  # noqa: E402
+
 GUEST_DIR = REPO / "tests" / "guests" / "loop"
-CROSS = "aarch64-linux-gnu-"
-CFLAGS = [
-    "-O2", "-ffreestanding", "-nostdlib", "-fno-builtin", "-mgeneral-regs-only", "-static", "-no-pie",
-    "-mstrict-align", "-Wall", "-Wextra", "-Werror",
-]  # fmt: skip
 ROUNDS, CALLS, EVENTS = 10, 200, 100  # as compiled into tests/guests/loop/loop.c
 TIMEOUT = 120.0
 
 
 def build_loop_guest(outdir: Path) -> Path:
-    """Compile tests/guests/loop (cached by a hash of sources, flags and compiler)."""
-    sources = [GUEST_DIR / "start.S", GUEST_DIR / "loop.c"]
-    script = GUEST_DIR / "link.ld"
-    version = subprocess.run([f"{CROSS}gcc", "--version"], capture_output=True, text=True, check=True).stdout
-    digest = hashlib.sha256(version.encode() + " ".join(CFLAGS).encode())
-    for path in [*sources, script]:
-        digest.update(path.read_bytes())
-    elf = outdir / f"loop-{digest.hexdigest()[:16]}.elf"
-    if not elf.exists():
-        outdir.mkdir(parents=True, exist_ok=True)
-        tmp = outdir / f".{elf.name}.{os.getpid()}"
-        result = subprocess.run(
-            [f"{CROSS}gcc", *CFLAGS, "-T", str(script), "-o", str(tmp), *map(str, sources)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"building the loop guest failed:\n{result.stderr}")
-        os.replace(tmp, elf)
-    return elf
+    """Compile tests/guests/loop with the test guests' flags (cached by source hash)."""
+    return build_guest_dir(GUEST_DIR, outdir, sources=("start.S", "loop.c"))
 
 
 def hvc_site(elf: Path) -> int:
-    out = subprocess.run([f"{CROSS}nm", str(elf)], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        address, _, name = line.split()
-        if name == "smccc_hvc_insn":
-            return int(address, 16)
-    raise RuntimeError("no smccc_hvc_insn in the loop guest")
+    return elf_symbols(elf)["smccc_hvc_insn"]
 
 
 def summary_us(samples_ns: list[int]) -> dict[str, float | int]:
@@ -169,26 +143,6 @@ class TimingDispatcher:
         return self.inner.deliver(vcpu, regs)
 
 
-async def connect_gdbstub(port: int) -> RspClient:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            return await RspClient.connect("127.0.0.1", port, timeout=TIMEOUT)
-        except ConduitError as err:
-            if not isinstance(err.__cause__, ConnectionRefusedError) or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.02)  # QEMU gives no signal when the gdb port starts listening
-
-
-def free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[str, Any]:
     port = free_port()
     spec = QemuSpec(smp=1, kernel=elf, gdb=f"tcp:127.0.0.1:{port}", paused=True)
@@ -205,7 +159,7 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[st
 
     timing = TimingDispatcher(PersistingDispatcher(inner, save) if persist else inner)
     async with QemuProcess(spec, workdir / "vm") as vm:
-        conduit = GdbstubConduit(await connect_gdbstub(port), timing, [hvc_site(elf)], timeout=TIMEOUT)
+        conduit = GdbstubConduit(await connect_gdbstub(port, TIMEOUT), timing, [hvc_site(elf)], timeout=TIMEOUT)
         await conduit.start()
         run = asyncio.create_task(conduit.run(), name="conduit.run")
         try:
@@ -383,7 +337,6 @@ async def bench_linux(boots: int, workdir: Path) -> dict[str, Any]:
 
 
 async def bench_linux_events(count: int, workdir: Path) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "tests"))
     from support.linux_guest import (  # noqa: PLC0415 (test support, only for this section)
         LinuxGuestUnavailable,
         booted_linux,

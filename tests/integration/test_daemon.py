@@ -25,6 +25,7 @@ from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import StateStore
+from support.guests import build_guest_dir
 from support.qemu import SLOW, fake_peer, harness_client, requires_qemu, running_qemu, send_junk
 from support.sdei import ENTRY, F, call
 
@@ -463,3 +464,18 @@ def make_like(sidecar: Sidecar) -> Dispatcher:
     return Dispatcher(
         events=d.catalogue, mpidrs=d.mpidrs, version=d.version, profile=d.profile, bind_slots=d.bind_slots
     )
+
+
+@pytest.mark.guest
+@pytest.mark.asyncio
+async def test_qemu_killed_while_the_conduit_traps_calls(tmp_path: Path) -> None:
+    """QEMU dying mid-trap is "QEMU exited" (exit 0), not a conduit failure."""
+    guest = build_guest_dir(Path(__file__).parents[1] / "guests" / "loop", tmp_path / "guest", ("start.S", "loop.c"))
+    async with running_qemu(tmp_path, QemuSpec(kernel=guest)) as vm:
+        doc = config_for(tmp_path, vm, conduit={"enabled": True, "elf": str(guest), "start_vm": True})
+        async with serving(parse(doc)) as (sidecar, task):
+            await vm.wait_for_console(r"ROUND 1 ", SLOW)  # hundreds of trapped calls in
+            vm.kill(signal.SIGKILL)
+            assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+            assert sidecar.shutdown_reason == "QEMU exited"
+            assert sidecar.conduit.stats.sdei_calls >= 200
