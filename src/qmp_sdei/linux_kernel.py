@@ -14,8 +14,6 @@ DT SDEI fix from 6.1.192 on); the backported 6.12 series is available by passing
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -23,11 +21,10 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from qmp_sdei.cache import cache_root
+from qmp_sdei.cache import cache_root, locked
 from qmp_sdei.errors import KernelFetchError
 
 log = logging.getLogger(__name__)
@@ -146,18 +143,6 @@ def resolve_debian_kernel(package: str = DEFAULT_PACKAGE, *, timeout: float = 30
     raise KernelFetchError(f"{package}: more than {_MAX_META_HOPS} meta-packages deep, giving up")
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Serialise fetches into one cache directory across processes (parallel test runs)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _cached_image(entry: Path) -> Path | None:
     found = sorted((entry / "boot").glob("vmlinuz-*"))
     return found[0] if found else None
@@ -232,7 +217,7 @@ def fetch_debian_kernel_package(
         return DebianKernel(name, version.replace("%3a", ":"), image)
 
     entry = cache / f"{name}_{version.replace(':', '%3a')}"
-    with _locked(cache):
+    with locked(cache):
         image = _cached_image(entry)
         if image is not None:
             return DebianKernel(name, version, image)

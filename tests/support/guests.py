@@ -30,37 +30,9 @@ SOURCES = ("start.S", "guest.c")
 LINKER_SCRIPT = "link.ld"
 
 
-def _fingerprint() -> str:
-    digest = hashlib.sha256()
-    for name in (*SOURCES, LINKER_SCRIPT):
-        digest.update(name.encode() + b"\0" + (GUEST_DIR / name).read_bytes() + b"\0")
-    digest.update(" ".join(CFLAGS).encode())
-    version = subprocess.run([f"{CROSS}gcc", "--version"], capture_output=True, check=True, text=True).stdout
-    digest.update(version.encode())
-    return digest.hexdigest()[:16]
-
-
 def build_baremetal_guest(outdir: Path) -> Path:
     """Compile the guest into ``outdir`` (reusing an identical earlier build) and return the ELF path."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    elf = outdir / f"baremetal-{_fingerprint()}.elf"
-    if elf.exists():
-        return elf
-    fd, tmp_name = tempfile.mkstemp(prefix=".baremetal-", suffix=".elf", dir=outdir)
-    os.close(fd)
-    try:
-        result = subprocess.run(
-            [f"{CROSS}gcc", *CFLAGS, "-T", str(GUEST_DIR / LINKER_SCRIPT), "-o", tmp_name,
-             *(str(GUEST_DIR / s) for s in SOURCES)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"building the bare-metal guest failed:\n{result.stderr}")
-        os.replace(tmp_name, elf)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return elf
+    return build_guest_dir(GUEST_DIR, outdir)
 
 
 def elf_symbols(elf: Path) -> dict[str, int]:

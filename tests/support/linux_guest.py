@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import os
 import re
@@ -36,7 +35,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from typing import Any
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.boottest import CPU, MEMORY_MB
-from qmp_sdei.cache import cache_root
+from qmp_sdei.cache import cache_root, locked
 from qmp_sdei.conduit.traps import load_kallsyms
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
@@ -108,18 +107,6 @@ def _run(argv: list[str], what: str, *, timeout: float = 600.0, cwd: Path | None
     return result.stdout
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """One builder per cache directory across processes (parallel test runs, the bench)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _gcc_version() -> str:
     return _run([f"{CROSS}gcc", "--version"], "asking the cross compiler's version").splitlines()[0]
 
@@ -167,7 +154,7 @@ def fetch_kernel_headers(kernel: DebianKernel, cache_dir: Path | None = None, *,
     cache = cache_dir if cache_dir is not None else cache_root() / "linux-headers"
     entry = cache / f"{packages.release}_{packages.version.replace(':', '%3a')}"
     kdir = entry / "usr" / "src" / f"linux-headers-{packages.release}"
-    with _locked(cache):
+    with locked(cache):
         if (entry / ".complete").exists():
             return kdir
         work = Path(tempfile.mkdtemp(dir=cache, prefix=".fetch-"))
@@ -325,7 +312,7 @@ def prepare_linux_event_guest(event: int = EVENT, cache_dir: Path | None = None)
     root = cache_dir if cache_dir is not None else cache_root()
     kdir = fetch_kernel_headers(kernel, root / "linux-headers")
     outdir = root / "linux-event-guest"
-    with _locked(outdir):
+    with locked(outdir):
         module = build_module(kdir, outdir)
         init = build_init(outdir)
         params = (
