@@ -27,6 +27,7 @@ CFLAGS = [
     "-Wall", "-Wextra", "-Werror",
 ]  # fmt: skip
 SOURCES = ("start.S", "guest.c")
+COMMON_DIR = GUEST_DIR.parent / "common"
 LINKER_SCRIPT = "link.ld"
 
 
@@ -85,6 +86,8 @@ def build_guest_dir(guest_dir: Path, outdir: Path, sources: tuple[str, ...] = SO
     digest = hashlib.sha256()
     for name in (*sources, LINKER_SCRIPT):
         digest.update(name.encode() + b"\0" + (guest_dir / name).read_bytes() + b"\0")
+    for header in sorted(COMMON_DIR.iterdir()):  # what every guest includes
+        digest.update(header.name.encode() + b"\0" + header.read_bytes() + b"\0")
     digest.update(" ".join(CFLAGS).encode())
     version = subprocess.run([f"{CROSS}gcc", "--version"], capture_output=True, check=True, text=True).stdout
     digest.update(version.encode())

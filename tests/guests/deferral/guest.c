@@ -19,22 +19,7 @@
  * vCPU 1 never prints after it is up, so the UART needs no lock.
  */
 
-#include <stdint.h>
-
-#define UART_BASE 0x09000000UL
-#define UART_DR 0x00
-#define UART_FR 0x18
-#define UART_FR_TXFF (1u << 5)
-
-#define PSCI_VERSION 0x84000000UL
-#define PSCI_SYSTEM_OFF 0x84000008UL
-#define PSCI_CPU_ON_64 0xC4000003UL
-
-#define SDEI_VERSION 0xC4000020UL
-#define SDEI_EVENT_REGISTER 0xC4000021UL
-#define SDEI_EVENT_ENABLE 0xC4000022UL
-#define SDEI_EVENT_CONTEXT 0xC4000024UL
-#define SDEI_PE_UNMASK 0xC400002CUL
+#include "../common/guest.h"
 
 #define EV_PRIVATE 1000
 #define ARG_CPU0 0xA0
@@ -55,37 +40,6 @@ volatile uint64_t el0_kernel_sp; /* run_el0's SP_EL1 frame, for the EL0 exit cal
 
 /* ---- console (usable from EL0 too: with the MMU off nothing is privileged) --------------------- */
 
-static void uart_putc(char c)
-{
-    volatile uint32_t *fr = (volatile uint32_t *)(UART_BASE + UART_FR);
-    volatile uint32_t *dr = (volatile uint32_t *)(UART_BASE + UART_DR);
-    while (*fr & UART_FR_TXFF) {
-    }
-    *dr = (uint32_t)c;
-}
-
-static void put(const char *s)
-{
-    while (*s)
-        uart_putc(*s++);
-}
-
-static void put_hex(uint64_t v)
-{
-    put("0x");
-    for (int shift = 60; shift >= 0; shift -= 4)
-        uart_putc("0123456789abcdef"[(v >> shift) & 0xf]);
-}
-
-static void kv(const char *key, uint64_t value)
-{
-    uart_putc(' ');
-    put(key);
-    uart_putc('=');
-    put_hex(value);
-}
-
-static void end(void) { put("\r\n"); }
 
 /* ---- CPU state (EL1 only) ------------------------------------------------------------------ */
 

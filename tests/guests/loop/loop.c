@@ -10,17 +10,7 @@
  *   3. Prints "EVENTS <n>" and powers off with PSCI SYSTEM_OFF.
  */
 
-#include <stdint.h>
-
-#define UART_DR ((volatile uint32_t *)0x09000000UL)
-#define UART_FR ((volatile uint32_t *)0x09000018UL)
-
-#define PSCI_SYSTEM_OFF 0x84000008UL
-#define SDEI_VERSION 0xC4000020UL
-#define SDEI_EVENT_REGISTER 0xC4000021UL
-#define SDEI_EVENT_ENABLE 0xC4000022UL
-#define SDEI_EVENT_CONTEXT 0xC4000024UL
-#define SDEI_PE_UNMASK 0xC400002CUL
+#include "../common/guest.h"
 
 #define ROUNDS 10
 #define CALLS 200
@@ -30,31 +20,6 @@ extern uint64_t smccc(uint64_t fid, uint64_t a1, uint64_t a2, uint64_t a3, uint6
 extern char sdei_entry[];
 
 static volatile uint64_t handled;
-
-static void putc_(char c)
-{
-    while (*UART_FR & (1u << 5)) {
-    }
-    *UART_DR = (uint32_t)c;
-}
-
-static void puts_(const char *s)
-{
-    while (*s)
-        putc_(*s++);
-}
-
-static void put_dec(uint64_t v)
-{
-    char buf[21];
-    int i = 20;
-    buf[i] = 0;
-    do {
-        buf[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    puts_(&buf[i]);
-}
 
 static inline uint64_t cntvct(void)
 {
@@ -81,43 +46,43 @@ uint64_t handler_c(uint64_t ev, uint64_t arg, uint64_t pc, uint64_t pstate)
 
 void unexpected_exception(uint64_t vector)
 {
-    puts_("FATAL exception vector ");
+    put("FATAL exception vector ");
     put_dec(vector);
-    puts_("\r\n");
+    put("\r\n");
     for (;;)
         __asm__ volatile("wfe");
 }
 
 void main(void)
 {
-    puts_("LOOP start\r\n");
+    put("LOOP start\r\n");
     for (int r = 0; r < ROUNDS; r++) {
         uint64_t t0 = cntvct();
         for (int i = 0; i < CALLS; i++)
             smccc(SDEI_VERSION, 0, 0, 0, 0, 0);
         uint64_t t1 = cntvct();
-        puts_("ROUND ");
+        put("ROUND ");
         put_dec((uint64_t)r);
-        puts_(" calls=");
+        put(" calls=");
         put_dec(CALLS);
-        puts_(" ticks=");
+        put(" ticks=");
         put_dec(t1 - t0);
-        puts_(" freq=");
+        put(" freq=");
         put_dec(cntfrq());
-        puts_("\r\n");
+        put("\r\n");
     }
     smccc(SDEI_EVENT_REGISTER, 1000, (uint64_t)sdei_entry, 0, 0, 0);
     smccc(SDEI_EVENT_ENABLE, 1000, 0, 0, 0, 0);
     smccc(SDEI_EVENT_REGISTER, 1001, (uint64_t)sdei_entry, 1, 0, 0);
     smccc(SDEI_EVENT_ENABLE, 1001, 0, 0, 0, 0);
     smccc(SDEI_PE_UNMASK, 0, 0, 0, 0, 0);
-    puts_("WAIT events\r\n");
+    put("WAIT events\r\n");
     __asm__ volatile("msr daifclr, #0xf" ::: "memory");
     while (handled < EVENTS)
         __asm__ volatile("yield" ::: "memory");
     __asm__ volatile("msr daifset, #0xf" ::: "memory");
-    puts_("EVENTS ");
+    put("EVENTS ");
     put_dec(handled);
-    puts_("\r\n");
+    put("\r\n");
     smccc(PSCI_SYSTEM_OFF, 0, 0, 0, 0, 0);
 }
