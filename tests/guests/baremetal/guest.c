@@ -22,7 +22,6 @@
 #define EV_CRITICAL 1001
 #define EV_SHARED 2000
 
-
 /* From start.S */
 extern uint64_t sdei_call(uint64_t fid, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
 extern char sdei_hvc_insn[], sdei_entry[], car_resume[], secondary_entry[];
@@ -63,37 +62,7 @@ static void wait_for_host(const char *what, uint64_t event)
 
 /* ---- CPU state ------------------------------------------------------------------------------ */
 
-static inline uint64_t read_mpidr(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, mpidr_el1" : "=r"(v));
-    return v;
-}
-
 static inline unsigned cpu_id(void) { return (unsigned)(read_mpidr() & 0xff); }
-
-static inline uint64_t read_daif(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, daif" : "=r"(v));
-    return v;
-}
-
-static inline uint64_t read_spsel(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, spsel" : "=r"(v));
-    return v;
-}
-
-static inline uint64_t read_current_el(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, CurrentEL" : "=r"(v));
-    return (v >> 2) & 3;
-}
-
-static inline void cpu_relax(void) { __asm__ volatile("yield" ::: "memory"); }
 
 /* ---- handler ----------------------------------------------------------------------------------- */
 

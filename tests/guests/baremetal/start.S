@@ -7,48 +7,16 @@
  * secondary_entry through PSCI CPU_ON (passed through to QEMU by the sidecar).
  */
 
+#include "../common/boot.inc"
+
 #define SDEI_EVENT_COMPLETE             0xC4000025
 #define SDEI_EVENT_COMPLETE_AND_RESUME  0xC4000026
 
-    .section .text.boot, "ax"
-    .global _start
-_start:
-    ldr     x0, =__stack_top0
-    mov     sp, x0
-    adr     x0, vectors
-    msr     vbar_el1, x0
-    isb
-    ldr     x0, =__bss_start
-    ldr     x1, =__bss_end
-1:  cmp     x0, x1
-    b.hs    2f
-    str     xzr, [x0], #8
-    b       1b
-2:  bl      main
-3:  wfe
-    b       3b
+    boot_primary __stack_top0
 
-    .global secondary_entry
-secondary_entry:                    /* PSCI CPU_ON target: EL1h, MMU off, x0 = context id */
-    ldr     x1, =__stack_top1
-    mov     sp, x1
-    adr     x1, vectors
-    msr     vbar_el1, x1
-    isb
-    bl      secondary_main
-1:  wfe
-    b       1b
+    boot_secondary __stack_top1
 
-    .text
-/* uint64_t sdei_call(fid, a1, a2, a3, a4, a5): the guest's one and only SMCCC conduit. */
-    .global sdei_call
-    .global sdei_hvc_insn
-    .type   sdei_call, %function
-sdei_call:
-sdei_hvc_insn:
-    hvc     #0
-    ret
-    .size   sdei_call, . - sdei_call
+    smccc_call_site sdei_call, sdei_hvc_insn
 
 /*
  * The registered SDEI entry point for every event. The C handler returns 0 to finish with

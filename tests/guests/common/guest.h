@@ -89,4 +89,36 @@ static inline void kv(const char *key, uint64_t value)
 
 static inline void end(void) { put("\r\n"); }
 
+/* ---- system registers (EL1) ---------------------------------------------------------------- */
+
+static inline uint64_t read_daif(void)
+{
+    uint64_t v;
+    __asm__ volatile("mrs %0, daif" : "=r"(v));
+    return v;
+}
+
+static inline uint64_t read_spsel(void)
+{
+    uint64_t v;
+    __asm__ volatile("mrs %0, spsel" : "=r"(v));
+    return v;
+}
+
+static inline uint64_t read_current_el(void)
+{
+    uint64_t v;
+    __asm__ volatile("mrs %0, CurrentEL" : "=r"(v));
+    return (v >> 2) & 3;
+}
+
+static inline uint64_t read_mpidr(void)
+{
+    uint64_t v;
+    __asm__ volatile("mrs %0, mpidr_el1" : "=r"(v));
+    return v;
+}
+
+static inline void cpu_relax(void) { __asm__ volatile("yield" ::: "memory"); }
+
 #endif

@@ -38,40 +38,7 @@ extern void do_svc(uint64_t call);
 
 volatile uint64_t el0_kernel_sp; /* run_el0's SP_EL1 frame, for the EL0 exit call */
 
-/* ---- console (usable from EL0 too: with the MMU off nothing is privileged) --------------------- */
-
-
 /* ---- CPU state (EL1 only) ------------------------------------------------------------------ */
-
-static inline uint64_t read_daif(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, daif" : "=r"(v));
-    return v;
-}
-
-static inline uint64_t read_spsel(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, spsel" : "=r"(v));
-    return v;
-}
-
-static inline uint64_t read_current_el(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, CurrentEL" : "=r"(v));
-    return (v >> 2) & 3;
-}
-
-static inline uint64_t read_mpidr(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, mpidr_el1" : "=r"(v));
-    return v;
-}
-
-static inline void cpu_relax(void) { __asm__ volatile("yield" ::: "memory"); }
 
 /* ---- shared state ------------------------------------------------------------------------------- */
 

@@ -3,36 +3,13 @@
  * One vCPU; QEMU starts _start in EL1h with DAIF masked and the MMU off.
  */
 
+#include "../common/boot.inc"
+
 #define SDEI_EVENT_COMPLETE 0xC4000025
 
-    .section .text.boot, "ax"
-    .global _start
-_start:
-    ldr     x0, =__stack_top
-    mov     sp, x0
-    adr     x0, vectors
-    msr     vbar_el1, x0
-    isb
-    ldr     x0, =__bss_start
-    ldr     x1, =__bss_end
-1:  cmp     x0, x1
-    b.hs    2f
-    str     xzr, [x0], #8
-    b       1b
-2:  bl      main
-3:  wfe
-    b       3b
+    boot_primary __stack_top
 
-    .text
-/* uint64_t smccc(fid, a1, a2, a3, a4, a5): the only hvc in the image (the host breakpoints it). */
-    .global smccc
-    .global smccc_hvc_insn
-    .type   smccc, %function
-smccc:
-smccc_hvc_insn:
-    hvc     #0
-    ret
-    .size   smccc, . - smccc
+    smccc_call_site smccc, smccc_hvc_insn
 
 /* The SDEI entry point: call the C handler, then SDEI_EVENT_COMPLETE with the interrupted x18/x30. */
     .global sdei_entry
