@@ -18,11 +18,16 @@ import pytest
 import pytest_asyncio
 
 from qmp_sdei.conduit.gdbstub import GdbstubConduit
-from qmp_sdei.errors import QemuError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec, TriggerOutcome, TriggerResult
 from qmp_sdei.versions import psci_answer
-from support.guests import build_baremetal_guest, connect_gdbstub, elf_symbols, free_port
+from support.guests import (
+    build_baremetal_guest,
+    cached_build_dir,
+    connect_gdbstub,
+    elf_symbols,
+    start_qemu_with_gdbstub,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -142,26 +147,13 @@ def psci_filter(vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
 
 @pytest.fixture(scope="session")
 def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # pytest's cache directory survives between runs, so the guest is only rebuilt when it changes.
-    cache = getattr(request.config, "cache", None)
-    outdir = Path(cache.mkdir("baremetal-guest")) if cache is not None else tmp_path_factory.mktemp("guest")
-    return build_baremetal_guest(outdir)
+    return build_baremetal_guest(cached_build_dir(request, tmp_path_factory, "baremetal-guest"))
 
 
 @pytest_asyncio.fixture
 async def booted(tmp_path: Path, guest_elf: Path) -> AsyncIterator[Booted]:
     symbols = elf_symbols(guest_elf)
-    for attempt in range(3):  # another process may take the free port before QEMU binds it
-        port = free_port()
-        spec = QemuSpec(smp=2, kernel=guest_elf, gdb=f"tcp:127.0.0.1:{port}")
-        vm = QemuProcess(spec, tmp_path / f"vm{attempt}")
-        try:
-            await vm.start()
-            break
-        except QemuError:
-            await vm.stop()
-    else:
-        raise QemuError("could not start QEMU with a gdbstub")
+    vm, port = await start_qemu_with_gdbstub(QemuSpec(smp=2, kernel=guest_elf), tmp_path)
     try:
         dispatcher = Dispatcher(
             events=[EventSpec(1000), EventSpec(1001, critical=True), EventSpec(2000, shared=True)],

@@ -33,10 +33,15 @@ import pytest
 import pytest_asyncio
 
 from qmp_sdei.conduit.gdbstub import GdbstubConduit
-from qmp_sdei.errors import QemuError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec, TriggerOutcome, TriggerResult
-from support.guests import build_deferral_guest, connect_gdbstub, elf_symbols, free_port
+from support.guests import (
+    build_deferral_guest,
+    cached_build_dir,
+    connect_gdbstub,
+    elf_symbols,
+    start_qemu_with_gdbstub,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -62,24 +67,13 @@ class Booted:
 
 @pytest.fixture(scope="session")
 def deferral_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    outdir = Path(cache.mkdir("deferral-guest")) if cache is not None else tmp_path_factory.mktemp("guest")
-    return build_deferral_guest(outdir)
+    return build_deferral_guest(cached_build_dir(request, tmp_path_factory, "deferral-guest"))
 
 
 @pytest_asyncio.fixture
 async def booted(tmp_path: Path, deferral_elf: Path) -> AsyncIterator[Booted]:
     symbols = elf_symbols(deferral_elf)
-    for attempt in range(3):  # another process may take the free port before QEMU binds it
-        port = free_port()
-        vm = QemuProcess(QemuSpec(smp=2, kernel=deferral_elf, gdb=f"tcp:127.0.0.1:{port}"), tmp_path / f"vm{attempt}")
-        try:
-            await vm.start()
-            break
-        except QemuError:
-            await vm.stop()
-    else:
-        raise QemuError("could not start QEMU with a gdbstub")
+    vm, port = await start_qemu_with_gdbstub(QemuSpec(smp=2, kernel=deferral_elf), tmp_path)
     try:
         dispatcher = Dispatcher(events=[EventSpec(EVENT)], mpidrs=[0x0, 0x1], version=(1, 1), profile="tf-a")
         client = await connect_gdbstub(port, TIMEOUT)

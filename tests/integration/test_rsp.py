@@ -15,9 +15,8 @@ import pytest
 import pytest_asyncio
 
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, ThreadId
-from qmp_sdei.errors import QemuError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
-from support.guests import connect_gdbstub, free_port
+from support.guests import connect_gdbstub, start_qemu_with_gdbstub
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -33,17 +32,7 @@ TIMEOUT = 30.0
 
 
 async def start_qemu(tmp_path: Path, *, smp: int = 2, paused: bool = True) -> tuple[QemuProcess, int]:
-    """Start QEMU with a gdbstub on a free port; retry if another process grabbed the port first."""
-    for attempt in range(3):
-        port = free_port()
-        vm = QemuProcess(QemuSpec(smp=smp, paused=paused, gdb=f"tcp:127.0.0.1:{port}"), tmp_path / f"qemu{attempt}")
-        try:
-            await vm.start()
-        except QemuError:
-            await vm.stop()
-            continue
-        return vm, port
-    raise QemuError("could not start QEMU with a gdbstub on a free port")
+    return await start_qemu_with_gdbstub(QemuSpec(smp=smp, paused=paused), tmp_path)
 
 
 @pytest_asyncio.fixture

@@ -8,6 +8,7 @@ output is written to a temporary name and renamed, so concurrent test runs never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import socket
@@ -15,8 +16,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from qmp_sdei.conduit.rsp import RspClient
-from qmp_sdei.errors import ConduitError
+from qmp_sdei.errors import ConduitError, QemuError
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guests" / "baremetal"
 CROSS = "aarch64-linux-gnu-"
@@ -115,3 +119,27 @@ def build_guest_dir(guest_dir: Path, outdir: Path, sources: tuple[str, ...] = SO
 def build_deferral_guest(outdir: Path) -> Path:
     """The deferred-delivery guest (``tests/guests/deferral``): vCPU 0 waits in EL1t and EL0."""
     return build_guest_dir(DEFERRAL_GUEST_DIR, outdir)
+
+
+async def start_qemu_with_gdbstub(spec: QemuSpec, workdir: Path, attempts: int = 3) -> tuple[QemuProcess, int]:
+    """Start ``spec`` with a gdbstub on a free loopback port; returns the started QEMU and the port.
+
+    The port is free when chosen but another process may bind it before QEMU does, so a failed
+    start is retried on a new port.
+    """
+    for attempt in range(attempts):
+        port = free_port()
+        vm = QemuProcess(dataclasses.replace(spec, gdb=f"tcp:127.0.0.1:{port}"), workdir / f"qemu{attempt}")
+        try:
+            await vm.start()
+        except QemuError:
+            await vm.stop()
+            continue
+        return vm, port
+    raise QemuError("could not start QEMU with a gdbstub on a free port")
+
+
+def cached_build_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Where a session fixture builds a guest: pytest's cache survives runs, so builds are reused."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
