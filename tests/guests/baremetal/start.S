@@ -91,27 +91,4 @@ spin_marked_end:
     .size   spin_marked, . - spin_marked
 
 /* Unexpected exceptions: report the vector and stop. */
-    .macro  vector n
-    .balign 128
-    mov     x0, #\n
-    b       unexpected_exception
-    .endm
-
-    .balign 2048
-vectors:
-    vector 0
-    vector 1
-    vector 2
-    vector 3
-    vector 4
-    vector 5
-    vector 6
-    vector 7
-    vector 8
-    vector 9
-    vector 10
-    vector 11
-    vector 12
-    vector 13
-    vector 14
-    vector 15
+    unexpected_vectors

@@ -24,14 +24,4 @@ sdei_entry:
     .size   sdei_entry, . - sdei_entry
 
 /* Unexpected exceptions: report the vector and stop. */
-    .macro  vector n
-    .balign 128
-    mov     x0, #\n
-    b       unexpected_exception
-    .endm
-
-    .balign 2048
-vectors:
-    .irp n, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
-    vector \n
-    .endr
+    unexpected_vectors
