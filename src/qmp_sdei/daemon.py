@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qmp_sdei import __version__
@@ -140,7 +140,6 @@ class Counters:
     guest_resets: int = 0
     state_writes: int = 0
     vcpu_resets: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Sidecar:
@@ -261,8 +260,7 @@ class Sidecar:
             doc["pins"] = self.pins.to_dict()
         if self.dispatcher is not None:
             doc["sdei"] = self.dispatcher.describe()
-        counters = dict(vars(self.counters))
-        counters.update(counters.pop("extra"))
+        counters: dict[str, int] = dict(vars(self.counters))
         if self.conduit is not None:
             stats = vars(self.conduit.stats)
             counters.update({f"conduit_{k}": v for k, v in stats.items() if isinstance(v, int)})

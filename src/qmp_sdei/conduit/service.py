@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from qmp_sdei.conduit.gdbstub import GdbstubConduit
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.errors import ConduitError, SdeiError
-from qmp_sdei.qemu.qmp import VmEventKind, gdbstub_address, start_gdbstub
+from qmp_sdei.qemu.qmp import EventSubscription, VmEventKind, gdbstub_address, start_gdbstub
 
 if TYPE_CHECKING:
     from qmp_sdei.config import ConduitSettings
@@ -85,9 +85,9 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
         log.info("conduit stopped: %s", conduit.exit_reason)
 
 
-async def _follow_resumes(sidecar: Sidecar, conduit: GdbstubConduit, resumes: object) -> None:
+async def _follow_resumes(sidecar: Sidecar, conduit: GdbstubConduit, resumes: EventSubscription) -> None:
     """Tell a holding conduit when the VM's owner resumes it (QMP ``cont``)."""
     assert sidecar.session is not None
-    async for _event in resumes:  # type: ignore[attr-defined]
+    async for _event in resumes:
         if conduit.held and await sidecar.session.refresh_runstate() == "running":
             conduit.vm_resumed()
