@@ -28,7 +28,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from qemu.qmp import ConnectError, QMPClient
 
 from integration.test_baremetal_guest import EXPECTED_X0, HOST_EVENTS, check_all_steps, parse_steps
 from integration.test_baremetal_guest import raise_host_events as raise_awaited_events
@@ -38,6 +37,7 @@ from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import StateStore
 from support.guests import build_baremetal_guest, elf_symbols
+from support.qemu import harness_client
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -105,27 +105,6 @@ async def guest_vm(tmp_path: Path, elf: Path) -> AsyncIterator[QemuProcess]:
         yield vm
     finally:
         await vm.stop()
-
-
-@contextlib.asynccontextmanager
-async def harness_client(vm: QemuProcess) -> AsyncIterator[QMPClient]:
-    """A QMP client on the harness monitor. QEMU creates the socket file before it listens, and
-    says nothing when it starts listening, so a refused connection is retried."""
-    client = QMPClient("test-harness")
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            await asyncio.wait_for(client.connect(str(vm.harness_socket)), TIMEOUT)
-            break
-        except ConnectError as err:
-            if not isinstance(err.exc, ConnectionRefusedError) or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.02)
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(Exception):
-            await client.disconnect()
 
 
 class RunningSidecar:
