@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, QMPClient
+from qemu.qmp import QMPClient
 
 from qmp_sdei.conduit.traps import LINUX_DT_SDEI_FIX_SYMBOL, kernel_has_dt_sdei_fix, load_kallsyms
 from qmp_sdei.config import parse
@@ -210,22 +210,6 @@ async def _workdir(given: Path | None) -> AsyncIterator[Path]:
         yield Path(scratch)
 
 
-async def _harness(vm: QemuProcess, deadline: float) -> QMPClient:
-    """Connect to QEMU's harness monitor. QEMU creates the socket file before it listens and
-    gives no signal when it does, so a refused connection is retried until the deadline."""
-    # qemu.qmp logs every refused attempt as an error; they are expected here.
-    logging.getLogger(f"qemu.qmp.protocol.{HARNESS_NAME}").setLevel(logging.CRITICAL)
-    while True:
-        client = QMPClient(HARNESS_NAME)
-        try:
-            await asyncio.wait_for(client.connect(str(vm.harness_socket)), max(0.1, deadline - time.perf_counter()))
-            return client
-        except ConnectError as err:
-            if not isinstance(err.exc, ConnectionRefusedError) or time.perf_counter() > deadline:
-                raise QemuError(f"cannot connect to QEMU's harness monitor: {err}") from err
-        await asyncio.sleep(0.02)
-
-
 async def _first_resume(client: QMPClient, started: float, timings: dict[str, float]) -> None:
     """Record when the VM first runs: the sidecar's ``c`` after its breakpoints are armed."""
     with client.listener("RESUME") as listener:
@@ -296,7 +280,7 @@ async def _boot(report: BootReport, spec: QemuSpec, kernel: Path, work: Path, ti
         # The harness monitor only watches for the first RESUME, to time the boot from the
         # moment the sidecar lets the guest run.
         try:
-            harness = await _harness(vm, started + timeout)
+            harness = await vm.connect_harness(max(0.1, started + timeout - time.perf_counter()), HARNESS_NAME)
         except (QemuError, TimeoutError) as err:
             report.fail(f"QEMU's monitor did not answer: {err or 'timed out'}")
             return

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from qemu.qmp import ConnectError, QMPClient
+from qemu.qmp import QMPClient
 
 from qmp_sdei.qemu.launch import QEMU_BINARY, QemuProcess, QemuSpec
 
@@ -43,21 +43,8 @@ async def running_qemu(tmp_path: Path, spec: QemuSpec | None = None) -> AsyncIte
 
 @contextlib.asynccontextmanager
 async def harness_client(vm: QemuProcess) -> AsyncIterator[QMPClient]:
-    """A qemu.qmp client on the VM's harness monitor.
-
-    QEMU creates the socket file before it listens and says nothing when it starts listening, so
-    a refused connection is retried until ``SLOW`` runs out.
-    """
-    client = QMPClient("test-harness")
-    deadline = asyncio.get_running_loop().time() + SLOW
-    while True:
-        try:
-            await asyncio.wait_for(client.connect(str(vm.harness_socket)), SLOW)
-            break
-        except ConnectError as err:
-            if not isinstance(err.exc, ConnectionRefusedError) or asyncio.get_running_loop().time() > deadline:
-                raise
-        await asyncio.sleep(0.02)  # no signal to wait on: QEMU does not announce that it listens
+    """A qemu.qmp client on the VM's harness monitor, disconnected on exit."""
+    client = await vm.connect_harness(SLOW, "test-harness")
     try:
         yield client
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qemu.qmp import ConnectError, QMPClient
 
 from qmp_sdei.errors import QemuError
 
@@ -167,6 +170,27 @@ class QemuProcess:
 
     def _readers_done(self) -> bool:
         return all(task.done() for task in self._readers)
+
+    async def connect_harness(self, timeout: float, name: str = "qemu-harness") -> QMPClient:
+        """A qemu.qmp client connected to the harness monitor (the caller disconnects it).
+
+        QEMU creates the socket file (which :meth:`start` waits for) before it listens, and says
+        nothing when it starts listening, so a refused connection is retried until ``timeout``.
+        """
+        # qemu.qmp logs every refused attempt as an error; here they are expected.
+        logging.getLogger(f"qemu.qmp.protocol.{name}").setLevel(logging.CRITICAL)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            client = QMPClient(name)
+            remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+            try:
+                await asyncio.wait_for(client.connect(str(self.harness_socket)), remaining)
+                return client
+            except ConnectError as err:
+                refused = isinstance(err.exc, ConnectionRefusedError)
+                if not refused or asyncio.get_running_loop().time() > deadline:
+                    raise QemuError(f"cannot connect to QEMU's harness monitor: {err}") from err
+            await asyncio.sleep(0.02)  # no signal to wait on: QEMU does not announce that it listens
 
     async def wait(self, timeout: float) -> int:
         """Wait for QEMU to exit by itself and return its exit status."""
