@@ -17,7 +17,7 @@ Bare metal (``tests/guests/loop``, 1 vCPU, built with aarch64-linux-gnu-gcc):
   resumed`` is until the handler's ``SDEI_EVENT_COMPLETE`` is answered with the interrupted
   context (its ``G`` + ``c`` go out right after).
 
-  The conduit runs behind the daemon's :class:`PersistingDispatcher`, i.e. every state change is
+  The conduit runs behind the SDEI owner (:class:`qmp_sdei.owner.SdeiOwner`), i.e. every state change is
   written to a state file before the guest goes on, as in ``qmp-sdei run``; ``--no-persist`` shows
   the cost without it.
 
@@ -64,10 +64,10 @@ from qemu.qmp import ConnectError, QMPClient
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit
-from qmp_sdei.daemon import PersistingDispatcher
 from qmp_sdei.errors import QemuError
+from qmp_sdei.owner import RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
-from qmp_sdei.sdei import Completion, Dispatcher, EventSpec, TriggerOutcome, TriggerResult, VcpuRegs
+from qmp_sdei.sdei import Completion, Dispatcher, EventSpec, VcpuRegs
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
 from qmp_sdei.versions import VersionPins
 
@@ -118,7 +118,7 @@ def summary_s(samples: list[float]) -> dict[str, Any]:
 class TimingDispatcher:
     """Wraps the dispatcher the conduit drives and timestamps every call it sees."""
 
-    def __init__(self, inner: PersistingDispatcher | Dispatcher) -> None:
+    def __init__(self, inner: SdeiOwner) -> None:
         self.inner = inner
         self.calls: list[tuple[int, int]] = []  # (function id, perf_counter_ns on arrival)
         self.completed = asyncio.Event()
@@ -133,14 +133,8 @@ class TimingDispatcher:
             self.completed.set()
         return outcome
 
-    def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult:
-        return self.inner.trigger(event, vcpu)
-
-    def deliverable(self) -> list[int]:
-        return self.inner.deliverable()
-
-    def deliver(self, vcpu: int, regs: VcpuRegs) -> bool:
-        return self.inner.deliver(vcpu, regs)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # the rest of the owner's conduit side, unchanged
 
 
 async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[str, Any]:
@@ -152,12 +146,13 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[st
     store.directory.mkdir(parents=True, exist_ok=True)
     saves = 0
 
-    def save() -> None:
+    def save(snapshot: bytes) -> None:
         nonlocal saves
-        store.save(StoredState(identity, pins, inner.snapshot()))
+        store.save(StoredState(identity, pins, snapshot))
         saves += 1
 
-    timing = TimingDispatcher(PersistingDispatcher(inner, save) if persist else inner)
+    owner = SdeiOwner(inner, pins=pins, persist=save if persist else None)
+    timing = TimingDispatcher(owner)
     async with QemuProcess(spec, workdir / "vm") as vm:
         conduit = GdbstubConduit(await connect_gdbstub(port, TIMEOUT), timing, [hvc_site(elf)], timeout=TIMEOUT)
         await conduit.start()
@@ -176,9 +171,9 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[st
                 timing.completed.clear()
                 mark = len(timing.calls)
                 t0 = time.perf_counter_ns()
-                result = await conduit.raise_event(event, 0)
+                result = await owner.raise_event(event, 0, wait=TIMEOUT)
                 entered = time.perf_counter_ns()
-                if result.outcome is not TriggerOutcome.DELIVERABLE:
+                if result.result is not RaiseResult.DELIVERED:
                     raise RuntimeError(f"event {event} was not deliverable: {result}")
                 await asyncio.wait_for(timing.completed.wait(), TIMEOUT)
                 deliver_ns.append(entered - t0)

@@ -2,9 +2,11 @@
 
 Structure (one owner per piece of state, see ``docs/architecture.md``):
 
-* :class:`Sidecar` wires the adapters together: the QMP session (VM facts and lifecycle), the
-  dispatcher (SDEI state) behind :class:`PersistingDispatcher` (state file), and optionally the
-  gdbstub conduit (guest traps).
+* :class:`Sidecar` is a composition of components: the QMP session (VM facts and lifecycle), the
+  SDEI owner (:class:`~qmp_sdei.owner.SdeiOwner`: dispatcher, pins, PSCI policy; this module gives
+  it the state-file write), the gdbstub conduit (guest traps, when enabled), the local control
+  socket (always) and the MQTT bus (when configured). Adapters get the owner and submit to it;
+  none of them imports this module.
 * Everything runs in one ``asyncio.TaskGroup`` with named tasks. Shutdown goes through one
   ``asyncio.Event``; whatever ends the sidecar (QEMU exit, SIGTERM/SIGINT, a task failing) sets it,
   and the remaining tasks are cancelled within a bounded time.
@@ -24,14 +26,12 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from qmp_sdei import __version__
-from qmp_sdei.abi import psci
-from qmp_sdei.abi.sdei import Function as SdeiFunction
-from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.config import Config, load
+from qmp_sdei.control.commands import ControlService
+from qmp_sdei.control.local import LocalControlServer, socket_path
 from qmp_sdei.errors import (
     ConduitError,
     ConfigError,
@@ -42,11 +42,12 @@ from qmp_sdei.errors import (
     VersionError,
 )
 from qmp_sdei.logs import configure_logging
+from qmp_sdei.owner import SdeiOwner
 from qmp_sdei.qemu.facts import VmFacts, discover, qemu_psci_version
 from qmp_sdei.qemu.qmp import QmpSession, VmEvent, VmEventKind, attach
-from qmp_sdei.sdei import Completion, Dispatcher, TriggerOutcome, TriggerResult, VcpuRegs
+from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
-from qmp_sdei.versions import Negotiation, VersionPins, format_version, negotiate, psci_answer
+from qmp_sdei.versions import Negotiation, VersionPins, format_version, negotiate
 
 log = logging.getLogger("qmp_sdei.daemon")
 
@@ -62,86 +63,6 @@ class ExitCode(enum.IntEnum):
     CONDUIT = 5  # the gdbstub conduit failed
 
 
-#: PSCI calls with which a guest resets the VM (passed through to QEMU).
-GUEST_RESET_CALLS = frozenset({psci.Function.SYSTEM_RESET, psci.Function.SYSTEM_RESET2, psci.Function.SYSTEM_RESET2_64})
-
-#: SDEI calls that never change dispatcher state: no need to write the state file after them.
-READ_ONLY_CALLS = frozenset(
-    {
-        SdeiFunction.VERSION,
-        SdeiFunction.EVENT_STATUS,
-        SdeiFunction.EVENT_GET_INFO,
-        SdeiFunction.EVENT_CONTEXT,
-        SdeiFunction.FEATURES,
-    }
-)
-
-
-class PersistingDispatcher:
-    """The dispatcher as the conduit sees it: every state change is saved before the guest goes on.
-
-    Guest-side changes (``hypercall``, ``deliver``) mark the state dirty; the conduit calls
-    :meth:`commit` once per stop, after its dispatcher calls and before it writes any register
-    back or resumes the VM. So the guest never sees a result that a restarted sidecar would not
-    know about, at the cost of one state write per stop instead of one per call. Host-side changes
-    (``trigger``) are saved at once: no stop follows a trigger that stays pending.
-    """
-
-    def __init__(self, dispatcher: Dispatcher, save: Callable[[], None]) -> None:
-        self.inner = dispatcher
-        self._save = save
-        self._dirty = False
-        #: shutting down: enter no new handlers, so the running ones can finish before we detach
-        self.draining = False
-        self._committed = asyncio.Event()  # replaced at each commit; see wait_committed()
-
-    def commit(self) -> None:
-        if self._dirty:
-            self._save()
-            self._dirty = False
-        self._committed.set()
-        self._committed = asyncio.Event()
-
-    async def wait_committed(self) -> None:
-        """Wait for the conduit's next commit (the end of a stop that may have changed state)."""
-        await self._committed.wait()
-
-    def handlers_running(self) -> bool:
-        return any(vcpu.stack for vcpu in self.inner.vcpus)
-
-    def hypercall(self, vcpu: int, regs: VcpuRegs) -> Completion:
-        fid = function_id(regs.x[0])
-        outcome = self.inner.hypercall(vcpu, regs)
-        if fid not in READ_ONLY_CALLS:
-            self._dirty = True
-        return outcome
-
-    def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult:
-        result = self.inner.trigger(event, vcpu)
-        if result.outcome is not TriggerOutcome.DROPPED:
-            self._save()
-        return result
-
-    def deliverable(self) -> list[int]:
-        return [] if self.draining else self.inner.deliverable()
-
-    def deliver(self, vcpu: int, regs: VcpuRegs) -> bool:
-        if self.draining:
-            return False
-        entered = self.inner.deliver(vcpu, regs)
-        if entered:
-            self._dirty = True
-        return entered
-
-
-@dataclass
-class Counters:
-    resets: int = 0
-    guest_resets: int = 0
-    state_writes: int = 0
-    vcpu_resets: int = 0
-
-
 class Sidecar:
     """One VM's sidecar. ``await Sidecar(config).run()`` returns an :class:`ExitCode`."""
 
@@ -151,11 +72,13 @@ class Sidecar:
         self.session: QmpSession | None = None
         self.facts: VmFacts | None = None
         self.dispatcher: Dispatcher | None = None
+        self.owner: SdeiOwner | None = None
+        self.control: ControlService | None = None
         self.pins: VersionPins | None = None
         self.conduit: Any = None  # GdbstubConduit when enabled (imported lazily: optional path)
         #: set once the conduit is attached (``self.conduit`` usable); its ``serving`` event follows
         self.conduit_ready = asyncio.Event()
-        self.counters = Counters()
+        self.control_server: LocalControlServer | None = None
         self.started = time.time()
         self.attach_seconds = 0.0
         self.shutdown = asyncio.Event()
@@ -164,9 +87,6 @@ class Sidecar:
         #: set once attached, negotiated and serving; tests and ``boot-test`` wait on it
         self.ready = asyncio.Event()
         self._changed = asyncio.Event()  # replaced after each VM event: see wait_until()
-        #: guest resets already applied when the conduit passed the guest's PSCI reset call through;
-        #: the QMP RESET event that follows each must not reset SDEI state a second time
-        self._resets_applied_early = 0
         self._background: set[asyncio.Task[None]] = set()
 
     # -- setup ------------------------------------------------------------------------------------
@@ -206,8 +126,10 @@ class Sidecar:
             self.dispatcher.restore(stored.snapshot)
             log.info("resumed SDEI state from %s (VM is %s)", self.store.state_path, facts.runstate)
         self.identity = identity
-        self.persisting = PersistingDispatcher(self.dispatcher, self.save_state)
-        self.save_state()
+        self.owner = SdeiOwner(self.dispatcher, pins=self.pins, persist=self._persist)
+        self.owner.save_now()
+        self.control = ControlService(self.owner, self.status, vm_name=self.vm_name)
+        self.control_server = LocalControlServer(self.control, socket_path(self.config.state_dir))
         self.attach_seconds = time.perf_counter() - t0
         log.info(
             "attached to QEMU %s: %d vCPU(s), PSCI conduit %s, SDEI %s, PSCI %s, %d event(s), %.1f ms",
@@ -231,11 +153,16 @@ class Sidecar:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def save_state(self) -> None:
-        """Write the state file (atomic). Called after every dispatcher change."""
-        assert self.dispatcher is not None and self.pins is not None
-        self.store.save(StoredState(self.identity, self.pins, self.dispatcher.snapshot()))
-        self.counters.state_writes += 1
+    def _persist(self, snapshot: bytes) -> None:
+        """Write the state file (atomic); the owner calls it before the guest sees a change."""
+        assert self.pins is not None
+        self.store.save(StoredState(self.identity, self.pins, snapshot))
+
+    @property
+    def vm_name(self) -> str:
+        """The VM's name for people and topics: QEMU's ``-name``, else the config's ``[vm] name``."""
+        facts = self.facts
+        return (facts.name if facts is not None and facts.name else None) or self.config.name or "default"
 
     def status(self) -> dict[str, Any]:
         """What this sidecar knows, for ``status.json``."""
@@ -247,7 +174,7 @@ class Sidecar:
         }
         if facts is not None:
             doc["vm"] = {
-                "name": facts.name,
+                "name": self.vm_name,
                 "uuid": str(facts.uuid) if facts.uuid else None,
                 "qemu": str(facts.qemu_version),
                 "machine": facts.machine_type,
@@ -260,7 +187,9 @@ class Sidecar:
             doc["pins"] = self.pins.to_dict()
         if self.dispatcher is not None:
             doc["sdei"] = self.dispatcher.describe()
-        counters: dict[str, int] = dict(vars(self.counters))
+        counters: dict[str, int] = dict(vars(self.owner.counters)) if self.owner is not None else {}
+        if self.control is not None:
+            counters.update({f"control_{k}": v for k, v in vars(self.control.stats).items()})
         if self.conduit is not None:
             stats = vars(self.conduit.stats)
             counters.update({f"conduit_{k}": v for k, v in stats.items() if isinstance(v, int)})
@@ -273,26 +202,6 @@ class Sidecar:
             self.store.write_status(self.status())
         except OSError as err:  # status is informational; never let it stop the sidecar
             log.warning("could not write status: %s", err)
-
-    # -- policy hooks used by the conduit ---------------------------------------------------------
-
-    def psci_policy(self, vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
-        """Filter PSCI for the pinned version; keep SDEI state in step with vCPU power."""
-        assert self.pins is not None and self.dispatcher is not None
-        answer = psci_answer(self.pins.psci, fid, x1)
-        if answer is None and fid in GUEST_RESET_CALLS:
-            # Reset SDEI state now, before QEMU resets the VM and the guest runs again. Waiting for
-            # QMP's RESET event would race with the guest's first calls after the reset: the event
-            # and the next breakpoint stop arrive on different sockets in no guaranteed order.
-            self.dispatcher.reset()
-            self._resets_applied_early += 1
-            self.save_state()
-        elif answer is None and fid == psci.Function.CPU_OFF:
-            # The vCPU powers down: its private events are gone and it comes back masked.
-            self.dispatcher.reset_vcpu(vcpu)
-            self.counters.vcpu_resets += 1
-            self.save_state()
-        return answer
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -310,23 +219,18 @@ class Sidecar:
         kinds = {VmEventKind.RESET, VmEventKind.SHUTDOWN, VmEventKind.POWERDOWN, VmEventKind.MIGRATION}
         with self.session.subscribe(kinds) as events:
             async for event in events:
-                self._on_vm_event(event)
+                await self._on_vm_event(event)
                 if event.kind is VmEventKind.DISCONNECTED:
                     self.request_shutdown("QEMU exited")
                     return
 
-    def _on_vm_event(self, event: VmEvent) -> None:
-        assert self.dispatcher is not None
+    async def _on_vm_event(self, event: VmEvent) -> None:
+        assert self.owner is not None
         kind = event.kind
         if kind is VmEventKind.RESET:
-            # SDEI state resets with the VM (all masked, nothing registered); the pins stay.
-            if event.guest and self._resets_applied_early:
-                self._resets_applied_early -= 1  # done when the conduit saw the PSCI call
-            else:
-                self.dispatcher.reset()
-            self.counters.resets += 1
-            self.counters.guest_resets += int(bool(event.guest))
-            self.save_state()
+            # SDEI state resets with the VM (all masked, nothing registered); the pins stay. The
+            # owner applies it between conduit stops, never in the middle of one.
+            await self.owner.vm_reset(guest=bool(event.guest), reason=event.reason or "")
             log.info("VM reset (%s): SDEI state cleared, versions kept", event.reason or "host")
             if self.conduit is not None:
                 self._spawn(self.conduit.rearm(), "conduit.rearm")
@@ -367,7 +271,17 @@ class Sidecar:
     async def _serve_conduit(self) -> None:
         from qmp_sdei.conduit.service import serve_conduit  # noqa: PLC0415 (optional subsystem)
 
-        await serve_conduit(self)
+        assert self.session is not None and self.owner is not None
+
+        def attached(conduit: Any) -> None:
+            self.conduit = conduit
+            self.conduit_ready.set()
+
+        await serve_conduit(self.session, self.owner, self.config.conduit, on_attached=attached)
+
+    async def _serve_control(self) -> None:
+        assert self.control_server is not None
+        await self.control_server.serve()
 
     def _install_signals(self) -> list[int]:
         loop = asyncio.get_running_loop()
@@ -410,6 +324,7 @@ class Sidecar:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._follow_lifecycle(), name="qmp.lifecycle")]
                 tasks.append(tg.create_task(self._status_writer(), name="status.writer"))
+                tasks.append(tg.create_task(self._serve_control(), name="control.local"))
                 if self.config.conduit.enabled:
                     tasks.append(tg.create_task(self._serve_conduit(), name="conduit"))
                 self.ready.set()
@@ -432,17 +347,18 @@ class Sidecar:
         Detaching while a handler runs would send its COMPLETE to QEMU, which answers -1, and the
         handler would return into whatever x30 held: so shutdown waits for handlers first.
         """
-        persisting = self.persisting
-        persisting.draining = True
+        owner = self.owner
+        assert owner is not None
+        owner.draining = True
 
         async def wait() -> None:
-            while persisting.handlers_running():
-                await persisting.wait_committed()
+            while owner.handlers_running():
+                await owner.wait_committed()
 
         try:
             await asyncio.wait_for(wait(), timeout)
         except TimeoutError:
-            running = {i: [f.event for f in v.stack] for i, v in enumerate(persisting.inner.vcpus) if v.stack}
+            running = {i: [f.event for f in v.stack] for i, v in enumerate(owner.dispatcher.vcpus) if v.stack}
             log.warning("detaching with SDEI handlers still running after %.0fs: %s", timeout, running)
             return False
         return True

@@ -15,6 +15,7 @@ one root. The children say *what kind* of thing went wrong, and wrap the underly
      |    +-- QmpCommandError  a QMP command failed (in qemu/qmp.py, carries QEMU's error class)
      +-- ConduitError         the gdbstub conduit failed (protocol error, lost connection)
      +-- StateDirBusy         another sidecar holds the state directory
+ +-- ControlError         the control API cannot be served or reached (socket, broker, bad reply)
      +-- KernelFetchError     a Debian arm64 kernel could not be fetched
      +-- DtbError             dtc failed or is missing
 
@@ -82,3 +83,7 @@ class GuestImageError(ConfigError):
 
 class StateDirBusy(SdeiError):
     """Another sidecar holds this state directory."""
+
+
+class ControlError(SdeiError):
+    """The control API cannot be served (socket in use, broker refused us) or reached by a client."""

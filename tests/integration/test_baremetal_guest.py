@@ -18,9 +18,10 @@ import pytest
 import pytest_asyncio
 
 from qmp_sdei.conduit.gdbstub import GdbstubConduit
+from qmp_sdei.owner import RaiseOutcome, RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
-from qmp_sdei.sdei import Dispatcher, EventSpec, TriggerOutcome, TriggerResult
-from qmp_sdei.versions import psci_answer
+from qmp_sdei.sdei import Dispatcher, EventSpec
+from qmp_sdei.versions import VersionPins
 from support.guests import (
     build_baremetal_guest,
     cached_build_dir,
@@ -135,14 +136,13 @@ STEP_RE = re.compile(r"^STEP (\S+)((?: \w+=0x[0-9a-f]+)*)\r?$", re.M)
 class Booted:
     vm: QemuProcess
     conduit: GdbstubConduit
+    owner: SdeiOwner
     run: asyncio.Task[None]
     symbols: dict[str, int]
 
 
-def psci_filter(vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
-    """The real pinning policy, pinned to PSCI 1.0 so the test can tell its answers from QEMU's 1.1."""
-    del vcpu, x2, x3
-    return psci_answer((1, 0), fid, x1)
+#: The real pinning policy, pinned to PSCI 1.0 so the test can tell its answers from QEMU's 1.1.
+PINS = VersionPins((1, 1), 0, (1, 0))
 
 
 @pytest.fixture(scope="session")
@@ -163,13 +163,12 @@ async def booted(tmp_path: Path, guest_elf: Path) -> AsyncIterator[Booted]:
             bind_slots=(3, 3),
         )
         client = await connect_gdbstub(port, TIMEOUT)
-        conduit = GdbstubConduit(
-            client, dispatcher, [symbols["sdei_hvc_insn"]], psci_filter=psci_filter, timeout=TIMEOUT
-        )
+        owner = SdeiOwner(dispatcher, pins=PINS)
+        conduit = GdbstubConduit(client, owner, [symbols["sdei_hvc_insn"]], timeout=TIMEOUT)
         await conduit.start()
         run = asyncio.create_task(conduit.run(), name="conduit.run")
         try:
-            yield Booted(vm, conduit, run, symbols)
+            yield Booted(vm, conduit, owner, run, symbols)
         finally:
             if not run.done():
                 await conduit.close()
@@ -208,7 +207,7 @@ def check_all_steps(console: str, symbols: dict[str, int]) -> dict[str, dict[str
 
 
 async def raise_host_events(
-    vm: QemuProcess, raise_event: Callable[[int, int | None], Awaitable[TriggerResult]], tags: Iterable[str]
+    vm: QemuProcess, raise_event: Callable[[int, int | None], Awaitable[RaiseOutcome]], tags: Iterable[str]
 ) -> None:
     """Raise each host event when the guest announces it is waiting for it."""
     for tag in tags:
@@ -218,14 +217,14 @@ async def raise_host_events(
         # The guest announces a wait as soon as its previous handler has recorded its visit, which
         # may be just before that handler's COMPLETE traps: then the event is pending and is
         # delivered right after the COMPLETE. The guest's step lines check that it arrived.
-        assert result.outcome is TriggerOutcome.DELIVERABLE or (
-            result.outcome is TriggerOutcome.PENDING and "running" in result.reason
+        assert result.result is RaiseResult.DELIVERED or (
+            result.result is RaiseResult.PENDING and result.code == "busy"
         ), (tag, result)
 
 
 async def test_guest_drives_every_sdei_call(booted: Booted) -> None:
     vm, conduit = booted.vm, booted.conduit
-    await raise_host_events(vm, conduit.raise_event, HOST_EVENTS)
+    await raise_host_events(vm, booted.owner.raise_event, HOST_EVENTS)
     await vm.wait_for_console(r"DONE\r?\n", TIMEOUT)
     console = vm.console
     steps = check_all_steps(console, booted.symbols)

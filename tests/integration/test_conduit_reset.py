@@ -206,7 +206,7 @@ async def test_guest_reset_rearms_the_conduit_and_resets_sdei_state(
             assert setup == {"register": 0, "enable": 0, "unmask": 0, "status": 3}, vm.console
             await vm.wait_for_console(r"RESET\r?\n", TIMEOUT)
 
-            await sidecar.wait_until(lambda: sidecar.counters.guest_resets == 1, TIMEOUT)
+            await sidecar.wait_until(lambda: sidecar.owner.counters.guest_resets == 1, TIMEOUT)
             second = await line(vm, "DONE")
             assert second == {"n": 2}, vm.console
             boots = [
@@ -220,8 +220,8 @@ async def test_guest_reset_rearms_the_conduit_and_resets_sdei_state(
             assert boots[1] == {"n": 2, "version": SDEI_1_1, "status": 0}, vm.console
             assert "FATAL" not in vm.console, vm.console
 
-            assert sidecar.counters.guest_resets == 1
-            assert sidecar.counters.resets == 1
+            assert sidecar.owner.counters.guest_resets == 1
+            assert sidecar.owner.counters.resets == 1
             assert sidecar.dispatcher is not None
             assert sidecar.dispatcher.describe()["vcpus"][0]["masked"]
             stats = sidecar.conduit.stats

@@ -145,10 +145,10 @@ async def test_pins_survive_reset_and_a_changed_config(tmp_path: Path, caplog: p
         first = parse(config_for(tmp_path, vm, sdei={"version": "1.0"}, psci={"version": "1.0"}))
         async with serving(first) as (sidecar, _), harness_client(vm) as host:
             assert sidecar.dispatcher is not None
-            call(sidecar.persisting.inner, 0, F.EVENT_REGISTER, 1000, ENTRY, 1, 0, 0)  # type: ignore[arg-type]
-            sidecar.save_state()
+            call(sidecar.dispatcher, 0, F.EVENT_REGISTER, 1000, ENTRY, 1, 0, 0)
+            sidecar.owner.save_now()
             await host.execute("system_reset")
-            await sidecar.wait_until(lambda: sidecar.counters.resets == 1, SLOW)
+            await sidecar.wait_until(lambda: sidecar.owner.counters.resets == 1, SLOW)
             assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, 1000) == 0  # SDEI state reset...
             assert call(sidecar.dispatcher, 0, F.VERSION) >> 32 == 0x1_0000  # ...SDEI 1.0 kept
             assert state_doc(tmp_path)["pins"] == {"sdei": "1.0", "sdei_vendor": 0, "psci": "1.0"}
@@ -158,7 +158,7 @@ async def test_pins_survive_reset_and_a_changed_config(tmp_path: Path, caplog: p
         async with serving(later) as (sidecar, _):
             assert sidecar.pins is not None
             assert (sidecar.pins.sdei, sidecar.pins.psci) == ((1, 0), (1, 0))
-            assert sidecar.psci_policy(0, 0x8400_0000, 0, 0, 0) == 0x10000  # PSCI_VERSION answers 1.0
+            assert sidecar.owner.psci_call(0, 0x8400_0000, 0, 0, 0) == 0x10000  # PSCI_VERSION answers 1.0
     assert sum("keeping what it saw" in r.getMessage() for r in caplog.records) == 2
 
 
@@ -168,10 +168,10 @@ async def test_guest_reset_resets_sdei_state(tmp_path: Path) -> None:
     spec = QemuSpec(kernel=guest, extra_args=RESET_ACTION)  # paused until the sidecar serves
     async with running_qemu(tmp_path, spec) as vm, serving(parse(config_for(tmp_path, vm))) as (sidecar, _):
         assert sidecar.dispatcher is not None
-        call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
+        call(sidecar.owner, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
         async with harness_client(vm) as host:
             await host.execute("cont")
-            await sidecar.wait_until(lambda: sidecar.counters.guest_resets >= 1, SLOW)
+            await sidecar.wait_until(lambda: sidecar.owner.counters.guest_resets >= 1, SLOW)
         assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, 1000) == 0
         assert status_doc(tmp_path)["counters"]["guest_resets"] >= 1
 
@@ -212,9 +212,9 @@ async def test_restart_picks_up_state_of_a_running_vm(tmp_path: Path) -> None:
     spec = QemuSpec(smp=2, uuid=UUID, paused=False)
     async with running_qemu(tmp_path, spec) as vm:
         async with serving(parse(config_for(tmp_path, vm))) as (sidecar, _):
-            assert call(sidecar.persisting, 1, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0) == 0  # type: ignore[arg-type]
-            assert call(sidecar.persisting, 1, F.PE_UNMASK) == 0  # type: ignore[arg-type]
-            sidecar.persisting.commit()  # what the conduit does before letting the guest go
+            assert call(sidecar.owner, 1, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0) == 0  # type: ignore[arg-type]
+            assert call(sidecar.owner, 1, F.PE_UNMASK) == 0  # type: ignore[arg-type]
+            sidecar.owner.commit()  # what the conduit does before letting the guest go
         async with serving(parse(config_for(tmp_path, vm))) as (again, _):
             assert again.dispatcher is not None
             assert call(again.dispatcher, 1, F.EVENT_STATUS, 1000) == 1
@@ -230,8 +230,8 @@ async def test_fresh_qemu_keeps_pins_but_not_sdei_state(tmp_path: Path) -> None:
                 assert sidecar.pins is not None and sidecar.pins.sdei == (1, 0)
                 assert sidecar.dispatcher is not None
                 assert call(sidecar.dispatcher, 0, F.EVENT_STATUS, 1000) == 0  # prelaunch: nothing restored
-                call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
-                sidecar.persisting.commit()
+                call(sidecar.owner, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
+                sidecar.owner.commit()
 
 
 @pytest.mark.asyncio
@@ -411,7 +411,7 @@ async def test_status_text(tmp_path: Path) -> None:
         running_qemu(tmp_path, QemuSpec(smp=2, name="vm-status")) as vm,
         serving(parse(config_for(tmp_path, vm))) as (sidecar, _),
     ):
-        call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
+        call(sidecar.owner, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0)  # type: ignore[arg-type]
         sidecar.write_status()
         result = await asyncio.to_thread(_run_cli, "status", "--state-dir", str(tmp_path / "state"))
     assert result.returncode == 0, result.stderr
@@ -443,14 +443,14 @@ async def test_qemu_that_is_not_aarch64_is_refused(tmp_path: Path) -> None:
 async def test_guest_changes_are_durable_at_commit_not_before(tmp_path: Path) -> None:
     """One state write per conduit stop: nothing before the commit, everything after it."""
     async with running_qemu(tmp_path) as vm, serving(parse(config_for(tmp_path, vm))) as (sidecar, _):
-        writes = sidecar.counters.state_writes
-        assert call(sidecar.persisting, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0) == 0  # type: ignore[arg-type]
-        assert call(sidecar.persisting, 0, F.EVENT_ENABLE, 1000) == 0  # type: ignore[arg-type]
-        assert call(sidecar.persisting, 0, F.EVENT_STATUS, 1000) == 3  # type: ignore[arg-type]
-        assert sidecar.counters.state_writes == writes
-        sidecar.persisting.commit()
-        sidecar.persisting.commit()  # nothing new: no second write
-        assert sidecar.counters.state_writes == writes + 1
+        writes = sidecar.owner.counters.state_writes
+        assert call(sidecar.owner, 0, F.EVENT_REGISTER, 1000, ENTRY, 7, 0, 0) == 0  # type: ignore[arg-type]
+        assert call(sidecar.owner, 0, F.EVENT_ENABLE, 1000) == 0  # type: ignore[arg-type]
+        assert call(sidecar.owner, 0, F.EVENT_STATUS, 1000) == 3  # type: ignore[arg-type]
+        assert sidecar.owner.counters.state_writes == writes
+        sidecar.owner.commit()
+        sidecar.owner.commit()  # nothing new: no second write
+        assert sidecar.owner.counters.state_writes == writes + 1
         stored = StateStore(tmp_path / "state").load()
         assert stored is not None
         target = make_like(sidecar)

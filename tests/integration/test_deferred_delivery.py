@@ -33,8 +33,9 @@ import pytest
 import pytest_asyncio
 
 from qmp_sdei.conduit.gdbstub import GdbstubConduit
+from qmp_sdei.owner import RaiseOutcome, RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
-from qmp_sdei.sdei import Dispatcher, EventSpec, TriggerOutcome, TriggerResult
+from qmp_sdei.sdei import Dispatcher, EventSpec
 from support.guests import (
     build_deferral_guest,
     cached_build_dir,
@@ -59,6 +60,7 @@ class Booted:
     vm: QemuProcess
     conduit: GdbstubConduit
     dispatcher: Dispatcher
+    owner: SdeiOwner
     run: asyncio.Task[None]
     symbols: dict[str, int]
     #: conduit.stats.stops as seen by each PSCI_VERSION call (the guest's markers)
@@ -80,22 +82,21 @@ async def booted(tmp_path: Path, deferral_elf: Path) -> AsyncIterator[Booted]:
         marker_stops: list[int] = []
         conduit: GdbstubConduit | None = None
 
-        def psci_filter(vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
-            # Called while the conduit handles the trap's stop, so the count is exact.
-            del vcpu, x1, x2, x3
-            if fid == PSCI_VERSION:
-                assert conduit is not None
-                marker_stops.append(conduit.stats.stops)
-                return MARKER_ANSWER
-            return None  # CPU_ON, SYSTEM_OFF: QEMU's own PSCI
+        class MarkingOwner(SdeiOwner):
+            def psci_call(self, vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
+                # Called while the conduit handles the trap's stop, so the count is exact.
+                if fid == PSCI_VERSION:
+                    assert conduit is not None
+                    marker_stops.append(conduit.stats.stops)
+                    return MARKER_ANSWER
+                return None  # CPU_ON, SYSTEM_OFF: QEMU's own PSCI
 
-        conduit = GdbstubConduit(
-            client, dispatcher, [symbols["sdei_hvc_insn"]], psci_filter=psci_filter, timeout=TIMEOUT
-        )
+        owner = MarkingOwner(dispatcher)
+        conduit = GdbstubConduit(client, owner, [symbols["sdei_hvc_insn"]], timeout=TIMEOUT)
         await conduit.start()
         run = asyncio.create_task(conduit.run(), name="conduit.run")
         try:
-            yield Booted(vm, conduit, dispatcher, run, symbols, marker_stops)
+            yield Booted(vm, conduit, dispatcher, owner, run, symbols, marker_stops)
         finally:
             if not run.done():
                 await conduit.close()
@@ -110,8 +111,8 @@ async def wait_line(vm: QemuProcess, kind: str, where: str) -> dict[str, int]:
     return {k: int(v, 16) for k, v in re.findall(r"(\w+)=(0x[0-9a-f]+)", match.group(1))}
 
 
-def assert_deliverable(result: TriggerResult, what: str) -> None:
-    assert result.outcome is TriggerOutcome.DELIVERABLE, (what, result)
+def assert_deliverable(result: RaiseOutcome, what: str) -> None:
+    assert result.result is RaiseResult.PENDING and result.code == "deliverable", (what, result)
 
 
 async def deferred_case(booted: Booted, where: str) -> tuple[float, dict[str, int]]:
@@ -124,8 +125,10 @@ async def deferred_case(booted: Booted, where: str) -> tuple[float, dict[str, in
     deferred, deliveries = stats.deferred_deliveries, stats.deliveries
     handlers_before = vm.console.count("HANDLER ")
 
-    # raise_event returns once the stop it asked for was served: the decision has been made.
-    assert_deliverable(await conduit.raise_event(EVENT, 0), f"{where}: vCPU 0")
+    # Deliverable, but vCPU 0 is outside EL1h: once the stop the raise asked for is served, the
+    # conduit has decided to defer it.
+    assert_deliverable(await booted.owner.raise_event(EVENT, 0, wait=0), f"{where}: vCPU 0")
+    await conduit.wait_served()
     assert stats.deferred_deliveries == deferred + 1, f"{where}: the event was not deferred"
     assert stats.deliveries == deliveries, f"{where}: entered a handler on a vCPU outside EL1h"
     assert booted.dispatcher.deliverable() == [0], f"{where}: the event should still wait for vCPU 0"
@@ -133,10 +136,11 @@ async def deferred_case(booted: Booted, where: str) -> tuple[float, dict[str, in
     # Release vCPU 0 from vCPU 1 (EL1h: entered at once). Its previous handler may still be between
     # releasing vCPU 0 and its COMPLETE; then this one is pending and entered right after that.
     released = time.perf_counter()
-    result = await conduit.raise_event(EVENT, 1)
-    assert result.outcome is TriggerOutcome.DELIVERABLE or (
-        result.outcome is TriggerOutcome.PENDING and "running" in result.reason
-    ), (where, result)
+    result = await booted.owner.raise_event(EVENT, 1)
+    assert result.result is RaiseResult.DELIVERED or (result.result is RaiseResult.PENDING and result.code == "busy"), (
+        where,
+        result,
+    )
     nth_handler = rf"(?s)(?:HANDLER [^\n]*\n.*?){{{handlers_before + 1}}}"
     await vm.wait_for_console(nth_handler, TIMEOUT)
     latency = time.perf_counter() - released

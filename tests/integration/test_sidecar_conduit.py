@@ -151,7 +151,8 @@ async def sidecars() -> AsyncIterator[list[RunningSidecar]]:
 
 
 async def raise_host_events(vm: QemuProcess, sidecar: Sidecar, tags: list[str]) -> None:
-    await raise_awaited_events(vm, sidecar.conduit.raise_event, tags)
+    assert sidecar.owner is not None
+    await raise_awaited_events(vm, sidecar.owner.raise_event, tags)
 
 
 def registrations(state_dir: Path, config: Config, vcpus: int = 2) -> dict[str, Any]:

@@ -48,9 +48,10 @@ from qmp_sdei.conduit.traps import load_kallsyms
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.linux_kernel import DebianKernel, fetch_debian_kernel_package
+from qmp_sdei.owner import RaiseResult
 from qmp_sdei.qemu.dtb import build_sdei_dtb, psci_compatible_for
 from qmp_sdei.qemu.launch import QEMU_BINARY, QemuProcess, QemuSpec
-from qmp_sdei.sdei import Completion, TriggerOutcome, TriggerResult, VcpuRegs
+from qmp_sdei.sdei import Completion, VcpuRegs
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "guests" / "linux-module"
 MODULE_SOURCES = ("sdei_test.c", "Kbuild")
@@ -328,10 +329,10 @@ def prepare_linux_event_guest(event: int = EVENT, cache_dir: Path | None = None)
 
 @dataclass
 class EventProbe:
-    """Wraps the dispatcher the conduit drives and timestamps (perf_counter_ns) what the guest does.
+    """Wraps the SDEI owner the conduit drives and timestamps (perf_counter_ns) what the guest does.
 
-    The conduit only uses ``hypercall``/``trigger``/``deliverable``/``deliver``; everything passes
-    through unchanged (the sidecar's state file is still written on each commit).
+    ``hypercall`` and ``deliver`` are recorded; everything passes through to the owner unchanged
+    (the sidecar's state file is still written on each commit).
     """
 
     inner: Any
@@ -350,11 +351,8 @@ class EventProbe:
             self._notify()
         return outcome  # type: ignore[no-any-return]
 
-    def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult:
-        return self.inner.trigger(event, vcpu)  # type: ignore[no-any-return]
-
-    def deliverable(self) -> list[int]:
-        return self.inner.deliverable()  # type: ignore[no-any-return]
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # begin_stop, psci_call, commit, end_stop, ...
 
     def deliver(self, vcpu: int, regs: VcpuRegs) -> bool:
         entered = bool(self.inner.deliver(vcpu, regs))
@@ -383,9 +381,9 @@ class Delivery:
     vcpu: int
     cpu: int  # as the guest printed it
     line: str
-    outcome: TriggerOutcome
+    outcome: RaiseResult
     entered_ns: int | None  # the dispatcher entered the handler (registers written right after)
-    raise_returned_ns: int  # raise_event() returned: handler registers written and VM resumed
+    raise_returned_ns: int  # raise_event() returned: the owner saw the handler entered
     line_ns: int  # the callback's console line reached the host
     resumed_ns: int  # the handler's COMPLETE / COMPLETE_AND_RESUME was answered
     handler_calls: list[str]  # the SDEI calls the handler made, in order
@@ -410,15 +408,17 @@ class LinuxEventVm:
 
     async def raise_event(self, vcpu: int, timeout: float) -> Delivery:
         conduit = self.sidecar.conduit
+        owner = self.sidecar.owner
+        assert owner is not None
         n = self.raised + 1
         marks = len(self.probe.entered), len(self.probe.calls), len(self.probe.completions)
         samples = len(conduit.stats.delivery_ns)
         line_re = re.compile(DELIVERY_LINE.format(n=n))
         t0 = time.perf_counter_ns()
-        result: TriggerResult = await conduit.raise_event(self.guest.event, vcpu)
+        result = await owner.raise_event(self.guest.event, vcpu, wait=timeout)
         returned = time.perf_counter_ns()
-        if result.outcome is TriggerOutcome.DROPPED:
-            raise AssertionError(f"event {self.guest.event} on vCPU {vcpu} was dropped: {result.reason}")
+        if result.result is not RaiseResult.DELIVERED:
+            raise AssertionError(f"event {self.guest.event} on vCPU {vcpu} was not delivered: {result}")
         self.raised = n
         match = await self.vm.wait_for_console(line_re, timeout)
         line_at = time.perf_counter_ns()
@@ -432,7 +432,7 @@ class LinuxEventVm:
             vcpu=vcpu,
             cpu=int(match["cpu"]),
             line=match.group(0),
-            outcome=result.outcome,
+            outcome=result.result,
             entered_ns=entered[0][1] - t0 if entered else None,
             raise_returned_ns=returned - t0,
             line_ns=line_at - t0,

@@ -19,9 +19,12 @@ System registers are read-only through the 7.2 stub, so COMPLETE_AND_RESUME's EL
 are set by patching two ``msr`` instructions over the trapped ``hvc``, stepping them on that vCPU
 alone, and restoring the original bytes.
 
-Only this module's run loop talks to the stub. Other tasks (``raise_event``, ``rearm``,
+Only this module's run loop talks to the stub. Other tasks (``request_delivery``, ``rearm``,
 ``detach``) ask the loop for a stop and wait for it to do the work, so RSP requests are never
-interleaved. It owns breakpoints and registers in flight; SDEI state stays in the dispatcher.
+interleaved. It owns breakpoints and registers in flight; SDEI state belongs to the SDEI owner
+(:class:`qmp_sdei.owner.SdeiOwner`), which the conduit drives only through :class:`SdeiPort` and
+brackets every stop for (``begin_stop`` ... ``commit`` ... ``end_stop``), so host-side changes never
+land in the middle of one.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from qmp_sdei.conduit.rsp import (
     ThreadId,
 )
 from qmp_sdei.errors import ConduitError
-from qmp_sdei.sdei import Completion, TriggerOutcome, TriggerResult, VcpuRegs
+from qmp_sdei.sdei import Completion, VcpuRegs
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +62,26 @@ MSR_SPSR_EL1_X1 = 0xD5184001  # msr spsr_el1, x1
 # (0x400-0x780) enters; they are the first EL1h instructions after the vCPU leaves EL0/EL1t.
 DEFERRAL_VECTOR_OFFSETS = tuple(range(0x000, 0x200, 0x80)) + tuple(range(0x400, 0x800, 0x80))
 
-PsciFilter = Callable[[int, int, int, int, int], "int | None"]
-"""``(vcpu, fid, x1, x2, x3) -> result`` to answer a PSCI call, or None to let QEMU answer it.
-
-It also sees calls it lets through, so the policy can act on them (CPU_OFF resets that vCPU's
-private SDEI state)."""
-
 LATENCY_SAMPLES = 4096
 
 
-class DispatcherLike(Protocol):
-    """The part of :class:`qmp_sdei.sdei.Dispatcher` the conduit drives."""
+class SdeiPort(Protocol):
+    """What the conduit needs of the SDEI owner (:class:`qmp_sdei.owner.SdeiOwner`).
 
+    Every stop is bracketed by ``begin_stop``/``end_stop``; ``commit`` comes after the stop's SDEI
+    calls and before any register is written back (the state is durable before the guest sees it).
+    """
+
+    def begin_stop(self) -> None: ...
     def hypercall(self, vcpu: int, regs: VcpuRegs) -> Completion: ...
-    def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult: ...
+    def psci_call(self, vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
+        """The answer to a PSCI call, or None to let QEMU answer (it also sees those calls)."""
+
     def deliverable(self) -> list[int]: ...
     def deliver(self, vcpu: int, regs: VcpuRegs) -> bool: ...
+    def commit(self) -> None: ...
+    def end_stop(self) -> None: ...
+    def bind_delivery(self, request_delivery: Callable[[], None] | None) -> None: ...
 
 
 @dataclass
@@ -93,7 +100,7 @@ class ConduitStats:
     sysreg_writes: int = 0
     #: stop reply received -> resume sent, for trapped calls (the sidecar's share of a call)
     trap_handling_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
-    #: raise_event() called -> handler registers written and the VM resumed
+    #: request_delivery() called -> handler registers written and the VM resumed
     delivery_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
 
@@ -103,7 +110,6 @@ class _Waiter:
 
     action: Callable[[], Awaitable[None]] | None
     done: asyncio.Future[None]
-    started_ns: int = 0
 
 
 def _is_el1h(cpsr: int) -> bool:
@@ -125,33 +131,29 @@ class GdbstubConduit:
 
     Typical use::
 
-        conduit = GdbstubConduit(client, dispatcher, trap_sites=[hvc_address])
+        conduit = GdbstubConduit(client, owner, trap_sites=[hvc_address])
         await conduit.start()                 # threads, registers, breakpoints; VM stays stopped
         task = asyncio.create_task(conduit.run(), name="conduit")   # resumes the VM
-        await conduit.raise_event(1000, vcpu=0)
+        await owner.raise_event(1000, vcpu=0) # the owner asks the conduit to deliver
         await conduit.detach()                # the run task ends; the VM keeps running
     """
 
     def __init__(
         self,
         rsp: RspClient,
-        dispatcher: DispatcherLike,
+        dispatcher: SdeiPort,
         trap_sites: Sequence[int],
         *,
-        psci_filter: PsciFilter | None = None,
-        on_commit: Callable[[], None] | None = None,
         timeout: float = 10.0,
     ) -> None:
-        """:param on_commit: called after each stop's dispatcher calls and before any register is
-        written back or the VM resumed: the point where SDEI state must be durable (the sidecar
-        writes its state file there, once per stop rather than once per call)."""
+        """:param dispatcher: the SDEI owner; the conduit binds itself as the owner's way to
+        deliver (``request_delivery``)."""
         if not trap_sites:
             raise ConduitError("no trap sites: the conduit would never see a call")
         self.rsp = rsp
         self.dispatcher = dispatcher
         self.trap_sites = frozenset(trap_sites)
-        self.psci_filter = psci_filter
-        self.on_commit = on_commit
+        dispatcher.bind_delivery(self.request_delivery)
         #: set once run() has resumed the VM or decided to hold it
         self.serving = asyncio.Event()
         self.timeout = timeout
@@ -172,6 +174,7 @@ class GdbstubConduit:
         self._g_thread: ThreadId | None = None  # which thread g/G/p/m act on (QEMU's g_cpu)
         self._dirty: dict[int, CoreRegs] = {}  # vCPU -> registers to write before resuming
         self._last_write_ns = 0
+        self._delivery_requested_ns = 0  # request_delivery() -> the stop that entered a handler
         self.exit_reason: str | None = None  # why run() returned by itself (VM exit)
 
     @classmethod
@@ -179,16 +182,14 @@ class GdbstubConduit:
         cls,
         host: str,
         port: int,
-        dispatcher: DispatcherLike,
+        dispatcher: SdeiPort,
         trap_sites: Sequence[int],
         *,
-        psci_filter: PsciFilter | None = None,
-        on_commit: Callable[[], None] | None = None,
         timeout: float = 10.0,
     ) -> GdbstubConduit:
         """Connect to the stub and :meth:`start`; the VM is left stopped until :meth:`run`."""
         client = await RspClient.connect(host, port, timeout=timeout)
-        conduit = cls(client, dispatcher, trap_sites, psci_filter=psci_filter, on_commit=on_commit, timeout=timeout)
+        conduit = cls(client, dispatcher, trap_sites, timeout=timeout)
         try:
             await conduit.start()
         except BaseException:
@@ -234,7 +235,11 @@ class GdbstubConduit:
         try:
             if resume:
                 # Requests that arrived before the loop started, and events already deliverable.
-                await self._after_stop(None, None)
+                self.dispatcher.begin_stop()
+                try:
+                    await self._after_stop(None, None)
+                finally:
+                    self.dispatcher.end_stop()
             else:
                 self._held = True
             self.serving.set()
@@ -257,7 +262,11 @@ class GdbstubConduit:
                     self.exit_reason = "shutdown"
                     self._fail_waiters(ConduitError("the VM shut down"))
                     return
-                await self._handle_stop(stop, ours=ours)
+                self.dispatcher.begin_stop()
+                try:
+                    await self._handle_stop(stop, ours=ours)
+                finally:
+                    self.dispatcher.end_stop()
                 if self._stop_requested():
                     return
         except ConduitError as err:
@@ -311,8 +320,8 @@ class GdbstubConduit:
                 await self._write_elr_spsr(thread, site, core, regs.elr_el1, regs.spsr_el1)
             self._dirty[vcpu] = core
             return None
-        if psci.is_psci_range(fid) and self.psci_filter is not None:
-            answer = self.psci_filter(vcpu, fid, core.x[1], core.x[2], core.x[3])
+        if psci.is_psci_range(fid):
+            answer = self.dispatcher.psci_call(vcpu, fid, core.x[1], core.x[2], core.x[3])
             if answer is not None:
                 self.stats.psci_answered += 1
                 core.x[0] = to_u64(answer)
@@ -386,8 +395,7 @@ class GdbstubConduit:
         if step_over is not None and step_over.vcpu in delivered:
             step_over = None  # its pc now points at the handler, nothing to step over
         await self._update_vector_breakpoints()
-        if self.on_commit is not None:
-            self.on_commit()
+        self.dispatcher.commit()
         if self._stopping or not resume:
             await self._flush_dirty(resume=None)
             for waiter in waiters:
@@ -396,9 +404,10 @@ class GdbstubConduit:
             return time.perf_counter_ns()
         await self._flush_dirty(resume=step_over, resume_always=True)
         now = self._last_write_ns
+        if delivered and self._delivery_requested_ns:
+            self.stats.delivery_ns.append(now - self._delivery_requested_ns)
+            self._delivery_requested_ns = 0
         for waiter in waiters:
-            if waiter.started_ns and delivered:
-                self.stats.delivery_ns.append(now - waiter.started_ns)
             if not waiter.done.done():
                 waiter.done.set_result(None)
         return now
@@ -500,14 +509,14 @@ class GdbstubConduit:
 
     # ---- requests from other tasks ----------------------------------------------------------
 
-    async def _at_next_stop(self, action: Callable[[], Awaitable[None]] | None, started_ns: int = 0) -> None:
+    async def _at_next_stop(self, action: Callable[[], Awaitable[None]] | None) -> None:
         if self._held:
             # The VM is stopped and no resume of ours is outstanding: the stub answers requests.
             if action is not None:
                 await action()
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(_Waiter(action, done, started_ns))
+        self._waiters.append(_Waiter(action, done))
         if self._running:
             self._interrupt()
         elif self._run_task is not None and self._run_task.done():
@@ -547,18 +556,20 @@ class GdbstubConduit:
         """True while the VM is stopped by someone else and we are waiting for it to run."""
         return self._held
 
-    async def raise_event(self, event: int, vcpu: int | None) -> TriggerResult:
-        """Raise an event from the host and, if it can be taken now, enter the handler.
+    def request_delivery(self) -> None:
+        """The owner made an event deliverable outside a stop: get a stop soon to enter it.
 
-        Returns the dispatcher's verdict. For a deliverable event this waits until the handler's
-        registers are written and the VM resumed (the handler then runs); a pending or dropped
-        event returns at once. :class:`qmp_sdei.errors.TriggerError` propagates unchanged.
+        Non-blocking (the owner calls it synchronously). A running VM is interrupted; a VM held by
+        its owner is left alone (:meth:`vm_resumed` delivers once it runs); inside a stop nothing
+        is needed, the stop's own delivery pass sees the event.
         """
-        started = time.perf_counter_ns()
-        result = self.dispatcher.trigger(event, vcpu)
-        if result.outcome is TriggerOutcome.DELIVERABLE:
-            await self._at_next_stop(None, started_ns=started)
-        return result
+        if self._running and not self._interrupt_sent:
+            self._interrupt()
+        self._delivery_requested_ns = self._delivery_requested_ns or time.perf_counter_ns()
+
+    async def wait_served(self) -> None:
+        """Wait until the conduit has handled one stop from now (requests, deliveries)."""
+        await self._at_next_stop(None)
 
     async def detach(self) -> None:
         """Remove every breakpoint and let the VM run without us (``D;1``), then close."""

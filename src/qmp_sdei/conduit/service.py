@@ -1,22 +1,25 @@
-"""Run the gdbstub conduit for a :class:`~qmp_sdei.daemon.Sidecar`: find trap sites, reach the
-stub (starting it over QMP if QEMU has none), serve until the VM goes, and keep the conduit in step
-with the VM's runstate as QMP reports it.
+"""Run the gdbstub conduit as one of the sidecar's components: find trap sites, reach the stub
+(starting it over QMP if QEMU has none), serve until the VM goes, and keep the conduit in step with
+the VM's runstate as QMP reports it.
+
+It is handed what it needs (the QMP session, the SDEI owner, its settings) and imports nothing of
+the program layer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from qmp_sdei.conduit.gdbstub import GdbstubConduit
+from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.errors import ConduitError, SdeiError
-from qmp_sdei.qemu.qmp import EventSubscription, VmEventKind, gdbstub_address, start_gdbstub
+from qmp_sdei.qemu.qmp import EventSubscription, QmpSession, VmEventKind, gdbstub_address, start_gdbstub
 
 if TYPE_CHECKING:
     from qmp_sdei.config import ConduitSettings
-    from qmp_sdei.daemon import Sidecar
 
 log = logging.getLogger("qmp_sdei.conduit")
 
@@ -48,11 +51,18 @@ def _parse_tcp(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
-    """Attach the conduit and serve until the VM exits or the sidecar shuts down."""
-    assert sidecar.session is not None
-    session = sidecar.session
-    settings = sidecar.config.conduit
+async def serve_conduit(
+    session: QmpSession,
+    owner: SdeiPort,
+    settings: ConduitSettings,
+    *,
+    on_attached: Callable[[GdbstubConduit], None],
+    start_vm: bool = False,
+) -> None:
+    """Attach the conduit and serve until the VM exits or the task is cancelled.
+
+    :param on_attached: told the conduit once it is attached, before the VM is resumed.
+    """
     sites = await find_trap_sites(settings)
     if settings.gdb:
         host, port = _parse_tcp(settings.gdb)
@@ -62,21 +72,12 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
     # "debug" means a gdbstub stop: a sidecar before us died holding it. Ours to resume, unlike a
     # VM its owner paused or started with -S.
     was_running = await session.refresh_runstate() in ("running", "debug")
-    conduit = await GdbstubConduit.attach(
-        host,
-        port,
-        sidecar.persisting,
-        sites,
-        psci_filter=sidecar.psci_policy,
-        on_commit=sidecar.persisting.commit,
-        timeout=30.0,
-    )
-    sidecar.conduit = conduit
-    sidecar.conduit_ready.set()
+    conduit = await GdbstubConduit.attach(host, port, owner, sites, timeout=30.0)
+    on_attached(conduit)
     log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(sites))
-    resume = was_running or start_vm or sidecar.config.conduit.start_vm
+    resume = was_running or start_vm or settings.start_vm
     with session.subscribe({VmEventKind.RESUME}) as resumes:
-        watcher = asyncio.create_task(_follow_resumes(sidecar, conduit, resumes), name="conduit.resumes")
+        watcher = asyncio.create_task(_follow_resumes(session, conduit, resumes), name="conduit.resumes")
         try:
             await conduit.run(resume=resume)
         finally:
@@ -85,9 +86,8 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
         log.info("conduit stopped: %s", conduit.exit_reason)
 
 
-async def _follow_resumes(sidecar: Sidecar, conduit: GdbstubConduit, resumes: EventSubscription) -> None:
+async def _follow_resumes(session: QmpSession, conduit: GdbstubConduit, resumes: EventSubscription) -> None:
     """Tell a holding conduit when the VM's owner resumes it (QMP ``cont``)."""
-    assert sidecar.session is not None
     async for _event in resumes:
-        if conduit.held and await sidecar.session.refresh_runstate() == "running":
+        if conduit.held and await session.refresh_runstate() == "running":
             conduit.vm_resumed()
