@@ -79,6 +79,50 @@ class ConduitSettings:
 
 
 @dataclass(frozen=True)
+class MqttSettings:
+    """The MQTT v5 control transport; absent (``None`` in :class:`Config`) when not configured."""
+
+    #: broker host and port; ``tls`` for ``mqtts://``
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    #: CA bundle to verify the broker with (default: the system's), client certificate and key
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    #: default: ``qmp-sdei-<vm name>``
+    client_id: str | None = None
+    topic_prefix: str = "qmp-sdei/v1"
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_mqtt_url(text: str, key: str = "mqtt.url") -> tuple[str, int, bool]:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port, tls). :raise ConfigError:"""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"{key}: {text!r} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    tls = scheme == "mqtts"
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon:
+        host, port = rest.rstrip("/"), str(8883 if tls else 1883)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host or "@" in host:
+        raise ConfigError(f"{key}: {text!r} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    return host, int(port), tls
+
+
+def _valid_topic_prefix(value: str) -> str | None:
+    if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "+#\0"):
+        return "must be a non-empty topic path without wildcards or leading/trailing '/'"
+    return None
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     format: str = "text"
@@ -93,6 +137,7 @@ class Config:
     sdei: SdeiSettings = field(default_factory=SdeiSettings)
     conduit: ConduitSettings = field(default_factory=ConduitSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    mqtt: MqttSettings | None = None
     source: Path | None = None
 
     def runtime_changes(self, new: Config) -> tuple[list[str], list[str]]:
@@ -100,7 +145,7 @@ class Config:
         allowed, refused = [], []
         if new.log != self.log:
             allowed.append("log")
-        for key in ("qmp", "state_dir", "name", "versions", "sdei", "conduit"):
+        for key in ("qmp", "state_dir", "name", "versions", "sdei", "conduit", "mqtt"):
             if getattr(new, key) != getattr(self, key):
                 refused.append(key)
         return allowed, refused
@@ -193,6 +238,34 @@ def _parse_event(raw: Any, path: str) -> EventSpec:
     return EventSpec(number, shared=kind == "shared", critical=priority == "critical", name=name)
 
 
+def _parse_mqtt(mqtt: _Table) -> MqttSettings | None:
+    if not mqtt.data:
+        return None
+    url = mqtt.get("url", str, "")
+    if not url:
+        raise ConfigError("mqtt.url: is required when [mqtt] is present (mqtt://HOST:PORT)")
+    host, port, tls = parse_mqtt_url(url)
+    paths = {k: mqtt.get(k, str, "") for k in ("ca", "cert", "key")}
+    mqtt_settings = MqttSettings(
+        host=host,
+        port=port,
+        tls=tls,
+        username=mqtt.get("username", str, None),
+        password=mqtt.get("password", str, None),
+        ca=Path(paths["ca"]) if paths["ca"] else None,
+        cert=Path(paths["cert"]) if paths["cert"] else None,
+        key=Path(paths["key"]) if paths["key"] else None,
+        client_id=mqtt.get("client_id", str, None),
+        topic_prefix=mqtt.get("topic_prefix", str, "qmp-sdei/v1", _valid_topic_prefix),
+    )
+    if (mqtt_settings.cert is None) != (mqtt_settings.key is None):
+        raise ConfigError("mqtt.cert, mqtt.key: give both or neither")
+    if not tls and (mqtt_settings.ca or mqtt_settings.cert):
+        raise ConfigError("mqtt.ca, mqtt.cert: TLS settings need an mqtts:// url")
+    mqtt.done()
+    return mqtt_settings
+
+
 def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     """Validate an already-decoded TOML document. :raise ConfigError:"""
     root = _Table(data, "")
@@ -272,6 +345,8 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     )
     conduit.done()
 
+    mqtt_settings = _parse_mqtt(root.table("mqtt"))
+
     log = root.table("log")
     log_settings = LogSettings(
         level=log.get("level", str, "info", _one_of(*LOG_LEVELS)),
@@ -289,6 +364,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
         sdei=SdeiSettings(events=events, profile=profile, bind_slots=(slots[0], slots[1])),
         conduit=conduit_settings,
         log=log_settings,
+        mqtt=mqtt_settings,
         source=source,
     )
 
