@@ -3,7 +3,9 @@
 Subcommands::
 
     qmp-sdei run --config vm1.toml [--log-format json] [--log-level debug]
-    qmp-sdei status (--config vm1.toml | --state-dir DIR) [--json]
+    qmp-sdei status (--config vm1.toml | --state-dir DIR | --mqtt URL --vm NAME) [--json]
+    qmp-sdei raise (--config vm1.toml | --mqtt URL --vm NAME) --event N [--vcpu I] [--json]
+    qmp-sdei watch (--config vm1.toml | --mqtt URL --vm NAME) [--json]
     qmp-sdei check-config vm1.toml
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N]
     qmp-sdei version
@@ -24,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from qmp_sdei import __version__
-from qmp_sdei.config import load
+from qmp_sdei.config import load, parse_mqtt_url
+from qmp_sdei.control.commands import PROTOCOL_VERSION
+from qmp_sdei.control.local import LocalControlClient, socket_path
 from qmp_sdei.daemon import ExitCode, Sidecar
-from qmp_sdei.errors import ConfigError, SdeiError
+from qmp_sdei.errors import ConfigError, ControlError, SdeiError
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.statefile import StateStore
 
@@ -40,11 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), help="override [log] format")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override [log] level")
 
-    status = sub.add_parser("status", help="print what a sidecar knows, from its state directory")
-    where = status.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", type=Path)
-    where.add_argument("--state-dir", type=Path)
+    status = sub.add_parser("status", help="ask a running sidecar what it knows (else its last status.json)")
+    where = _add_target(status)
+    where.add_argument("--state-dir", type=Path, help="read status.json from this state directory")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    raise_ = sub.add_parser("raise", help="raise an SDEI event in the guest through the running sidecar")
+    _add_target(raise_)
+    raise_.add_argument("--event", required=True, type=_event_number, help="event number from the catalogue")
+    raise_.add_argument("--vcpu", type=int, help="vCPU index (private events); shared events are routed")
+    raise_.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the handler entry (default 5)")
+    raise_.add_argument("--json", action="store_true", help="print the sidecar's reply as JSON")
+
+    watch = sub.add_parser("watch", help="print the sidecar's notifications until interrupted")
+    _add_target(watch)
+    watch.add_argument("--json", action="store_true", help="one JSON document per line")
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", type=Path)
@@ -61,22 +75,151 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _event_number(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an event number") from None
+    if not 0 <= value <= 0x7FFF_FFFF:
+        raise argparse.ArgumentTypeError(f"{text}: event numbers are 0..0x7fffffff")
+    return value
+
+
+def _add_target(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--config (the local socket of that VM's sidecar) or --mqtt URL --vm NAME (through the broker)."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the VM's TOML config: talk to its sidecar's local socket")
+    where.add_argument("--mqtt", metavar="URL", help="mqtt://HOST:PORT or mqtts://...: go through the broker")
+    parser.add_argument("--vm", help="the VM's name (with --mqtt)")
+    parser.add_argument("--username", help="broker user (with --mqtt)")
+    parser.add_argument("--password-file", type=Path, help="file holding the broker password (with --mqtt)")
+    parser.add_argument("--ca", type=Path, help="CA bundle to verify the broker (mqtts)")
+    parser.add_argument("--cert", type=Path, help="client certificate (mqtts)")
+    parser.add_argument("--key", type=Path, help="client key (mqtts)")
+    parser.add_argument("--topic-prefix", default="qmp-sdei/v1", help="topic prefix (default qmp-sdei/v1)")
+    return where
+
+
+def _control_client(args: argparse.Namespace) -> Any:
+    """The client for the chosen transport (an async context manager with request/watch/status)."""
+    if args.mqtt is None:
+        return LocalControlClient(socket_path(load(args.config).state_dir))
+    if not args.vm:
+        raise ConfigError("--vm: is required with --mqtt")
+    parse_mqtt_url(args.mqtt, "--mqtt")
+    from qmp_sdei.control.mqtt import MqttControlClient  # type: ignore[import-not-found]  # noqa: PLC0415
+
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"--password-file: cannot read {args.password_file}: {err.strerror}") from err
+    return MqttControlClient(
+        args.mqtt, args.vm, username=args.username, password=password, ca=args.ca, cert=args.cert, key=args.key,
+        topic_prefix=args.topic_prefix,
+    )  # fmt: skip
+
+
+def _cmd_raise(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"v": PROTOCOL_VERSION, "command": "raise", "event": args.event, "wait": args.wait}
+    if args.vcpu is not None:
+        request["vcpu"] = args.vcpu
+
+    async def ask() -> dict[str, Any]:
+        async with _control_client(args) as client:
+            answer: dict[str, Any] = await client.request(request, timeout=args.wait + 10)
+            return answer
+
+    answer = asyncio.run(ask())
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    if not answer.get("ok"):
+        error = answer.get("error", {})
+        if not args.json:
+            print(f"qmp-sdei: the sidecar refused the request ({error.get('code')}): {error.get('message')}")
+        return 1
+    result = answer["result"]
+    if not args.json:
+        print(_raise_text(result))
+    return 1 if result["result"] == "refused" else 0
+
+
+def _raise_text(result: dict[str, Any]) -> str:
+    where = f" on vCPU {result['vcpu']}" if result.get("vcpu") is not None else ""
+    head = f"event {result['event']}{where}: {result['result']}"
+    if result["result"] == "delivered":
+        latency = result.get("latency_us")
+        return head + (f" (handler entered after {latency / 1e3:.2f} ms)" if latency is not None else "")
+    return f"{head} ({result.get('code')}): {result.get('reason')}"
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    async def follow() -> None:
+        async with _control_client(args) as client:
+            async for item in client.watch():
+                print(json.dumps(item, sort_keys=True) if args.json else _notification_text(item), flush=True)
+
+    asyncio.run(follow())
+    print("qmp-sdei: the sidecar went away", file=sys.stderr)
+    return ExitCode.UNREACHABLE
+
+
+def _notification_text(item: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(float(item.get("time", 0))))
+    fields = " ".join(f"{k}={v}" for k, v in sorted(item.items()) if k not in ("v", "kind", "time"))
+    return f"{stamp} {item.get('kind', '?'):<22} {fields}".rstrip()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load(args.config)
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
     return int(asyncio.run(Sidecar(config).run()))
 
 
+def _live_status(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Ask the running sidecar; None when none is listening (local) -- MQTT errors propagate."""
+
+    async def ask() -> dict[str, Any] | None:
+        async with _control_client(args) as client:
+            answer: dict[str, Any] = await client.request({"v": PROTOCOL_VERSION, "command": "status"})
+        if not answer.get("ok"):
+            raise ControlError(f"the sidecar refused status: {answer.get('error')}")
+        result: dict[str, Any] = answer["result"]
+        return result
+
+    try:
+        return asyncio.run(ask())
+    except ControlError:
+        if args.mqtt is not None:
+            raise
+        return None
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.config is not None or args.mqtt is not None:
+        live = _live_status(args)
+        if live is not None:
+            live["alive"] = True
+            live["source"] = "live"
+            _print_status(live, args.json)
+            return 0
     state_dir = load(args.config).state_dir if args.config else args.state_dir
     store = StateStore(state_dir)
     doc = store.read_status()
     doc["alive"] = store.writer_alive()
-    if args.json:
+    doc["source"] = str(store.status_path)
+    if args.config is not None:
+        print(f"qmp-sdei: no sidecar answers on {socket_path(state_dir)}; its last status.json:", file=sys.stderr)
+    _print_status(doc, args.json)
+    return 0
+
+
+def _print_status(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print(_status_text(doc))
-    return 0
 
 
 def _status_text(doc: dict[str, Any]) -> str:
@@ -110,7 +253,8 @@ def _status_text(doc: dict[str, Any]) -> str:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args.config)
-    print(f"{args.config}: ok ({len(config.sdei.events)} event(s), state in {config.state_dir})")
+    events = {spec.number for spec in config.sdei.events} | {0}  # event 0 always exists, as in run
+    print(f"{args.config}: ok ({len(events)} event(s), state in {config.state_dir})")
     return 0
 
 
@@ -131,6 +275,8 @@ COMMANDS = {
     "run": _cmd_run,
     "status": _cmd_status,
     "check-config": _cmd_check_config,
+    "raise": _cmd_raise,
+    "watch": _cmd_watch,
     "boot-test": _cmd_boot_test,
 }
 
@@ -145,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"qmp-sdei: {err}", file=sys.stderr)
         return ExitCode.CONFIG
+    except ControlError as err:
+        print(f"qmp-sdei: {err}", file=sys.stderr)
+        return ExitCode.UNREACHABLE
     except SdeiError as err:
         print(f"qmp-sdei: {err}", file=sys.stderr)
         return ExitCode.STATE

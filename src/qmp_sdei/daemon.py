@@ -61,6 +61,7 @@ class ExitCode(enum.IntEnum):
     QEMU = 3  # QEMU unreachable, not QEMU, or a machine we cannot serve
     STATE = 4  # versions cannot be honoured, or the saved state belongs elsewhere / is damaged
     CONDUIT = 5  # the gdbstub conduit failed
+    UNREACHABLE = 6  # a client command could not reach the sidecar (or the broker)
 
 
 class Sidecar:

@@ -76,7 +76,7 @@ async def test_a_failing_host_action_reaches_its_caller_and_changes_nothing() ->
     owner, writes = owner_with_writes()
     register(owner.dispatcher, 0, PRIVATE)
     before = owner.dispatcher.snapshot()
-    with pytest.raises(Exception, match="corrupted|truncated|magic"):
+    with pytest.raises(Exception, match=r"corrupted|truncated|magic"):
         await owner.restore(b"not a snapshot", cause="test")
     assert owner.dispatcher.snapshot() == before
     assert writes == []

@@ -56,7 +56,7 @@ class LocalControlServer:
         self.service = service
         self.path = path
         self.ready = asyncio.Event()
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def serve(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -75,8 +75,11 @@ class LocalControlServer:
             async with server:
                 await asyncio.Future()  # until cancelled
         finally:
-            for task in list(self._clients):
-                task.cancel()
+            # Closing each connection ends its task (EOF) without cancelling it mid-request.
+            for writer in self._clients.values():
+                writer.close()
+            if self._clients:
+                await asyncio.wait(list(self._clients), timeout=2.0)
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
@@ -89,13 +92,13 @@ class LocalControlServer:
                 await writer.drain()
             writer.close()
             return
-        self._clients.add(task)
+        self._clients[task] = writer
         try:
             await self._serve_lines(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing of its requests is half-done
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
@@ -200,14 +203,23 @@ class LocalControlClient:
         await self._send(doc)
         return await self._read_line(timeout if timeout is not None else self.timeout)
 
-    async def watch(self) -> AsyncIterator[dict[str, Any]]:
-        """Notifications until the sidecar goes away."""
+    async def start_watch(self) -> None:
+        """Turn this connection into a notification stream; subscribed when this returns."""
         first = await self.request({"v": PROTOCOL_VERSION, "command": "watch"})
         if not first.get("ok"):
             raise ControlError(f"watch refused: {first.get('error')}")
+
+    async def notifications(self) -> AsyncIterator[dict[str, Any]]:
+        """Notifications (after :meth:`start_watch`) until the sidecar goes away."""
         assert self._reader is not None
         while line := await self._reader.readline():
             yield json.loads(line)
+
+    async def watch(self) -> AsyncIterator[dict[str, Any]]:
+        """Notifications until the sidecar goes away."""
+        await self.start_watch()
+        async for item in self.notifications():
+            yield item
 
     async def _send(self, doc: dict[str, Any]) -> None:
         assert self._writer is not None
