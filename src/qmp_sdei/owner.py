@@ -419,11 +419,12 @@ class SdeiOwner:
                 item.done.set_exception(err)
             else:
                 item.done.set_result(value)
+            # Ask for the stop first: QEMU stops the vCPU while we write the state file.
+            if self._request_delivery is not None and self.deliverable():
+                self._request_delivery()
             if self._dirty:
                 self._save()
             self._publish()
-            if self._request_delivery is not None and self.deliverable():
-                self._request_delivery()
 
     def _save(self) -> None:
         self._dirty = False
