@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from qmp_sdei.abi import psci, sdei
-from qmp_sdei.abi.smccc import function_id, to_u64
+from qmp_sdei.abi.smccc import SVE_HINT, function_id, has_sve_hint, to_u64
 from qmp_sdei.conduit.rsp import (
     SIGNAL_QUIT,
     SIGNAL_TRAP,
@@ -323,7 +323,16 @@ class GdbstubConduit:
             self.stats.psci_passthrough += 1
         else:
             self.stats.other_passthrough += 1
+        self._strip_sve_hint(vcpu, core)
         return thread
+
+    def _strip_sve_hint(self, vcpu: int, core: CoreRegs) -> None:
+        """Pass a call on without the SMCCC v1.3 SVE hint: QEMU's PSCI (7.2) does not clear it and
+        would answer NOT_SUPPORTED. The hint only permits discarding SVE state, so dropping it is
+        always allowed."""
+        if has_sve_hint(core.x[0]):
+            core.x[0] &= ~SVE_HINT
+            self._dirty[vcpu] = core
 
     async def _write_elr_spsr(self, thread: ThreadId, site: int, core: CoreRegs, elr: int, spsr: int) -> None:
         """Set ELR_EL1/SPSR_EL1 on a stopped EL1 vCPU by executing two ``msr`` there.
