@@ -426,21 +426,13 @@ class GdbstubConduit:
                 await self._select(thread)
                 core = await self.rsp.read_core()
                 known[vcpu] = core
-            if not _is_el1h(core.cpsr):
+            entered = await self._enter_handlers(vcpu, core)
+            if entered is None:
                 if vcpu not in self._deferred:
                     self.stats.deferred_deliveries += 1
                     self._deferred.add(vcpu)
                 continue
-            regs = _to_vcpu_regs(core)
-            entered = False
-            # A critical event may be deliverable right on top of a normal one just entered.
-            while self.dispatcher.deliver(vcpu, regs):
-                entered = True
-                self.stats.deliveries += 1
-                if vcpu not in self.dispatcher.deliverable():
-                    break
             if entered:
-                _apply(core, regs)
                 self._dirty[vcpu] = core
                 delivered.add(vcpu)
                 self._deferred.discard(vcpu)
@@ -448,6 +440,27 @@ class GdbstubConduit:
         still = set(self.dispatcher.deliverable())
         self._deferred &= still
         return delivered
+
+    async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
+        """Enter every handler deliverable on a stopped ``vcpu``, rewriting ``core``.
+
+        Returns True if one was entered, False if none was deliverable, None if the vCPU cannot
+        take one where it stands (delivery is then deferred). Subclasses with another way into the
+        guest (the EL2 stub) override this.
+        """
+        if not _is_el1h(core.cpsr):
+            return None
+        regs = _to_vcpu_regs(core)
+        entered = False
+        # A critical event may be deliverable right on top of a normal one just entered.
+        while self.dispatcher.deliver(vcpu, regs):
+            entered = True
+            self.stats.deliveries += 1
+            if vcpu not in self.dispatcher.deliverable():
+                break
+        if entered:
+            _apply(core, regs)
+        return entered
 
     async def _update_vector_breakpoints(self) -> None:
         """Arm vector breakpoints while some vCPU waits for an EL1h entry; drop them after."""
