@@ -9,6 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from qmp_sdei.conduit.el2 import attach_conduit
 from qmp_sdei.conduit.gdbstub import GdbstubConduit
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.errors import ConduitError, SdeiError
@@ -53,7 +54,6 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
     assert sidecar.session is not None
     session = sidecar.session
     settings = sidecar.config.conduit
-    sites = await find_trap_sites(settings)
     if settings.gdb:
         host, port = _parse_tcp(settings.gdb)
     else:
@@ -62,18 +62,18 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
     # "debug" means a gdbstub stop: a sidecar before us died holding it. Ours to resume, unlike a
     # VM its owner paused or started with -S.
     was_running = await session.refresh_runstate() in ("running", "debug")
-    conduit = await GdbstubConduit.attach(
+    conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
         host,
         port,
         sidecar.persisting,
-        sites,
+        lambda: find_trap_sites(settings),
         psci_filter=sidecar.psci_policy,
         on_commit=sidecar.persisting.commit,
         timeout=30.0,
     )
     sidecar.conduit = conduit
     sidecar.conduit_ready.set()
-    log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(sites))
+    log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(conduit.trap_sites))
     resume = was_running or start_vm or sidecar.config.conduit.start_vm
     with session.subscribe({VmEventKind.RESUME}) as resumes:
         watcher = asyncio.create_task(_follow_resumes(sidecar, conduit, resumes), name="conduit.resumes")
