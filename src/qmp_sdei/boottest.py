@@ -299,7 +299,7 @@ async def run_boot_test(
 
     async with _workdir(workdir) as work:
         try:
-            spec = await _spec(
+            spec = await qemu_spec(
                 work, kernel, initrd=initrd_path, cmdline=cmdline, smp=smp, cpu=cpu, conduit=conduit,
                 psci_version=psci_version,
             )  # fmt: skip
@@ -310,7 +310,7 @@ async def run_boot_test(
     return report
 
 
-async def _spec(
+async def qemu_spec(
     work: Path,
     kernel: Path,
     *,
@@ -321,7 +321,8 @@ async def _spec(
     conduit: str,
     psci_version: Version,
 ) -> QemuSpec:
-    """The QEMU to start: a direct ``-kernel`` boot, or the EL2 stub entering the kernel."""
+    """The QEMU to start (DTB built in ``work``): a direct ``-kernel`` boot for the symbol
+    conduit, or the EL2 stub entering the kernel for ``conduit="el2"``."""
     psci_compatible = psci_compatible_for(psci_version)
     if conduit == "symbols":
         extra = ["-initrd", str(initrd)] if initrd is not None else []
