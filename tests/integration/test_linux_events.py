@@ -89,7 +89,10 @@ async def test_raised_events_run_the_linux_handler(
         assert m["arg_ok"] == "1", f"the callback got another arg than the module registered: {m.group(0)}"
         # Entered only from the kernel on SP_EL1 (the conduit's EL1h rule), and pt_regs say so.
         assert int(m["pstate"], 16) & PSTATE_MODE_MASK == PSTATE_EL1H, m.group(0)
-        assert "+0x" in m["pc"], f"interrupted pc is not a kernel symbol: {m.group(0)}"
+        if conduit == "symbols":
+            assert "+0x" in m["pc"], f"interrupted pc is not a kernel symbol: {m.group(0)}"
+        # With KPTI (el2 boots keep KASLR, which forces it) an event may also interrupt the exception
+        # trampoline, which is mapped at an alias outside the kernel image and has no symbol.
         assert d.entered_ns is not None and 0 < d.entered_ns <= d.resumed_ns
         # Linux's entry asks for the interrupted x0..x3 with EVENT_CONTEXT, then completes.
         assert d.handler_calls[-1] in ("EVENT_COMPLETE", "EVENT_COMPLETE_AND_RESUME"), d.handler_calls

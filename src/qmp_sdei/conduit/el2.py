@@ -37,6 +37,7 @@ from qmp_sdei.stub import (
     A_TRAP_ELR2,
     A_TRAP_ESR2,
     HEADER_SIZE,
+    MAGIC,
     RESUME_EL1,
     RESUME_EL2,
     STUB_BASE,
@@ -52,27 +53,32 @@ _PAIR = struct.Struct("<QQ")
 _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME)
 
 
-async def use_physical_memory(rsp: RspClient) -> None:
-    """Make ``m``/``M`` address guest physical memory (QEMU's ``qemu.PhyMemMode``).
+async def use_physical_memory(rsp: RspClient, physical: bool = True) -> None:
+    """Make ``m``/``M`` address guest physical (or, again, virtual) memory (``qemu.PhyMemMode``).
 
     The stub's areas are physical addresses, and the vCPU a memory access goes through may be at
-    EL1 with its MMU on.
+    EL1 with its MMU on. The symbol conduit patches kernel code by virtual address: it needs the
+    mode off.
     """
-    reply = await rsp.request("Qqemu.PhyMemMode:1")
+    reply = await rsp.request(f"Qqemu.PhyMemMode:{int(physical)}")
     if reply != b"OK":
         raise ConduitError(f"this QEMU's gdbstub cannot address physical memory (Qqemu.PhyMemMode: {reply[:40]!r})")
 
 
 async def probe_stub(rsp: RspClient) -> StubLayout | None:
-    """The stub's layout if the VM was booted through it, else None. The VM must be stopped."""
+    """The stub's layout if the VM was booted through it, else None. The VM must be stopped.
+
+    Leaves the stub in physical-memory mode exactly when it returns a layout.
+    """
     await use_physical_memory(rsp)
     try:
         header = await rsp.read_memory(STUB_BASE, HEADER_SIZE)
     except ConduitError:
-        return None
-    if header[8:16] != b"QSDEIEL2":
-        return None
-    return StubLayout.parse(STUB_BASE, header)
+        header = b""
+    if header[8:16] == MAGIC:
+        return StubLayout.parse(STUB_BASE, header)
+    await use_physical_memory(rsp, physical=False)
+    return None
 
 
 class El2Conduit(GdbstubConduit):
