@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import statistics
 import tempfile
 import time
@@ -39,20 +40,25 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from qmp_sdei import stub
 from qmp_sdei.conduit.traps import LINUX_DT_SDEI_FIX_SYMBOL, kernel_has_dt_sdei_fix, load_kallsyms
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.errors import ConfigError, QemuError, SdeiError, VersionError
-from qmp_sdei.qemu.dtb import build_sdei_dtb, psci_compatible_for
+from qmp_sdei.qemu.dtb import add_chosen, build_sdei_dtb, psci_compatible_for
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.versions import PSCI_FUNCTIONS, SDEI_FUNCTIONS, Version, format_version, parse_version
 
 log = logging.getLogger(__name__)
 
-APPEND = "console=ttyAMA0 nokaslr panic=-1 nohlt"
-"""``nokaslr``: the trap sites are link addresses. ``panic=-1`` with ``-no-reboot``: the rootless boot
-ends in one panic and QEMU exits instead of rebooting. ``nohlt``: idle vCPUs poll instead of WFI."""
-CPU = "cortex-a57"  # on the KPTI-safe list, so the SDEI exit is not moved to the trampoline alias
+APPEND = "console=ttyAMA0 panic=-1"
+"""The kernel's own defaults (KASLR, WFI idle, KPTI where the CPU needs it). ``panic=-1`` with
+``-no-reboot``: a rootless boot ends in one panic and QEMU exits instead of rebooting."""
+SYMBOLS_APPEND = "console=ttyAMA0 nokaslr panic=-1 nohlt"
+"""The symbol conduit's trap sites are link addresses: it needs ``nokaslr``."""
+CPU = "cortex-a57"
+CONDUITS = ("el2", "symbols")
+FIRMWARES = ("direct",)
 MEMORY_MB = 1024
 VM_NAME = "boot-test"
 HARNESS_NAME = "boot-test-harness"
@@ -60,11 +66,11 @@ STOP_TIMEOUT = 15.0
 
 SDEI_LINE = re.compile(
     r"^(?:\[\s*(?P<ts>\d+\.\d+)\] )?(?P<msg>sdei: (?:SDEIv(?P<major>\d+)\.(?P<minor>\d+) "
-    r"\(0x(?P<vendor>[0-9a-f]+)\) detected in firmware\.|(?P<failed>Failed to get SDEI version: -?\d+)))\r?$",
+    r"\(0x(?P<vendor>[0-9a-f]+)\) detected in firmware\.|(?P<failed>Failed to get SDEI version: -?\d+)))\r?\n",
     re.MULTILINE,
 )
 PSCI_LINE = re.compile(
-    r"^(?:\[\s*(?P<ts>\d+\.\d+)\] )?(?P<msg>psci: PSCIv(?P<major>\d+)\.(?P<minor>\d+) detected in firmware\.)\r?$",
+    r"^(?:\[\s*(?P<ts>\d+\.\d+)\] )?(?P<msg>psci: PSCIv(?P<major>\d+)\.(?P<minor>\d+) detected in firmware\.)\r?\n",
     re.MULTILINE,
 )
 CONSOLE_TAIL_LINES = 25
@@ -100,6 +106,10 @@ class BootReport:
     kernel: str
     smp: int
     expected: dict[str, str]
+    cpu: str = CPU
+    firmware: str = "direct"
+    conduit_mode: str = "el2"
+    cmdline: str = ""
     passed: bool = False
     reason: str | None = None
     lines: dict[str, FoundLine] = field(default_factory=dict)
@@ -122,6 +132,10 @@ class BootReport:
             "reason": self.reason,
             "kernel": self.kernel,
             "smp": self.smp,
+            "cpu": self.cpu,
+            "firmware": self.firmware,
+            "conduit_mode": self.conduit_mode,
+            "cmdline": self.cmdline,
             "expected": dict(self.expected),
             "lines": {name: line.to_dict() for name, line in self.lines.items()},
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
@@ -133,8 +147,9 @@ class BootReport:
     def text(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         out = [
-            f"boot-test {verdict}: {self.kernel} (smp {self.smp}), expecting SDEI {self.expected['sdei']} "
-            f"and PSCI {self.expected['psci']}"
+            f"boot-test {verdict}: {self.kernel} (smp {self.smp}, {self.cpu}, {self.firmware} boot, "
+            f"{self.conduit_mode} conduit), expecting SDEI {self.expected['sdei']} and PSCI {self.expected['psci']}",
+            f"  command line: {self.cmdline}",
         ]
         if self.reason:
             out.append(f"  reason: {self.reason}")
@@ -189,15 +204,23 @@ def _check_kernel(kernel: Path) -> None:
         raise ConfigError(f"boot-test: {kernel} is not an arm64 Linux Image (no 'ARM\\x64' magic at 0x38)")
 
 
-def _sidecar_config(kernel: Path, workdir: Path, vm: QemuProcess, sdei: str, psci: str) -> dict[str, Any]:
+def _sidecar_config(kernel: Path | None, workdir: Path, vm: QemuProcess, sdei: str, psci: str) -> dict[str, Any]:
+    conduit: dict[str, Any] = {"enabled": True, "start_vm": True}
+    if kernel is not None:  # the symbol conduit; the EL2 stub needs no kernel
+        conduit["kernel"] = str(kernel)
     return {
         "vm": {"name": VM_NAME, "state_dir": str(workdir / "state")},
         "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": 30.0},
         "sdei": {"version": sdei},
         "psci": {"version": psci},
-        "conduit": {"enabled": True, "kernel": str(kernel), "start_vm": True},
+        "conduit": conduit,
         "log": {"level": "info", "format": "text"},
     }
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise ConfigError(f"boot-test: {what} {path}: no such file")
 
 
 @contextlib.asynccontextmanager
@@ -225,12 +248,23 @@ async def run_boot_test(
     smp: int = 1,
     timeout: float = 120.0,
     workdir: Path | None = None,
+    firmware: str = "direct",
+    conduit: str = "el2",
+    append: str | None = None,
+    initrd: Path | str | None = None,
+    cpu: str = CPU,
+    console: Path | str | None = None,
 ) -> BootReport:
     """Boot ``kernel`` with the sidecar pinning ``expect_sdei``/``expect_psci`` and check its lines.
 
     :param timeout: seconds from QEMU's start until both lines must have appeared.
     :param workdir: where QEMU's sockets, the DTB and the sidecar's state go (default: a temporary
         directory, removed afterwards).
+    :param conduit: ``"el2"`` boots through the shipped EL2 stub (``virtualization=on``; no kernel
+        symbols, the kernel's own defaults: KASLR, WFI idle); ``"symbols"`` traps the kernel's
+        call sites found from its symbols (needs ``nokaslr``, which its default command line adds).
+    :param append: the kernel command line (default :data:`APPEND`, or :data:`SYMBOLS_APPEND`).
+    :param console: write the whole guest console there at the end.
     :raise ConfigError: the kernel path does not exist, or a version is malformed/unsupported.
     """
     kernel = Path(kernel)
@@ -238,33 +272,84 @@ async def run_boot_test(
     psci_version = _version(expect_psci, PSCI_FUNCTIONS, "PSCI")
     if smp < 1:
         raise ConfigError(f"boot-test: --smp must be at least 1, not {smp}")
+    if firmware not in FIRMWARES:
+        raise ConfigError(f"boot-test: --firmware {firmware!r} is not supported (choose {', '.join(FIRMWARES)})")
+    if conduit not in CONDUITS:
+        raise ConfigError(f"boot-test: --conduit {conduit!r} is not one of {', '.join(CONDUITS)}")
     _check_kernel(kernel)
+    initrd_path = Path(initrd) if initrd is not None else None
+    if initrd_path is not None:
+        _check_file(initrd_path, "initrd")
+    cmdline = append if append is not None else (APPEND if conduit == "el2" else SYMBOLS_APPEND)
     expected = {"sdei": format_version(sdei_version), "psci": format_version(psci_version)}
-    report = BootReport(kernel=str(kernel), smp=smp, expected=expected)
+    report = BootReport(
+        kernel=str(kernel), smp=smp, expected=expected, cpu=cpu, firmware=firmware, conduit_mode=conduit,
+        cmdline=cmdline,
+    )  # fmt: skip
 
     t_setup = time.perf_counter()
-    kallsyms = await asyncio.to_thread(load_kallsyms, kernel)
-    if not kernel_has_dt_sdei_fix(kallsyms):
-        return report.fail(
-            f"{kernel.name} lacks {LINUX_DT_SDEI_FIX_SYMBOL}: on a device-tree boot this kernel never "
-            "probes SDEI (v5.19+ without 59529bbe642d), so it cannot print the SDEI line; use a kernel "
-            "with the fix (Debian 6.1.192 or later, or 6.12)"
-        )
+    if conduit == "symbols":
+        kallsyms = await asyncio.to_thread(load_kallsyms, kernel)
+        if not kernel_has_dt_sdei_fix(kallsyms):
+            return report.fail(
+                f"{kernel.name} lacks {LINUX_DT_SDEI_FIX_SYMBOL}: on a device-tree boot this kernel never "
+                "probes SDEI (v5.19+ without 59529bbe642d), so it cannot print the SDEI line; use a kernel "
+                "with the fix (Debian 6.1.192 or later, or 6.12)"
+            )
 
     async with _workdir(workdir) as work:
-        spec = QemuSpec(smp=smp, memory_mb=MEMORY_MB, cpu=CPU, kernel=kernel, append=APPEND, paused=True, name=VM_NAME)
         try:
-            spec.dtb = await build_sdei_dtb(
-                spec, work / "sdei.dtb", sdei_method="hvc", psci_compatible=psci_compatible_for(psci_version)
-            )
+            spec = await qemu_spec(
+                work, kernel, initrd=initrd_path, cmdline=cmdline, smp=smp, cpu=cpu, conduit=conduit,
+                psci_version=psci_version,
+            )  # fmt: skip
         except SdeiError as err:
             return report.fail(f"cannot build the SDEI device tree: {err}")
         report.timings["setup"] = time.perf_counter() - t_setup
-        await _boot(report, spec, kernel, work, timeout)
+        await _boot(report, spec, kernel if conduit == "symbols" else None, work, timeout=timeout, console=console)
     return report
 
 
-async def _boot(report: BootReport, spec: QemuSpec, kernel: Path, work: Path, timeout: float) -> None:
+async def qemu_spec(
+    work: Path,
+    kernel: Path,
+    *,
+    initrd: Path | None,
+    cmdline: str,
+    smp: int,
+    cpu: str,
+    conduit: str,
+    psci_version: Version,
+) -> QemuSpec:
+    """The QEMU to start (DTB built in ``work``): a direct ``-kernel`` boot for the symbol
+    conduit, or the EL2 stub entering the kernel for ``conduit="el2"``."""
+    psci_compatible = psci_compatible_for(psci_version)
+    if conduit == "symbols":
+        extra = ["-initrd", str(initrd)] if initrd is not None else []
+        spec = QemuSpec(
+            smp=smp, memory_mb=MEMORY_MB, cpu=cpu, kernel=kernel, append=cmdline, paused=True, name=VM_NAME,
+            extra_args=extra,
+        )  # fmt: skip
+        spec.dtb = await build_sdei_dtb(spec, work / "sdei.dtb", sdei_method="hvc", psci_compatible=psci_compatible)
+        return spec
+    spec = QemuSpec(
+        smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options={"virtualization": "on"}, paused=True, name=VM_NAME
+    )
+    base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
+    dtb = await add_chosen(
+        base,
+        work / "sdei.dtb",
+        bootargs=cmdline,
+        initrd=stub.initrd_range(initrd) if initrd is not None else None,
+        kaslr_seed=secrets.randbits(64),  # QEMU's dumped (and cached) tree would repeat its seed
+    )
+    spec.extra_args = stub.qemu_args(kernel, dtb, initrd=initrd)
+    return spec
+
+
+async def _boot(
+    report: BootReport, spec: QemuSpec, kernel: Path | None, work: Path, *, timeout: float, console: Path | str | None
+) -> None:
     vm = QemuProcess(spec, work / "vm")
     started = time.perf_counter()
     sidecar: Sidecar | None = None
@@ -308,6 +393,11 @@ async def _boot(report: BootReport, spec: QemuSpec, kernel: Path, work: Path, ti
                 await harness.disconnect()
         await vm.stop()
         report.timings["total"] = time.perf_counter() - started
+        if console is not None:
+            try:
+                Path(console).write_text(vm.console, encoding="utf-8")
+            except OSError as err:
+                report.fail(f"cannot write the console to {console}: {err.strerror}")
         if not report.passed:
             report.console_tail = vm.console.splitlines()[-CONSOLE_TAIL_LINES:]
 
@@ -410,7 +500,7 @@ def _collect_conduit(report: BootReport, sidecar: Sidecar) -> None:
         "psci_answered": stats.psci_answered,
         "psci_passthrough": stats.psci_passthrough,
         "other_passthrough": stats.other_passthrough,
-        "trap_sites": len(conduit.trap_sites),
+        "trap_sites": [f"{site:#x}" for site in sorted(conduit.trap_sites)],
         "trap_handling_median_us": round(statistics.median(samples) / 1e3, 1) if samples else None,
     }
 

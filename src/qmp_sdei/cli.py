@@ -7,7 +7,8 @@ Subcommands::
     qmp-sdei raise (--config vm1.toml | --mqtt URL --vm NAME) --event N [--vcpu I] [--json]
     qmp-sdei watch (--config vm1.toml | --mqtt URL --vm NAME) [--json]
     qmp-sdei check-config vm1.toml
-    qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N]
+    qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
+                       [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
     qmp-sdei version
 
 Errors the user can act on print one line to stderr and exit with a documented code
@@ -70,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--smp", type=int, default=1)
     boot.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the console lines")
     boot.add_argument("--json", action="store_true", help="print the report as JSON")
+    boot.add_argument("--firmware", default="direct", choices=("direct",), help="how the kernel is booted")
+    boot.add_argument(
+        "--conduit",
+        default="el2",
+        choices=("el2", "symbols"),
+        help="el2: through the shipped EL2 stub, kernel defaults (default); symbols: kernel call sites, nokaslr",
+    )
+    boot.add_argument("--append", help="kernel command line (default: the kernel's defaults plus a console)")
+    boot.add_argument("--initrd", type=Path, help="initrd to boot with")
+    boot.add_argument("--cpu", default="cortex-a57", help="QEMU CPU model (default cortex-a57)")
+    boot.add_argument("--console", type=Path, help="write the whole guest console to this file")
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -264,7 +276,17 @@ def _cmd_boot_test(args: argparse.Namespace) -> int:
     configure_logging("warning", "text")
     report = asyncio.run(
         run_boot_test(
-            args.kernel, expect_sdei=args.expect_sdei, expect_psci=args.expect_psci, smp=args.smp, timeout=args.timeout
+            args.kernel,
+            expect_sdei=args.expect_sdei,
+            expect_psci=args.expect_psci,
+            smp=args.smp,
+            timeout=args.timeout,
+            firmware=args.firmware,
+            conduit=args.conduit,
+            append=args.append,
+            initrd=args.initrd,
+            cpu=args.cpu,
+            console=args.console,
         )
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())

@@ -17,6 +17,7 @@ from typing import Any
 
 from qmp_sdei.abi import psci
 from qmp_sdei.abi.sdei import Function as SdeiFunction
+from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.errors import VersionError
 
 Version = tuple[int, int]
@@ -183,7 +184,8 @@ def psci_answer(pinned: Version, fid: int, x1: int) -> int | None:
 
     PSCI_VERSION answers the pinned version; a function the pinned version lacks (including
     PSCI_FEATURES itself on 0.2) answers NOT_SUPPORTED, and so does PSCI_FEATURES asked about one.
-    Everything else is QEMU's business.
+    Everything else is QEMU's business. ``fid`` must already be decoded (:func:`function_id`: no
+    SVE hint); the id PSCI_FEATURES asks about is decoded here, so a hinted query is still matched.
     """
     functions = PSCI_FUNCTIONS[pinned]
     if fid == psci.Function.PSCI_VERSION:
@@ -191,7 +193,7 @@ def psci_answer(pinned: Version, fid: int, x1: int) -> int | None:
     if psci.is_psci_range(fid) and fid not in functions:
         return psci.NOT_SUPPORTED
     if fid == psci.Function.PSCI_FEATURES:
-        queried = x1 & 0xFFFF_FFFF
+        queried = function_id(x1)
         if psci.is_psci_range(queried) and queried not in functions:
             return psci.NOT_SUPPORTED
     return None

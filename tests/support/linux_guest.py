@@ -14,8 +14,9 @@ name and renamed so concurrent runs never see half a file):
 * :func:`write_initramfs`: a ``newc`` cpio written here (``/init``, the module, its parameters, and
   ``/dev/console`` + ``/dev/kmsg`` nodes, so nothing has to be mounted).
 
-Linux 6.1 does not export ``sdei_event_register``/``sdei_event_enable``; their addresses come from
-the image's kallsyms and go to the module as parameters (valid because the kernel boots ``nokaslr``).
+Linux 6.1 does not export ``sdei_event_register``/``sdei_event_enable``; the module finds them at
+run time (a kprobe's symbol lookup), so the same initramfs serves a KASLR boot. The host's kallsyms
+only confirm that the kernel has them.
 
 :class:`LinuxEventVm` boots it all and raises events, timing each one through :class:`EventProbe`,
 a thin wrapper around the dispatcher the conduit drives (handler entered, the handler's calls,
@@ -42,7 +43,7 @@ from typing import Any
 
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id
-from qmp_sdei.boottest import CPU, MEMORY_MB
+from qmp_sdei.boottest import CPU, MEMORY_MB, qemu_spec
 from qmp_sdei.cache import cache_root, locked
 from qmp_sdei.conduit.traps import load_kallsyms
 from qmp_sdei.config import parse
@@ -60,6 +61,7 @@ CROSS = "aarch64-linux-gnu-"
 INIT_CFLAGS = ["-static", "-O2", "-s", "-Wall", "-Wextra", "-Werror"]
 EVENT = 1000
 APPEND = "console=ttyAMA0 nokaslr panic=-1 nohlt rdinit=/init printk.devkmsg=on"
+EL2_APPEND = "console=ttyAMA0 panic=-1 rdinit=/init printk.devkmsg=on"  # the kernel's defaults otherwise
 """boot-test's command line plus ``rdinit=/init`` and ``printk.devkmsg=on`` (the /init heartbeat goes
 through /dev/kmsg, which otherwise rate-limits it to 10 lines per 5 s)."""
 
@@ -316,10 +318,7 @@ def prepare_linux_event_guest(event: int = EVENT, cache_dir: Path | None = None)
     with locked(outdir):
         module = build_module(kdir, outdir)
         init = build_init(outdir)
-        params = (
-            f"event={event} register_addr={kallsyms['sdei_event_register']:#x} "
-            f"enable_addr={kallsyms['sdei_event_enable']:#x}"
-        )
+        params = f"event={event}"  # the module finds the kernel functions itself (KASLR-proof)
         initrd = write_initramfs(init, module, params, outdir)
     return LinuxEventGuest(kernel, initrd, event, params)
 
@@ -462,13 +461,18 @@ def _call_name(fid: int) -> str:
         return f"{fid:#x}"
 
 
-def sidecar_config(guest: LinuxEventGuest, vm: QemuProcess, state_dir: Path, timeout: float) -> dict[str, Any]:
+def sidecar_config(
+    guest: LinuxEventGuest, vm: QemuProcess, state_dir: Path, timeout: float, *, conduit: str = "symbols"
+) -> dict[str, Any]:
+    settings: dict[str, Any] = {"enabled": True, "start_vm": True}
+    if conduit == "symbols":
+        settings["kernel"] = str(guest.kernel.image)
     return {
         "vm": {"name": "linux-events", "state_dir": str(state_dir)},
         "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": timeout},
         "sdei": {"version": "1.1", "events": [{"number": guest.event}]},
         "psci": {"version": "1.1"},
-        "conduit": {"enabled": True, "kernel": str(guest.kernel.image), "start_vm": True},
+        "conduit": settings,
         "log": {"level": "warning", "format": "text"},
     }
 
@@ -493,22 +497,31 @@ async def _first(awaitable: Any, sidecar_task: asyncio.Task[ExitCode], timeout: 
 
 @contextlib.asynccontextmanager
 async def booted_linux(
-    guest: LinuxEventGuest, workdir: Path, *, smp: int, timeout: float
+    guest: LinuxEventGuest, workdir: Path, *, smp: int, timeout: float, conduit: str = "symbols", cpu: str = CPU
 ) -> AsyncIterator[LinuxEventVm]:
     """Boot the kernel with the initramfs and the sidecar; yield once ``sdei_test: ready`` is printed.
 
+    ``conduit="symbols"`` boots ``-kernel`` with ``nokaslr nohlt`` and traps the kernel's call sites;
+    ``"el2"`` boots through the EL2 stub with the kernel's defaults (KASLR, WFI idle).
     On exit the sidecar is asked to stop (it detaches; its exit code must be OK) and QEMU is stopped.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = QemuSpec(
-        smp=smp, memory_mb=MEMORY_MB, cpu=CPU, kernel=guest.kernel.image, append=APPEND, paused=True,
-        name="linux-events", extra_args=["-initrd", str(guest.initrd)],
-    )  # fmt: skip
-    # The DTB dump runs QEMU without a kernel, where -initrd is refused: leave it out there.
-    spec.dtb = await build_sdei_dtb(
-        dataclasses.replace(spec, extra_args=()), workdir / "sdei.dtb", sdei_method="hvc",
-        psci_compatible=psci_compatible_for("1.1"),
-    )  # fmt: skip
+    if conduit == "el2":
+        spec = await qemu_spec(
+            workdir, guest.kernel.image, initrd=guest.initrd, cmdline=EL2_APPEND, smp=smp, cpu=cpu,
+            conduit="el2", psci_version=(1, 1),
+        )  # fmt: skip
+        spec.name = "linux-events"
+    else:
+        spec = QemuSpec(
+            smp=smp, memory_mb=MEMORY_MB, cpu=cpu, kernel=guest.kernel.image, append=APPEND, paused=True,
+            name="linux-events", extra_args=["-initrd", str(guest.initrd)],
+        )  # fmt: skip
+        # The DTB dump runs QEMU without a kernel, where -initrd is refused: leave it out there.
+        spec.dtb = await build_sdei_dtb(
+            dataclasses.replace(spec, extra_args=()), workdir / "sdei.dtb", sdei_method="hvc",
+            psci_compatible=psci_compatible_for("1.1"),
+        )  # fmt: skip
     vm = QemuProcess(spec, workdir / "vm")
     sidecar_task: asyncio.Task[ExitCode] | None = None
     sidecar: Sidecar | None = None
@@ -517,7 +530,7 @@ async def booted_linux(
     try:
         await asyncio.wait_for(vm.start(), timeout)
         started = time.perf_counter()
-        sidecar = Sidecar(parse(sidecar_config(guest, vm, workdir / "state", timeout)))
+        sidecar = Sidecar(parse(sidecar_config(guest, vm, workdir / "state", timeout, conduit=conduit)))
         sidecar_task = asyncio.create_task(sidecar.run(), name="linux-events.sidecar")
         await _first(sidecar.conduit_ready.wait(), sidecar_task, timeout, "the conduit")
         # The conduit reads its dispatcher attribute on every call and all calls are synchronous, so

@@ -636,3 +636,8 @@ def test_describe_is_json_friendly() -> None:
     assert doc["vcpus"][0]["running"] == [PRIVATE]
     assert doc["shared"][str(SHARED)]["status"] == 3
     assert doc["vcpus"][1]["masked"] is True
+
+
+def test_sve_hint_in_the_function_id_is_ignored() -> None:
+    # SMCCC v1.3: a caller with SVE may set bit 16 ("SVE state not live"); it is still SDEI_VERSION.
+    assert call(make(), 0, F.VERSION | (1 << 16)) > 0

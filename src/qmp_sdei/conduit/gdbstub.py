@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from qmp_sdei.abi import psci, sdei
-from qmp_sdei.abi.smccc import function_id, to_u64
+from qmp_sdei.abi.smccc import SVE_HINT, function_id, has_sve_hint, to_u64
 from qmp_sdei.conduit.rsp import (
     SIGNAL_QUIT,
     SIGNAL_TRAP,
@@ -332,7 +332,16 @@ class GdbstubConduit:
             self.stats.psci_passthrough += 1
         else:
             self.stats.other_passthrough += 1
+        self._strip_sve_hint(vcpu, core)
         return thread
+
+    def _strip_sve_hint(self, vcpu: int, core: CoreRegs) -> None:
+        """Pass a call on without the SMCCC v1.3 SVE hint: QEMU's PSCI (7.2) does not clear it and
+        would answer NOT_SUPPORTED. The hint only permits discarding SVE state, so dropping it is
+        always allowed."""
+        if has_sve_hint(core.x[0]):
+            core.x[0] &= ~SVE_HINT
+            self._dirty[vcpu] = core
 
     async def _write_elr_spsr(self, thread: ThreadId, site: int, core: CoreRegs, elr: int, spsr: int) -> None:
         """Set ELR_EL1/SPSR_EL1 on a stopped EL1 vCPU by executing two ``msr`` there.
@@ -426,21 +435,13 @@ class GdbstubConduit:
                 await self._select(thread)
                 core = await self.rsp.read_core()
                 known[vcpu] = core
-            if not _is_el1h(core.cpsr):
+            entered = await self._enter_handlers(vcpu, core)
+            if entered is None:
                 if vcpu not in self._deferred:
                     self.stats.deferred_deliveries += 1
                     self._deferred.add(vcpu)
                 continue
-            regs = _to_vcpu_regs(core)
-            entered = False
-            # A critical event may be deliverable right on top of a normal one just entered.
-            while self.dispatcher.deliver(vcpu, regs):
-                entered = True
-                self.stats.deliveries += 1
-                if vcpu not in self.dispatcher.deliverable():
-                    break
             if entered:
-                _apply(core, regs)
                 self._dirty[vcpu] = core
                 delivered.add(vcpu)
                 self._deferred.discard(vcpu)
@@ -448,6 +449,27 @@ class GdbstubConduit:
         still = set(self.dispatcher.deliverable())
         self._deferred &= still
         return delivered
+
+    async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
+        """Enter every handler deliverable on a stopped ``vcpu``, rewriting ``core``.
+
+        Returns True if one was entered, False if none was deliverable, None if the vCPU cannot
+        take one where it stands (delivery is then deferred). Subclasses with another way into the
+        guest (the EL2 stub) override this.
+        """
+        if not _is_el1h(core.cpsr):
+            return None
+        regs = _to_vcpu_regs(core)
+        entered = False
+        # A critical event may be deliverable right on top of a normal one just entered.
+        while self.dispatcher.deliver(vcpu, regs):
+            entered = True
+            self.stats.deliveries += 1
+            if vcpu not in self.dispatcher.deliverable():
+                break
+        if entered:
+            _apply(core, regs)
+        return entered
 
     async def _update_vector_breakpoints(self) -> None:
         """Arm vector breakpoints while some vCPU waits for an EL1h entry; drop them after."""

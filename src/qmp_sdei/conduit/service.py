@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from qmp_sdei.conduit.el2 import attach_conduit
 from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.errors import ConduitError, SdeiError
@@ -63,7 +64,6 @@ async def serve_conduit(
 
     :param on_attached: told the conduit once it is attached, before the VM is resumed.
     """
-    sites = await find_trap_sites(settings)
     if settings.gdb:
         host, port = _parse_tcp(settings.gdb)
     else:
@@ -72,9 +72,11 @@ async def serve_conduit(
     # "debug" means a gdbstub stop: a sidecar before us died holding it. Ours to resume, unlike a
     # VM its owner paused or started with -S.
     was_running = await session.refresh_runstate() in ("running", "debug")
-    conduit = await GdbstubConduit.attach(host, port, owner, sites, timeout=30.0)
+    conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
+        host, port, owner, lambda: find_trap_sites(settings), timeout=30.0
+    )
     on_attached(conduit)
-    log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(sites))
+    log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(conduit.trap_sites))
     resume = was_running or start_vm or settings.start_vm
     with session.subscribe({VmEventKind.RESUME}) as resumes:
         watcher = asyncio.create_task(_follow_resumes(session, conduit, resumes), name="conduit.resumes")

@@ -229,3 +229,42 @@ async def decompile_dtb(dtb: Path, *, timeout: float = 60.0) -> str:
         dts = Path(scratch, "out.dts")
         await _dtc(["-I", "dtb", "-O", "dts", "-o", str(dts), str(dtb)], timeout, f"decompiling {dtb}")
         return dts.read_text(encoding="utf-8")
+
+
+def chosen_overlay(bootargs: str, initrd: tuple[int, int] | None, kaslr_seed: int | None) -> str:
+    """A ``/chosen`` block: the kernel command line, the initrd range, a KASLR seed.
+
+    For a kernel QEMU does not boot itself (the EL2 stub enters it), QEMU fills in none of these,
+    and a cached tree would repeat its one ``kaslr-seed`` on every boot.
+    """
+    if any(c in bootargs for c in '"\\\n\0'):
+        raise ConfigError(f"kernel command line {bootargs!r} has a character a DTB string cannot hold")
+    lines = ["", "/* added by qmp-sdei */", "/ {", "\tchosen {", f'\t\tbootargs = "{bootargs}";']
+    if initrd is not None:
+        start, end = initrd
+        lines += [f"\t\tlinux,initrd-start = <0x0 {start:#x}>;", f"\t\tlinux,initrd-end = <0x0 {end:#x}>;"]
+    if kaslr_seed is not None:
+        lines.append(f"\t\tkaslr-seed = <{kaslr_seed >> 32:#x} {kaslr_seed & 0xFFFF_FFFF:#x}>;")
+    lines += ["\t};", "};", ""]
+    return "\n".join(lines)
+
+
+async def add_chosen(
+    dtb: Path,
+    out: Path,
+    *,
+    bootargs: str,
+    initrd: tuple[int, int] | None = None,
+    kaslr_seed: int | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Write ``dtb`` with :func:`chosen_overlay` merged in to ``out``; return ``out``."""
+    overlay = chosen_overlay(bootargs, initrd, kaslr_seed)
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-dtb-") as scratch:
+        dts, result = Path(scratch, "in.dts"), Path(scratch, "out.dtb")
+        await _dtc(["-I", "dtb", "-O", "dts", "-o", str(dts), str(dtb)], timeout, f"decompiling {dtb}")
+        dts.write_text(dts.read_text(encoding="utf-8") + overlay, encoding="utf-8")
+        await _dtc(["-I", "dts", "-O", "dtb", "-o", str(result), str(dts)], timeout, "compiling /chosen")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result, out)
+    return out

@@ -3,10 +3,11 @@
  * sdei_test: register and enable one SDEI event through Linux's own SDEI driver and log each
  * delivery, so the host can check that an event raised by qmp-sdei reaches a real Linux handler.
  *
- * Linux 6.1 does not export sdei_event_register()/sdei_event_enable(), so /init passes their
- * addresses (from the image's kallsyms; valid because the kernel boots with nokaslr) as module
- * parameters. Both act on every CPU for a private event (the driver cross-calls), and the driver
- * unmasks each CPU when it comes online.
+ * Linux 6.1 does not export sdei_event_register()/sdei_event_enable(). Their addresses are found at
+ * run time through a kprobe's symbol lookup, so a kernel with KASLR on (a different offset every
+ * boot) needs nothing from the host; register_addr/enable_addr may still override them. Both act
+ * on every CPU for a private event (the driver cross-calls), and the driver unmasks each CPU when
+ * it comes online.
  *
  * The callback runs in NMI context (the arm64 SDEI entry does nmi_enter()): printk is safe there;
  * the console output is deferred to irq_work after the event completes.
@@ -14,6 +15,7 @@
 #include <linux/arm_sdei.h>
 #include <linux/atomic.h>
 #include <linux/kernel.h>
+#include <linux/kprobes.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/ptrace.h>
@@ -28,11 +30,11 @@ MODULE_PARM_DESC(event, "SDEI event number to register (a private event in the f
 
 static unsigned long register_addr;
 module_param(register_addr, ulong, 0444);
-MODULE_PARM_DESC(register_addr, "address of sdei_event_register (nokaslr kallsyms)");
+MODULE_PARM_DESC(register_addr, "address of sdei_event_register (default: looked up at run time)");
 
 static unsigned long enable_addr;
 module_param(enable_addr, ulong, 0444);
-MODULE_PARM_DESC(enable_addr, "address of sdei_event_enable (nokaslr kallsyms)");
+MODULE_PARM_DESC(enable_addr, "address of sdei_event_enable (default: looked up at run time)");
 
 static atomic_t deliveries = ATOMIC_INIT(0);
 static void *cookie = &deliveries;
@@ -46,16 +48,35 @@ static int sdei_test_callback(u32 num, struct pt_regs *regs, void *arg)
 	return 0;
 }
 
+/* The running kernel's address of a (non-exported) function, KASLR offset included. */
+static unsigned long lookup(const char *name)
+{
+	struct kprobe probe = { .symbol_name = name };
+	unsigned long addr;
+
+	if (register_kprobe(&probe) < 0)
+		return 0;
+	addr = (unsigned long)probe.addr;
+	unregister_kprobe(&probe);
+	return addr;
+}
+
 static int __init sdei_test_init(void)
 {
-	register_fn do_register = (register_fn)register_addr;
-	enable_fn do_enable = (enable_fn)enable_addr;
+	register_fn do_register;
+	enable_fn do_enable;
 	int err;
 
+	if (!register_addr)
+		register_addr = lookup("sdei_event_register");
+	if (!enable_addr)
+		enable_addr = lookup("sdei_event_enable");
 	if (!register_addr || !enable_addr) {
-		pr_err("sdei_test: error: register_addr and enable_addr are required\n");
-		return -EINVAL;
+		pr_err("sdei_test: error: cannot find sdei_event_register/sdei_event_enable\n");
+		return -ENOENT;
 	}
+	do_register = (register_fn)register_addr;
+	do_enable = (enable_fn)enable_addr;
 	err = do_register(event, sdei_test_callback, cookie);
 	if (err) {
 		pr_err("sdei_test: error: sdei_event_register(%u) failed: %d\n", event, err);

@@ -1,0 +1,227 @@
+"""The EL2-stub conduit: serve a guest through the stub's one trap site, with no kernel symbols.
+
+When QEMU runs ``-M virt,virtualization=on`` and boots the guest through the stub shipped in
+:mod:`qmp_sdei.stub`, every guest ``hvc``/``smc`` traps to EL2 and passes ``stub_trap_site`` with
+the guest's registers untouched. This conduit keeps one breakpoint there (plus one on the stub's
+"unexpected exception" loop, which it reports) and reuses :class:`GdbstubConduit`'s loop, with
+three differences, each a hook of the base class:
+
+* Answering a call writes x0..x3 and sets the PC to ``stub_resume``, whose ``eret`` returns to the
+  guest past its call; passing a call on sets the PC to ``trap_site + 4``, where the stub forwards
+  it to QEMU's PSCI. No single-step either way.
+* Anything that must change the guest's exception-return state (COMPLETE, COMPLETE_AND_RESUME,
+  entering a handler at a trap stop) is written into the vCPU's per-CPU area in guest physical
+  memory; ``stub_resume`` loads ELR/SPSR_EL2 (and ELR/SPSR_EL1) from there before its ``eret``.
+  The debugger never writes PSTATE to change exception level, which QEMU's stub cannot do.
+* A vCPU stopped at a trap site can take an event whatever mode it called from, since the
+  ``eret`` sets the mode; a vCPU stopped at EL1 by an interrupt is served as the base class does.
+
+It must not talk to the stub outside the base class's loop, and keeps no SDEI state.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+
+from qmp_sdei.abi import psci, sdei
+from qmp_sdei.abi.sdei import Function
+from qmp_sdei.abi.smccc import function_id, to_u64
+from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
+from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
+from qmp_sdei.errors import ConduitError
+from qmp_sdei.sdei import Completion, VcpuRegs
+from qmp_sdei.stub import (
+    A_RESUME_FLAGS,
+    A_TRAP_ELR2,
+    A_TRAP_ESR2,
+    HEADER_SIZE,
+    MAGIC,
+    RESUME_EL1,
+    RESUME_EL2,
+    STUB_BASE,
+    StubLayout,
+)
+
+log = logging.getLogger(__name__)
+
+PSTATE_EL_MASK = 0xC
+PSTATE_EL2 = 0x8
+_RESUME_BLOCK = struct.Struct("<QQQQQ")  # flags, ELR_EL2, SPSR_EL2, ELR_EL1, SPSR_EL1
+_PAIR = struct.Struct("<QQ")
+_CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME)
+
+
+async def use_physical_memory(rsp: RspClient, physical: bool = True) -> None:
+    """Make ``m``/``M`` address guest physical (or, again, virtual) memory (``qemu.PhyMemMode``).
+
+    The stub's areas are physical addresses, and the vCPU a memory access goes through may be at
+    EL1 with its MMU on. The symbol conduit patches kernel code by virtual address: it needs the
+    mode off.
+    """
+    reply = await rsp.request(f"Qqemu.PhyMemMode:{int(physical)}")
+    if reply != b"OK":
+        raise ConduitError(f"this QEMU's gdbstub cannot address physical memory (Qqemu.PhyMemMode: {reply[:40]!r})")
+
+
+async def probe_stub(rsp: RspClient) -> StubLayout | None:
+    """The stub's layout if the VM was booted through it, else None. The VM must be stopped.
+
+    Leaves the stub in physical-memory mode exactly when it returns a layout.
+    """
+    await use_physical_memory(rsp)
+    try:
+        header = await rsp.read_memory(STUB_BASE, HEADER_SIZE)
+    except ConduitError:
+        header = b""
+    if header[8:16] == MAGIC:
+        return StubLayout.parse(STUB_BASE, header)
+    await use_physical_memory(rsp, physical=False)
+    return None
+
+
+class El2Conduit(GdbstubConduit):
+    """Serve one VM through the EL2 stub (see the module docstring)."""
+
+    def __init__(
+        self,
+        rsp: RspClient,
+        dispatcher: SdeiPort,
+        layout: StubLayout,
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__(rsp, dispatcher, [layout.trap_site, layout.unexpected], timeout=timeout)
+        self.layout = layout
+        # vCPU -> the exception return its next stub_resume will make, when we changed it this stop
+        self._next_return: dict[int, tuple[int, int]] = {}
+
+    def _area(self, core: CoreRegs) -> int:
+        # At the trap site and at stub_resume the stub's stack is empty: SP_EL2 = area + size.
+        return core.sp - self.layout.percpu_size
+
+    async def _read_pair(self, addr: int) -> tuple[int, int]:
+        first, second = _PAIR.unpack(await self.rsp.read_memory(addr, _PAIR.size))
+        return first, second
+
+    async def _interrupted(self, vcpu: int, core: CoreRegs) -> tuple[int, int]:
+        """Where the guest returns to from this stop (PC, PSTATE), as the stub will eret."""
+        planned = self._next_return.get(vcpu)
+        if planned is not None:
+            return planned
+        return await self._read_pair(self._area(core) + A_TRAP_ELR2)
+
+    async def _set_return(
+        self, vcpu: int, core: CoreRegs, pc: int, pstate: int, el1: tuple[int, int] | None = None
+    ) -> None:
+        flags = RESUME_EL2 | (RESUME_EL1 if el1 is not None else 0)
+        elr1, spsr1 = el1 if el1 is not None else (0, 0)
+        block = _RESUME_BLOCK.pack(flags, to_u64(pc), pstate & 0xFFFF_FFFF, to_u64(elr1), spsr1 & 0xFFFF_FFFF)
+        await self.rsp.write_memory(self._area(core) + A_RESUME_FLAGS, block)
+        self._next_return[vcpu] = (pc, pstate)
+        core.pc = self.layout.resume
+
+    async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
+        self._next_return.clear()
+        try:
+            await super()._handle_stop(stop, ours=ours)
+        finally:
+            self._next_return.clear()
+
+    async def _trap(self, thread: ThreadId, core: CoreRegs) -> ThreadId | None:
+        if core.pc == self.layout.unexpected:
+            esr = (await self._read_pair(self._area_for_unexpected(core) + A_TRAP_ESR2))[0]
+            raise ConduitError(
+                f"vCPU {thread.vcpu} took an exception the EL2 stub does not handle (ESR_EL2 {esr:#x}, "
+                f"EC {esr >> 26:#x}); the guest cannot go on"
+            )
+        if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
+            # Guest code at EL0/EL1 that happens to run at the stub's address: not a call.
+            return thread
+        self.stats.traps += 1
+        vcpu = thread.vcpu
+        fid = function_id(core.x[0])
+        if sdei.is_sdei_range(fid):
+            self.stats.sdei_calls += 1
+            regs = VcpuRegs(list(core.x), self.layout.resume, core.cpsr)
+            if fid in _CONTEXT_SWITCHES:
+                # The handler's own return state: COMPLETE_AND_RESUME keeps its PAN bit.
+                regs.pc, regs.pstate = await self._interrupted(vcpu, core)
+            completion = self.dispatcher.hypercall(vcpu, regs)
+            core.x[:] = [to_u64(v) for v in regs.x]
+            core.pc = self.layout.resume
+            if completion is Completion.COMPLETE:
+                await self._set_return(vcpu, core, regs.pc, regs.pstate)
+            elif completion is Completion.COMPLETE_AND_RESUME:
+                await self._set_return(vcpu, core, regs.pc, regs.pstate, (regs.elr_el1, regs.spsr_el1))
+            self._dirty[vcpu] = core
+            return None
+        if psci.is_psci_range(fid):
+            answer = self.dispatcher.psci_call(vcpu, fid, core.x[1], core.x[2], core.x[3])
+            if answer is not None:
+                self.stats.psci_answered += 1
+                core.x[0] = to_u64(answer)
+                core.pc = self.layout.resume
+                self._dirty[vcpu] = core
+                return None
+        if psci.is_psci_range(fid):
+            self.stats.psci_passthrough += 1
+        else:
+            self.stats.other_passthrough += 1
+        self._strip_sve_hint(vcpu, core)
+        core.pc = self.layout.trap_site + 4  # the stub forwards it to QEMU's firmware
+        self._dirty[vcpu] = core
+        return None
+
+    def _area_for_unexpected(self, core: CoreRegs) -> int:
+        # stub_unexpected is reached with x18/x19 pushed (from lower_sync) or not; the area
+        # starts at the 1 KiB boundary below SP either way.
+        return (core.sp - 1) & ~(self.layout.percpu_size - 1)
+
+    async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
+        if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
+            return await super()._enter_handlers(vcpu, core)
+        if core.pc != self.layout.resume:
+            # Elsewhere in the stub, or a call still to be forwarded (trap_site + 4): entering a
+            # handler now would lose it. Deferred to the vCPU's next exception entry.
+            return None
+        pc, pstate = await self._interrupted(vcpu, core)
+        regs = VcpuRegs(list(core.x), pc, pstate)
+        entered = False
+        while self.dispatcher.deliver(vcpu, regs):
+            entered = True
+            self.stats.deliveries += 1
+            if vcpu not in self.dispatcher.deliverable():
+                break
+        if entered:
+            core.x[:] = [to_u64(v) for v in regs.x]
+            await self._set_return(vcpu, core, regs.pc, regs.pstate)
+        return entered
+
+
+async def attach_conduit(
+    host: str,
+    port: int,
+    dispatcher: SdeiPort,
+    find_sites: Callable[[], Awaitable[list[int]]],
+    *,
+    timeout: float = 10.0,
+) -> GdbstubConduit:
+    """Connect to the gdbstub and pick the conduit: the EL2 stub's if the VM booted through it,
+    otherwise trap sites from ``find_sites`` (kernel symbols, ELF, config). Started, VM stopped."""
+    client = await RspClient.connect(host, port, timeout=timeout)
+    try:
+        layout = await probe_stub(client)
+        conduit: GdbstubConduit
+        if layout is not None:
+            log.info("guest booted through the qmp-sdei EL2 stub: trapping at %#x", layout.trap_site)
+            conduit = El2Conduit(client, dispatcher, layout, timeout=timeout)
+        else:
+            sites = await find_sites()
+            conduit = GdbstubConduit(client, dispatcher, sites, timeout=timeout)
+        await conduit.start()
+    except BaseException:
+        await client.close()
+        raise
+    return conduit

@@ -1,0 +1,96 @@
+"""The EL2 stub shipped with qmp-sdei: where it is, how QEMU loads it, and its header layout.
+
+``el2stub.elf`` (built from ``el2stub.S`` by ``make -C src/qmp_sdei/stub``, checked in and
+verified by a test) runs first at EL2 under ``-M virt,virtualization=on`` and enters the guest
+kernel at EL1, so that every guest ``hvc``/``smc`` passes one fixed trap site. This module only
+describes it (pure data and argv building); the conduit that uses it is
+:mod:`qmp_sdei.conduit.el2`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from qmp_sdei.errors import ConduitError
+
+STUB_ELF = Path(__file__).with_name("el2stub.elf")
+STUB_BASE = 0x4010_0000  # link address (link.ld); EL2 runs with the MMU off, so also its PA
+KERNEL_ADDR = 0x4020_0000  # where the stub enters the kernel Image (header boot_kernel)
+DTB_ADDR = 0x4800_0000  # what the stub passes in x0 (header boot_dtb)
+MAGIC = b"QSDEIEL2"
+HEADER_VERSION = 1
+HEADER_SIZE = 0x50
+_HEADER = struct.Struct("<8sIIQQQQII QQ")
+
+# Per-CPU area fields (el2stub.S A_*).
+A_RESUME_FLAGS = 0x00
+A_RESUME_ELR2 = 0x08
+A_RESUME_ELR1 = 0x18
+A_TRAP_ELR2 = 0x30
+A_TRAP_SPSR2 = 0x38
+A_TRAP_ESR2 = 0x40
+A_TRAP_COUNT = 0x48
+RESUME_EL2 = 1  # stub_resume loads ELR_EL2/SPSR_EL2 from the area
+RESUME_EL1 = 2  # ... and ELR_EL1/SPSR_EL1
+
+
+@dataclass(frozen=True)
+class StubLayout:
+    """The stub as found in guest memory (addresses are guest physical = EL2 virtual)."""
+
+    base: int
+    percpu_size: int
+    trap_site: int
+    resume: int
+    unexpected: int
+    percpu: int
+    max_cpus: int
+    kernel: int
+    dtb: int
+
+    @classmethod
+    def parse(cls, base: int, header: bytes) -> StubLayout:
+        """:raise ConduitError: not our stub (no magic) or a header version we do not speak."""
+        if len(header) < HEADER_SIZE or header[8:16] != MAGIC:
+            raise ConduitError(f"no qmp-sdei EL2 stub at {base:#x} (magic {header[8:16]!r})")
+        (_, version, percpu_size, trap, resume, unexpected, percpu, max_cpus, _, kernel, dtb) = _HEADER.unpack(
+            header[8:HEADER_SIZE]
+        )
+        if version != HEADER_VERSION:
+            raise ConduitError(f"EL2 stub header version {version}, this sidecar speaks {HEADER_VERSION}")
+        return cls(
+            base, percpu_size, base + trap, base + resume, base + unexpected, base + percpu, max_cpus, kernel, dtb
+        )
+
+    def area_of(self, mpidr: int) -> int:
+        """A vCPU's per-CPU area, by the stub's own rule (Aff1 * 16 + Aff0, modulo max_cpus)."""
+        index = ((mpidr & 0xFF) + (((mpidr >> 8) & 0xFF) << 4)) % self.max_cpus
+        return self.percpu + index * self.percpu_size
+
+
+INITRD_ADDR = 0x4900_0000  # above the DTB's 1 MiB slot; the range goes into /chosen
+
+
+def qemu_args(kernel: Path, dtb: Path, *, initrd: Path | None = None) -> list[str]:
+    """QEMU arguments that boot ``kernel`` (an arm64 Image) through the stub with ``dtb``.
+
+    The machine must have ``virtualization=on``. QEMU starts the stub (an ELF given to
+    ``-kernel``) at EL2; the Image, DTB and initrd are placed raw where the stub and the DTB say.
+    QEMU's ``-append`` and ``-initrd`` do not apply to a non-Linux ``-kernel``, so the command
+    line and the initrd range must be in the DTB's ``/chosen`` (:func:`initrd_range`).
+    """
+    args = [
+        "-kernel", str(STUB_ELF),
+        "-device", f"loader,file={kernel},addr={KERNEL_ADDR:#x},force-raw=on",
+        "-device", f"loader,file={dtb},addr={DTB_ADDR:#x},force-raw=on",
+    ]  # fmt: skip
+    if initrd is not None:
+        args += ["-device", f"loader,file={initrd},addr={INITRD_ADDR:#x},force-raw=on"]
+    return args
+
+
+def initrd_range(initrd: Path) -> tuple[int, int]:
+    """Where :func:`qemu_args` places ``initrd``: (start, end) for ``/chosen``."""
+    return INITRD_ADDR, INITRD_ADDR + initrd.stat().st_size

@@ -1,0 +1,266 @@
+/*
+ * qmp-sdei EL2 stub: makes every SMCCC call of an EL1 guest arrive at one fixed physical address.
+ *
+ * QEMU (-M virt,virtualization=on, TCG) enters this ELF at EL2. The stub sets up EL2 so that the
+ * guest runs at EL1 untouched, except that its `hvc` and `smc` (and, with TWI, `wfi`) trap here.
+ * Every call then passes `stub_trap_site`, a `nop` where the sidecar keeps a gdbstub breakpoint,
+ * with the guest's x0..x30 untouched. The sidecar answers by writing registers and jumping to
+ * `stub_resume`; it passes a call on by jumping to `stub_trap_site + 4`. Without a sidecar the
+ * stub forwards every call to QEMU's PSCI with `smc #0` from EL2: the guest boots normally and
+ * finds no SDEI.
+ *
+ * The stub needs no kernel symbols and survives KASLR, KPTI and kernel updates inside the guest.
+ * It keeps per-CPU areas (TPIDR_EL2 points at the vCPU's) whose layout is fixed by the header
+ * below; the sidecar reads and writes them in guest physical memory. See docs/el2-stub.md.
+ */
+
+	.equ	HEADER_VERSION, 1
+	.equ	PERCPU_SHIFT, 10		/* 1 KiB per vCPU: the fields below, then the EL2 stack */
+	.equ	PERCPU_SIZE, (1 << PERCPU_SHIFT)
+	.equ	MAX_CPUS, 64
+
+	/* per-CPU area: written by the sidecar, consumed (and cleared) by stub_resume */
+	.equ	A_RESUME_FLAGS, 0x00		/* bit 0: ELR/SPSR_EL2, bit 1: ELR/SPSR_EL1 */
+	.equ	A_RESUME_ELR2, 0x08
+	.equ	A_RESUME_SPSR2, 0x10
+	.equ	A_RESUME_ELR1, 0x18
+	.equ	A_RESUME_SPSR1, 0x20
+	/* per-CPU area: written by the stub at every trap, read by the sidecar */
+	.equ	A_TRAP_ELR2, 0x30		/* where the guest goes on (past its hvc/smc) */
+	.equ	A_TRAP_SPSR2, 0x38		/* the guest's PSTATE at the call */
+	.equ	A_TRAP_ESR2, 0x40
+	.equ	A_TRAP_COUNT, 0x48
+	/* per-CPU area: the stub's own */
+	.equ	A_GUEST_ENTRY, 0x70		/* PSCI CPU_ON: the guest's entry point and context id */
+	.equ	A_GUEST_CTX, 0x78
+
+	.equ	HCR_RW, (1 << 31)
+	.equ	HCR_TSC, (1 << 19)
+	.equ	HCR_APK, (1 << 40)
+	.equ	HCR_API, (1 << 41)
+	.equ	HCR_VALUE, (HCR_RW | HCR_TSC | HCR_APK | HCR_API)
+	.equ	SPSR_EL1H_DAIF, 0x3c5
+	.equ	SCTLR_EL1_RES1, 0x30d00800
+	.equ	CPTR_EL2_VALUE, 0x22ff		/* RES1 bits only: no FP, SVE, SME or trace traps */
+
+	.equ	EC_WFX, 0x01
+	.equ	EC_HVC64, 0x16
+	.equ	EC_SMC64, 0x17
+
+	.equ	PSCI_CPU_ON_MASKED, 0x84000003	/* CPU_ON with the SMC64 bit cleared */
+
+	.section .text.head, "ax"
+	.global	_start
+_start:
+	b	primary_entry
+	.balign	8
+	/* The header: the sidecar finds everything through it (stub base + offset). */
+header:
+	.ascii	"QSDEIEL2"			/* 0x08 magic */
+	.word	HEADER_VERSION			/* 0x10 */
+	.word	PERCPU_SIZE			/* 0x14 */
+	.quad	stub_trap_site - _start		/* 0x18 */
+	.quad	stub_resume - _start		/* 0x20 */
+	.quad	stub_unexpected - _start	/* 0x28 */
+	.quad	percpu - _start			/* 0x30 */
+	.word	MAX_CPUS			/* 0x38 */
+	.word	0				/* 0x3c reserved */
+	/* Boot parameters: where the kernel and its DTB were loaded (-device loader). */
+boot_kernel:
+	.quad	0x40200000			/* 0x40 */
+boot_dtb:
+	.quad	0x48000000			/* 0x48 */
+
+	.text
+/* x0 = MPIDR -> x0 = this vCPU's per-CPU area. Clobbers x1. (The CPU_ON path inlines it.) */
+area_of:
+	and	x1, x0, #0xff			/* Aff0 */
+	ubfx	x0, x0, #8, #8			/* Aff1 */
+	add	x0, x1, x0, lsl #4
+	and	x0, x0, #(MAX_CPUS - 1)
+	adr	x1, percpu
+	add	x0, x1, x0, lsl #PERCPU_SHIFT
+	ret
+
+/* EL2 set-up shared by every vCPU: x19 = its per-CPU area. Clobbers x0, x1. */
+el2_setup:
+	msr	tpidr_el2, x19
+	str	xzr, [x19, #A_RESUME_FLAGS]	/* RAM survives a guest reset: nothing stale */
+	add	x0, x19, #PERCPU_SIZE
+	mov	sp, x0
+	adr	x0, el2_vectors
+	msr	vbar_el2, x0
+	ldr	x0, =HCR_VALUE
+	msr	hcr_el2, x0
+	mrs	x0, midr_el1
+	msr	vpidr_el2, x0
+	mrs	x0, mpidr_el1
+	msr	vmpidr_el2, x0
+	mov	x0, #3				/* EL1PCTEN | EL1PCEN: EL1 owns the physical timer */
+	msr	cnthctl_el2, x0
+	msr	cntvoff_el2, xzr
+	mov	x0, #CPTR_EL2_VALUE
+	msr	cptr_el2, x0
+	msr	hstr_el2, xzr
+	mrs	x0, pmcr_el0			/* give EL1 every PMU counter */
+	ubfx	x0, x0, #11, #5
+	msr	mdcr_el2, x0
+	ldr	x0, =SCTLR_EL1_RES1
+	msr	sctlr_el1, x0
+	mrs	x0, id_aa64pfr0_el1
+	ubfx	x1, x0, #24, #4			/* GIC system registers present */
+	cbz	x1, 1f
+	mrs	x1, S3_4_C12_C9_5		/* ICC_SRE_EL2 */
+	orr	x1, x1, #0x1			/* SRE */
+	orr	x1, x1, #0x8			/* Enable: EL1 may use them */
+	msr	S3_4_C12_C9_5, x1
+	isb
+1:	ubfx	x1, x0, #32, #4			/* SVE: let EL1 use the longest vector */
+	cbz	x1, 2f
+	mov	x1, #0x1ff
+	msr	S3_4_C1_C2_0, x1		/* ZCR_EL2 */
+2:	isb
+	ret
+
+primary_entry:
+	mrs	x0, mpidr_el1
+	bl	area_of
+	mov	x19, x0
+	bl	el2_setup
+	adr	x0, boot_kernel
+	ldr	x1, [x0]
+	ldr	x0, [x0, #(boot_dtb - boot_kernel)]
+	b	enter_el1
+
+/* PSCI CPU_ON lands here at EL2 with x0 = the target's per-CPU area (see the call path). */
+secondary_entry:
+	mov	x19, x0
+	bl	el2_setup
+	ldr	x1, [x19, #A_GUEST_ENTRY]
+	ldr	x0, [x19, #A_GUEST_CTX]
+	/* fall through */
+
+/* Enter the guest at x1 in EL1h with DAIF masked, x0 as given, x1..x3 zero. */
+enter_el1:
+	msr	elr_el2, x1
+	mov	x1, #SPSR_EL1H_DAIF
+	msr	spsr_el2, x1
+	mov	x1, xzr
+	mov	x2, xzr
+	mov	x3, xzr
+	mov	x19, xzr
+	isb
+	eret
+
+/* ---- exception vectors ------------------------------------------------------------------- */
+
+	.macro	unexpected_vector
+	.balign	0x80
+	b	stub_unexpected
+	.endm
+
+	.balign	0x800
+el2_vectors:
+	unexpected_vector			/* current EL, SP_EL0 */
+	unexpected_vector
+	unexpected_vector
+	unexpected_vector
+	unexpected_vector			/* current EL, SP_ELx */
+	unexpected_vector
+	unexpected_vector
+	unexpected_vector
+	.balign	0x80				/* lower EL, AArch64: synchronous */
+	b	lower_sync
+	unexpected_vector			/* IRQ, FIQ, SError: routed to EL1, never here */
+	unexpected_vector
+	unexpected_vector
+	unexpected_vector			/* lower EL, AArch32 */
+	unexpected_vector
+	unexpected_vector
+	unexpected_vector
+
+lower_sync:
+	stp	x18, x19, [sp, #-16]!
+	mrs	x18, tpidr_el2
+	mrs	x19, esr_el2
+	str	x19, [x18, #A_TRAP_ESR2]
+	lsr	x19, x19, #26
+	cmp	x19, #EC_HVC64
+	b.eq	1f
+	cmp	x19, #EC_SMC64
+	b.ne	stub_unexpected
+	mrs	x19, elr_el2			/* a trapped smc returns to itself: step past it */
+	add	x19, x19, #4
+	msr	elr_el2, x19
+1:	mrs	x19, elr_el2
+	str	x19, [x18, #A_TRAP_ELR2]
+	mrs	x19, spsr_el2
+	str	x19, [x18, #A_TRAP_SPSR2]
+	ldr	x19, [x18, #A_TRAP_COUNT]
+	add	x19, x19, #1
+	str	x19, [x18, #A_TRAP_COUNT]
+	ldp	x18, x19, [sp], #16
+	.global	stub_trap_site
+stub_trap_site:
+	nop					/* the sidecar's breakpoint: x0..x30 are the guest's */
+	/* Nobody answered: QEMU's firmware serves the call. */
+	stp	x18, x19, [sp, #-16]!
+	stp	x2, x3, [sp, #-16]!
+	mov	w0, w0				/* a function id is 32 bits */
+	tbz	w0, #31, 2f
+	bic	w0, w0, #(1 << 16)		/* SMCCC v1.3 SVE hint: QEMU does not know it */
+2:	and	w18, w0, #~(1 << 30)
+	ldr	w19, =PSCI_CPU_ON_MASKED
+	cmp	w18, w19
+	b.ne	3f
+	/* CPU_ON: QEMU starts the target at our EL, so start it in the stub, which then enters
+	 * the guest's entry point (x2) at EL1 with the guest's context id (x3). */
+	and	x18, x1, #0xff			/* the target's area, as area_of computes it */
+	ubfx	x19, x1, #8, #8
+	add	x18, x18, x19, lsl #4
+	and	x18, x18, #(MAX_CPUS - 1)
+	adr	x19, percpu
+	add	x18, x19, x18, lsl #PERCPU_SHIFT
+	str	x2, [x18, #A_GUEST_ENTRY]
+	str	x3, [x18, #A_GUEST_CTX]
+	adr	x2, secondary_entry
+	mov	x3, x18
+3:	smc	#0
+	ldp	x2, x3, [sp], #16
+	ldp	x18, x19, [sp], #16
+	/* fall through */
+
+/* Return to the guest. The sidecar may have asked for a new ELR/SPSR (event entry, COMPLETE). */
+	.global	stub_resume
+stub_resume:
+	stp	x18, x19, [sp, #-16]!
+	stp	x16, x17, [sp, #-16]!
+	mrs	x18, tpidr_el2
+	ldr	x19, [x18, #A_RESUME_FLAGS]
+	cbz	x19, 9f
+	str	xzr, [x18, #A_RESUME_FLAGS]
+	tbz	x19, #0, 8f
+	ldp	x16, x17, [x18, #A_RESUME_ELR2]
+	msr	elr_el2, x16
+	msr	spsr_el2, x17
+8:	tbz	x19, #1, 9f
+	ldp	x16, x17, [x18, #A_RESUME_ELR1]
+	msr	elr_el1, x16
+	msr	spsr_el1, x17
+9:	ldp	x16, x17, [sp], #16
+	ldp	x18, x19, [sp], #16
+	eret
+
+/* Something the stub does not handle reached EL2: stop here, where the sidecar keeps a
+ * breakpoint and reports it (ESR in the per-CPU area). Never returns. */
+	.global	stub_unexpected
+stub_unexpected:
+	wfe
+	b	stub_unexpected
+
+	.ltorg
+
+	.bss
+	.balign	4096
+percpu:
+	.space	PERCPU_SIZE * MAX_CPUS
