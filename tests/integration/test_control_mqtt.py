@@ -22,10 +22,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from qmp_sdei.config import MqttSettings, parse_mqtt_url
-from qmp_sdei.control.commands import ControlService, schema
+from qmp_sdei.control.commands import MAX_REQUEST_BYTES, ControlService, schema
 from qmp_sdei.control.mqtt import Backoff, MqttBridge, MqttControlClient, Topics
 from qmp_sdei.errors import ControlError
-from support.mosquitto import Mosquitto, requires_mosquitto, running_mosquitto
+from support.mosquitto import EXAMPLE_ACL, Certs, Mosquitto, make_certs, requires_mosquitto, running_mosquitto
 from support.sdei import PRIVATE, SHARED
 from support.standin import control_service
 
@@ -46,6 +46,11 @@ def settings_for(broker: Mosquitto, **kw: Any) -> MqttSettings:
 def broker(tmp_path: Path) -> Any:
     with running_mosquitto(tmp_path / "broker") as b:
         yield b
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("pki"))
 
 
 @contextlib.asynccontextmanager
@@ -262,3 +267,250 @@ async def test_client_errors_are_control_errors(tmp_path: Path) -> None:
             pass
     with pytest.raises(ControlError, match="MQTT topic level"):
         MqttControlClient("mqtt://127.0.0.1:1", "a/b")
+
+
+# ---- outages ----------------------------------------------------------------------------------------
+
+
+async def test_broker_killed_and_restarted_mid_run(broker: Mosquitto) -> None:
+    """The sidecar reconnects and re-publishes its status; the guest never noticed; every request that
+    got a reply took effect exactly once (and none of the others more than once)."""
+    service, guest = control_service()
+    owner = service.owner
+    sent = replied = 0
+    progress = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def orchestrator() -> None:
+        nonlocal sent, replied
+        while not stop.is_set():
+            try:
+                async with client_for(broker) as client:
+                    while not stop.is_set():
+                        sent += 1
+                        reply = await client.request(raise_request(PRIVATE, sent % 2), timeout=2)
+                        assert reply["ok"] and reply["result"]["result"] == "delivered", reply
+                        replied += 1
+                        progress.set()
+            except ControlError:
+                await asyncio.sleep(0.05)  # retry pacing while the broker is away, not synchronisation
+
+    async def replies_reach(count: int) -> None:
+        while replied < count:
+            progress.clear()
+            await asyncio.wait_for(progress.wait(), WAIT)
+
+    async with bridge_running(broker, service) as (bridge, _):
+        traffic = asyncio.create_task(orchestrator())
+        try:
+            await replies_reach(20)
+            broker.kill()
+            await asyncio.wait_for(bridge.offline.wait(), WAIT)
+            # The guest goes on while the broker is away: its calls complete, a host raise is
+            # delivered, and the notifications nobody can carry are counted, not stored.
+            guest.guest_calls(50)
+            during = await asyncio.wait_for(owner.raise_event(PRIVATE, 1), WAIT)
+            assert during.result.value == "delivered"
+            assert bridge.stats.notifications_lost >= 100
+            await asyncio.to_thread(broker.start)
+            await asyncio.wait_for(bridge.online.wait(), WAIT)
+            async with client_for(broker) as client:
+                status = await client.status()
+                assert status is not None and status["online"] is True, status  # re-published
+                notes = client.watch()
+                first = asyncio.ensure_future(anext(notes))
+                await client.request({"v": 1, "command": "catalogue"})  # the watch is subscribed by now
+                await owner.raise_event(PRIVATE, 0)
+                lost = await asyncio.wait_for(first, WAIT)
+                assert lost["kind"] == "lost" and lost["count"] >= 100, lost
+                await notes.aclose()
+            before = replied
+            await replies_reach(before + 20)
+        finally:
+            stop.set()
+            await asyncio.wait_for(traffic, WAIT)
+    host_raises = 2
+    assert replied >= 40
+    assert replied + host_raises <= owner.counters.raised <= sent + host_raises, (replied, sent, owner.counters)
+    assert owner.counters.delivered == owner.counters.raised == guest.handled
+    assert bridge.stats.connects >= 2 and bridge.stats.disconnects >= 1
+
+
+async def test_sidecar_keeps_trying_while_no_broker_listens(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)  # not started yet
+    service, _ = control_service()
+    bridge = MqttBridge(
+        service, settings_for(broker), vm_name="vm1", status=service._status, backoff=Backoff(0.02, 0.1)
+    )
+    ready = asyncio.Event()
+    task = asyncio.create_task(bridge.run(ready))
+    try:
+        # a host raise works with no broker at all: the transport is not in the guest's path
+        assert (await asyncio.wait_for(service.owner.raise_event(PRIVATE, 0), WAIT)).result.value == "delivered"
+        await asyncio.to_thread(broker.start)
+        await asyncio.wait_for(ready.wait(), WAIT)
+        assert bridge.stats.connect_failures >= 1 and bridge.stats.connects == 1
+        async with client_for(broker) as client:
+            assert (await client.request(raise_request(PRIVATE, 1)))["result"]["result"] == "delivered"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        broker.stop()
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+REPLIES = "qmp-sdei/v1/vm1/reply/test"
+
+
+async def test_oversized_requests_are_refused_unparsed(broker: Mosquitto) -> None:
+    service, _ = control_service()
+    async with bridge_running(broker, service) as (bridge, _), Observer(broker, REPLIES) as eyes:
+        before = await service.owner.snapshot()
+        big = b'{"v":1,"command":"raise","event":1000,"vcpu":0,"id":"big","pad":"' + b"x" * MAX_REQUEST_BYTES + b'"}'
+        await eyes.publish_request(big, response_topic=REPLIES, correlation=b"big")
+        reply = await eyes.reply_to(b"big")
+        REPLY.validate(reply)
+        assert reply["error"]["code"] == "too_large" and reply["id"] is None, reply  # never parsed for its id
+        # Far beyond the limit the broker does not even pass it on (our Maximum Packet Size).
+        await eyes.publish_request(b"[" * (4 * MAX_REQUEST_BYTES), response_topic=REPLIES, correlation=b"huge")
+        await eyes.publish_request(b'{"v":1,"command":"catalogue"}', response_topic=REPLIES, correlation=b"after")
+        message = await eyes.messages.get()
+        assert getattr(message.properties, "CorrelationData", None) == b"after"  # nothing for "huge" before it
+        assert await service.owner.snapshot() == before
+        assert bridge.stats.too_large == 1 and service.owner.counters.raised == 0
+
+
+async def test_requests_without_a_usable_response_topic_get_no_reply(broker: Mosquitto) -> None:
+    service, _ = control_service()
+    other_vm = "qmp-sdei/v1/vm2/request"
+    async with (
+        bridge_running(broker, service) as (bridge, _),
+        Observer(broker, REPLIES, other_vm, "qmp-sdei/v1/vm1/notifications") as eyes,
+    ):
+        raise_doc = json.dumps(raise_request(PRIVATE, 0)).encode()
+        await eyes.publish_request(raise_doc)  # no ResponseTopic: served, not answered
+        await eyes.publish_request(raise_doc, response_topic=other_vm, correlation=b"x")  # not onto a protocol topic
+        await eyes.publish_request(raise_doc, response_topic="bad/+/wildcard", correlation=b"y")
+        raised = 0
+        while raised < 3:
+            doc = await eyes.next_doc("qmp-sdei/v1/vm1/notifications")
+            raised += doc["kind"] == "raised"
+        await eyes.publish_request(b'{"v":1,"command":"catalogue"}', response_topic=REPLIES, correlation=b"z")
+        message = await eyes.messages.get()
+        while message.topic.value != REPLIES:  # only notifications may come before it, never vm2/request
+            assert message.topic.value.endswith("/notifications"), message.topic.value
+            message = await eyes.messages.get()
+        assert getattr(message.properties, "CorrelationData", None) == b"z"
+        assert bridge.stats.unanswerable == 3 and service.owner.counters.raised == 3
+
+
+async def test_a_repeated_request_is_answered_again_but_runs_once(broker: Mosquitto) -> None:
+    service, _ = control_service()
+    async with bridge_running(broker, service) as (bridge, _), Observer(broker, REPLIES) as eyes:
+        payload = json.dumps(raise_request(PRIVATE, 0, id="once")).encode()
+        for _ in range(2):
+            await eyes.publish_request(payload, response_topic=REPLIES, correlation=b"same")
+        first, second = await eyes.reply_to(b"same"), await eyes.reply_to(b"same")
+        assert first == second and first["result"]["result"] == "delivered", (first, second)
+        assert service.owner.counters.raised == 1 and bridge.stats.duplicates == 1
+
+
+async def test_a_flood_gets_busy_replies_and_the_sidecar_stays_healthy(broker: Mosquitto) -> None:
+    """While a (simulated) guest stop holds the owner, requests pile up: past the in-flight limit
+    they are answered ``busy`` at once; when the stop ends the others complete."""
+    service, guest = control_service()
+    count = 300
+    async with bridge_running(broker, service), Observer(broker, REPLIES) as eyes:
+        guest.owner.begin_stop()
+        try:
+            payloads = [json.dumps({"v": 1, "id": i, "command": "status"}).encode() for i in range(count)]
+            await asyncio.gather(
+                *(
+                    eyes.publish_request(p, response_topic=REPLIES, correlation=str(i).encode())
+                    for i, p in enumerate(payloads)
+                )
+            )
+            replies: list[dict[str, Any]] = []
+            while len(replies) < count - 64:
+                replies.append(await eyes.next_doc(REPLIES))
+            assert all(r["error"]["code"] == "busy" for r in replies), replies[:3]
+        finally:
+            guest.owner.end_stop()
+        while len(replies) < count:
+            replies.append(await eyes.next_doc(REPLIES))
+        for r in replies:
+            REPLY.validate(r)
+        assert sorted(r["id"] for r in replies if r["ok"]) == sorted(
+            set(range(count)) - {r["id"] for r in replies if not r["ok"]}
+        )
+        assert sum(r["ok"] for r in replies) == 64 and service.stats.busy == count - 64
+        async with client_for(broker) as client:
+            assert (await client.request(raise_request(PRIVATE, 0)))["result"]["result"] == "delivered"
+
+
+# ---- access control and TLS -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Any:
+    with running_mosquitto(tmp_path / "broker", users=USERS, acl=EXAMPLE_ACL) as b:
+        yield b
+
+
+def credentials(user: str) -> dict[str, str]:
+    return {"username": user, "password": USERS[user]}
+
+
+async def test_acl_orchestrator_raises_on_each_vm_and_others_cannot(acl_broker: Mosquitto) -> None:
+    vm1, _ = control_service("vm1")
+    vm2, _ = control_service("vm2")
+    async with (
+        bridge_running(acl_broker, vm1, **credentials("sidecar-vm1")),
+        bridge_running(acl_broker, vm2, **credentials("sidecar-vm2")),
+    ):
+        for vm in ("vm1", "vm2"):
+            async with client_for(acl_broker, vm, **credentials("orchestrator")) as orch:
+                assert (await orch.request(raise_request(PRIVATE, 0)))["result"]["result"] == "delivered"
+                status = await orch.status()
+                assert status is not None and status["online"] and status["vm_name"] == vm
+        # vm2's sidecar user may not ask vm1's sidecar anything
+        async with client_for(acl_broker, "vm1", **credentials("sidecar-vm2")) as intruder:
+            with pytest.raises(ControlError, match="refused our publish to qmp-sdei/v1/vm1/request"):
+                await intruder.request(raise_request(PRIVATE, 0))
+        # nor may a sidecar fake another VM's status
+        async with Observer(acl_broker, **credentials("sidecar-vm2")) as eyes:
+            await eyes.client.publish("qmp-sdei/v1/vm1/status", b'{"online": false}', qos=1, retain=True)
+        async with client_for(acl_broker, "vm1", **credentials("orchestrator")) as orch:
+            status = await orch.status()
+            assert status is not None and status["online"] is True, status
+        # an unknown user, or a wrong password, is not let in at all
+        for user, password in (("mallory", "x"), ("orchestrator", "wrong")):
+            with pytest.raises(ControlError, match="refused us"):
+                async with client_for(acl_broker, "vm1", username=user, password=password):
+                    pass
+        assert vm1.owner.counters.raised == 1 and vm2.owner.counters.raised == 1
+
+
+async def test_tls_broker_verified_by_ca(tmp_path: Path, certs: Certs) -> None:
+    service, _ = control_service()
+    with running_mosquitto(tmp_path / "broker", certs=certs) as tls_broker:
+        assert tls_broker.url.startswith("mqtts://")
+        async with bridge_running(tls_broker, service, ca=certs.ca), client_for(tls_broker, ca=certs.ca) as client:
+            assert (await client.request(raise_request(PRIVATE, 0)))["result"]["result"] == "delivered"
+        with pytest.raises(ControlError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            async with client_for(tls_broker, ca=certs.other_ca):
+                pass
+
+
+async def test_tls_with_client_certificates(tmp_path: Path, certs: Certs) -> None:
+    service, _ = control_service()
+    with running_mosquitto(tmp_path / "broker", certs=certs, require_client_cert=True) as tls_broker:
+        mine = {"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key}
+        async with bridge_running(tls_broker, service, **mine), client_for(tls_broker, **mine) as client:
+            assert (await client.request({"v": 1, "command": "catalogue"}))["ok"]
+        # No client certificate: the broker closes the connection before any CONNACK.
+        with pytest.raises(ControlError, match="cannot reach the MQTT broker"):
+            async with MqttControlClient(tls_broker.url, "vm1", ca=certs.ca, timeout=2):
+                pass

@@ -223,6 +223,10 @@ class MqttBridge:
         self._tls = tls_context(settings.ca, settings.cert, settings.key) if settings.tls else None
         #: the connected client, None while the broker is away
         self.client: aiomqtt.Client | None = None
+        #: set while connected and serving / while not (for status reports and tests)
+        self.online = asyncio.Event()
+        self.offline = asyncio.Event()
+        self.offline.set()
         self._status_changed = asyncio.Event()
         self._request_tasks: set[asyncio.Task[None]] = set()
         self._recent: OrderedDict[tuple[str, bytes], asyncio.Future[dict[str, Any]]] = OrderedDict()
@@ -309,7 +313,7 @@ class MqttBridge:
                     self.stats.connect_failures += 1
                     log.warning("MQTT broker %s unreachable or refused us (attempt %d): %s", url, failures, err)
             finally:
-                self.client = None
+                self._set_client(None)
             delay = self.backoff.next()
             log.info("MQTT reconnecting to %s in %.2fs", url, delay)
             await asyncio.sleep(delay)
@@ -322,7 +326,7 @@ class MqttBridge:
             # status and notifications, and say loudly why no request will ever arrive.
             log.error("MQTT broker refused our subscription to %s: %s", self.topics.request, refused[0])
         await self._publish_status(client)
-        self.client = client
+        self._set_client(client)
         if ready is not None:
             ready.set()
         status_task = asyncio.create_task(self._status_loop(client), name="mqtt.status")
@@ -330,7 +334,7 @@ class MqttBridge:
             async for message in client.messages:
                 await self._on_message(message)
         except asyncio.CancelledError:
-            self.client = None
+            self._set_client(None)
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await client.publish(
                     self.topics.status,
@@ -345,6 +349,11 @@ class MqttBridge:
             status_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await status_task
+
+    def _set_client(self, client: aiomqtt.Client | None) -> None:
+        self.client = client
+        (self.offline if client is None else self.online).set()
+        (self.online if client is None else self.offline).clear()
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
         doc = await self._online_document()
