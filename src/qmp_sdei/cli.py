@@ -119,7 +119,7 @@ def _control_client(args: argparse.Namespace) -> Any:
     if not args.vm:
         raise ConfigError("--vm: is required with --mqtt")
     parse_mqtt_url(args.mqtt, "--mqtt")
-    from qmp_sdei.control.mqtt import MqttControlClient  # type: ignore[import-not-found]  # noqa: PLC0415
+    from qmp_sdei.control.mqtt import MqttControlClient  # noqa: PLC0415 (only this path needs aiomqtt)
 
     password = None
     if args.password_file is not None:

@@ -284,6 +284,12 @@ class Sidecar:
         assert self.control_server is not None
         await self.control_server.serve()
 
+    async def _serve_mqtt(self) -> None:
+        from qmp_sdei.control.mqtt import serve_mqtt  # noqa: PLC0415 (optional transport)
+
+        assert self.control is not None and self.config.mqtt is not None
+        await serve_mqtt(self.control, self.config.mqtt, vm_name=self.vm_name, status=self.control.status_document)
+
     def _install_signals(self) -> list[int]:
         loop = asyncio.get_running_loop()
         installed: list[int] = []
@@ -326,6 +332,8 @@ class Sidecar:
                 tasks = [tg.create_task(self._follow_lifecycle(), name="qmp.lifecycle")]
                 tasks.append(tg.create_task(self._status_writer(), name="status.writer"))
                 tasks.append(tg.create_task(self._serve_control(), name="control.local"))
+                if self.config.mqtt is not None:
+                    tasks.append(tg.create_task(self._serve_mqtt(), name="control.mqtt"))
                 if self.config.conduit.enabled:
                     tasks.append(tg.create_task(self._serve_conduit(), name="conduit"))
                 self.ready.set()
