@@ -35,6 +35,7 @@ WAIT = 20.0  # upper bound for anything that waits on the broker
 USERS = {"orchestrator": "orch-pw", "sidecar-vm1": "vm1-pw", "sidecar-vm2": "vm2-pw"}
 REPLY = jsonschema.Draft202012Validator(schema("reply"))
 NOTIFICATION = jsonschema.Draft202012Validator(schema("notification"))
+STATUS = jsonschema.Draft202012Validator(schema("mqtt-status"))
 
 
 def settings_for(broker: Mosquitto, **kw: Any) -> MqttSettings:
@@ -152,6 +153,7 @@ async def test_status_catalogue_event_and_raise_round_trip(broker: Mosquitto) ->
     async with bridge_running(broker, service) as (bridge, _), client_for(broker) as client:
         status = await client.status()
         assert status is not None and status["online"] is True and status["vm_name"] == "vm1", status
+        STATUS.validate(status)
         assert status["status"]["vm"]["name"] == "vm1"
 
         catalogue = await client.request({"v": 1, "id": "c1", "command": "catalogue"})
@@ -234,6 +236,7 @@ async def test_last_will_marks_the_vm_offline_and_the_bridge_comes_back(broker: 
         # Cut the sidecar's TCP connection under it: no DISCONNECT, so the broker sends the will.
         bridge.client._client.socket().shutdown(socket.SHUT_RDWR)
         gone = await eyes.next_doc()
+        STATUS.validate(gone)
         assert gone["online"] is False and gone["reason"] == "connection_lost" and gone["vm_name"] == "vm1", gone
         back = await eyes.next_doc()
         assert back["online"] is True, back
@@ -251,6 +254,7 @@ async def test_clean_shutdown_leaves_a_retained_offline_status(broker: Mosquitto
     async with client_for(broker) as client:
         status = await client.status()
         assert status is not None and status["online"] is False and status["reason"] == "shutdown", status
+        STATUS.validate(status)
         with pytest.raises(ControlError, match="no reply from VM 'vm1'"):
             await client.request({"v": 1, "command": "status"}, timeout=0.5)
 

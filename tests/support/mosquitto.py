@@ -100,6 +100,7 @@ class Mosquitto:
             "per_listener_settings false",
             f"allow_anonymous {'false' if users else 'true'}",
             "persistence false",
+            "set_tcp_nodelay true",
             f"user {getpass.getuser()}",  # as root, mosquitto would switch to a user that cannot read tmp
             "log_type all",
             f"log_dest file {self.log}",
