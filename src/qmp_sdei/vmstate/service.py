@@ -26,6 +26,7 @@ What it must not do: know what the bytes mean, touch QEMU, or swallow a failure:
 ``Load`` and failed ``Save`` is logged here and returned to QEMU as a D-Bus error.
 """
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -177,6 +178,12 @@ class VmstateService:
         if bus is None:
             return
         if bus.connected:
+            # Released explicitly (not only by hanging up) so that when close() returns, the bus
+            # daemon has already dropped us from the queue QEMU will look at.
+            try:
+                await asyncio.wait_for(bus.release_name(BUS_NAME), self.timeout)
+            except (OSError, DBusFastError, TimeoutError) as err:
+                log.warning("could not release %s before leaving the bus: %s", BUS_NAME, err)
             bus.disconnect()
         with contextlib.suppress(Exception):  # it re-raises what broke the connection; we are leaving
             await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
