@@ -13,6 +13,8 @@ one root. The children say *what kind* of thing went wrong, and wrap the underly
      +-- TriggerError         the host asked to raise an event that cannot be raised that way
      +-- QemuError            QEMU is unreachable, not QEMU, or not a machine we can serve
      |    +-- QmpCommandError  a QMP command failed (in qemu/qmp.py, carries QEMU's error class)
+     |    +-- MigrationError   a live migration failed, was cancelled, or ended in a state we did not expect
+     +-- VmstateError         the in-band migration channel failed (private D-Bus daemon, VMState1 service)
      +-- ConduitError         the gdbstub conduit failed (protocol error, lost connection)
      +-- StateDirBusy         another sidecar holds the state directory
  +-- ControlError         the control API cannot be served or reached (socket, broker, bad reply)
@@ -59,6 +61,21 @@ class TriggerError(SdeiError):
 
 class QemuError(SdeiError):
     """QEMU is unreachable, is not QEMU, or runs a machine the sidecar cannot serve."""
+
+
+class MigrationError(QemuError):
+    """A live migration failed, was cancelled, or reached a state the caller did not wait for.
+
+    The message carries QEMU's ``error-desc`` when it gave one.
+    """
+
+
+class VmstateError(SdeiError):
+    """The in-band migration channel failed: the private D-Bus daemon or the VMState1 service.
+
+    Raised when the bus daemon cannot start, the service cannot connect or claim its name, or a
+    state is too large for QEMU's dbus-vmstate to carry.
+    """
 
 
 class ConduitError(SdeiError):

@@ -9,8 +9,9 @@ import zlib
 import pytest
 
 from qmp_sdei.errors import IncompatibleState
-from qmp_sdei.sdei import Dispatcher, EventSpec, peek
-from qmp_sdei.sdei.snapshot import HEADER, MAGIC, state_document
+from qmp_sdei.sdei import Dispatcher, EventSpec, peek, snapshot
+from qmp_sdei.sdei.dispatcher import DispatchFrame
+from qmp_sdei.sdei.snapshot import HEADER, MAGIC, encode_v1, state_document
 from support.sdei import CRITICAL, PRIVATE, SHARED, F, call, make, register, run_handler
 
 
@@ -62,7 +63,7 @@ def test_peek_reads_identity() -> None:
     assert info.profile == "kvm"
     assert info.mpidrs == (0, 1)
     assert (PRIVATE, False, False) in info.catalogue
-    assert info.format_version == 1
+    assert info.format_version == 2
 
 
 @pytest.mark.parametrize(("vcpus", "limit"), [(8, 16 * 1024), (64, 64 * 1024)])
@@ -109,7 +110,7 @@ def _doc(d: Dispatcher) -> dict[str, object]:
 
 def test_unknown_format_version_and_flags_and_magic() -> None:
     doc = _doc(make())
-    _rejected_unchanged(make(), _reframe(doc, version=2), "unknown state format version 2")
+    _rejected_unchanged(make(), _reframe(doc, version=3), "unknown state format version 3")
     _rejected_unchanged(make(), _reframe(doc, flags=3), "unknown flags")
     _rejected_unchanged(make(), b"X" * 8 + _reframe(doc)[8:], "bad magic")
     _rejected_unchanged(make(), _reframe(doc) + b"\0", "trailing")
@@ -176,3 +177,122 @@ def test_zip_bomb_is_refused() -> None:
     body = zlib.compress(b" " * (32 * 1024 * 1024))
     blob = struct.pack(">8sHHII", MAGIC, 1, 1, len(body), zlib.crc32(body)) + body
     _rejected_unchanged(make(), blob, "inflates beyond")
+
+
+# -- format version 2 (binary records) --------------------------------------------------------------
+
+
+def test_version_1_blobs_still_restore() -> None:
+    d = busy()
+    other = make()
+    other.restore(encode_v1(d))
+    assert other == d
+    assert peek(encode_v1(d)).format_version == 1
+
+
+def test_every_flipped_byte_of_a_version_1_blob_is_rejected() -> None:
+    blob = encode_v1(busy())
+    target = make()
+    for i in range(len(blob)):
+        damaged = bytearray(blob)
+        damaged[i] ^= 0x40
+        with pytest.raises(IncompatibleState):
+            target.restore(bytes(damaged))
+    assert target == make()
+
+
+def test_large_bodies_are_compressed_and_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = busy()
+    assert HEADER.unpack_from(d.snapshot())[2] == 0  # small: stored as is
+    monkeypatch.setattr(snapshot, "COMPRESS_ABOVE", 64)
+    blob = d.snapshot()
+    assert HEADER.unpack_from(blob)[2] == snapshot.FLAG_ZLIB
+    other = make()
+    other.restore(blob)
+    assert other == d
+
+
+def _body(blob: bytes) -> bytes:
+    return blob[HEADER.size :]
+
+
+def _reframe_body(body: bytes) -> bytes:
+    return HEADER.pack(MAGIC, 2, 0, len(body), zlib.crc32(body)) + body
+
+
+def test_every_cut_of_a_version_2_body_is_refused() -> None:
+    """A body cut short, with a valid envelope around it, is refused at every length."""
+    body = _body(busy().snapshot())
+    target = busy()
+    call(target, 0, F.PE_MASK)
+    for cut in range(len(body)):
+        _rejected_unchanged(target, _reframe_body(body[:cut]), "corrupted")
+
+
+def test_version_2_body_framing_errors_are_refused() -> None:
+    body = _body(busy().snapshot())
+    (identity_length,) = struct.unpack_from(">I", body)
+    _rejected_unchanged(make(), _reframe_body(body + b"\0"), "1 bytes after the last record")
+    _rejected_unchanged(make(), _reframe_body(struct.pack(">I", len(body)) + body[4:]), "runs past the end")
+    not_json = body[:4] + b"[" + body[5:]
+    _rejected_unchanged(make(), _reframe_body(not_json), "undecodable identity")
+    not_object = struct.pack(">I", 2) + b"[]" + body[4 + identity_length :]
+    _rejected_unchanged(make(), _reframe_body(not_object), "identity is not an object")
+
+
+def _mutated(mutate: object) -> bytes:
+    """A version 2 blob of busy() after editing its objects into something no guest can produce."""
+    d = busy()
+    mutate(d)  # type: ignore[operator]
+    return d.snapshot()
+
+
+def _frame_on(d: Dispatcher, event: int) -> None:
+    d.vcpus[0].stack.append(DispatchFrame(event, [0] * 18, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: d.vcpus.pop(), "lists 1 vCPUs"),
+        (lambda d: setattr(d.vcpus[0], "masked", 2), "masked flag is 2"),
+        (lambda d: setattr(d.vcpus[0].private[PRIVATE], "state", 2), "reachable EVENT_STATUS"),
+        (lambda d: d.vcpus[0].private.update({SHARED: d.vcpus[0].private[PRIVATE]}), "not a private event"),
+        (lambda d: setattr(d.vcpus[0].stack[1], "event", 999), "not in this catalogue"),
+        (lambda d: _frame_on(d, PRIVATE), "3 nested handlers"),
+        (lambda d: d.vcpus[0].stack.pop(), "running flag"),
+        (lambda d: d.vcpus[0].stack.reverse(), "impossible order"),
+        (lambda d: setattr(d.shared[SHARED], "route_mode", 7), "routing mode"),
+        (lambda d: d.shared.update({PRIVATE: d.shared[SHARED]}), "not a shared event"),
+        (lambda d: d.bindings.update({SHARED: 5}), "not a new dynamic event"),
+        (lambda d: d.pending.add((None, PRIVATE)), "wrong kind of target"),
+        (lambda d: d.pending.add((0, 999)), "unknown event"),
+        (lambda d: d.shared[SHARED].__dict__.update(route_mode=1, affinity=0x77), "routed to unknown PE"),
+        (lambda d: setattr(d.shared[SHARED], "affinity", 1), "affinity in RM_ANY"),
+        (lambda d: d.bindings.update({0x4000_0002: 20}), "bound to two events"),
+        (lambda d: d.bindings.update({0x4000_0000: 41}), "of the wrong kind"),
+        (lambda d: d.bindings.pop(0x4000_0000), "registered but not bound"),
+        (lambda d: d.vcpus[0].private[0].__dict__.update(state=0), "pending but not registered"),
+    ],
+)
+def test_impossible_version_2_states_are_refused(mutate: object, match: str) -> None:
+    _rejected_unchanged(make(), _mutated(mutate), match)
+
+
+def test_repeated_version_2_records_are_refused() -> None:
+    """Records the writer never repeats: a second copy of a registration, binding or trigger."""
+    d = busy()
+    body = _body(d.snapshot())
+    (identity_length,) = struct.unpack_from(">I", body)
+    vcpu0 = 4 + identity_length + 4  # identity length, identity, vCPU count
+    masked, frames, registered = struct.unpack_from(">BBI", body, vcpu0)
+    first_event = body[vcpu0 + 6 : vcpu0 + 6 + 21]
+    doubled = body[:vcpu0] + struct.pack(">BBI", masked, frames, registered + 1) + first_event + body[vcpu0 + 6 :]
+    _rejected_unchanged(make(), _reframe_body(doubled), "vCPU 0 lists event 0 twice")
+    state_at = vcpu0 + 6 + 4  # the first registration's EVENT_STATUS byte
+    unregistered = body[:state_at] + b"\0" + body[state_at + 1 :]
+    _rejected_unchanged(make(), _reframe_body(unregistered), "vCPU 0 event 0 is listed but unregistered")
+    tail = d.snapshot()[-8:]  # the last pending trigger
+    count_at = len(body) - 4 - 8 * len(d.pending)
+    more = body[:count_at] + struct.pack(">I", len(d.pending) + 1) + body[count_at + 4 :] + tail
+    _rejected_unchanged(make(), _reframe_body(more), "is listed twice")

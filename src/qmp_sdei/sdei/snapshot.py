@@ -4,19 +4,25 @@ Layout (documented for other implementations in ``docs/snapshot-format.md``)::
 
     offset  size  field
     0       8     magic  b"QSDEIST\\0"
-    8       2     format version, big-endian (this build writes and reads 1)
+    8       2     format version, big-endian (this build writes 2, reads 1 and 2)
     10      2     flags, big-endian; bit 0 = body is zlib-compressed
     12      4     body length in bytes, big-endian
     16      4     CRC-32 of the body bytes as stored, big-endian
-    20      n     body: UTF-8 JSON (compact, sorted keys), zlib-compressed when flag bit 0
+    20      n     body
 
-The JSON body is self-describing (named fields, see ``state_document``). It carries the identity of
-the dispatcher that wrote it (SDEI version and vendor, profile, catalogue, MPIDRs, bind slots), and
-the state: per-vCPU mask, dispatch stack with saved contexts and private registrations; shared
-registrations; bindings; pending triggers. Restoring validates the whole blob into new objects
-before anything is swapped in, so a rejected blob changes nothing.
+Version 2 (written): the body is the writer's identity as a small JSON object (SDEI version and
+vendor, profile, catalogue, MPIDRs, bind slots), then the state in fixed big-endian binary records
+(per-vCPU mask, dispatch stack with saved contexts and private registrations; shared registrations;
+bindings; pending triggers). Binary records because ``snapshot()`` sits on the guest's critical path
+(every conduit stop, and a migration's downtime): turning hundreds of 64-bit registers into JSON
+text cost ten times more than packing them. The body is zlib-compressed only when it is larger
+than ``COMPRESS_ABOVE``.
 
-Decoders of older format versions are kept forever: add ``_DECODERS[2]`` rather than editing 1.
+Version 1 (read only): the body is one JSON document (``state_document``), zlib-compressed.
+
+Restoring validates the whole blob into new objects before anything is swapped in, so a rejected
+blob changes nothing. Decoders of older format versions are kept forever: add a new version rather
+than editing an old one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +42,24 @@ if TYPE_CHECKING:
     from qmp_sdei.sdei.dispatcher import Dispatcher, DispatchFrame, EventInstance, VcpuState
 
 MAGIC = b"QSDEIST\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what encode() writes
 FLAG_ZLIB = 1
 HEADER = struct.Struct(">8sHHII")
 MAX_BODY = 16 * 1024 * 1024  # refuse to inflate beyond this: a state is kilobytes, not megabytes
 U64_MAX = (1 << 64) - 1
+# Bodies are stored as they are unless larger than this; then zlib level 1. Half of what QEMU's
+# dbus-vmstate carries per helper (1 MiB): compressing a typical state costs about as much time
+# as packing it, and snapshot() runs while a migrating VM is stopped.
+COMPRESS_ABOVE = 512 * 1024
+
+# Version 2 body records, all big-endian (see docs/snapshot-format.md).
+_U32 = struct.Struct(">I")
+_VCPU = struct.Struct(">BBI")  # masked, dispatch frames, registered private instances
+_PRIVATE = struct.Struct(">IBQQ")  # event, EVENT_STATUS, entry point, argument
+_FRAME = struct.Struct(f">I{abi.SAVED_GPRS}QQQ")  # event, x0..x17, pc, pstate
+_SHARED = struct.Struct(">IBQQBQ")  # event, EVENT_STATUS, entry point, argument, routing mode, affinity
+_BINDING = struct.Struct(">II")  # dynamic event, interrupt id
+_PENDING = struct.Struct(">iI")  # vCPU index (-1: shared event), event
 
 
 @dataclass(frozen=True)
@@ -84,8 +103,7 @@ def _vcpu_doc(vcpu: VcpuState) -> dict[str, Any]:
     }
 
 
-def state_document(d: Dispatcher) -> dict[str, Any]:
-    """The canonical, JSON-ready description of a dispatcher (identity plus state)."""
+def _identity_document(d: Dispatcher) -> dict[str, Any]:
     return {
         "sdei_version": list(d.version),
         "vendor": d.vendor,
@@ -93,29 +111,71 @@ def state_document(d: Dispatcher) -> dict[str, Any]:
         "catalogue": [[s.number, s.shared, s.critical] for s in d.catalogue],
         "mpidrs": list(d.mpidrs),
         "bind_slots": list(d.bind_slots),
-        "vcpus": [_vcpu_doc(v) for v in d.vcpus],
-        "shared": [
+    }
+
+
+def state_document(d: Dispatcher) -> dict[str, Any]:
+    """The canonical, JSON-ready description of a dispatcher (identity plus state).
+
+    It is the version 1 body, and what dispatcher equality compares.
+    """
+    doc = _identity_document(d)
+    doc.update(
+        vcpus=[_vcpu_doc(v) for v in d.vcpus],
+        shared=[
             _instance_doc(n, inst, shared=True)
             for n, inst in sorted(d.shared.items())
             if inst.state is not HandlerState.UNREGISTERED
         ],
-        "bindings": [[n, intid] for n, intid in sorted(d.bindings.items())],
-        "pending": sorted([[-1 if v is None else v, n] for v, n in d.pending]),
-    }
+        bindings=[[n, intid] for n, intid in sorted(d.bindings.items())],
+        pending=sorted([[-1 if v is None else v, n] for v, n in d.pending]),
+    )
+    return doc
+
+
+def encode_v1(d: Dispatcher) -> bytes:
+    """The version 1 blob (JSON body, zlib level 1): for tests and tools that need an old blob."""
+    body = zlib.compress(json.dumps(state_document(d), separators=(",", ":"), sort_keys=True).encode(), 1)
+    return HEADER.pack(MAGIC, 1, FLAG_ZLIB, len(body), zlib.crc32(body)) + body
 
 
 def encode(d: Dispatcher) -> bytes:
-    body = json.dumps(state_document(d), separators=(",", ":"), sort_keys=True).encode()
-    # Level 1: snapshots are taken on the guest's critical path (once per conduit stop); level 6
-    # costs six times the CPU for about 10% fewer bytes.
-    packed = zlib.compress(body, 1)
-    return HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_ZLIB, len(packed), zlib.crc32(packed)) + packed
+    """The version 2 blob: identity JSON, then the state as binary records.
+
+    It encodes the objects as they are, without judging them: a dispatcher whose attributes were
+    edited by hand into an impossible state still gets a blob, and restoring that blob refuses it.
+    Private instances are written in the dictionary's order, which every dispatcher builds the same
+    way (``fresh_private_instances``), so equal dispatchers give equal blobs.
+    """
+    identity = json.dumps(_identity_document(d), separators=(",", ":"), sort_keys=True).encode()
+    parts = [_U32.pack(len(identity)), identity, _U32.pack(len(d.vcpus))]
+    append, private_pack, frame_pack = parts.append, _PRIVATE.pack, _FRAME.pack
+    for vcpu in d.vcpus:
+        registered = [(n, inst) for n, inst in vcpu.private.items() if inst.state]
+        append(_VCPU.pack(vcpu.masked, len(vcpu.stack), len(registered)))
+        for number, inst in registered:
+            append(private_pack(number, inst.state, inst.entry_point, inst.argument))
+        for f in vcpu.stack:
+            append(frame_pack(f.event, *f.saved_x, f.pc, f.pstate))
+    shared = [(n, inst) for n, inst in sorted(d.shared.items()) if inst.state]
+    append(_U32.pack(len(shared)))
+    for number, inst in shared:
+        append(_SHARED.pack(number, inst.state, inst.entry_point, inst.argument, inst.route_mode, inst.affinity))
+    append(_U32.pack(len(d.bindings)))
+    parts.extend(_BINDING.pack(n, intid) for n, intid in sorted(d.bindings.items()))
+    append(_U32.pack(len(d.pending)))
+    parts.extend(_PENDING.pack(v, n) for v, n in sorted((-1 if v is None else v, n) for v, n in d.pending))
+    body, flags = b"".join(parts), 0
+    if len(body) > COMPRESS_ABOVE:
+        body, flags = zlib.compress(body, 1), FLAG_ZLIB
+    return HEADER.pack(MAGIC, FORMAT_VERSION, flags, len(body), zlib.crc32(body)) + body
 
 
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def _read_document(blob: bytes) -> tuple[int, dict[str, Any]]:
+def _read_body(blob: bytes) -> tuple[int, bytes]:
+    """Check the envelope; return the format version and the (inflated) body."""
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise IncompatibleState(f"state must be bytes, got {type(blob).__name__}")
     blob = bytes(blob)
@@ -124,9 +184,9 @@ def _read_document(blob: bytes) -> tuple[int, dict[str, Any]]:
     magic, version, flags, length, crc = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise IncompatibleState("not a qmp-sdei state (bad magic)")
-    if version not in _DECODERS:
+    if version not in _FORMATS:
         raise IncompatibleState(
-            f"unknown state format version {version} (this build reads {', '.join(map(str, _DECODERS))})"
+            f"unknown state format version {version} (this build reads {', '.join(map(str, _FORMATS))})"
         )
     body = blob[HEADER.size :]
     if len(body) < length:
@@ -137,18 +197,25 @@ def _read_document(blob: bytes) -> tuple[int, dict[str, Any]]:
         raise IncompatibleState("state is corrupted (checksum mismatch)")
     if flags & ~FLAG_ZLIB:
         raise IncompatibleState(f"state uses unknown flags {flags:#x}")
-    try:
-        if flags & FLAG_ZLIB:
+    if flags & FLAG_ZLIB:
+        try:
             inflater = zlib.decompressobj()
             body = inflater.decompress(body, MAX_BODY)
-            if inflater.unconsumed_tail:
-                raise IncompatibleState(f"state body inflates beyond {MAX_BODY} bytes")
-        doc = json.loads(body.decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IncompatibleState(f"state is corrupted (undecodable body: {err})") from err
+        except zlib.error as err:
+            raise IncompatibleState(f"state is corrupted (undecodable body: {err})") from err
+        if inflater.unconsumed_tail:
+            raise IncompatibleState(f"state body inflates beyond {MAX_BODY} bytes")
+    return version, body
+
+
+def _json_object(text: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IncompatibleState(f"state is corrupted (undecodable {what}: {err})") from err
     if not isinstance(doc, dict):
-        raise IncompatibleState("state is corrupted (body is not an object)")
-    return version, doc
+        raise IncompatibleState(f"state is corrupted ({what} is not an object)")
+    return doc
 
 
 class _Reader:
@@ -189,7 +256,7 @@ class _Reader:
         return _Reader(value, f"{self.where}{key}.")
 
 
-def _identity(doc: dict[str, Any], format_version: int = FORMAT_VERSION) -> SnapshotInfo:
+def _identity(doc: dict[str, Any], format_version: int) -> SnapshotInfo:
     r = _Reader(doc)
     try:
         version = tuple(int(v) for v in r.items("sdei_version"))
@@ -217,8 +284,8 @@ def peek(blob: bytes) -> SnapshotInfo:
 
     The daemon uses it to build a dispatcher that can take a state (pinned versions, catalogue).
     """
-    version, doc = _read_document(blob)
-    return _identity(doc, version)
+    version, body = _read_body(blob)
+    return _FORMATS[version].identity(body)
 
 
 def _check_compatible(d: Dispatcher, info: SnapshotInfo) -> None:
@@ -287,7 +354,7 @@ def _decode_v1(d: Dispatcher, doc: dict[str, Any]) -> Callable[[], None]:
     """Build the new state from a v1 document; return a function that installs it."""
     from qmp_sdei.sdei.dispatcher import EventInstance  # noqa: PLC0415
 
-    _check_compatible(d, _identity(doc))
+    _check_compatible(d, _identity(doc, 1))
     root = _Reader(doc)
 
     vcpus = _decode_vcpus_v1(d, root)
@@ -387,13 +454,168 @@ def _check_reachable(
             raise IncompatibleState(f"state is corrupted: event {number} is pending but not registered")
 
 
-_DECODERS: dict[int, Callable[[Dispatcher, dict[str, Any]], Callable[[], None]]] = {1: _decode_v1}
+class _Records:
+    """Reads version 2's binary records from a body, refusing anything that runs past its end."""
+
+    def __init__(self, body: bytes, offset: int) -> None:
+        self.body, self.pos = body, offset
+
+    def one(self, record: struct.Struct, what: str) -> tuple[Any, ...]:
+        end = self.pos + record.size
+        if end > len(self.body):
+            raise IncompatibleState(f"state is corrupted: the body ends inside {what}")
+        values = record.unpack_from(self.body, self.pos)
+        self.pos = end
+        return values
+
+    def count(self, what: str) -> int:
+        return int(self.one(_U32, f"the number of {what}")[0])
+
+    def many(self, record: struct.Struct, count: int, what: str) -> Iterator[tuple[Any, ...]]:
+        end = self.pos + record.size * count
+        if end > len(self.body):
+            raise IncompatibleState(f"state is corrupted: the body ends inside {what} ({count} announced)")
+        view = memoryview(self.body)[self.pos : end]
+        self.pos = end
+        return record.iter_unpack(view)
+
+    def finish(self) -> None:
+        if self.pos != len(self.body):
+            raise IncompatibleState(f"state is corrupted: {len(self.body) - self.pos} bytes after the last record")
+
+
+def _identity_v2(body: bytes) -> tuple[SnapshotInfo, int]:
+    """The writer's identity and the offset where the state records start."""
+    if len(body) < _U32.size:
+        raise IncompatibleState("state is corrupted: the body ends inside the identity length")
+    (length,) = _U32.unpack_from(body)
+    end = _U32.size + length
+    if end > len(body):
+        raise IncompatibleState(f"state is corrupted: the identity ({length} bytes) runs past the end of the body")
+    return _identity(_json_object(body[_U32.size : end], "identity"), 2), end
+
+
+#: EVENT_STATUS values a version 2 record may hold: only registered instances are ever written.
+_RECORDED_STATES = {int(state): state for state in HandlerState if state is not HandlerState.UNREGISTERED}
+
+
+def _registered_state(raw: int, where: str) -> HandlerState:
+    state = _RECORDED_STATES.get(raw)
+    if state is None:
+        if raw == HandlerState.UNREGISTERED:
+            raise IncompatibleState(f"state is corrupted: {where} is listed but unregistered")
+        raise IncompatibleState(f"state is corrupted: {where} state {raw} is not a reachable EVENT_STATUS value")
+    return state
+
+
+def _decode_vcpus_v2(d: Dispatcher, records: _Records) -> list[VcpuState]:
+    from qmp_sdei.sdei.dispatcher import MAX_NESTING, DispatchFrame, VcpuState  # noqa: PLC0415
+
+    count = records.count("vCPUs")
+    if count != len(d.mpidrs):
+        raise IncompatibleState(f"state is corrupted: vcpus lists {count} vCPUs, expected {len(d.mpidrs)}")
+    vcpus: list[VcpuState] = []
+    for index, mpidr in enumerate(d.mpidrs):
+        where = f"vCPU {index}"
+        masked, frames, registered = records.one(_VCPU, where)
+        if masked > 1:
+            raise IncompatibleState(f"state is corrupted: {where} masked flag is {masked}, not 0 or 1")
+        if frames > MAX_NESTING:
+            raise IncompatibleState(f"state is corrupted: {where} has {frames} nested handlers")
+        private = d.fresh_private_instances()
+        for number, raw_state, entry, argument in records.many(_PRIVATE, registered, f"{where}'s events"):
+            inst = private.get(number)
+            if inst is None:
+                raise IncompatibleState(f"state is corrupted: {where} event {number} is not a private event")
+            if inst.state is not HandlerState.UNREGISTERED:
+                raise IncompatibleState(f"state is corrupted: {where} lists event {number} twice")
+            inst.state = _registered_state(raw_state, f"{where} event {number}")
+            inst.entry_point, inst.argument = entry, argument
+        stack = []
+        for number, *regs in records.many(_FRAME, frames, f"{where}'s dispatch frames"):
+            if not d.has_event(number):
+                raise IncompatibleState(f"state is corrupted: {where} runs event {number}, not in this catalogue")
+            stack.append(DispatchFrame(number, regs[: abi.SAVED_GPRS], regs[-2], regs[-1]))
+        vcpus.append(VcpuState(mpidr, bool(masked), stack, private))
+    return vcpus
+
+
+def _decode_v2(d: Dispatcher, body: bytes) -> Callable[[], None]:
+    """Build the new state from a version 2 body; return a function that installs it."""
+    from qmp_sdei.sdei.dispatcher import EventInstance  # noqa: PLC0415
+
+    info, offset = _identity_v2(body)
+    _check_compatible(d, info)
+    records = _Records(body, offset)
+    vcpus = _decode_vcpus_v2(d, records)
+
+    shared = {n: EventInstance() for n in d.shared}
+    count = records.count("shared registrations")
+    for number, raw_state, entry, argument, route, affinity in records.many(_SHARED, count, "shared registrations"):
+        inst = shared.get(number)
+        if inst is None:
+            raise IncompatibleState(f"state is corrupted: event {number} is not a shared event of this catalogue")
+        if inst.state is not HandlerState.UNREGISTERED:
+            raise IncompatibleState(f"state is corrupted: shared event {number} is listed twice")
+        if route not in (abi.RM_ANY, abi.RM_PE):
+            raise IncompatibleState(f"state is corrupted: shared event {number} route {route} is not a routing mode")
+        inst.state = _registered_state(raw_state, f"shared event {number}")
+        inst.entry_point, inst.argument, inst.route_mode, inst.affinity = entry, argument, route, affinity
+
+    bindings: dict[int, int] = {}
+    for number, intid in records.many(_BINDING, records.count("bindings"), "bindings"):
+        if not d.is_dynamic(number) or number in bindings:
+            raise IncompatibleState(
+                f"state is corrupted: bindings entry [{number:#x}, {intid}] is not a new dynamic event"
+            )
+        bindings[number] = intid
+
+    pending: set[tuple[int | None, int]] = set()
+    for vcpu, number in records.many(_PENDING, records.count("pending triggers"), "pending triggers"):
+        if not d.has_event(number):
+            raise IncompatibleState(f"state is corrupted: pending entry [{vcpu}, {number}] names an unknown event")
+        is_shared = d.spec(number).shared
+        if (vcpu == -1) != is_shared or (not is_shared and not 0 <= vcpu < len(vcpus)):
+            raise IncompatibleState(
+                f"state is corrupted: pending entry [{vcpu}, {number}] names the wrong kind of target"
+            )
+        key = (None if is_shared else vcpu, number)
+        if key in pending:
+            raise IncompatibleState(f"state is corrupted: pending entry [{vcpu}, {number}] is listed twice")
+        pending.add(key)
+    records.finish()
+
+    _check_consistency(d, vcpus, shared)
+    _check_reachable(d, vcpus, shared, bindings, pending)
+
+    def install() -> None:
+        d.vcpus, d.shared, d.bindings, d.pending = vcpus, shared, bindings, pending
+
+    return install
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How to read one format version's body."""
+
+    identity: Callable[[bytes], SnapshotInfo]
+    #: validates the body against a dispatcher; returns a function that installs the new state
+    decode: Callable[[Dispatcher, bytes], Callable[[], None]]
+
+
+_FORMATS: dict[int, _Format] = {
+    1: _Format(
+        identity=lambda body: _identity(_json_object(body, "body"), 1),
+        decode=lambda d, body: _decode_v1(d, _json_object(body, "body")),
+    ),
+    2: _Format(identity=lambda body: _identity_v2(body)[0], decode=_decode_v2),
+}
 
 
 def decode_into(d: Dispatcher, blob: bytes) -> None:
-    version, doc = _read_document(blob)
+    version, body = _read_body(blob)
     try:
-        install = _DECODERS[version](d, doc)
+        install = _FORMATS[version].decode(d, body)
     except IncompatibleState:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as err:

@@ -1,0 +1,263 @@
+"""QMP for live migration, as the sidecar needs it: capabilities, the dbus-vmstate object, driving
+and following a migration on either side.
+
+* :func:`prepare_source` / :func:`prepare_destination` set the capabilities the in-band protocol
+  relies on: ``events`` (MIGRATION events, per side), ``pause-before-switchover`` (source: a safe
+  point before the device phase) and ``return-path`` (both sides: a destination that refuses the
+  state fails the migration on the source too, which then resumes the guest, instead of leaving it
+  running nowhere).
+* :func:`add_dbus_vmstate` adds QEMU's ``dbus-vmstate`` object at run time (``object-add``; works
+  on a running or ``-S`` QEMU and on a ``-incoming defer`` destination before
+  ``migrate-incoming``), always with an ``id-list`` so a missing helper is an error, not a silent
+  loss of state.
+* :func:`migrate`, :func:`migrate_incoming`, :func:`migrate_continue`, :func:`migrate_cancel`,
+  :func:`query_migrate` are the commands; :func:`wait_for_migration` follows MIGRATION events on a
+  subscription; :func:`run_source_migration` strings them together for a whole source-side
+  migration with an optional hook at the pre-switchover pause.
+
+What it must not do: know about SDEI or D-Bus (it passes a bus address to QEMU, nothing more),
+or decide policy (whether to cancel, when to resume a failed source): callers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from qmp_sdei.errors import MigrationError, QemuError
+from qmp_sdei.qemu.qmp import EventSubscription, QmpCommandError, QmpSession, VmEventKind
+
+__all__ = [
+    "DBUS_VMSTATE_TYPE",
+    "DEFAULT_VMSTATE_OBJECT",
+    "FINAL_STATUSES",
+    "MigrationInfo",
+    "add_dbus_vmstate",
+    "dbus_vmstate_objects",
+    "migrate",
+    "migrate_cancel",
+    "migrate_continue",
+    "migrate_incoming",
+    "prepare_destination",
+    "prepare_source",
+    "query_migrate",
+    "remove_dbus_vmstate",
+    "run_source_migration",
+    "set_capabilities",
+    "wait_for_migration",
+]
+
+log = logging.getLogger(__name__)
+
+DBUS_VMSTATE_TYPE: Final = "dbus-vmstate"
+DEFAULT_VMSTATE_OBJECT: Final = "qmp-sdei-vmstate"
+FINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+PRE_SWITCHOVER: Final = "pre-switchover"
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """The part of ``query-migrate`` the sidecar uses (times in milliseconds, as QEMU reports)."""
+
+    status: str  # "none" before any migration
+    total_time_ms: int | None = None
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+    error: str | None = None  # QEMU's error-desc
+    raw: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_reply(cls, reply: object) -> MigrationInfo:
+        if not isinstance(reply, Mapping):
+            raise QemuError(f"query-migrate returned {reply!r}, not a MigrationInfo")
+
+        def number(key: str) -> int | None:
+            value = reply.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        status, error = reply.get("status", "none"), reply.get("error-desc")
+        return cls(
+            status=status if isinstance(status, str) else "none",
+            total_time_ms=number("total-time"),
+            downtime_ms=number("downtime"),
+            setup_time_ms=number("setup-time"),
+            error=error if isinstance(error, str) else None,
+            raw=dict(reply),
+        )
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+async def set_capabilities(session: QmpSession, capabilities: Mapping[str, bool]) -> None:
+    """``migrate-set-capabilities`` (QEMU refuses it while a migration runs)."""
+    await session.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": name, "state": state} for name, state in capabilities.items()]},
+    )
+
+
+async def prepare_source(
+    session: QmpSession, *, pause_before_switchover: bool = True, return_path: bool = True
+) -> None:
+    """Capabilities of a source: MIGRATION events, the pre-switchover pause, the return path."""
+    await set_capabilities(
+        session,
+        {"events": True, "pause-before-switchover": pause_before_switchover, "return-path": return_path},
+    )
+
+
+async def prepare_destination(session: QmpSession, *, return_path: bool = True) -> None:
+    """Capabilities of a destination. ``return-path`` must match the source's."""
+    await set_capabilities(session, {"events": True, "return-path": return_path})
+
+
+async def migrate(session: QmpSession, uri: str) -> None:
+    """Start migrating to ``uri`` (``tcp:HOST:PORT``, ``unix:PATH``...); returns at once."""
+    await session.execute("migrate", {"uri": uri})
+
+
+async def migrate_incoming(session: QmpSession, uri: str) -> None:
+    """Start listening for the incoming migration on a ``-incoming defer`` destination."""
+    await session.execute("migrate-incoming", {"uri": uri})
+
+
+async def migrate_continue(session: QmpSession) -> None:
+    """Leave the pre-switchover pause: QEMU sends the device state (dbus-vmstate's Save runs now)."""
+    await session.execute("migrate-continue", {"state": PRE_SWITCHOVER})
+
+
+async def migrate_cancel(session: QmpSession) -> None:
+    """Cancel the outgoing migration; the source resumes if it was running (MIGRATION cancelled)."""
+    await session.execute("migrate_cancel")  # QEMU's name for it has an underscore
+
+
+async def query_migrate(session: QmpSession) -> MigrationInfo:
+    return MigrationInfo.from_reply(await session.execute("query-migrate"))
+
+
+# -- the dbus-vmstate object ------------------------------------------------------------------------
+
+
+async def dbus_vmstate_objects(session: QmpSession) -> list[str]:
+    """Ids of the ``dbus-vmstate`` objects this QEMU has (QEMU allows at most one)."""
+    reply = await session.execute("qom-list", {"path": "/objects"})
+    if not isinstance(reply, list):
+        raise QemuError(f"qom-list /objects returned {reply!r}, not a list")
+    return [
+        str(entry.get("name"))
+        for entry in reply
+        if isinstance(entry, Mapping) and entry.get("type") == f"child<{DBUS_VMSTATE_TYPE}>"
+    ]
+
+
+async def add_dbus_vmstate(
+    session: QmpSession,
+    address: str,
+    *,
+    id_list: Iterable[str] = ("sdei",),
+    object_id: str = DEFAULT_VMSTATE_OBJECT,
+) -> None:
+    """Add QEMU's ``dbus-vmstate`` object so the next migration carries the helpers' states.
+
+    The object connects to ``address`` at once, so the bus must be up. An object we added earlier
+    (same ``object_id``, say before a sidecar restart whose bus has a new address) is replaced.
+
+    :param id_list: the helper Ids QEMU must find on the bus, on both sides; never empty, because
+        without it a missing helper silently migrates no state.
+    :raise MigrationError: another ``dbus-vmstate`` object exists (QEMU allows only one), or QEMU
+        refused the object (bus unreachable, no dbus-vmstate support in this build).
+    """
+    ids = list(id_list)
+    if not ids or any(not i or "," in i for i in ids):
+        raise MigrationError(f"id-list must name at least one helper Id without commas, got {ids!r}")
+    existing = await dbus_vmstate_objects(session)
+    foreign = [name for name in existing if name != object_id]
+    if foreign:
+        raise MigrationError(
+            f"QEMU already has a dbus-vmstate object ({', '.join(foreign)}) and allows only one; "
+            "the SDEI state cannot ride this VM's migrations"
+        )
+    if object_id in existing:
+        await remove_dbus_vmstate(session, object_id)
+    arguments = {"qom-type": DBUS_VMSTATE_TYPE, "id": object_id, "addr": address, "id-list": ",".join(ids)}
+    try:
+        await session.execute("object-add", arguments)
+    except QmpCommandError as err:
+        raise MigrationError(f"QEMU refused the dbus-vmstate object: {err.desc}") from err
+    log.info("added QEMU object %s (dbus-vmstate, id-list=%s) on %s", object_id, ",".join(ids), address)
+
+
+async def remove_dbus_vmstate(session: QmpSession, object_id: str = DEFAULT_VMSTATE_OBJECT) -> None:
+    """``object-del`` the object (its section no longer rides migrations)."""
+    await session.execute("object-del", {"id": object_id})
+
+
+# -- following a migration --------------------------------------------------------------------------
+
+
+async def wait_for_migration(subscription: EventSubscription, statuses: Collection[str], timeout: float) -> str:
+    """Skip MIGRATION events until one with a status in ``statuses``; return that status.
+
+    The subscription must have been opened (``session.subscribe({VmEventKind.MIGRATION})``)
+    before the command that starts the migration, so no event is missed.
+
+    :raise MigrationError: the migration ended (``failed``/``cancelled``/``completed``) with a
+        status not in ``statuses``, or QEMU went away first (a destination QEMU exits when it
+        cannot load the stream).
+    :raise TimeoutError: nothing suitable within ``timeout`` seconds.
+    """
+    wanted = frozenset(statuses)
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await subscription.get()
+            if event.kind is VmEventKind.DISCONNECTED:
+                raise MigrationError(f"QEMU went away during the migration ({event.reason})")
+            if event.kind is not VmEventKind.MIGRATION or event.status is None:
+                continue
+            if event.status in wanted:
+                return event.status
+            if event.status in FINAL_STATUSES:
+                raise MigrationError(f"migration {event.status} while waiting for {'/'.join(sorted(wanted))}")
+
+
+async def run_source_migration(
+    session: QmpSession,
+    uri: str,
+    *,
+    timeout: float,
+    at_pre_switchover: Callable[[], Awaitable[None]] | None = None,
+) -> MigrationInfo:
+    """Migrate the VM behind ``session`` to ``uri`` and return ``query-migrate`` once it completed.
+
+    :func:`prepare_source` must have run. If it enabled ``pause-before-switchover``, the
+    migration pauses there (guest stopped): ``at_pre_switchover`` runs (every millisecond it takes
+    is downtime), then the migration continues. If the hook raises, the migration is cancelled
+    and the error propagates.
+
+    :raise MigrationError: the migration failed or was cancelled (the message has QEMU's
+        error-desc; a source that was running resumes by itself).
+    """
+    with session.subscribe({VmEventKind.MIGRATION}) as events:
+        await migrate(session, uri)
+        try:
+            status = await wait_for_migration(events, {PRE_SWITCHOVER, "completed"}, timeout)
+            if status == PRE_SWITCHOVER:
+                if at_pre_switchover is not None:
+                    try:
+                        await at_pre_switchover()
+                    except BaseException:
+                        await migrate_cancel(session)
+                        raise
+                await migrate_continue(session)
+                await wait_for_migration(events, {"completed"}, timeout)
+        except MigrationError as err:
+            try:
+                reason = (await query_migrate(session)).error or "QEMU gave no reason"
+            except QemuError as query_err:
+                reason = f"query-migrate failed too: {query_err}"
+            raise MigrationError(f"{err}: {reason}") from err
+    return await query_migrate(session)
