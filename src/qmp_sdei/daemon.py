@@ -42,6 +42,7 @@ from qmp_sdei.errors import (
     VersionError,
 )
 from qmp_sdei.logs import configure_logging
+from qmp_sdei.migration import MigrationAgent
 from qmp_sdei.owner import SdeiOwner
 from qmp_sdei.qemu.facts import VmFacts, discover, qemu_psci_version
 from qmp_sdei.qemu.qmp import QmpSession, VmEvent, VmEventKind, attach
@@ -80,6 +81,8 @@ class Sidecar:
         #: set once the conduit is attached (``self.conduit`` usable); its ``serving`` event follows
         self.conduit_ready = asyncio.Event()
         self.control_server: LocalControlServer | None = None
+        self.migration: MigrationAgent | None = None
+        self.migration_error = ""
         self.started = time.time()
         self.attach_seconds = 0.0
         self.shutdown = asyncio.Event()
@@ -109,10 +112,17 @@ class Sidecar:
                 f"{self.store.state_path} belongs to another VM ({stored.identity}), this is {identity}; "
                 "refusing to serve it with foreign state"
             )
-        negotiation = negotiate(
-            self.config.versions, qemu_psci=qemu_psci_version(facts), pinned=stored.pins if stored else None
-        )
-        self._log_negotiation(negotiation)
+        incoming = facts.runstate == "inmigrate"
+        if incoming:
+            # A migration destination takes the versions the guest saw from the incoming state
+            # (the dispatcher built here is a placeholder until then; nothing is pinned or saved).
+            stored = None
+            negotiation = negotiate(self.config.versions, qemu_psci=qemu_psci_version(facts), pinned=None)
+        else:
+            negotiation = negotiate(
+                self.config.versions, qemu_psci=qemu_psci_version(facts), pinned=stored.pins if stored else None
+            )
+            self._log_negotiation(negotiation)
         self.pins = negotiation.pins
         self.dispatcher = Dispatcher(
             events=self.config.sdei.events,
@@ -127,18 +137,26 @@ class Sidecar:
             self.dispatcher.restore(stored.snapshot)
             log.info("resumed SDEI state from %s (VM is %s)", self.store.state_path, facts.runstate)
         self.identity = identity
-        self.owner = SdeiOwner(self.dispatcher, pins=self.pins, persist=self._persist)
-        self.owner.save_now()
-        self.control = ControlService(self.owner, self.status, vm_name=self.vm_name)
+        self.owner = SdeiOwner(self.dispatcher, pins=None if incoming else self.pins, persist=self._persist)
+        if not incoming:
+            self.owner.save_now()
+        self.migration = MigrationAgent(
+            self.session, self.owner, self.config, facts, identity, conduit=lambda: self.conduit, incoming=incoming
+        )
+        self.control = ControlService(self.owner, self.status, vm_name=self.vm_name, migrate=self._migrate_command)
         self.control_server = LocalControlServer(self.control, socket_path(self.config.state_dir))
         self.attach_seconds = time.perf_counter() - t0
+        versions = (
+            "versions from the incoming migration"
+            if incoming
+            else f"SDEI {format_version(self.pins.sdei)}, PSCI {format_version(self.pins.psci)}"
+        )
         log.info(
-            "attached to QEMU %s: %d vCPU(s), PSCI conduit %s, SDEI %s, PSCI %s, %d event(s), %.1f ms",
+            "attached to QEMU %s: %d vCPU(s), PSCI conduit %s, %s, %d event(s), %.1f ms",
             facts.qemu_version,
             len(facts.vcpus),
             facts.psci_conduit.name,
-            format_version(self.pins.sdei),
-            format_version(self.pins.psci),
+            versions,
             len(self.dispatcher.catalogue),
             self.attach_seconds * 1e3,
         )
@@ -156,8 +174,26 @@ class Sidecar:
 
     def _persist(self, snapshot: bytes) -> None:
         """Write the state file (atomic); the owner calls it before the guest sees a change."""
-        assert self.pins is not None
-        self.store.save(StoredState(self.identity, self.pins, snapshot))
+        assert self.owner is not None and self.owner.pins is not None
+        self.pins = self.owner.pins  # a migration destination adopts the incoming pins
+        self.store.save(StoredState(self.identity, self.owner.pins, snapshot))
+
+    async def _migrate_command(self, uri: str) -> dict[str, Any]:
+        assert self.migration is not None
+        report = await self.migration.migrate(uri)
+        return report.to_dict()
+
+    async def _serve_migration(self) -> None:
+        assert self.migration is not None
+        try:
+            await self.migration.start()
+        except SdeiError as err:
+            # Without the in-band channel QEMU carries no SDEI state: a destination with it refuses
+            # the stream, and with return-path the source then resumes. Loud, not fatal.
+            log.error("live migration cannot carry SDEI state for this VM: %s", err)
+            self.migration_error = str(err)
+            return
+        await self.migration.follow()
 
     @property
     def vm_name(self) -> str:
@@ -184,8 +220,12 @@ class Sidecar:
                 "runstate": self.session.status if self.session else None,
                 "vcpus": [{"index": v.index, "mpidr": v.mpidr} for v in facts.vcpus],
             }
-        if self.pins is not None:
-            doc["pins"] = self.pins.to_dict()
+        if self.owner is not None and self.owner.pins is not None:
+            doc["pins"] = self.owner.pins.to_dict()
+        if self.migration is not None:
+            doc["migration"] = self.migration.status()
+            if self.migration_error:
+                doc["migration"]["error"] = self.migration_error
         if self.dispatcher is not None:
             doc["sdei"] = self.dispatcher.describe()
         counters: dict[str, int] = dict(vars(self.owner.counters)) if self.owner is not None else {}
@@ -332,6 +372,7 @@ class Sidecar:
                 tasks = [tg.create_task(self._follow_lifecycle(), name="qmp.lifecycle")]
                 tasks.append(tg.create_task(self._status_writer(), name="status.writer"))
                 tasks.append(tg.create_task(self._serve_control(), name="control.local"))
+                tasks.append(tg.create_task(self._serve_migration(), name="migration"))
                 if self.config.mqtt is not None:
                     tasks.append(tg.create_task(self._serve_mqtt(), name="control.mqtt"))
                 if self.config.conduit.enabled:
@@ -384,6 +425,9 @@ class Sidecar:
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
 
     async def _cleanup(self) -> None:
+        if self.migration is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.migration.close(), SHUTDOWN_GRACE)
         if self.conduit is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.conduit.close(), SHUTDOWN_GRACE)

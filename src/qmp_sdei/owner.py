@@ -472,6 +472,22 @@ class SdeiOwner:
 
         await self.submit(restore)
 
+    async def adopt(self, dispatcher: Dispatcher, pins: VersionPins, *, cause: str) -> None:
+        """Take over another dispatcher's state and pins (a migration's incoming state).
+
+        The caller built ``dispatcher`` and restored the incoming snapshot into it (so every check
+        has passed); here it replaces the current one between stops, and the state is saved.
+        """
+
+        def adopt() -> None:
+            self.dispatcher = dispatcher
+            self.pins = pins
+            self._entered_ns.clear()
+            self._dirty = True
+            self.notify(NotificationKind.RESTORED, cause=cause)
+
+        await self.submit(adopt)
+
     async def snapshot(self) -> bytes:
         """The state at a safe point (never half a stop)."""
         return await self.submit(self.dispatcher.snapshot)

@@ -167,6 +167,10 @@ class GdbstubConduit:
         # guest traps; vm_resumed() tells us the owner let it go.
         self._held = False
         self._interrupt_sent = False  # a 0x03 of ours is outstanding: the next T02 is ours
+        # A migration's switchover is under way: never resume the VM (see close_gate()).
+        self._gate_closed = False
+        self._settled = asyncio.Event()  # gate closed, no stop being served, no resume of ours outstanding
+        self._in_stop = False
         self._waiters: list[_Waiter] = []
         self._vector_bps: set[int] = set()
         self._deferred: set[int] = set()  # vCPUs waiting for their next EL1h kernel entry
@@ -263,10 +267,13 @@ class GdbstubConduit:
                     self._fail_waiters(ConduitError("the VM shut down"))
                     return
                 self.dispatcher.begin_stop()
+                self._in_stop = True
                 try:
                     await self._handle_stop(stop, ours=ours)
                 finally:
+                    self._in_stop = False
                     self.dispatcher.end_stop()
+                self._check_settled()
                 if self._stop_requested():
                     return
         except ConduitError as err:
@@ -405,7 +412,7 @@ class GdbstubConduit:
             step_over = None  # its pc now points at the handler, nothing to step over
         await self._update_vector_breakpoints()
         self.dispatcher.commit()
-        if self._stopping or not resume:
+        if self._stopping or not resume or self._gate_closed:
             await self._flush_dirty(resume=None)
             for waiter in waiters:
                 if not waiter.done.done():
@@ -572,6 +579,60 @@ class GdbstubConduit:
         self._running = True
         if self._waiters or self.dispatcher.deliverable():
             self._interrupt()
+
+    # ---- the migration gate ------------------------------------------------------------------------
+
+    def close_gate(self) -> None:
+        """A migration's switchover has begun: from now on never resume the VM.
+
+        A gdbstub ``c`` during the switchover would run the guest while QEMU sends its final
+        state. Stops are still served (their registers written back); the VM just stays stopped.
+        """
+        self._gate_closed = True
+        self._settled.clear()
+        self._check_settled()
+
+    def _check_settled(self) -> None:
+        if self._gate_closed and not self._in_stop and not self._running:
+            self._settled.set()
+
+    async def wait_parked(self, timeout: float) -> None:
+        """Wait until, with the gate closed, no stop is being served and no resume of ours runs.
+
+        If the VM still runs under a resume of ours after a short grace (QEMU's own stop reply is
+        then not coming), it is interrupted: the switchover will be refused anyway.
+        """
+        grace = min(0.1, timeout / 4)
+        try:
+            await asyncio.wait_for(self._settled.wait(), grace)
+            return
+        except TimeoutError:
+            pass
+        if self._running and not self._interrupt_sent:
+            self._interrupt()
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout - grace)
+        except TimeoutError as err:
+            raise ConduitError(f"the conduit did not settle within {timeout}s for the switchover") from err
+
+    def switchover_safe(self) -> bool:
+        """True when the VM is stopped by someone else (QEMU's migration stop, or its owner) and
+        not at a breakpoint of ours: the runstate QEMU recorded for the destination is not ``debug``.
+        """
+        return self._settled.is_set() and self._held
+
+    async def open_gate(self) -> None:
+        """The switchover is over (cancelled or failed): let the VM run again if it was ours to run.
+
+        A VM stopped by someone else stays theirs (QEMU resumes a cancelled source by itself); a VM
+        held at one of our own stops is resumed here, as it would have been without the gate.
+        """
+        self._gate_closed = False
+        self._settled.clear()
+        if self._held or self._running or self._run_task is None or self._run_task.done():
+            return
+        self.rsp.resume()  # the loop is waiting for a stop: it consumes the next reply
+        self._running = True
 
     @property
     def held(self) -> bool:

@@ -12,6 +12,9 @@ Commands (version 1):
 * ``status`` -> the sidecar's status document (VM, pins, per-vCPU state, counters).
 * ``event {number}`` -> one event's state, per vCPU for a private event.
 * ``catalogue`` -> the fixed event set. No command adds or removes events.
+* ``migrate {uri}`` -> migrate the VM there (its destination QEMU listens, its sidecar runs) and
+  report the phases, total time and downtime; ``outcome`` is ``completed`` only when the
+  destination confirmed.
 
 It must not know about sockets or brokers, and it never touches the dispatcher itself: everything
 goes through the :class:`~qmp_sdei.owner.SdeiOwner`.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -31,6 +34,7 @@ from typing import Any
 import jsonschema
 
 from qmp_sdei import __version__
+from qmp_sdei.errors import SdeiError
 from qmp_sdei.owner import SdeiOwner
 
 log = logging.getLogger("qmp_sdei.control")
@@ -42,6 +46,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_IN_FLIGHT = 64
 
 StatusProvider = Callable[[], dict[str, Any]]
+MigrateFn = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 class CommandError(Exception):
@@ -120,9 +125,12 @@ class ControlService:
     :param status: builds the status document (the program layer knows the VM and the counters).
     """
 
-    def __init__(self, owner: SdeiOwner, status: StatusProvider, *, vm_name: str) -> None:
+    def __init__(
+        self, owner: SdeiOwner, status: StatusProvider, *, vm_name: str, migrate: MigrateFn | None = None
+    ) -> None:
         self.owner = owner
         self._status = status
+        self._migrate = migrate
         self.vm_name = vm_name
         self.stats = ControlStats()
         self._in_flight = 0
@@ -172,6 +180,13 @@ class ControlService:
             if not owner.dispatcher.has_event(number):
                 raise CommandError("unknown_event", f"event {number} is not in the catalogue")
             return await owner.submit(lambda: owner.event_view(number))
+        if command == "migrate":
+            if self._migrate is None:
+                raise CommandError("unavailable", "this sidecar cannot drive migrations")
+            try:
+                return await self._migrate(request["uri"])
+            except SdeiError as err:
+                raise CommandError("migration_refused", str(err)) from err
         raise CommandError("unknown_command", f"{command!r} is not served here")
 
     def status_document(self) -> dict[str, Any]:

@@ -1,0 +1,425 @@
+"""The sidecar's part in live migrations: SDEI state rides inside QEMU's own migration stream.
+
+One :class:`MigrationAgent` per sidecar, a component beside the conduit and the control API:
+
+* **In-band channel.** At attach it starts a private ``dbus-daemon`` in the state directory, serves
+  ``org.qemu.VMState1`` (Id ``sdei``) on it and adds QEMU's ``dbus-vmstate`` object over the
+  sidecar's own QMP monitor with ``id-list=sdei``, so QEMU's command line needs nothing new and a
+  missing helper fails a migration instead of silently dropping the state.
+* **Source.** It enables ``events``, ``pause-before-switchover`` and ``return-path`` and drives the
+  switchover of every outgoing migration, whoever started it (``qmp-sdei migrate``, an
+  orchestrator such as libvirt on its own monitor). At ``pre-switchover`` it closes the conduit's
+  gate (no more resumes: a gdbstub ``c`` now would run the guest during the switchover) and
+  continues only if the VM was stopped by QEMU's migration stop rather than at one of our
+  breakpoints, because QEMU records the runstate before that stop and a destination that receives
+  ``debug`` aborts. Otherwise it cancels; the guest runs on and the migration may be retried.
+  ``Save()`` answers from memory (it is downtime).
+* **Destination.** Attached to a QEMU in ``inmigrate``, it does not negotiate versions: ``Load()``
+  validates the whole incoming state (format, pinned versions this QEMU can honour, catalogue,
+  vCPUs and MPIDRs) and adopts it, or raises, and QEMU then fails the migration. A migration that
+  completes without SDEI state leaves the guest stopped and says so: the guest never runs with
+  versions or state other than those it saw.
+* **Nothing lost.** A source keeps its state (and its state file) after ``completed``; when a
+  migration fails or is cancelled the source VM is resumed if it was running, with its SDEI state
+  intact, and the log, the status and the notifications say what happened.
+
+What it must not do: touch the dispatcher (it goes through the owner) or the stub (it asks the
+conduit to close and open its gate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from qmp_sdei.config import Config
+from qmp_sdei.errors import ConduitError, IncompatibleState, MigrationError, QemuError, SdeiError, VersionError
+from qmp_sdei.owner import NotificationKind, SdeiOwner
+from qmp_sdei.qemu import migration as qmig
+from qmp_sdei.qemu.facts import VmFacts, qemu_psci_version
+from qmp_sdei.qemu.qmp import QmpSession, VmEventKind
+from qmp_sdei.sdei import Dispatcher
+from qmp_sdei.statefile import VmIdentity
+from qmp_sdei.versions import VersionPins, accept_incoming, format_version
+from qmp_sdei.vmstate.bus import PrivateBus
+from qmp_sdei.vmstate.service import VmstateService
+
+log = logging.getLogger("qmp_sdei.migration")
+
+ENVELOPE_MAGIC = b"QSDM"
+ENVELOPE_VERSION = 1
+_HEADER = struct.Struct(">4sHI")  # magic, envelope version, header length
+
+#: How long the conduit may take to settle once the switchover begins (it is downtime).
+PARK_TIMEOUT = 2.0
+
+
+class GatedConduit(Protocol):
+    """What the agent needs of the conduit: a gate that stops it resuming the VM."""
+
+    def close_gate(self) -> None: ...
+    async def wait_parked(self, timeout: float) -> None: ...
+    def switchover_safe(self) -> bool: ...
+    async def open_gate(self) -> None: ...
+
+
+# ---- the blob that rides in the migration stream ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IncomingState:
+    pins: VersionPins
+    identity: VmIdentity
+    snapshot: bytes
+    source_running: bool
+
+
+def encode_envelope(pins: VersionPins, identity: VmIdentity, snapshot: bytes, *, source_running: bool) -> bytes:
+    """``QSDM`` + version + a small JSON header (pins, VM identity, source runstate) + the snapshot."""
+    header = json.dumps(
+        {
+            "pins": pins.to_dict(),
+            "vm": {"uuid": identity.uuid, "name": identity.name},
+            "source_running": source_running,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return _HEADER.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, len(header)) + header + snapshot
+
+
+def decode_envelope(blob: bytes) -> IncomingState:
+    """:raise IncompatibleState: not ours, another version, truncated, or a damaged header."""
+    if len(blob) < _HEADER.size:
+        raise IncompatibleState(f"incoming SDEI state is truncated ({len(blob)} bytes)")
+    magic, version, length = _HEADER.unpack_from(blob)
+    if magic != ENVELOPE_MAGIC:
+        raise IncompatibleState(f"incoming SDEI state is not a qmp-sdei migration blob (magic {magic!r})")
+    if version != ENVELOPE_VERSION:
+        raise IncompatibleState(f"incoming SDEI state has envelope version {version}; this sidecar reads 1")
+    end = _HEADER.size + length
+    if end > len(blob):
+        raise IncompatibleState("incoming SDEI state is truncated (header)")
+    try:
+        header = json.loads(blob[_HEADER.size : end])
+        pins = VersionPins.from_dict(header["pins"])
+        vm = header["vm"]
+        identity = VmIdentity(vm.get("uuid"), vm.get("name"))
+        source_running = bool(header["source_running"])
+    except (ValueError, KeyError, TypeError, AttributeError, VersionError) as err:
+        raise IncompatibleState(f"incoming SDEI state has a damaged header ({err})") from err
+    return IncomingState(pins, identity, blob[end:], source_running)
+
+
+# ---- reports -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MigrationReport:
+    """One outgoing migration as ``qmp-sdei migrate`` prints it."""
+
+    uri: str
+    outcome: str = "none"  # completed, failed, cancelled
+    attempts: int = 0
+    phases: list[tuple[str, float]] = field(default_factory=list)  # (phase, seconds since start)
+    total_ms: int | None = None
+    downtime_ms: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "outcome": self.outcome,
+            "attempts": self.attempts,
+            "phases": [{"phase": p, "at_ms": round(t * 1e3, 1)} for p, t in self.phases],
+            "total_ms": self.total_ms,
+            "downtime_ms": self.downtime_ms,
+            "error": self.error,
+        }
+
+
+@dataclass
+class MigrationCounters:
+    migrations_out: int = 0
+    migrations_in: int = 0
+    switchovers_cancelled: int = 0
+    migrations_failed: int = 0
+
+
+# ---- the agent -------------------------------------------------------------------------------------
+
+
+class MigrationAgent:
+    """Carries one VM's SDEI state across its live migrations (see the module docstring)."""
+
+    def __init__(
+        self,
+        session: QmpSession,
+        owner: SdeiOwner,
+        config: Config,
+        facts: VmFacts,
+        identity: VmIdentity,
+        *,
+        conduit: Callable[[], GatedConduit | None],
+        incoming: bool,
+    ) -> None:
+        self.session = session
+        self.owner = owner
+        self.config = config
+        self.facts = facts
+        self.identity = identity
+        self._conduit = conduit
+        #: this QEMU waits for an incoming migration (runstate ``inmigrate`` at attach)
+        self.incoming = incoming
+        self.loaded: IncomingState | None = None
+        self.counters = MigrationCounters()
+        self.phase = "idle"
+        self.last_outcome: str | None = None
+        self.ready = asyncio.Event()
+        self._bus = PrivateBus(config.state_dir / "vmstate")
+        self._service: VmstateService | None = None
+        self._status_changed: asyncio.Event = asyncio.Event()
+        self._our_migration: asyncio.Future[str] | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """The private bus, the VMState1 service, QEMU's dbus-vmstate object, the capabilities."""
+        address = await self._bus.start()
+        self._service = VmstateService(address, save=self._save, load=self._load)
+        await self._service.start()
+        await qmig.add_dbus_vmstate(self.session, address)
+        if self.incoming:
+            await qmig.prepare_destination(self.session)
+            log.info("destination of an incoming migration: the SDEI and PSCI versions come with the guest's state")
+        else:
+            await qmig.prepare_source(self.session)
+        self.ready.set()
+
+    async def close(self) -> None:
+        if self._service is not None:
+            with contextlib.suppress(SdeiError, OSError):
+                await self._service.close()
+        await self._bus.stop()
+
+    # -- the D-Bus callbacks ---------------------------------------------------------------------
+
+    async def _save(self) -> bytes:
+        assert self.owner.pins is not None
+        snapshot = await self.owner.snapshot()  # no stop is in flight: the conduit is parked
+        return encode_envelope(self.owner.pins, self.identity, snapshot, source_running=True)
+
+    async def _load(self, blob: bytes) -> None:
+        if not self.incoming:
+            raise IncompatibleState("this VM is not waiting for an incoming migration")
+        incoming = decode_envelope(blob)
+        pins = accept_incoming(None, incoming.pins, qemu_psci=qemu_psci_version(self.facts))
+        sdei = self.config.sdei
+        dispatcher = Dispatcher(
+            events=sdei.events,
+            mpidrs=[v.mpidr for v in self.facts.vcpus],
+            version=pins.sdei,
+            vendor=pins.sdei_vendor,
+            profile=sdei.profile,
+            bind_slots=sdei.bind_slots,
+        )
+        dispatcher.restore(incoming.snapshot)  # catalogue, topology, versions: raises on any mismatch
+        await self.owner.adopt(dispatcher, pins, cause="migration")
+        self.loaded = incoming
+        log.info(
+            "incoming SDEI state adopted from %s: SDEI %s, PSCI %s (the versions the guest saw at boot)",
+            incoming.identity,
+            format_version(pins.sdei),
+            format_version(pins.psci),
+        )
+
+    # -- following migrations --------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Drive every migration of this VM, outgoing or incoming, until QEMU goes away."""
+        kinds = {VmEventKind.MIGRATION, VmEventKind.RESUME}
+        with self.session.subscribe(kinds) as events:
+            async for event in events:
+                if event.kind is VmEventKind.DISCONNECTED:
+                    if self.incoming and self.phase not in ("idle", "completed"):
+                        log.error("QEMU went away during the incoming migration (%s)", self.phase)
+                    return
+                if event.kind is VmEventKind.RESUME:
+                    await self._resumed()
+                    continue
+                status = event.status or "?"
+                self._phase(status)
+                if self.incoming:
+                    await self._incoming_status(status)
+                else:
+                    await self._outgoing_status(status)
+
+    def _phase(self, status: str) -> None:
+        self.phase = status
+        self.owner.notify(NotificationKind.SIDECAR, event=None, what="migration", phase=status, incoming=self.incoming)
+        self._status_changed.set()
+        self._status_changed = asyncio.Event()
+
+    async def _outgoing_status(self, status: str) -> None:
+        if status == qmig.PRE_SWITCHOVER:
+            if await self._switchover_safe():
+                await self._continue()
+            else:
+                self.counters.switchovers_cancelled += 1
+                log.warning("switchover cancelled: the VM was stopped inside an SDEI call; it runs on")
+                with contextlib.suppress(QemuError):
+                    await qmig.migrate_cancel(self.session)
+        elif status == "completed":
+            self.counters.migrations_out += 1
+            self.last_outcome = "completed"
+            log.info("migrated out: the destination has the SDEI state; keeping ours until this QEMU goes")
+            self._finish("completed")
+        elif status in ("failed", "cancelled"):
+            self.last_outcome = status
+            if status == "failed":
+                self.counters.migrations_failed += 1
+            reason = await self._error_desc()
+            log.warning("migration %s%s; the VM keeps its SDEI state here", status, f": {reason}" if reason else "")
+            await self._release_conduit()
+            self._finish(status)
+
+    async def _incoming_status(self, status: str) -> None:
+        if status == "completed":
+            if self.loaded is None:
+                # id-list=sdei makes this a failed migration in QEMU; if it still happens, refuse.
+                log.error("incoming migration completed without SDEI state: keeping the guest stopped")
+                with contextlib.suppress(QemuError):
+                    await self.session.execute("stop")
+                self.last_outcome = "no-state"
+                return
+            self.counters.migrations_in += 1
+            self.last_outcome = "completed"
+            self.incoming = False  # from now on this VM is a possible source
+            with contextlib.suppress(QemuError):
+                await qmig.prepare_source(self.session)
+            if self.loaded.source_running and self.config.conduit.start_vm:
+                runstate = await self.session.refresh_runstate()
+                if runstate in ("paused", "prelaunch"):
+                    log.info("resuming the migrated guest (it was running on the source)")
+                    await self.session.execute("cont")
+        elif status == "failed":
+            self.last_outcome = "failed"
+            log.error("incoming migration failed; QEMU will exit")
+
+    async def _resumed(self) -> None:
+        # A source whose outgoing migration completed is resumed by its owner (the destination
+        # failed after all): the guest runs here again, with the state we kept.
+        if not self.incoming and self.last_outcome == "completed" and self.phase == "completed":
+            log.warning("the migrated-out VM was resumed here; serving it again")
+            self.phase = "idle"
+            await self._release_conduit()
+
+    async def _switchover_safe(self) -> bool:
+        conduit = self._conduit()
+        if conduit is None:
+            return True  # no breakpoints: the VM cannot be stopped at one
+        conduit.close_gate()
+        try:
+            await conduit.wait_parked(PARK_TIMEOUT)
+        except (ConduitError, TimeoutError) as err:
+            log.warning("the conduit did not settle at the switchover: %s", err)
+            return False
+        return conduit.switchover_safe()
+
+    async def _continue(self) -> None:
+        try:
+            await qmig.migrate_continue(self.session)
+        except QemuError as err:
+            log.error("migrate-continue refused: %s; cancelling", err)
+            with contextlib.suppress(QemuError):
+                await qmig.migrate_cancel(self.session)
+
+    async def _release_conduit(self) -> None:
+        conduit = self._conduit()
+        if conduit is not None:
+            try:
+                await conduit.open_gate()
+            except ConduitError as err:
+                log.error("could not resume the guest after the migration ended: %s", err)
+
+    async def _error_desc(self) -> str | None:
+        try:
+            return (await qmig.query_migrate(self.session)).error
+        except QemuError:
+            return None
+
+    def _finish(self, outcome: str) -> None:
+        if self._our_migration is not None and not self._our_migration.done():
+            self._our_migration.set_result(outcome)
+
+    # -- migrations this sidecar starts ------------------------------------------------------------
+
+    async def migrate(self, uri: str, *, timeout: float = 300.0) -> MigrationReport:
+        """Migrate this VM to ``uri`` (the destination QEMU listens there, its sidecar runs).
+
+        The report's outcome is ``completed`` only when the destination confirmed: with
+        ``return-path`` QEMU completes only after the destination loaded everything, the SDEI state
+        included. A switchover this sidecar had to cancel (the VM was at one of its breakpoints)
+        ends the attempt: QEMU 7.2's destination exits on a cancelled stream, so a retry needs a
+        new destination, which only the caller can start.
+        """
+        if self.incoming:
+            raise MigrationError("this VM is itself waiting for an incoming migration")
+        if self._our_migration is not None and not self._our_migration.done():
+            raise MigrationError("a migration started by this sidecar is already running")
+        report = MigrationReport(uri, attempts=1)
+        started = time.perf_counter()
+        self._our_migration = asyncio.get_running_loop().create_future()
+        cancelled_before = self.counters.switchovers_cancelled
+        with self.session.subscribe({VmEventKind.MIGRATION}) as events:
+            try:
+                await qmig.migrate(self.session, uri)
+            except QemuError as err:
+                report.outcome, report.error = "failed", str(err)
+                self._our_migration.cancel()
+                return report
+            report.outcome = await self._await_outcome(events, report, started, timeout)
+        info = await qmig.query_migrate(self.session)
+        report.total_ms, report.downtime_ms = info.total_time_ms, info.downtime_ms
+        if report.outcome != "completed":
+            report.error = info.error
+            if self.counters.switchovers_cancelled > cancelled_before:
+                report.error = (
+                    "cancelled at the switchover: the VM was stopped inside an SDEI call; the guest runs on "
+                    "here; start the destination again and retry"
+                )
+        return report
+
+    async def _await_outcome(self, events: Any, report: MigrationReport, started: float, timeout: float) -> str:
+        assert self._our_migration is not None
+        async with asyncio.timeout(timeout):
+            while not self._our_migration.done():
+                event = await events.get()
+                if event.kind is VmEventKind.DISCONNECTED:
+                    raise MigrationError("QEMU went away during the migration")
+                if event.kind is VmEventKind.MIGRATION and event.status:
+                    report.phases.append((event.status, time.perf_counter() - started))
+                    if event.status in qmig.FINAL_STATUSES:
+                        # follow() handles it too (resumes the guest on failure): wait for it
+                        return await asyncio.shield(self._our_migration)
+        return self._our_migration.result()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "destination" if self.incoming else "source",
+            "phase": self.phase,
+            "last_outcome": self.last_outcome,
+            "state_received": self.loaded is not None,
+            **vars(self.counters),
+        }
+
+
+def bus_directory(state_dir: Path) -> Path:
+    return state_dir / "vmstate"
