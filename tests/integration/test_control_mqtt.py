@@ -452,6 +452,11 @@ async def test_a_flood_gets_busy_replies_and_the_sidecar_stays_healthy(broker: M
             set(range(count)) - {r["id"] for r in replies if not r["ok"]}
         )
         assert sum(r["ok"] for r in replies) == 64 and service.stats.busy == count - 64
+        # a request answered "busy" ran nothing: retried with the same CorrelationData, it runs
+        refused = next(r["id"] for r in replies if not r["ok"])
+        await eyes.publish_request(payloads[refused], response_topic=REPLIES, correlation=str(refused).encode())
+        retried = await eyes.reply_to(str(refused).encode())
+        assert retried["ok"] and retried["id"] == refused, retried
         async with client_for(broker) as client:
             assert (await client.request(raise_request(PRIVATE, 0)))["result"]["result"] == "delivered"
 

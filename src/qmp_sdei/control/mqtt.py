@@ -20,7 +20,8 @@ the guest does waits on a publish; a broker outage only loses notifications (cou
 to requests in flight. The bridge reconnects with capped exponential backoff and jitter.
 
 A request that arrives twice with the same ResponseTopic and CorrelationData (a QoS 1 redelivery, or
-a client retrying after a lost reply) is answered with the first reply and not executed again.
+a client retrying after a lost reply) is answered with the first reply and not executed again;
+except after a ``busy`` reply, which ran nothing, so the retry runs.
 """
 
 from __future__ import annotations
@@ -472,6 +473,8 @@ class MqttBridge:
                 raise
             if done is not None and not done.done():
                 done.set_result(doc)
+                if not doc["ok"] and doc["error"]["code"] == "busy":
+                    self._recent.pop(key, None)  # type: ignore[arg-type]  # nothing ran: a retry must run
         await self._reply(response_topic, correlation, doc)
 
     async def _reply(self, response_topic: str | None, correlation: bytes | None, doc: dict[str, Any]) -> None:
