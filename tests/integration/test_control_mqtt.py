@@ -313,7 +313,9 @@ async def test_broker_killed_and_restarted_mid_run(broker: Mosquitto) -> None:
             # The guest goes on while the broker is away: its calls complete, a host raise is
             # delivered, and the notifications nobody can carry are counted, not stored.
             guest.guest_calls(50)
-            during = await asyncio.wait_for(owner.raise_event(PRIVATE, 1), WAIT)
+            # (the test's own raises use the shared event: the orchestrator's raise PRIVATE, and a
+            # raise landing while another of the same event waits for its stop would be "pending")
+            during = await asyncio.wait_for(owner.raise_event(SHARED, None), WAIT)
             assert during.result.value == "delivered"
             assert bridge.stats.notifications_lost >= 100
             await asyncio.to_thread(broker.start)
@@ -324,7 +326,7 @@ async def test_broker_killed_and_restarted_mid_run(broker: Mosquitto) -> None:
                 notes = client.watch()
                 first = asyncio.ensure_future(anext(notes))
                 await client.request({"v": 1, "command": "catalogue"})  # the watch is subscribed by now
-                await owner.raise_event(PRIVATE, 0)
+                await owner.raise_event(SHARED, None)
                 lost = await asyncio.wait_for(first, WAIT)
                 assert lost["kind"] == "lost" and lost["count"] >= 100, lost
                 await notes.aclose()
@@ -450,6 +452,11 @@ async def test_a_flood_gets_busy_replies_and_the_sidecar_stays_healthy(broker: M
             set(range(count)) - {r["id"] for r in replies if not r["ok"]}
         )
         assert sum(r["ok"] for r in replies) == 64 and service.stats.busy == count - 64
+        # a request answered "busy" ran nothing: retried with the same CorrelationData, it runs
+        refused = next(r["id"] for r in replies if not r["ok"])
+        await eyes.publish_request(payloads[refused], response_topic=REPLIES, correlation=str(refused).encode())
+        retried = await eyes.reply_to(str(refused).encode())
+        assert retried["ok"] and retried["id"] == refused, retried
         async with client_for(broker) as client:
             assert (await client.request(raise_request(PRIVATE, 0)))["result"]["result"] == "delivered"
 

@@ -20,7 +20,8 @@ the guest does waits on a publish; a broker outage only loses notifications (cou
 to requests in flight. The bridge reconnects with capped exponential backoff and jitter.
 
 A request that arrives twice with the same ResponseTopic and CorrelationData (a QoS 1 redelivery, or
-a client retrying after a lost reply) is answered with the first reply and not executed again.
+a client retrying after a lost reply) is answered with the first reply and not executed again;
+except after a ``busy`` reply, which ran nothing, so the retry runs.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ class MqttBridge:
         will_props = _json_properties()
         connect_props = _properties(PacketTypes.CONNECT)
         connect_props.MaximumPacketSize = MAX_PACKET_BYTES
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host,
             s.port,
             username=s.username,
@@ -281,6 +282,9 @@ class MqttBridge:
             max_queued_incoming_messages=MAX_QUEUED_MESSAGES,
             logger=logging.getLogger("qmp_sdei.control.mqtt.paho"),
         )
+        # Replies and notifications in flight at once are normal here, not worth a warning each.
+        client.pending_calls_threshold = MAX_REQUEST_TASKS + MAX_QUEUED_MESSAGES
+        return client
 
     # ---- the connection loop -----------------------------------------------------------------------
 
@@ -325,21 +329,24 @@ class MqttBridge:
             await asyncio.sleep(delay)
 
     async def _serve_connection(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
-        reasons = await client.subscribe(self.topics.request, qos=1)
-        refused = [r for r in reasons if isinstance(r, ReasonCode) and r.is_failure]
-        if refused:
-            # Not an outage: the ACL does not let us read our own request topic. Keep publishing
-            # status and notifications, and say loudly why no request will ever arrive.
-            log.error("MQTT broker refused our subscription to %s: %s", self.topics.request, refused[0])
-        await self._publish_status(client)
-        self._set_client(client)
-        if ready is not None:
-            ready.set()
-        status_task = asyncio.create_task(self._status_loop(client), name="mqtt.status")
+        status_task: asyncio.Task[None] | None = None
         try:
+            reasons = await client.subscribe(self.topics.request, qos=1)
+            refused = [r for r in reasons if isinstance(r, ReasonCode) and r.is_failure]
+            if refused:
+                # Not an outage: the ACL does not let us read our own request topic. Keep publishing
+                # status and notifications, and say loudly why no request will ever arrive.
+                log.error("MQTT broker refused our subscription to %s: %s", self.topics.request, refused[0])
+            await self._publish_status(client)
+            self._set_client(client)
+            if ready is not None:
+                ready.set()
+            status_task = asyncio.create_task(self._status_loop(client), name="mqtt.status")
             async for message in client.messages:
                 await self._on_message(message)
         except asyncio.CancelledError:
+            # A clean shutdown, at any point of the connection: say so, then disconnect normally
+            # (which makes the broker drop the will).
             self._set_client(None)
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await client.publish(
@@ -347,14 +354,15 @@ class MqttBridge:
                     encode(self._offline_document("shutdown")),
                     qos=1,
                     retain=True,
-                    properties=_json_properties(),
+                    properties=_JSON,
                     timeout=SHUTDOWN_PUBLISH_S,
                 )
             raise
         finally:
-            status_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await status_task
+            if status_task is not None:
+                status_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await status_task
 
     def _set_client(self, client: aiomqtt.Client | None) -> None:
         self.client = client
@@ -465,6 +473,8 @@ class MqttBridge:
                 raise
             if done is not None and not done.done():
                 done.set_result(doc)
+                if not doc["ok"] and doc["error"]["code"] == "busy":
+                    self._recent.pop(key, None)  # type: ignore[arg-type]  # nothing ran: a retry must run
         await self._reply(response_topic, correlation, doc)
 
     async def _reply(self, response_topic: str | None, correlation: bytes | None, doc: dict[str, Any]) -> None:
