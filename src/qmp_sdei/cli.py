@@ -6,6 +6,7 @@ Subcommands::
     qmp-sdei status (--config vm1.toml | --state-dir DIR | --mqtt URL --vm NAME) [--json]
     qmp-sdei raise (--config vm1.toml | --mqtt URL --vm NAME) --event N [--vcpu I] [--json]
     qmp-sdei watch (--config vm1.toml | --mqtt URL --vm NAME) [--json]
+    qmp-sdei migrate (--config vm1.toml | --mqtt URL --vm NAME) --uri tcp:HOST:PORT [--json]
     qmp-sdei check-config vm1.toml
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
                        [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     raise_.add_argument("--vcpu", type=int, help="vCPU index (private events); shared events are routed")
     raise_.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the handler entry (default 5)")
     raise_.add_argument("--json", action="store_true", help="print the sidecar's reply as JSON")
+
+    migrate = sub.add_parser("migrate", help="live-migrate the VM, SDEI state included, to a listening destination")
+    _add_target(migrate)
+    migrate.add_argument("--uri", required=True, help="where the destination QEMU listens, e.g. tcp:HOST:PORT")
+    migrate.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the outcome")
+    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
 
     watch = sub.add_parser("watch", help="print the sidecar's notifications until interrupted")
     _add_target(watch)
@@ -164,6 +171,31 @@ def _raise_text(result: dict[str, Any]) -> str:
         latency = result.get("latency_us")
         return head + (f" (handler entered after {latency / 1e3:.2f} ms)" if latency is not None else "")
     return f"{head} ({result.get('code')}): {result.get('reason')}"
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    request = {"v": PROTOCOL_VERSION, "command": "migrate", "uri": args.uri}
+
+    async def ask() -> dict[str, Any]:
+        async with _control_client(args) as client:
+            answer: dict[str, Any] = await client.request(request, timeout=args.timeout)
+            return answer
+
+    answer = asyncio.run(ask())
+    if not answer.get("ok"):
+        error = answer.get("error", {})
+        print(f"qmp-sdei: migration refused ({error.get('code')}): {error.get('message')}", file=sys.stderr)
+        return 1
+    report = answer["result"]
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        for phase in report["phases"]:
+            print(f"{phase['at_ms']:>9.1f} ms  {phase['phase']}")
+        print(f"outcome   {report['outcome']}  total {report['total_ms']} ms, downtime {report['downtime_ms']} ms")
+        if report.get("error"):
+            print(f"error     {report['error']}")
+    return 0 if report["outcome"] == "completed" else 1
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -298,6 +330,7 @@ COMMANDS = {
     "status": _cmd_status,
     "check-config": _cmd_check_config,
     "raise": _cmd_raise,
+    "migrate": _cmd_migrate,
     "watch": _cmd_watch,
     "boot-test": _cmd_boot_test,
 }

@@ -318,7 +318,14 @@ class Sidecar:
             self.conduit = conduit
             self.conduit_ready.set()
 
-        await serve_conduit(self.session, self.owner, self.config.conduit, on_attached=attached)
+        start_vm = False
+        migration = self.migration
+        if migration is not None and migration.incoming:
+            # A destination's guest arrives with the migration: arm the conduit once it is here and
+            # before it runs (QEMU started with -S), then run it if it ran on the source.
+            await migration.arrived.wait()
+            start_vm = bool(migration.loaded and migration.loaded.source_running and self.config.conduit.start_vm)
+        await serve_conduit(self.session, self.owner, self.config.conduit, on_attached=attached, start_vm=start_vm)
 
     async def _serve_control(self) -> None:
         assert self.control_server is not None

@@ -183,6 +183,8 @@ class MigrationAgent:
         self.phase = "idle"
         self.last_outcome: str | None = None
         self.ready = asyncio.Event()
+        #: an incoming migration completed with SDEI state: the guest is here (still stopped)
+        self.arrived = asyncio.Event()
         self._bus = PrivateBus(config.state_dir / "vmstate")
         self._service: VmstateService | None = None
         self._status_changed: asyncio.Event = asyncio.Event()
@@ -304,11 +306,8 @@ class MigrationAgent:
             self.incoming = False  # from now on this VM is a possible source
             with contextlib.suppress(QemuError):
                 await qmig.prepare_source(self.session)
-            if self.loaded.source_running and self.config.conduit.start_vm:
-                runstate = await self.session.refresh_runstate()
-                if runstate in ("paused", "prelaunch"):
-                    log.info("resuming the migrated guest (it was running on the source)")
-                    await self.session.execute("cont")
+            log.info("incoming migration completed with the guest's SDEI state")
+            self.arrived.set()
         elif status == "failed":
             self.last_outcome = "failed"
             log.error("incoming migration failed; QEMU will exit")

@@ -1,0 +1,125 @@
+"""Live migration with the whole sidecar on both sides: SDEI state rides inside QEMU's stream.
+
+Two real QEMUs on loopback, each with its own sidecar (and so its own private dbus-daemon and
+VMState1 service); the bare-metal guest runs on the source with events registered and unmasked,
+is migrated while it waits for a host event, and finishes its whole step table on the destination
+with the event raised through the destination sidecar's control socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.test_baremetal_guest import HOST_EVENTS, check_all_steps
+from integration.test_sidecar_conduit import RunningSidecar, config_doc, to_toml
+from qmp_sdei.config import parse
+from qmp_sdei.control.local import LocalControlClient, socket_path
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from support.guests import build_baremetal_guest, cached_build_dir, elf_symbols, free_port
+
+pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
+
+TIMEOUT = 60.0
+NAME = "sidecar-conduit-test"  # the name config_doc and the step table expect
+
+
+@pytest.fixture(scope="session")
+def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_baremetal_guest(cached_build_dir(request, tmp_path_factory, "baremetal-guest"))
+
+
+@contextlib.asynccontextmanager
+async def vm(workdir: Path, elf: Path, *extra: str) -> AsyncIterator[QemuProcess]:
+    process = QemuProcess(QemuSpec(smp=2, kernel=elf, paused=True, name=NAME, extra_args=extra), workdir)
+    try:
+        await asyncio.wait_for(process.start(), TIMEOUT)
+        yield process
+    finally:
+        await process.stop()
+
+
+async def request(state_dir: Path, doc: dict[str, Any], timeout: float = TIMEOUT) -> dict[str, Any]:
+    async with LocalControlClient(socket_path(state_dir), timeout=timeout) as client:
+        return await client.request(doc, timeout=timeout)
+
+
+async def sidecar_ready(running: RunningSidecar) -> None:
+    sidecar = await running.ready()
+    assert sidecar.migration is not None
+    waiter = asyncio.create_task(sidecar.migration.ready.wait())
+    done, _ = await asyncio.wait({waiter, running.task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    assert waiter in done, f"migration support not ready: {sidecar.migration_error or sidecar.shutdown_reason}"
+
+
+async def test_guest_migrates_with_its_sdei_state_and_finishes_on_the_destination(
+    tmp_path: Path, guest_elf: Path
+) -> None:
+    port = free_port()
+    tags = list(HOST_EVENTS)
+    async with (
+        vm(tmp_path / "src", guest_elf) as src,
+        vm(tmp_path / "dst", guest_elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
+    ):
+        src_state, dst_state = tmp_path / "src-state", tmp_path / "dst-state"
+        source = RunningSidecar(parse(config_doc(src, src_state, guest_elf, start_vm=True)))
+        destination = RunningSidecar(parse(config_doc(dst, dst_state, guest_elf, start_vm=True)))
+        try:
+            await sidecar_ready(source)
+            await sidecar_ready(destination)
+            assert destination.sidecar.migration is not None and destination.sidecar.migration.incoming
+
+            # The guest registers, unmasks and waits for its first host event: migrate it now.
+            first = tags[0]
+            event, vcpu = HOST_EVENTS[first]
+            await src.wait_for_console(rf"WAIT {first} {event}\r?\n", TIMEOUT)
+            config_file = tmp_path / "src.toml"
+            config_file.write_text(to_toml(config_doc(src, src_state, guest_elf, start_vm=True)))
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "qmp_sdei", "migrate", "--config", str(config_file),
+                 "--uri", f"tcp:127.0.0.1:{port}", "--json"],
+                capture_output=True, text=True, timeout=TIMEOUT * 2,
+            )  # fmt: skip
+            assert result.returncode == 0, (result.stdout, result.stderr)
+            report = json.loads(result.stdout)
+            assert report["outcome"] == "completed", report
+            assert [p["phase"] for p in report["phases"]][-1] == "completed"
+            assert report["downtime_ms"] is not None
+
+            # The destination took the source's versions and registrations with the state.
+            status = (await request(dst_state, {"v": 1, "command": "status"}))["result"]
+            assert status["pins"] == {"sdei": "1.1", "sdei_vendor": 0, "psci": "1.0"}
+            assert status["migration"]["state_received"] is True
+            assert status["registered"]["private"]["0"] == [0, 1000, 1001], status["registered"]
+            assert not status["vcpu_state"][0]["masked"]
+
+            # Every later host event is raised on the destination; the guest finishes there.
+            for tag in tags:
+                event, vcpu = HOST_EVENTS[tag]
+                if tag != first:
+                    await dst.wait_for_console(rf"WAIT {tag} {event}\r?\n", TIMEOUT)
+                reply = await request(dst_state, {"v": 1, "command": "raise", "event": event, "vcpu": vcpu})
+                assert reply["ok"], reply
+                assert reply["result"]["result"] == "delivered" or reply["result"].get("code") == "busy", reply
+            await dst.wait_for_console(r"DONE\r?\n", TIMEOUT)
+            check_all_steps(src.console + dst.console, elf_symbols(guest_elf))
+            assert "WAIT" not in src.console.split(f"WAIT {first}")[1], "the source ran on after the migration"
+            source_status = (await request(src_state, {"v": 1, "command": "status"}))["result"]
+            assert source_status["migration"]["migrations_out"] == 1
+            assert source_status["vm"]["runstate"] in ("postmigrate", "debug", "paused"), source_status["vm"]
+        finally:
+            print("---- source stderr\n" + src.stderr[-2000:] + "\n---- destination stderr\n" + dst.stderr[-2000:])
+            for running in (source, destination):
+                if not running.task.done():
+                    with contextlib.suppress(Exception):
+                        await running.stop()
