@@ -123,3 +123,79 @@ async def test_guest_migrates_with_its_sdei_state_and_finishes_on_the_destinatio
                 if not running.task.done():
                     with contextlib.suppress(Exception):
                         await running.stop()
+
+
+async def migrate_cli(
+    tmp_path: Path, src: QemuProcess, src_state: Path, elf: Path, uri: str
+) -> tuple[int, dict[str, Any]]:
+    config_file = tmp_path / "src.toml"
+    config_file.write_text(to_toml(config_doc(src, src_state, elf, start_vm=True)))
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "qmp_sdei", "migrate", "--config", str(config_file), "--uri", uri, "--json"],
+        capture_output=True, text=True, timeout=TIMEOUT * 2,
+    )  # fmt: skip
+    return result.returncode, json.loads(result.stdout) if result.stdout.strip() else {"stderr": result.stderr}
+
+
+async def source_keeps_serving(src: QemuProcess, src_state: Path, guest_elf: Path) -> None:
+    """The migration failed: the source guest runs on, with its SDEI state, to the end of its steps."""
+    for tag, (event, vcpu) in HOST_EVENTS.items():
+        await src.wait_for_console(rf"WAIT {tag} {event}\r?\n", TIMEOUT)
+        reply = await request(src_state, {"v": 1, "command": "raise", "event": event, "vcpu": vcpu})
+        assert reply["result"]["result"] == "delivered" or reply["result"].get("code") == "busy", reply
+    await src.wait_for_console(r"DONE\r?\n", TIMEOUT)
+    check_all_steps(src.console, elf_symbols(guest_elf))
+
+
+async def test_a_destination_that_refuses_the_state_fails_the_migration_and_the_source_runs_on(
+    tmp_path: Path, guest_elf: Path
+) -> None:
+    """The destination's catalogue differs (one more event): its Load refuses, QEMU fails the stream."""
+    port = free_port()
+    async with (
+        vm(tmp_path / "src", guest_elf) as src,
+        vm(tmp_path / "dst", guest_elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
+    ):
+        src_state, dst_state = tmp_path / "src-state", tmp_path / "dst-state"
+        other = config_doc(dst, dst_state, guest_elf, start_vm=True)
+        other["sdei"]["events"].append({"number": 3000})
+        source = RunningSidecar(parse(config_doc(src, src_state, guest_elf, start_vm=True)))
+        destination = RunningSidecar(parse(other))
+        try:
+            await sidecar_ready(source)
+            await sidecar_ready(destination)
+            first, (event, _) = next(iter(HOST_EVENTS.items()))
+            await src.wait_for_console(rf"WAIT {first} {event}\r?\n", TIMEOUT)
+            code, report = await migrate_cli(tmp_path, src, src_state, guest_elf, f"tcp:127.0.0.1:{port}")
+            assert code == 1 and report["outcome"] == "failed", report
+            assert await dst.wait(TIMEOUT) != 0  # QEMU exits when it cannot load the stream
+            status = (await request(src_state, {"v": 1, "command": "status"}))["result"]
+            assert status["migration"]["last_outcome"] == "failed"
+            await source_keeps_serving(src, src_state, guest_elf)
+        finally:
+            for running in (source, destination):
+                if not running.task.done():
+                    with contextlib.suppress(Exception):
+                        await running.stop()
+
+
+async def test_a_destination_without_a_sidecar_fails_the_migration_cleanly(tmp_path: Path, guest_elf: Path) -> None:
+    port = free_port()
+    async with (
+        vm(tmp_path / "src", guest_elf) as src,
+        vm(tmp_path / "dst", guest_elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
+    ):
+        src_state = tmp_path / "src-state"
+        source = RunningSidecar(parse(config_doc(src, src_state, guest_elf, start_vm=True)))
+        try:
+            await sidecar_ready(source)
+            first, (event, _) = next(iter(HOST_EVENTS.items()))
+            await src.wait_for_console(rf"WAIT {first} {event}\r?\n", TIMEOUT)
+            code, report = await migrate_cli(tmp_path, src, src_state, guest_elf, f"tcp:127.0.0.1:{port}")
+            assert code == 1 and report["outcome"] == "failed", report
+            assert await dst.wait(TIMEOUT) != 0
+            await source_keeps_serving(src, src_state, guest_elf)
+        finally:
+            if not source.task.done():
+                await source.stop()

@@ -385,6 +385,8 @@ class RspClient:
         self._task = asyncio.create_task(self._read_loop(), name="rsp.reader")
         self.supported: dict[str, str] = {}
         self.peer_closed = False  # QEMU closed the socket (it exits without a W packet on poweroff)
+        self._peer_unacked = False  # QEMU sent a packet and has seen no "$" or "+" of ours since
+        self._last_packet_expects_reply = False
         self.attach_stops: list[StopReply] = []  # the T02 QEMU pushes when we attach to a running VM
         self.packets_sent = 0
 
@@ -422,6 +424,10 @@ class RspClient:
                             raise ConduitError("the gdbstub asked for a resend ('-'): our packet was corrupted")
                         continue
                     self._dispatch(item.payload, now)
+                    # QEMU keeps the packet it sent last until a '+' or '$' of ours reaches it. A
+                    # reply to a packet that another one followed (G + vCont;c) was cleared by it.
+                    stop = bool(item.payload) and item.payload[0] in _STOP_KINDS
+                    self._peer_unacked = stop or (self._last_packet_expects_reply and not self._pending)
             self.peer_closed = True
             error = ConduitError("the gdbstub closed the connection")
         except ConduitError as err:
@@ -474,6 +480,8 @@ class RspClient:
                 self._pending.append(fut)
                 futures.append(fut)
         self._writer.write(b"".join(frame(p) for p in payloads))
+        self._peer_unacked = False  # our '$' clears QEMU's last packet
+        self._last_packet_expects_reply = flags[-1]
         self.packets_sent += len(payloads)
         return futures
 
@@ -493,10 +501,14 @@ class RspClient:
     def interrupt(self) -> None:
         """Send the raw 0x03 byte: a running VM stops and QEMU sends ``T02``.
 
-        Only meaningful while the VM runs. QEMU ignores it while a stop reply is in flight.
+        Only meaningful while the VM runs. QEMU ignores it while a stop reply is in flight. QEMU
+        also ignores it while the last packet *it* sent is unacknowledged (any byte but ``+`` or
+        ``$`` is then taken as a stray ack): that happens when the VM's owner resumed the VM after
+        our last exchange (no ``$`` of ours since QEMU's last reply). A ``+`` first clears that
+        packet without stopping anything, so the 0x03 counts.
         """
         self._check_open()
-        self._writer.write(INTERRUPT)
+        self._writer.write(b"+" + INTERRUPT if self._peer_unacked else INTERRUPT)
 
     async def wait_stop(self, timeout: float | None = None, *, forever: bool = False) -> StopReply:
         """Wait for the next stop reply (``forever``: a running guest may not stop for hours)."""
