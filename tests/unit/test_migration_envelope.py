@@ -35,9 +35,12 @@ def test_round_trip_keeps_pins_identity_and_the_state() -> None:
 @pytest.mark.parametrize("cut", [0, 3, 9, 10, 40])
 def test_truncated_blobs_are_refused(cut: int) -> None:
     data = blob()
+
+    def install() -> None:
+        make(version=(1, 0)).restore(decode_envelope(data[:cut]).snapshot)
+
     with pytest.raises(IncompatibleState):
-        decoded = decode_envelope(data[:cut])
-        make(version=(1, 0)).restore(decoded.snapshot)
+        install()
 
 
 def test_foreign_and_future_blobs_are_refused() -> None:
