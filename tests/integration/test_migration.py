@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qmp_sdei.errors import MigrationError
+from qmp_sdei.errors import IncompatibleState, MigrationError
 from qmp_sdei.qemu import migration
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.qemu.qmp import QmpSession, VmEventKind, attach
@@ -61,8 +61,11 @@ class Side:
     saved: list[bytes] = field(default_factory=list)
     loaded: list[bytes] = field(default_factory=list)
     service: VmstateService | None = None
+    fail_save: bool = False
 
     def save(self) -> bytes:
+        if self.fail_save:
+            raise IncompatibleState("refusing to save, as the test asked")
         blob = self.dispatcher.snapshot()
         self.saved.append(blob)
         return blob
@@ -206,6 +209,28 @@ async def test_a_source_without_a_helper_fails_before_sending_device_state(tmp_p
         assert await src.qmp.refresh_runstate() == "running"
         assert dst.loaded == []
         assert dst.dispatcher == make(vcpus=2)
+
+
+async def test_a_source_whose_save_fails_fails_the_migration(tmp_path: Path, guest_elf: Path) -> None:
+    """QEMU 7.2 does not fail the source on a Save error; the destination's load fails instead, and the
+    return path brings that failure back to the source, which resumes."""
+    async with (
+        side(tmp_path / "src", source_spec(guest_elf), busy_dispatcher()) as src,
+        side(tmp_path / "dst", destination_spec(guest_elf), make(vcpus=2)) as dst,
+    ):
+        src.fail_save = True
+        await src.vm.wait_for_console("STEP boot", SLOW)
+        with src.qmp.subscribe({VmEventKind.RESUME}) as resumes:
+            uri = await start_incoming(dst)
+            await migration.prepare_source(src.qmp)
+            with pytest.raises(MigrationError, match="failed"):
+                await migration.run_source_migration(src.qmp, uri, timeout=SLOW)
+            await resumes.wait_for(VmEventKind.RESUME, SLOW)
+        assert await src.qmp.refresh_runstate() == "running"
+        assert src.service is not None and src.service.stats.failed_saves == 1
+        assert dst.loaded == []
+        assert dst.dispatcher == make(vcpus=2)
+        assert await dst.vm.wait(SLOW) != 0
 
 
 async def test_dbus_vmstate_object_is_replaced_not_duplicated(tmp_path: Path) -> None:
