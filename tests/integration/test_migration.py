@@ -24,7 +24,7 @@ from qmp_sdei.qemu import migration
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.qemu.qmp import QmpSession, VmEventKind, attach
 from qmp_sdei.sdei import Dispatcher
-from qmp_sdei.vmstate import PrivateBus, VmstateService
+from qmp_sdei.vmstate import PrivateBus, VmstateService, open_channel
 from support.guests import build_baremetal_guest, cached_build_dir, free_port
 from support.qemu import SLOW, requires_qemu
 from support.sdei import CRITICAL, PRIVATE, SHARED, F, call, make, register, run_handler
@@ -56,7 +56,7 @@ def busy_dispatcher() -> Dispatcher:
 class Side:
     vm: QemuProcess
     qmp: QmpSession
-    bus: PrivateBus
+    bus: PrivateBus | None
     dispatcher: Dispatcher
     saved: list[bytes] = field(default_factory=list)
     loaded: list[bytes] = field(default_factory=list)
@@ -77,10 +77,10 @@ class Side:
 
 @contextlib.asynccontextmanager
 async def side(workdir: Path, spec: QemuSpec, dispatcher: Dispatcher, *, helper: bool = True) -> AsyncIterator[Side]:
-    """A QEMU with our QMP session, a private bus, the dbus-vmstate object and (optionally) a helper.
+    """A QEMU with our QMP session and the channel as the sidecar opens it (``open_channel``).
 
-    Order matters: the bus first (QEMU's object connects at once), the helper before the object
-    (so the name is there for QEMU's first question), the object before any migration starts.
+    ``helper=False`` leaves out the service only: the bus and QEMU's object (``id-list=sdei``) are
+    there, so QEMU looks for a helper and finds none.
     """
     async with contextlib.AsyncExitStack() as stack:
         vm = QemuProcess(spec, workdir / "qemu")
@@ -88,13 +88,16 @@ async def side(workdir: Path, spec: QemuSpec, dispatcher: Dispatcher, *, helper:
         await vm.start()
         qmp = await attach(vm.sidecar_socket, listen=False, timeout=SLOW, name=workdir.name)
         stack.push_async_callback(qmp.close)
-        bus = await stack.enter_async_context(PrivateBus(workdir / "bus"))
-        state = Side(vm, qmp, bus, dispatcher)
         if helper:
-            state.service = await stack.enter_async_context(
-                VmstateService(bus.address, save=state.save, load=state.load)
+            state = Side(vm, qmp, None, dispatcher)
+            channel = await stack.enter_async_context(
+                open_channel(qmp, workdir / "bus", save=state.save, load=state.load)
             )
-        await migration.add_dbus_vmstate(qmp, bus.address, id_list=["sdei"])
+            state.bus, state.service = channel.bus, channel.service
+        else:
+            bus = await stack.enter_async_context(PrivateBus(workdir / "bus"))
+            state = Side(vm, qmp, bus, dispatcher)
+            await migration.add_dbus_vmstate(qmp, bus.address, id_list=["sdei"])
         yield state
 
 
@@ -231,6 +234,31 @@ async def test_a_source_whose_save_fails_fails_the_migration(tmp_path: Path, gue
         assert dst.loaded == []
         assert dst.dispatcher == make(vcpus=2)
         assert await dst.vm.wait(SLOW) != 0
+
+
+async def test_without_its_sidecar_a_vm_cannot_migrate(tmp_path: Path, guest_elf: Path) -> None:
+    """The channel closes (the sidecar stopped) but QEMU's object stays: migrating now would move the
+    guest without its SDEI state, so QEMU's pre-save fails and the source resumes."""
+    async with contextlib.AsyncExitStack() as stack:
+        src_vm = QemuProcess(source_spec(guest_elf), tmp_path / "src")
+        stack.push_async_callback(src_vm.stop)
+        await src_vm.start()
+        src_qmp = await attach(src_vm.sidecar_socket, listen=False, timeout=SLOW, name="src")
+        stack.push_async_callback(src_qmp.close)
+        source = busy_dispatcher()
+        async with open_channel(src_qmp, tmp_path / "src-bus", save=source.snapshot, load=source.restore):
+            pass  # the sidecar attached, then went away
+        assert await migration.dbus_vmstate_objects(src_qmp) == [migration.DEFAULT_VMSTATE_OBJECT]
+        dst = await stack.enter_async_context(side(tmp_path / "dst", destination_spec(guest_elf), make(vcpus=2)))
+        await src_vm.wait_for_console("STEP boot", SLOW)
+        with src_qmp.subscribe({VmEventKind.RESUME}) as resumes:
+            uri = await start_incoming(dst)
+            await migration.prepare_source(src_qmp)
+            with pytest.raises(MigrationError, match="failed"):
+                await migration.run_source_migration(src_qmp, uri, timeout=SLOW)
+            await resumes.wait_for(VmEventKind.RESUME, SLOW)
+        assert await src_qmp.refresh_runstate() == "running"
+        assert dst.loaded == []
 
 
 async def test_dbus_vmstate_object_is_replaced_not_duplicated(tmp_path: Path) -> None:
