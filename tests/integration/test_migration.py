@@ -24,12 +24,15 @@ from qmp_sdei.qemu import migration
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.qemu.qmp import QmpSession, VmEventKind, attach
 from qmp_sdei.sdei import Dispatcher
-from qmp_sdei.vmstate import PrivateBus, VmstateService, open_channel
+from qmp_sdei.versions import VersionPins, accept_incoming
+from qmp_sdei.vmstate import PrivateBus, VmstateService, decode_payload, encode_payload, open_channel
 from support.guests import build_baremetal_guest, cached_build_dir, free_port
 from support.qemu import SLOW, requires_qemu
 from support.sdei import CRITICAL, PRIVATE, SHARED, F, call, make, register, run_handler
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio, requires_qemu]
+
+PINS = VersionPins(sdei=(1, 1), sdei_vendor=0, psci=(1, 0))
 
 
 @pytest.fixture(scope="session")
@@ -63,16 +66,23 @@ class Side:
     service: VmstateService | None = None
     fail_save: bool = False
 
+    pins: VersionPins | None = None  # what the destination adopted
+
     def save(self) -> bytes:
+        """What the sidecar's Save answers: its pins and the dispatcher snapshot."""
         if self.fail_save:
             raise IncompatibleState("refusing to save, as the test asked")
-        blob = self.dispatcher.snapshot()
+        blob = encode_payload(PINS, self.dispatcher.snapshot())
         self.saved.append(blob)
         return blob
 
     def load(self, blob: bytes) -> None:
+        """What the sidecar's Load does: check everything, then change anything."""
         self.loaded.append(blob)
-        self.dispatcher.restore(blob)
+        payload = decode_payload(blob)
+        pins = accept_incoming(None, payload.pins, qemu_psci=(1, 1))
+        self.dispatcher.restore(payload.snapshot)
+        self.pins = pins
 
 
 @contextlib.asynccontextmanager
@@ -143,6 +153,7 @@ async def test_state_rides_the_migration_stream(tmp_path: Path, guest_elf: Path)
         assert len(src.saved) == 1
         assert dst.loaded == src.saved  # the very bytes, through QEMU's stream only
         assert dst.dispatcher == source_dispatcher
+        assert dst.pins == PINS
         assert dst.service is not None and dst.service.stats.loads == 1
         assert await src.qmp.refresh_runstate() == "postmigrate"
         await dst.qmp.execute("cont")
@@ -169,6 +180,7 @@ async def test_a_destination_that_refuses_the_state_fails_the_migration(tmp_path
         assert dst.service is not None and dst.service.stats.refused_loads == 1
         assert dst.service.stats.last_error is not None and "SDEI version" in dst.service.stats.last_error
         assert dst.dispatcher.snapshot() == before  # the refusal changed nothing
+        assert dst.pins is None
         assert await dst.vm.wait(SLOW) != 0  # QEMU gives up a destination it could not load
 
 
