@@ -248,6 +248,33 @@ async def test_a_source_whose_save_fails_fails_the_migration(tmp_path: Path, gue
         assert await dst.vm.wait(SLOW) != 0
 
 
+async def test_a_failing_pre_switchover_hook_cancels_the_migration(tmp_path: Path, guest_elf: Path) -> None:
+    """The sidecar's safe point says no: the migration is cancelled, nothing was saved, the source runs."""
+
+    async def refuse() -> None:
+        raise IncompatibleState("not now")
+
+    async with (
+        side(tmp_path / "src", source_spec(guest_elf), busy_dispatcher()) as src,
+        side(tmp_path / "dst", destination_spec(guest_elf), make(vcpus=2)) as dst,
+    ):
+        await src.vm.wait_for_console("STEP boot", SLOW)
+        with (
+            src.qmp.subscribe({VmEventKind.MIGRATION}) as progress,
+            src.qmp.subscribe({VmEventKind.RESUME}) as resumes,
+        ):
+            uri = await start_incoming(dst)
+            await migration.prepare_source(src.qmp)
+            with pytest.raises(IncompatibleState, match="not now"):
+                await migration.run_source_migration(src.qmp, uri, timeout=SLOW, at_pre_switchover=refuse)
+            assert await migration.wait_for_migration(progress, {"cancelled"}, SLOW) == "cancelled"
+            await resumes.wait_for(VmEventKind.RESUME, SLOW)
+        assert await src.qmp.refresh_runstate() == "running"
+        assert src.saved == []
+        assert dst.loaded == []
+        assert await dst.vm.wait(SLOW) != 0
+
+
 async def test_without_its_sidecar_a_vm_cannot_migrate(tmp_path: Path, guest_elf: Path) -> None:
     """The channel closes (the sidecar stopped) but QEMU's object stays: migrating now would move the
     guest without its SDEI state, so QEMU's pre-save fails and the source resumes."""
