@@ -19,17 +19,20 @@ from pathlib import Path
 
 import pytest
 
-from qmp_sdei.errors import MigrationError
+from qmp_sdei.errors import IncompatibleState, MigrationError
 from qmp_sdei.qemu import migration
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.qemu.qmp import QmpSession, VmEventKind, attach
 from qmp_sdei.sdei import Dispatcher
-from qmp_sdei.vmstate import PrivateBus, VmstateService
+from qmp_sdei.versions import VersionPins, accept_incoming
+from qmp_sdei.vmstate import PrivateBus, VmstateService, decode_payload, encode_payload, open_channel
 from support.guests import build_baremetal_guest, cached_build_dir, free_port
 from support.qemu import SLOW, requires_qemu
 from support.sdei import CRITICAL, PRIVATE, SHARED, F, call, make, register, run_handler
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio, requires_qemu]
+
+PINS = VersionPins(sdei=(1, 1), sdei_vendor=0, psci=(1, 0))
 
 
 @pytest.fixture(scope="session")
@@ -56,28 +59,38 @@ def busy_dispatcher() -> Dispatcher:
 class Side:
     vm: QemuProcess
     qmp: QmpSession
-    bus: PrivateBus
+    bus: PrivateBus | None
     dispatcher: Dispatcher
     saved: list[bytes] = field(default_factory=list)
     loaded: list[bytes] = field(default_factory=list)
     service: VmstateService | None = None
+    fail_save: bool = False
+
+    pins: VersionPins | None = None  # what the destination adopted
 
     def save(self) -> bytes:
-        blob = self.dispatcher.snapshot()
+        """What the sidecar's Save answers: its pins and the dispatcher snapshot."""
+        if self.fail_save:
+            raise IncompatibleState("refusing to save, as the test asked")
+        blob = encode_payload(PINS, self.dispatcher.snapshot())
         self.saved.append(blob)
         return blob
 
     def load(self, blob: bytes) -> None:
+        """What the sidecar's Load does: check everything, then change anything."""
         self.loaded.append(blob)
-        self.dispatcher.restore(blob)
+        payload = decode_payload(blob)
+        pins = accept_incoming(None, payload.pins, qemu_psci=(1, 1))
+        self.dispatcher.restore(payload.snapshot)
+        self.pins = pins
 
 
 @contextlib.asynccontextmanager
 async def side(workdir: Path, spec: QemuSpec, dispatcher: Dispatcher, *, helper: bool = True) -> AsyncIterator[Side]:
-    """A QEMU with our QMP session, a private bus, the dbus-vmstate object and (optionally) a helper.
+    """A QEMU with our QMP session and the channel as the sidecar opens it (``open_channel``).
 
-    Order matters: the bus first (QEMU's object connects at once), the helper before the object
-    (so the name is there for QEMU's first question), the object before any migration starts.
+    ``helper=False`` leaves out the service only: the bus and QEMU's object (``id-list=sdei``) are
+    there, so QEMU looks for a helper and finds none.
     """
     async with contextlib.AsyncExitStack() as stack:
         vm = QemuProcess(spec, workdir / "qemu")
@@ -85,13 +98,16 @@ async def side(workdir: Path, spec: QemuSpec, dispatcher: Dispatcher, *, helper:
         await vm.start()
         qmp = await attach(vm.sidecar_socket, listen=False, timeout=SLOW, name=workdir.name)
         stack.push_async_callback(qmp.close)
-        bus = await stack.enter_async_context(PrivateBus(workdir / "bus"))
-        state = Side(vm, qmp, bus, dispatcher)
         if helper:
-            state.service = await stack.enter_async_context(
-                VmstateService(bus.address, save=state.save, load=state.load)
+            state = Side(vm, qmp, None, dispatcher)
+            channel = await stack.enter_async_context(
+                open_channel(qmp, workdir / "bus", save=state.save, load=state.load)
             )
-        await migration.add_dbus_vmstate(qmp, bus.address, id_list=["sdei"])
+            state.bus, state.service = channel.bus, channel.service
+        else:
+            bus = await stack.enter_async_context(PrivateBus(workdir / "bus"))
+            state = Side(vm, qmp, bus, dispatcher)
+            await migration.add_dbus_vmstate(qmp, bus.address, id_list=["sdei"])
         yield state
 
 
@@ -132,10 +148,12 @@ async def test_state_rides_the_migration_stream(tmp_path: Path, guest_elf: Path)
 
         assert pauses == ["finish-migrate"]
         assert info.status == "completed"
-        assert info.downtime_ms is not None and info.total_time_ms is not None
+        assert info.downtime_ms is not None
+        assert info.total_time_ms is not None and info.total_time_ms > 0  # times settled (completed_info)
         assert len(src.saved) == 1
         assert dst.loaded == src.saved  # the very bytes, through QEMU's stream only
         assert dst.dispatcher == source_dispatcher
+        assert dst.pins == PINS
         assert dst.service is not None and dst.service.stats.loads == 1
         assert await src.qmp.refresh_runstate() == "postmigrate"
         await dst.qmp.execute("cont")
@@ -162,6 +180,7 @@ async def test_a_destination_that_refuses_the_state_fails_the_migration(tmp_path
         assert dst.service is not None and dst.service.stats.refused_loads == 1
         assert dst.service.stats.last_error is not None and "SDEI version" in dst.service.stats.last_error
         assert dst.dispatcher.snapshot() == before  # the refusal changed nothing
+        assert dst.pins is None
         assert await dst.vm.wait(SLOW) != 0  # QEMU gives up a destination it could not load
 
 
@@ -205,6 +224,80 @@ async def test_a_source_without_a_helper_fails_before_sending_device_state(tmp_p
         assert await src.qmp.refresh_runstate() == "running"
         assert dst.loaded == []
         assert dst.dispatcher == make(vcpus=2)
+
+
+async def test_a_source_whose_save_fails_fails_the_migration(tmp_path: Path, guest_elf: Path) -> None:
+    """QEMU 7.2 does not fail the source on a Save error; the destination's load fails instead, and the
+    return path brings that failure back to the source, which resumes."""
+    async with (
+        side(tmp_path / "src", source_spec(guest_elf), busy_dispatcher()) as src,
+        side(tmp_path / "dst", destination_spec(guest_elf), make(vcpus=2)) as dst,
+    ):
+        src.fail_save = True
+        await src.vm.wait_for_console("STEP boot", SLOW)
+        with src.qmp.subscribe({VmEventKind.RESUME}) as resumes:
+            uri = await start_incoming(dst)
+            await migration.prepare_source(src.qmp)
+            with pytest.raises(MigrationError, match="failed"):
+                await migration.run_source_migration(src.qmp, uri, timeout=SLOW)
+            await resumes.wait_for(VmEventKind.RESUME, SLOW)
+        assert await src.qmp.refresh_runstate() == "running"
+        assert src.service is not None and src.service.stats.failed_saves == 1
+        assert dst.loaded == []
+        assert dst.dispatcher == make(vcpus=2)
+        assert await dst.vm.wait(SLOW) != 0
+
+
+async def test_a_failing_pre_switchover_hook_cancels_the_migration(tmp_path: Path, guest_elf: Path) -> None:
+    """The sidecar's safe point says no: the migration is cancelled, nothing was saved, the source runs."""
+
+    async def refuse() -> None:
+        raise IncompatibleState("not now")
+
+    async with (
+        side(tmp_path / "src", source_spec(guest_elf), busy_dispatcher()) as src,
+        side(tmp_path / "dst", destination_spec(guest_elf), make(vcpus=2)) as dst,
+    ):
+        await src.vm.wait_for_console("STEP boot", SLOW)
+        with (
+            src.qmp.subscribe({VmEventKind.MIGRATION}) as progress,
+            src.qmp.subscribe({VmEventKind.RESUME}) as resumes,
+        ):
+            uri = await start_incoming(dst)
+            await migration.prepare_source(src.qmp)
+            with pytest.raises(IncompatibleState, match="not now"):
+                await migration.run_source_migration(src.qmp, uri, timeout=SLOW, at_pre_switchover=refuse)
+            assert await migration.wait_for_migration(progress, {"cancelled"}, SLOW) == "cancelled"
+            await resumes.wait_for(VmEventKind.RESUME, SLOW)
+        assert await src.qmp.refresh_runstate() == "running"
+        assert src.saved == []
+        assert dst.loaded == []
+        assert await dst.vm.wait(SLOW) != 0
+
+
+async def test_without_its_sidecar_a_vm_cannot_migrate(tmp_path: Path, guest_elf: Path) -> None:
+    """The channel closes (the sidecar stopped) but QEMU's object stays: migrating now would move the
+    guest without its SDEI state, so QEMU's pre-save fails and the source resumes."""
+    async with contextlib.AsyncExitStack() as stack:
+        src_vm = QemuProcess(source_spec(guest_elf), tmp_path / "src")
+        stack.push_async_callback(src_vm.stop)
+        await src_vm.start()
+        src_qmp = await attach(src_vm.sidecar_socket, listen=False, timeout=SLOW, name="src")
+        stack.push_async_callback(src_qmp.close)
+        source = busy_dispatcher()
+        async with open_channel(src_qmp, tmp_path / "src-bus", save=source.snapshot, load=source.restore):
+            pass  # the sidecar attached, then went away
+        assert await migration.dbus_vmstate_objects(src_qmp) == [migration.DEFAULT_VMSTATE_OBJECT]
+        dst = await stack.enter_async_context(side(tmp_path / "dst", destination_spec(guest_elf), make(vcpus=2)))
+        await src_vm.wait_for_console("STEP boot", SLOW)
+        with src_qmp.subscribe({VmEventKind.RESUME}) as resumes:
+            uri = await start_incoming(dst)
+            await migration.prepare_source(src_qmp)
+            with pytest.raises(MigrationError, match="failed"):
+                await migration.run_source_migration(src_qmp, uri, timeout=SLOW)
+            await resumes.wait_for(VmEventKind.RESUME, SLOW)
+        assert await src_qmp.refresh_runstate() == "running"
+        assert dst.loaded == []
 
 
 async def test_dbus_vmstate_object_is_replaced_not_duplicated(tmp_path: Path) -> None:

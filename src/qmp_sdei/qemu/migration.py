@@ -36,6 +36,7 @@ __all__ = [
     "FINAL_STATUSES",
     "MigrationInfo",
     "add_dbus_vmstate",
+    "completed_info",
     "dbus_vmstate_objects",
     "migrate",
     "migrate_cancel",
@@ -260,4 +261,20 @@ async def run_source_migration(
             except QemuError as query_err:
                 reason = f"query-migrate failed too: {query_err}"
             raise MigrationError(f"{err}: {reason}") from err
-    return await query_migrate(session)
+    return await completed_info(session)
+
+
+async def completed_info(session: QmpSession, settle_timeout: float = 2.0) -> MigrationInfo:
+    """``query-migrate`` after a completed migration, once QEMU has filled in its times.
+
+    QEMU sends the MIGRATION ``completed`` event before it computes ``total-time`` and
+    ``downtime``; a query made at once (seen on 7.2: about one in three) reports both as 0. There is
+    no event for "times computed", so this re-asks for up to ``settle_timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle_timeout
+    while True:
+        info = await query_migrate(session)
+        if info.status != "completed" or info.total_time_ms or loop.time() > deadline:
+            return info
+        await asyncio.sleep(0.002)  # see the docstring: QEMU gives no signal to wait on

@@ -148,6 +148,11 @@ class VmstateService:
     def connected(self) -> bool:
         return self._bus is not None and self._bus.connected
 
+    @property
+    def unique_name(self) -> str | None:
+        """This service's connection name on the bus (``:1.N``) while started; for logs and tools."""
+        return self._bus.unique_name if self._bus is not None else None
+
     async def start(self) -> None:
         """Connect, export ``/org/qemu/VMState1`` and queue for the name ``org.qemu.VMState1``.
 
