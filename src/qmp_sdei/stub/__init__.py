@@ -21,8 +21,8 @@ KERNEL_ADDR = 0x4020_0000  # where the stub enters the kernel Image (header boot
 DTB_ADDR = 0x4800_0000  # what the stub passes in x0 (header boot_dtb)
 MAGIC = b"QSDEIEL2"
 HEADER_VERSION = 1
-HEADER_SIZE = 0x50
-_HEADER = struct.Struct("<8sIIQQQQII QQ")
+HEADER_SIZE = 0x68
+_HEADER = struct.Struct("<8sIIQQQQIIQQQQQ")
 
 # Per-CPU area fields (el2stub.S A_*).
 A_RESUME_FLAGS = 0x00
@@ -32,6 +32,7 @@ A_TRAP_ELR2 = 0x30
 A_TRAP_SPSR2 = 0x38
 A_TRAP_ESR2 = 0x40
 A_TRAP_COUNT = 0x48
+A_KICK = 0x50  # set by the sidecar: an idle vCPU stops at the wake site within one poll period
 RESUME_EL2 = 1  # stub_resume loads ELR_EL2/SPSR_EL2 from the area
 RESUME_EL1 = 2  # ... and ELR_EL1/SPSR_EL1
 
@@ -47,22 +48,54 @@ class StubLayout:
     unexpected: int
     percpu: int
     max_cpus: int
+    idle_poll_us: int
     kernel: int
     dtb: int
+    wake_site: int
+    idle: range  # the idle loop's addresses: a vCPU stopped there sits in a trapped WFI
 
     @classmethod
     def parse(cls, base: int, header: bytes) -> StubLayout:
         """:raise ConduitError: not our stub (no magic) or a header version we do not speak."""
         if len(header) < HEADER_SIZE or header[8:16] != MAGIC:
             raise ConduitError(f"no qmp-sdei EL2 stub at {base:#x} (magic {header[8:16]!r})")
-        (_, version, percpu_size, trap, resume, unexpected, percpu, max_cpus, _, kernel, dtb) = _HEADER.unpack(
-            header[8:HEADER_SIZE]
-        )
+        (
+            _,
+            version,
+            percpu_size,
+            trap,
+            resume,
+            unexpected,
+            percpu,
+            max_cpus,
+            poll_us,
+            kernel,
+            dtb,
+            wake,
+            idle,
+            idle_end,
+        ) = _HEADER.unpack(header[8:HEADER_SIZE])
         if version != HEADER_VERSION:
             raise ConduitError(f"EL2 stub header version {version}, this sidecar speaks {HEADER_VERSION}")
         return cls(
-            base, percpu_size, base + trap, base + resume, base + unexpected, base + percpu, max_cpus, kernel, dtb
+            base=base,
+            percpu_size=percpu_size,
+            trap_site=base + trap,
+            resume=base + resume,
+            unexpected=base + unexpected,
+            percpu=base + percpu,
+            max_cpus=max_cpus,
+            idle_poll_us=poll_us,
+            kernel=kernel,
+            dtb=dtb,
+            wake_site=base + wake,
+            idle=range(base + idle, base + idle_end),
         )
+
+    def area_below(self, sp: int) -> int:
+        """The per-CPU area of a vCPU running stub code with stack pointer ``sp`` (areas are
+        size-aligned and the stub never nests a full area deep)."""
+        return (sp - 1) & ~(self.percpu_size - 1)
 
     def area_of(self, mpidr: int) -> int:
         """A vCPU's per-CPU area, by the stub's own rule (Aff1 * 16 + Aff0, modulo max_cpus)."""
