@@ -21,18 +21,21 @@ It must not talk to the stub outside the base class's loop, and keeps no SDEI st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from qmp_sdei.abi import psci, sdei
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id, to_u64
-from qmp_sdei.conduit.gdbstub import DispatcherLike, GdbstubConduit, PsciFilter
+from qmp_sdei.conduit.gdbstub import ConduitStats, DispatcherLike, GdbstubConduit, PsciFilter
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
 from qmp_sdei.errors import ConduitError
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
+    A_KICK,
     A_RESUME_FLAGS,
     A_TRAP_ELR2,
     A_TRAP_ESR2,
@@ -46,6 +49,7 @@ from qmp_sdei.stub import (
 
 log = logging.getLogger(__name__)
 
+KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
 _RESUME_BLOCK = struct.Struct("<QQQQQ")  # flags, ELR_EL2, SPSR_EL2, ELR_EL1, SPSR_EL1
@@ -81,6 +85,14 @@ async def probe_stub(rsp: RspClient) -> StubLayout | None:
     return None
 
 
+@dataclass
+class El2Stats(ConduitStats):
+    """The base counters plus the stub's idle path."""
+
+    idle_kicks: int = 0  # deliveries to a vCPU idling in the stub: kick flag written
+    idle_wakes: int = 0  # stops at the wake site
+
+
 class El2Conduit(GdbstubConduit):
     """Serve one VM through the EL2 stub (see the module docstring)."""
 
@@ -97,18 +109,24 @@ class El2Conduit(GdbstubConduit):
         super().__init__(
             rsp,
             dispatcher,
-            [layout.trap_site, layout.unexpected],
+            [layout.trap_site, layout.unexpected, layout.wake_site],
             psci_filter=psci_filter,
             on_commit=on_commit,
             timeout=timeout,
         )
         self.layout = layout
+        self.stats: El2Stats = El2Stats()
         # vCPU -> the exception return its next stub_resume will make, when we changed it this stop
         self._next_return: dict[int, tuple[int, int]] = {}
+        self._kicked: set[int] = set()  # vCPUs told to leave the idle loop for the wake site
+
+    def _check_kicked(self, vcpu: int) -> None:
+        """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
+        if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
+            self._interrupt()
 
     def _area(self, core: CoreRegs) -> int:
-        # At the trap site and at stub_resume the stub's stack is empty: SP_EL2 = area + size.
-        return core.sp - self.layout.percpu_size
+        return self.layout.area_below(core.sp)
 
     async def _read_pair(self, addr: int) -> tuple[int, int]:
         first, second = _PAIR.unpack(await self.rsp.read_memory(addr, _PAIR.size))
@@ -140,7 +158,7 @@ class El2Conduit(GdbstubConduit):
 
     async def _trap(self, thread: ThreadId, core: CoreRegs) -> ThreadId | None:
         if core.pc == self.layout.unexpected:
-            esr = (await self._read_pair(self._area_for_unexpected(core) + A_TRAP_ESR2))[0]
+            esr = (await self._read_pair(self._area(core) + A_TRAP_ESR2))[0]
             raise ConduitError(
                 f"vCPU {thread.vcpu} took an exception the EL2 stub does not handle (ESR_EL2 {esr:#x}, "
                 f"EC {esr >> 26:#x}); the guest cannot go on"
@@ -148,6 +166,14 @@ class El2Conduit(GdbstubConduit):
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             # Guest code at EL0/EL1 that happens to run at the stub's address: not a call.
             return thread
+        if core.pc == self.layout.wake_site:
+            self._kicked.discard(thread.vcpu)
+            # An idle vCPU we kicked: back to the guest through stub_resume, entering a handler
+            # on the way if one is deliverable (see _enter_handlers).
+            self.stats.idle_wakes += 1
+            core.pc = self.layout.resume
+            self._dirty[thread.vcpu] = core
+            return None
         self.stats.traps += 1
         vcpu = thread.vcpu
         fid = function_id(core.x[0])
@@ -183,18 +209,25 @@ class El2Conduit(GdbstubConduit):
         self._dirty[vcpu] = core
         return None
 
-    def _area_for_unexpected(self, core: CoreRegs) -> int:
-        # stub_unexpected is reached with x18/x19 pushed (from lower_sync) or not; the area
-        # starts at the 1 KiB boundary below SP either way.
-        return (core.sp - 1) & ~(self.layout.percpu_size - 1)
-
     async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             return await super()._enter_handlers(vcpu, core)
+        if core.pc in self.layout.idle:
+            if vcpu in self._kicked:
+                return None  # kicked before and still idle: fall back to the vector breakpoints
+            # Halted in the stub's idle loop: kick it; it stops at the wake site within a poll
+            # period, where the handler is entered. No vector breakpoints meanwhile (16 round
+            # trips); if no wake-site stop comes in KICK_GRACE, a fresh stop tries again.
+            await self.rsp.write_memory(self._area(core) + A_KICK, (1).to_bytes(8, "little"))
+            self.stats.idle_kicks += 1
+            self._kicked.add(vcpu)
+            asyncio.get_running_loop().call_later(KICK_GRACE, self._check_kicked, vcpu)
+            return False
         if core.pc != self.layout.resume:
             # Elsewhere in the stub, or a call still to be forwarded (trap_site + 4): entering a
             # handler now would lose it. Deferred to the vCPU's next exception entry.
             return None
+        self._kicked.discard(vcpu)
         pc, pstate = await self._interrupted(vcpu, core)
         regs = VcpuRegs(list(core.x), pc, pstate)
         entered = False
