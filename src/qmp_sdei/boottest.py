@@ -41,6 +41,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from qmp_sdei import stub
+from qmp_sdei.conduit.el2 import El2Conduit
 from qmp_sdei.conduit.traps import LINUX_DT_SDEI_FIX_SYMBOL, kernel_has_dt_sdei_fix, load_kallsyms
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
@@ -118,6 +119,8 @@ class BootReport:
     #: the conduit's counters at the end of the test (traps, SDEI calls, PSCI answered/passed through)
     conduit: dict[str, Any] = field(default_factory=dict)
     sidecar_exit: int | None = None
+    #: the guest's VBAR_EL1 once the lines were seen (EL2 conduit): differs per boot under KASLR
+    vbar_el1: int | None = None
     console_tail: list[str] = field(default_factory=list)
 
     def fail(self, reason: str) -> BootReport:
@@ -141,6 +144,7 @@ class BootReport:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "conduit": dict(self.conduit),
             "sidecar_exit": self.sidecar_exit,
+            "vbar_el1": None if self.vbar_el1 is None else f"{self.vbar_el1:#x}",
             "console_tail": list(self.console_tail),
         }
 
@@ -164,6 +168,8 @@ class BootReport:
             if line.kernel_timestamp_s is not None:
                 when += f", kernel time {line.kernel_timestamp_s:.3f}s"
             out.append(f"  {line.text}  ({when})")
+        if self.vbar_el1 is not None:
+            out.append(f"  VBAR_EL1 {self.vbar_el1:#x}")
         if self.timings:
             out.append("  timings: " + ", ".join(f"{k}={v:.3f}s" for k, v in self.timings.items()))
         if self.conduit:
@@ -380,6 +386,7 @@ async def _boot(
         report.timings["sidecar_attach"] = sidecar.attach_seconds
         if report.reason is None:
             await _wait_lines(report, vm, sidecar_task, started, deadline)
+            await _read_vbar(report, sidecar)
         _collect_conduit(report, sidecar)
     finally:
         if resume_task is not None:
@@ -485,6 +492,15 @@ def _judge(report: BootReport) -> None:
         report.fail(f"the kernel detected PSCI {psci.version}, but the sidecar pinned {report.expected['psci']}")
     if report.reason is None:
         report.passed = True
+
+
+async def _read_vbar(report: BootReport, sidecar: Sidecar) -> None:
+    """Where the kernel's vectors are this boot (informational: the rootless guest may already be
+    panicking and gone)."""
+    conduit = sidecar.conduit
+    if isinstance(conduit, El2Conduit):
+        with contextlib.suppress(SdeiError, TimeoutError):
+            report.vbar_el1 = await asyncio.wait_for(conduit.read_system_register("VBAR_EL1"), 5.0)
 
 
 def _collect_conduit(report: BootReport, sidecar: Sidecar) -> None:

@@ -20,6 +20,7 @@ from qmp_sdei.boottest import BootReport, run_boot_test
 from qmp_sdei.conduit.traps import Kallsyms
 from qmp_sdei.errors import ConfigError
 from qmp_sdei.linux_kernel import fetch_debian_kernel
+from qmp_sdei.stub import STUB_ELF
 from support.linux import LINUX_MARKS
 
 pytestmark = [*LINUX_MARKS]
@@ -31,6 +32,18 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def kernel() -> Path:
     return fetch_debian_kernel()
+
+
+def _stub_symbols() -> dict[str, int]:
+    out = subprocess.run(["aarch64-linux-gnu-nm", str(STUB_ELF)], capture_output=True, text=True, check=True).stdout
+    return {name: int(addr, 16) for addr, _kind, name in (line.split() for line in out.splitlines())}
+
+
+EL2_SITES = (
+    {_stub_symbols()[name] for name in ("stub_trap_site", "stub_unexpected", "stub_wake_site")}
+    if subprocess.run(["which", "aarch64-linux-gnu-nm"], capture_output=True, check=False).returncode == 0
+    else set()
+)
 
 
 def assert_passed(report: BootReport, sdei: str, psci: str) -> None:
@@ -86,6 +99,10 @@ def test_cli_boot_test_json(kernel: Path) -> None:
     assert doc["conduit"]["traps"] >= doc["conduit"]["sdei_calls"] >= 1
     assert doc["sidecar_exit"] == 0
     assert "Traceback" not in result.stderr
+    # The defaults: the kernel's own command line, trapped at the EL2 stub's sites only.
+    assert doc["cmdline"] == boottest.APPEND and "nokaslr" not in doc["cmdline"]
+    assert doc["conduit_mode"] == "el2"
+    assert doc["conduit"]["trap_sites"] == [f"{a:#x}" for a in sorted(EL2_SITES)]
 
 
 @pytest.mark.parametrize(
@@ -124,9 +141,73 @@ async def test_kernel_without_dt_sdei_fix_is_refused(tmp_path: Path, monkeypatch
     image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
     old_table = Kallsyms([("__arm_smccc_hvc", 0xFFFF_8000_0802_8640), ("__sdei_asm_handler", 0xFFFF_8000_0801_6800)])
     monkeypatch.setattr(boottest, "load_kallsyms", lambda _image: old_table)
-    report = await run_boot_test(image, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=10)
+    report = await run_boot_test(image, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=10, conduit="symbols")
     assert not report.passed
     assert report.reason is not None and "acpi_sdei_init" in report.reason
     assert "FAILED" in report.text() and "acpi_sdei_init" in report.text()
     assert report.to_dict()["passed"] is False
     assert not report.lines
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_two_kaslr_boots_land_at_different_offsets(kernel: Path, tmp_path: Path) -> None:
+    """The kernel's defaults (KASLR on, KPTI forced by it on cortex-a57): pinned versions from the
+    first call, at a different kernel placement each boot, with no kernel symbols on the host."""
+    vbars = []
+    for n in range(2):
+        console = tmp_path / f"console{n}.txt"
+        report = await run_boot_test(
+            kernel, expect_sdei="1.1", expect_psci="1.0", smp=2, timeout=TIMEOUT, workdir=tmp_path / str(n),
+            console=console,
+        )  # fmt: skip
+        print(report.text())
+        assert_passed(report, "1.1", "1.0")
+        text = console.read_text()
+        assert "KASLR enabled" in text or "forced ON by KASLR" in text, text[-2000:]
+        assert "All CPU(s) started at EL1" in text
+        assert report.vbar_el1 is not None
+        vbars.append(report.vbar_el1)
+    assert vbars[0] != vbars[1], f"both boots put the vectors at {vbars[0]:#x}"
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_stub_boot_on_cpu_max(kernel: Path, tmp_path: Path) -> None:
+    """-cpu max: SVE (its callers may set the SMCCC v1.3 hint), PAC and BTI under the stub."""
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=2, cpu="max", timeout=TIMEOUT, workdir=tmp_path,
+        console=tmp_path / "console.txt",
+    )  # fmt: skip
+    print(report.text())
+    assert_passed(report, "1.1", "1.0")
+    assert "SVE: maximum available vector length" in (tmp_path / "console.txt").read_text()
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_symbol_conduit_still_serves_a_nokaslr_kernel(kernel: Path, tmp_path: Path) -> None:
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=TIMEOUT, workdir=tmp_path, conduit="symbols"
+    )
+    print(report.text())
+    assert_passed(report, "1.1", "1.0")
+    assert "nokaslr" in report.cmdline
+    assert len(report.conduit["trap_sites"]) >= 3  # the kernel's own hvc sites, not the stub's
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"firmware": "bios"}, "--firmware 'bios' is not supported"),
+        ({"conduit": "kvm"}, "--conduit 'kvm' is not one of"),
+        ({"initrd": "/nonexistent/initrd"}, "initrd /nonexistent/initrd: no such file"),
+    ],
+    ids=["firmware", "conduit", "initrd"],
+)
+async def test_bad_boot_options_are_refused_before_booting(tmp_path: Path, kwargs: dict[str, str], match: str) -> None:
+    image = tmp_path / "Image"
+    image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    with pytest.raises(ConfigError, match=match):
+        await run_boot_test(image, timeout=10, **kwargs)  # type: ignore[arg-type]

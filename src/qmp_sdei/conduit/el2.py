@@ -125,6 +125,22 @@ class El2Conduit(GdbstubConduit):
         if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
             self._interrupt()
 
+    async def read_system_register(self, name: str, vcpu: int = 0) -> int:
+        """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the
+        kernel's link-time ``vectors`` is the KASLR offset) at the next stop."""
+        assert self.registers is not None
+        regnum = self.registers[name].regnum
+        value: list[int] = []
+
+        async def read() -> None:
+            await self._select(self.threads[vcpu])
+            value.append(await self.rsp.read_register(regnum))
+
+        await self._at_next_stop(read)
+        if not value:
+            raise ConduitError(f"could not read {name} on vCPU {vcpu}")
+        return value[0]
+
     def _area(self, core: CoreRegs) -> int:
         return self.layout.area_below(core.sp)
 
