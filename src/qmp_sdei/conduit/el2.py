@@ -26,12 +26,15 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from qmp_sdei.abi import psci, sdei
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id, to_u64
 from qmp_sdei.conduit.gdbstub import ConduitStats, DispatcherLike, GdbstubConduit, PsciFilter
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
+from qmp_sdei.conduit.symbols import KernelCheckedConduit
+from qmp_sdei.conduit.traps import linux_trap_sites, load_kallsyms
 from qmp_sdei.errors import ConduitError
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
@@ -264,12 +267,18 @@ async def attach_conduit(
     dispatcher: DispatcherLike,
     find_sites: Callable[[], Awaitable[list[int]]],
     *,
+    kernel: Path | None = None,
     psci_filter: PsciFilter | None = None,
     on_commit: Callable[[], None] | None = None,
     timeout: float = 10.0,
 ) -> GdbstubConduit:
-    """Connect to the gdbstub and pick the conduit: the EL2 stub's if the VM booted through it,
-    otherwise trap sites from ``find_sites`` (kernel symbols, ELF, config). Started, VM stopped."""
+    """Connect to the gdbstub and pick the conduit, started, with the VM stopped:
+
+    * the EL2 stub's, if the VM booted through it (no symbols needed);
+    * for a Linux ``kernel`` image, the symbol conduit that checks at run time that the kernel
+      runs at its link addresses and its trap sites hold calls (:mod:`qmp_sdei.conduit.symbols`);
+    * otherwise the plain symbol/ELF conduit on ``find_sites()``.
+    """
     client = await RspClient.connect(host, port, timeout=timeout)
     try:
         layout = await probe_stub(client)
@@ -281,11 +290,30 @@ async def attach_conduit(
             )
         else:
             sites = await find_sites()
-            conduit = GdbstubConduit(
-                client, dispatcher, sites, psci_filter=psci_filter, on_commit=on_commit, timeout=timeout
-            )
+            checks = await asyncio.to_thread(_kernel_checks, kernel) if kernel is not None else None
+            if checks is not None:
+                vectors, kernel_sites = checks
+                conduit = KernelCheckedConduit(
+                    client, dispatcher, sites, vectors=vectors, kernel_sites=kernel_sites,
+                    psci_filter=psci_filter, on_commit=on_commit, timeout=timeout,
+                )  # fmt: skip
+            else:
+                conduit = GdbstubConduit(
+                    client, dispatcher, sites, psci_filter=psci_filter, on_commit=on_commit, timeout=timeout
+                )
         await conduit.start()
     except BaseException:
         await client.close()
         raise
     return conduit
+
+
+def _kernel_checks(kernel: Path) -> tuple[int, list[int]] | None:
+    """(link address of ``vectors``, the kernel's trap sites) for the run-time check, or None if
+    the symbol table has no ``vectors`` (then the check cannot be made, and the log says so)."""
+    kallsyms = load_kallsyms(kernel)
+    vectors = kallsyms.get("vectors")
+    if vectors is None:
+        log.warning("%s: kallsyms has no 'vectors'; cannot check at run time that the trap sites are right", kernel)
+        return None
+    return vectors, linux_trap_sites(kernel, kallsyms)
