@@ -67,6 +67,7 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
         port,
         sidecar.persisting,
         lambda: find_trap_sites(settings),
+        kernel=settings.kernel,
         psci_filter=sidecar.psci_policy,
         on_commit=sidecar.persisting.commit,
         timeout=30.0,
