@@ -386,6 +386,8 @@ async def _boot(
         report.timings["sidecar_attach"] = sidecar.attach_seconds
         if report.reason is None:
             await _wait_lines(report, vm, sidecar_task, started, deadline)
+            if sidecar_task.done() and sidecar.shutdown_reason and report.reason is not None:
+                report.reason += f" ({sidecar.shutdown_reason})"
             await _read_vbar(report, sidecar)
         _collect_conduit(report, sidecar)
     finally:

@@ -17,6 +17,7 @@ import pytest
 
 from qmp_sdei import boottest
 from qmp_sdei.boottest import BootReport, run_boot_test
+from qmp_sdei.conduit import el2
 from qmp_sdei.conduit.traps import Kallsyms
 from qmp_sdei.errors import ConfigError
 from qmp_sdei.linux_kernel import fetch_debian_kernel
@@ -211,3 +212,39 @@ async def test_bad_boot_options_are_refused_before_booting(tmp_path: Path, kwarg
     image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
     with pytest.raises(ConfigError, match=match):
         await run_boot_test(image, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_symbol_conduit_on_a_kaslr_kernel_fails_loudly(kernel: Path, tmp_path: Path) -> None:
+    """Never silent: symbol trap sites cannot catch a KASLR kernel, and boot-test says why."""
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=TIMEOUT, workdir=tmp_path, conduit="symbols",
+        append="console=ttyAMA0 panic=-1",
+    )  # fmt: skip
+    print(report.text())
+    assert not report.passed
+    assert report.reason is not None
+    assert "KASLR offset" in report.reason and "EL2 stub" in report.reason, report.reason
+    assert report.sidecar_exit == 5  # ExitCode.CONDUIT
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert "KASLR offset" in status["shutdown_reason"]
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_stale_trap_site_fails_loudly(kernel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trap site that does not hold hvc/smc (the guest runs another kernel than the image read)."""
+    real = el2.linux_trap_sites
+
+    def with_a_stale_site(image: Path, kallsyms: object) -> list[int]:
+        sites = real(image, kallsyms)  # type: ignore[arg-type]
+        return [*sites, sites[0] + 4]  # the instruction after an hvc is not a call
+
+    monkeypatch.setattr(el2, "linux_trap_sites", with_a_stale_site)
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=TIMEOUT, workdir=tmp_path, conduit="symbols"
+    )
+    print(report.text())
+    assert not report.passed
+    assert report.reason is not None and "do not hold hvc/smc" in report.reason, report.reason
