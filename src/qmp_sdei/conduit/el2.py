@@ -33,7 +33,7 @@ from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id, to_u64
 from qmp_sdei.conduit.gdbstub import ConduitStats, DispatcherLike, GdbstubConduit, PsciFilter
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
-from qmp_sdei.conduit.symbols import KernelCheckedConduit
+from qmp_sdei.conduit.symbols import NOP, KernelCheckedConduit
 from qmp_sdei.conduit.traps import linux_trap_sites, load_kallsyms
 from qmp_sdei.errors import ConduitError
 from qmp_sdei.sdei import Completion, VcpuRegs
@@ -127,6 +127,18 @@ class El2Conduit(GdbstubConduit):
         """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
         if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
             self._interrupt()
+
+    async def start(self) -> None:
+        """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
+        the breakpoints expect (a stub of another build would trap nowhere, silently)."""
+        for name, site in (("trap", self.layout.trap_site), ("wake", self.layout.wake_site)):
+            word = int.from_bytes(await self.rsp.read_memory(site, 4), "little")
+            if word != NOP:
+                raise ConduitError(
+                    f"the EL2 stub's {name} site {site:#x} holds {word:#010x}, not a nop: the stub in guest "
+                    "memory does not match its header (a damaged or foreign stub)"
+                )
+        await super().start()
 
     async def read_system_register(self, name: str, vcpu: int = 0) -> int:
         """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the
