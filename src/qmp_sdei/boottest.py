@@ -30,6 +30,7 @@ import contextlib
 import logging
 import re
 import secrets
+import shutil
 import statistics
 import tempfile
 import time
@@ -353,6 +354,44 @@ async def qemu_spec(
     return spec
 
 
+async def stub_boot_args(
+    kernel: Path | str,
+    dtb_out: Path | str,
+    *,
+    initrd: Path | str | None = None,
+    append: str = APPEND,
+    smp: int = 1,
+    cpu: str = CPU,
+    memory_mb: int = MEMORY_MB,
+    psci: str = "1.1",
+) -> list[str]:
+    """QEMU arguments (machine, CPU, memory, and the stub boot) for ``qmp-sdei qemu-args``.
+
+    Writes the DTB (QEMU's tree for this machine, ``/firmware/sdei``, ``/chosen`` with the command
+    line, the initrd range and a fresh ``kaslr-seed``) to ``dtb_out``. The caller adds its own
+    devices, monitors and the sidecar's QMP socket.
+    :raise ConfigError: missing files, a bad version.
+    """
+    kernel, dtb_out = Path(kernel), Path(dtb_out)
+    _check_kernel(kernel)
+    initrd_path = Path(initrd) if initrd is not None else None
+    if initrd_path is not None:
+        _check_file(initrd_path, "initrd")
+    psci_version = _version(psci, PSCI_FUNCTIONS, "PSCI")
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-qemu-args-") as scratch:
+        spec = await qemu_spec(
+            Path(scratch), kernel, initrd=initrd_path, cmdline=append, smp=smp, cpu=cpu, conduit="el2",
+            psci_version=psci_version,
+        )  # fmt: skip
+        dtb_out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(scratch) / "sdei.dtb", dtb_out)
+    machine = ",".join([spec.machine, *(f"{k}={v}" for k, v in spec.machine_options.items())])
+    return [
+        "-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb),
+        *stub.qemu_args(kernel, dtb_out.resolve(), initrd=initrd_path),
+    ]  # fmt: skip
+
+
 async def _boot(
     report: BootReport, spec: QemuSpec, kernel: Path | None, work: Path, *, timeout: float, console: Path | str | None
 ) -> None:
@@ -386,8 +425,7 @@ async def _boot(
         report.timings["sidecar_attach"] = sidecar.attach_seconds
         if report.reason is None:
             await _wait_lines(report, vm, sidecar_task, started, deadline)
-            if sidecar_task.done() and sidecar.shutdown_reason and report.reason is not None:
-                report.reason += f" ({sidecar.shutdown_reason})"
+            _add_sidecar_cause(report, sidecar, sidecar_task)
             await _read_vbar(report, sidecar)
         _collect_conduit(report, sidecar)
     finally:
@@ -494,6 +532,12 @@ def _judge(report: BootReport) -> None:
         report.fail(f"the kernel detected PSCI {psci.version}, but the sidecar pinned {report.expected['psci']}")
     if report.reason is None:
         report.passed = True
+
+
+def _add_sidecar_cause(report: BootReport, sidecar: Sidecar, task: asyncio.Task[ExitCode]) -> None:
+    """A sidecar that gave up (a conduit that cannot serve this guest) says why: add it."""
+    if report.reason is not None and task.done() and sidecar.shutdown_reason:
+        report.reason += f" ({sidecar.shutdown_reason})"
 
 
 async def _read_vbar(report: BootReport, sidecar: Sidecar) -> None:

@@ -7,6 +7,7 @@ Subcommands::
     qmp-sdei check-config vm1.toml
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
                        [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
+    qmp-sdei qemu-args --kernel IMAGE --dtb-out FILE [--initrd FILE] [--append ARGS] [--smp N] [--cpu MODEL]
     qmp-sdei version
 
 Errors the user can act on print one line to stderr and exit with a documented code
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -68,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--initrd", type=Path, help="initrd to boot with")
     boot.add_argument("--cpu", default="cortex-a57", help="QEMU CPU model (default cortex-a57)")
     boot.add_argument("--console", type=Path, help="write the whole guest console to this file")
+
+    qargs = sub.add_parser(
+        "qemu-args", help="write the SDEI DTB and print the QEMU arguments that boot a kernel through the EL2 stub"
+    )
+    qargs.add_argument("--kernel", required=True, type=Path, help="arm64 Image to boot")
+    qargs.add_argument("--dtb-out", required=True, type=Path, help="where to write the guest's DTB")
+    qargs.add_argument("--initrd", type=Path)
+    qargs.add_argument("--append", default="console=ttyAMA0", help="kernel command line")
+    qargs.add_argument("--smp", type=int, default=1)
+    qargs.add_argument("--cpu", default="cortex-a57")
+    qargs.add_argument("--memory", type=int, default=1024, help="MiB")
+    qargs.add_argument("--psci", default="1.1", help="PSCI version the DTB advertises (match [psci] version)")
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -149,11 +163,31 @@ def _cmd_boot_test(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _cmd_qemu_args(args: argparse.Namespace) -> int:
+    from qmp_sdei.boottest import stub_boot_args  # noqa: PLC0415 (pulls in the DTB tooling)
+
+    argv = asyncio.run(
+        stub_boot_args(
+            args.kernel,
+            args.dtb_out,
+            initrd=args.initrd,
+            append=args.append,
+            smp=args.smp,
+            cpu=args.cpu,
+            memory_mb=args.memory,
+            psci=args.psci,
+        )
+    )
+    print(shlex.join(argv))
+    return 0
+
+
 COMMANDS = {
     "run": _cmd_run,
     "status": _cmd_status,
     "check-config": _cmd_check_config,
     "boot-test": _cmd_boot_test,
+    "qemu-args": _cmd_qemu_args,
 }
 
 
