@@ -349,6 +349,7 @@ async def qemu_spec(
         bootargs=cmdline,
         initrd=stub.initrd_range(initrd) if initrd is not None else None,
         kaslr_seed=secrets.randbits(64),  # QEMU's dumped (and cached) tree would repeat its seed
+        reserve=(stub.STUB_BASE, stub.STUB_RESERVED),
     )
     spec.extra_args = stub.qemu_args(kernel, dtb, initrd=initrd)
     return spec

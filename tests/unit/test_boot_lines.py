@@ -36,3 +36,9 @@ def test_chosen_overlay_carries_cmdline_initrd_and_seed() -> None:
 def test_chosen_overlay_refuses_what_a_dts_string_cannot_hold() -> None:
     with pytest.raises(ConfigError, match="command line"):
         chosen_overlay('init="/bin/sh"', None, None)
+
+
+def test_chosen_overlay_reserves_the_stub() -> None:
+    text = chosen_overlay("quiet", None, None, (0x4010_0000, 0x2_0000))
+    assert "qmp-sdei-el2-stub@40100000 {" in text
+    assert "reg = <0x0 0x40100000 0x0 0x20000>;" in text and "no-map;" in text

@@ -42,6 +42,9 @@ def test_header_matches_the_elf_symbols() -> None:
     assert layout.percpu == symbols["percpu"]
     assert (layout.kernel, layout.dtb) == (stub.KERNEL_ADDR, stub.DTB_ADDR)
     assert layout.percpu_size == 1024 and layout.max_cpus == 64 and layout.idle_poll_us == 1000
+    # Everything the stub uses lies in the region the DTB reserves for it.
+    end = layout.percpu + layout.max_cpus * layout.percpu_size
+    assert STUB_BASE <= layout.trap_site < end <= STUB_BASE + stub.STUB_RESERVED
     # The trap and wake sites are nops the breakpoints sit on.
     nop = (0xD503201F).to_bytes(4, "little")
     assert _loaded(image, layout.trap_site, 4) == nop

@@ -17,6 +17,7 @@ from qmp_sdei.errors import ConduitError
 
 STUB_ELF = Path(__file__).with_name("el2stub.elf")
 STUB_BASE = 0x4010_0000  # link address (link.ld); EL2 runs with the MMU off, so also its PA
+STUB_RESERVED = 0x2_0000  # the stub's code, data, per-CPU areas and stacks: the guest must not use it
 KERNEL_ADDR = 0x4020_0000  # where the stub enters the kernel Image (header boot_kernel)
 DTB_ADDR = 0x4800_0000  # what the stub passes in x0 (header boot_dtb)
 MAGIC = b"QSDEIEL2"
