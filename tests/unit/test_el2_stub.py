@@ -75,9 +75,10 @@ def test_checked_in_elf_is_built_from_the_source(tmp_path: Path) -> None:
     for name in ("el2stub.S", "link.ld", "Makefile"):
         shutil.copy(STUB_DIR / name, tmp_path / name)
     subprocess.run(["make", "-s", "-C", str(tmp_path)], check=True, capture_output=True)
-    assert (tmp_path / "el2stub.elf").read_bytes() == STUB_ELF.read_bytes(), (
-        "src/qmp_sdei/stub/el2stub.elf is stale: run make -C src/qmp_sdei/stub and commit it"
-    )
+    for name in ("el2stub.elf", "el2stub.bin"):
+        assert (tmp_path / name).read_bytes() == (STUB_DIR / name).read_bytes(), (
+            f"src/qmp_sdei/stub/{name} is stale: run make -C src/qmp_sdei/stub and commit it"
+        )
 
 
 def test_qemu_args_place_the_pieces_where_the_stub_looks(tmp_path: Path) -> None:
@@ -89,3 +90,20 @@ def test_qemu_args_place_the_pieces_where_the_stub_looks(tmp_path: Path) -> None
     assert f"loader,file=/d/x.dtb,addr={stub.DTB_ADDR:#x},force-raw=on" in args
     assert f"loader,file={initrd},addr={stub.INITRD_ADDR:#x},force-raw=on" in args
     assert stub.initrd_range(initrd) == (stub.INITRD_ADDR, stub.INITRD_ADDR + 100)
+
+
+def test_raw_binary_is_the_elf_text() -> None:
+    image = _image()
+    text = next(r for r in image.regions() if r.vaddr == STUB_BASE)
+    assert stub.STUB_BIN.read_bytes() == bytes(image.region_bytes(text))
+
+
+def test_firmware_boot_places_the_stub_above_the_firmware_memory() -> None:
+    base = stub.firmware_stub_base(1024)
+    assert base == 0x4000_0000 + (1 << 30) - stub.FIRMWARE_SLOT
+    ram_base, size = stub.firmware_memory(1024)
+    assert ram_base + size == base  # the firmware and the OS see RAM up to the stub, not beyond
+    args = stub.firmware_qemu_args(Path("/fw.fd"), Path("/g.dtb"), 1024)
+    assert f"loader,file={stub.STUB_BIN},addr={base:#x},force-raw=on" in args
+    assert f"loader,addr={base + 4:#x},cpu-num=0" in args  # _start + 4: the firmware entry
+    assert base in stub.probe_addresses() and stub.probe_addresses()[0] == stub.STUB_BASE

@@ -9,6 +9,9 @@
  * stub forwards every call to QEMU's PSCI with `smc #0` from EL2: the guest boots normally and
  * finds no SDEI.
  *
+ * The code is position independent: el2stub.elf runs at its link address (direct boot), the raw
+ * el2stub.bin wherever it is loaded (firmware boot: the top of RAM, hidden from the firmware).
+ *
  * The stub needs no kernel symbols and survives KASLR, KPTI and kernel updates inside the guest.
  * It keeps per-CPU areas (TPIDR_EL2 points at the vCPU's) whose layout is fixed by the header
  * below; the sidecar reads and writes them in guest physical memory. See docs/el2-stub.md.
@@ -57,8 +60,8 @@
 	.section .text.head, "ax"
 	.global	_start
 _start:
-	b	primary_entry
-	.balign	8
+	b	primary_entry			/* direct boot: -kernel el2stub.elf */
+	b	firmware_entry			/* firmware boot: -device loader,addr=_start+4,cpu-num=0 */
 	/* The header: the sidecar finds everything through it (stub base + offset). */
 header:
 	.ascii	"QSDEIEL2"			/* 0x08 magic */
@@ -79,6 +82,8 @@ boot_dtb:
 	.quad	stub_wake_site - _start		/* 0x50 */
 	.quad	stub_idle - _start		/* 0x58: the idle loop is [stub_idle, stub_idle_end) */
 	.quad	stub_idle_end - _start		/* 0x60 */
+boot_firmware:
+	.quad	0x0				/* 0x68: where firmware_entry enters (virt's flash) */
 
 	.text
 /* x0 = MPIDR -> x0 = this vCPU's per-CPU area. Clobbers x1. (The CPU_ON path inlines it.) */
@@ -95,6 +100,7 @@ area_of:
 el2_setup:
 	msr	tpidr_el2, x19
 	str	xzr, [x19, #A_RESUME_FLAGS]	/* RAM survives a guest reset: nothing stale */
+	str	xzr, [x19, #A_KICK]
 	add	x0, x19, #PERCPU_SIZE
 	mov	sp, x0
 	adr	x0, el2_vectors
@@ -147,6 +153,18 @@ primary_entry:
 	adr	x0, boot_kernel
 	ldr	x1, [x0]
 	ldr	x0, [x0, #(boot_dtb - boot_kernel)]
+	b	enter_el1
+
+/* Firmware boot (UEFI in flash): the firmware runs at EL1 as it would under KVM, and finds its
+ * DTB where QEMU put it. */
+firmware_entry:
+	mrs	x0, mpidr_el1
+	bl	area_of
+	mov	x19, x0
+	bl	el2_setup
+	adr	x0, boot_firmware
+	ldr	x1, [x0]
+	mov	x0, xzr
 	b	enter_el1
 
 /* PSCI CPU_ON lands here at EL2 with x0 = the target's per-CPU area (see the call path). */
