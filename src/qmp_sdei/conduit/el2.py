@@ -46,8 +46,8 @@ from qmp_sdei.stub import (
     MAGIC,
     RESUME_EL1,
     RESUME_EL2,
-    STUB_BASE,
     StubLayout,
+    probe_addresses,
 )
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,18 @@ async def use_physical_memory(rsp: RspClient, physical: bool = True) -> None:
 async def probe_stub(rsp: RspClient) -> StubLayout | None:
     """The stub's layout if the VM was booted through it, else None. The VM must be stopped.
 
-    Leaves the stub in physical-memory mode exactly when it returns a layout.
+    Looks at the direct-boot address, then at the firmware-boot slot at the top of RAM for RAM
+    sizes in steps of 256 MiB. Leaves the stub in physical-memory mode exactly when it returns a
+    layout.
     """
     await use_physical_memory(rsp)
-    try:
-        header = await rsp.read_memory(STUB_BASE, HEADER_SIZE)
-    except ConduitError:
-        header = b""
-    if header[8:16] == MAGIC:
-        return StubLayout.parse(STUB_BASE, header)
+    for base in probe_addresses():
+        try:
+            header = await rsp.read_memory(base, HEADER_SIZE)
+        except ConduitError:
+            continue
+        if header[8:16] == MAGIC:
+            return StubLayout.parse(base, header)
     await use_physical_memory(rsp, physical=False)
     return None
 

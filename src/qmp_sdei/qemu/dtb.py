@@ -232,13 +232,18 @@ async def decompile_dtb(dtb: Path, *, timeout: float = 60.0) -> str:
 
 
 def chosen_overlay(
-    bootargs: str, initrd: tuple[int, int] | None, kaslr_seed: int | None, reserve: tuple[int, int] | None = None
+    bootargs: str,
+    initrd: tuple[int, int] | None,
+    kaslr_seed: int | None,
+    reserve: tuple[int, int] | None = None,
+    memory: tuple[int, int] | None = None,
 ) -> str:
     """A ``/chosen`` block: the kernel command line, the initrd range, a KASLR seed.
 
     For a kernel QEMU does not boot itself (the EL2 stub enters it), QEMU fills in none of these,
     and a cached tree would repeat its one ``kaslr-seed`` on every boot. ``reserve`` (address, size)
     becomes a ``no-map`` ``/reserved-memory`` region: memory the guest must never touch (the stub).
+    ``memory`` (base, size) replaces the RAM range of QEMU's ``memory@40000000`` node.
     """
     if any(c in bootargs for c in '"\\\n\0'):
         raise ConfigError(f"kernel command line {bootargs!r} has a character a DTB string cannot hold")
@@ -249,6 +254,10 @@ def chosen_overlay(
     if kaslr_seed is not None:
         lines.append(f"\t\tkaslr-seed = <{kaslr_seed >> 32:#x} {kaslr_seed & 0xFFFF_FFFF:#x}>;")
     lines.append("\t};")
+    if memory is not None:
+        base, size = memory
+        cells = f"{base >> 32:#x} {base & 0xFFFF_FFFF:#x} {size >> 32:#x} {size & 0xFFFF_FFFF:#x}"
+        lines += ["\tmemory@40000000 {", f"\t\treg = <{cells}>;", "\t};"]
     if reserve is not None:
         addr, size = reserve
         lines += [
@@ -274,10 +283,11 @@ async def add_chosen(
     initrd: tuple[int, int] | None = None,
     kaslr_seed: int | None = None,
     reserve: tuple[int, int] | None = None,
+    memory: tuple[int, int] | None = None,
     timeout: float = 60.0,
 ) -> Path:
     """Write ``dtb`` with :func:`chosen_overlay` merged in to ``out``; return ``out``."""
-    overlay = chosen_overlay(bootargs, initrd, kaslr_seed, reserve)
+    overlay = chosen_overlay(bootargs, initrd, kaslr_seed, reserve, memory)
     with tempfile.TemporaryDirectory(prefix="qmp-sdei-dtb-") as scratch:
         dts, result = Path(scratch, "in.dts"), Path(scratch, "out.dtb")
         await _dtc(["-I", "dtb", "-O", "dts", "-o", str(dts), str(dtb)], timeout, f"decompiling {dtb}")
