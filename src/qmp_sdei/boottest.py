@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -60,7 +61,8 @@ SYMBOLS_APPEND = "console=ttyAMA0 nokaslr panic=-1 nohlt"
 """The symbol conduit's trap sites are link addresses: it needs ``nokaslr``."""
 CPU = "cortex-a57"
 CONDUITS = ("el2", "symbols")
-FIRMWARES = ("direct",)
+FIRMWARES = ("direct", "uefi")
+UEFI_FIRMWARE = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")  # Debian's qemu-efi-aarch64
 MEMORY_MB = 1024
 VM_NAME = "boot-test"
 HARNESS_NAME = "boot-test-harness"
@@ -283,6 +285,8 @@ async def run_boot_test(
         raise ConfigError(f"boot-test: --firmware {firmware!r} is not supported (choose {', '.join(FIRMWARES)})")
     if conduit not in CONDUITS:
         raise ConfigError(f"boot-test: --conduit {conduit!r} is not one of {', '.join(CONDUITS)}")
+    if firmware == "uefi" and conduit != "el2":
+        raise ConfigError("boot-test: --firmware uefi needs the el2 conduit (the host does not trap a disk's kernel)")
     _check_kernel(kernel)
     initrd_path = Path(initrd) if initrd is not None else None
     if initrd_path is not None:
@@ -308,7 +312,7 @@ async def run_boot_test(
         try:
             spec = await qemu_spec(
                 work, kernel, initrd=initrd_path, cmdline=cmdline, smp=smp, cpu=cpu, conduit=conduit,
-                psci_version=psci_version,
+                psci_version=psci_version, firmware=firmware,
             )  # fmt: skip
         except SdeiError as err:
             return report.fail(f"cannot build the SDEI device tree: {err}")
@@ -327,10 +331,16 @@ async def qemu_spec(
     cpu: str,
     conduit: str,
     psci_version: Version,
+    firmware: str = "direct",
 ) -> QemuSpec:
-    """The QEMU to start (DTB built in ``work``): a direct ``-kernel`` boot for the symbol
-    conduit, or the EL2 stub entering the kernel for ``conduit="el2"``."""
+    """The QEMU to start (DTB, and for UEFI the disk, built in ``work``): a direct ``-kernel``
+    boot for the symbol conduit, or the EL2 stub entering the kernel (``conduit="el2"``), or the
+    EL2 stub entering UEFI which boots the kernel from a disk image (``firmware="uefi"``)."""
     psci_compatible = psci_compatible_for(psci_version)
+    if firmware == "uefi":
+        return await _uefi_spec(
+            work, kernel, initrd=initrd, cmdline=cmdline, smp=smp, cpu=cpu, psci_compatible=psci_compatible
+        )
     if conduit == "symbols":
         extra = ["-initrd", str(initrd)] if initrd is not None else []
         spec = QemuSpec(
@@ -353,6 +363,77 @@ async def qemu_spec(
     )
     spec.extra_args = stub.qemu_args(kernel, dtb, initrd=initrd)
     return spec
+
+
+async def _uefi_spec(
+    work: Path,
+    kernel: Path,
+    *,
+    initrd: Path | None,
+    cmdline: str,
+    smp: int,
+    cpu: str,
+    psci_compatible: tuple[str, ...],
+) -> QemuSpec:
+    """UEFI (Debian's ``qemu-efi-aarch64``) from a disk holding the kernel, entered by the stub at
+    EL1; DT boot (``acpi=off``, see docs/el2-stub.md); ``virtio-rng`` so the EFI stub randomises
+    the kernel's physical and virtual placement. The sidecar is never told about the kernel."""
+    if not UEFI_FIRMWARE.is_file():
+        raise ConfigError(f"boot-test: UEFI firmware {UEFI_FIRMWARE} not found (Debian package qemu-efi-aarch64)")
+    spec = QemuSpec(
+        smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options={"virtualization": "on", "acpi": "off"},
+        paused=True, name=VM_NAME,
+    )  # fmt: skip
+    base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
+    dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(MEMORY_MB))
+    disk = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline)
+    spec.extra_args = [
+        *stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, MEMORY_MB),
+        "-drive", f"if=none,id=disk0,format=raw,file={disk}",
+        "-device", "virtio-blk-pci,drive=disk0",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+    return spec
+
+
+async def build_efi_disk(out: Path, kernel: Path, *, initrd: Path | None, cmdline: str) -> Path:
+    """A raw FAT disk image the firmware boots: the kernel (an EFI application) as the removable-
+    media default ``EFI/BOOT/BOOTAA64.EFI`` (command line from the DT's ``/chosen``), or, with an
+    initrd, ``vmlinuz`` + ``initrd.img`` started by the UEFI shell's ``startup.nsh``.
+    :raise ConfigError: mkfs.vfat or mtools missing; :raise SdeiError: a tool failed."""
+    for tool in ("mkfs.vfat", "mmd", "mcopy"):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"boot-test: {tool} not found (Debian packages dosfstools and mtools)")
+    payload = kernel.stat().st_size + (initrd.stat().st_size if initrd is not None else 0)
+    size_kib = (payload // 1024 + 16 * 1024) // 1024 * 1024
+    out.unlink(missing_ok=True)
+    steps = [["mkfs.vfat", "-C", "-n", "QSDEI", str(out), str(size_kib)]]
+    if initrd is None:
+        steps += [
+            ["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"],
+            ["mcopy", "-i", str(out), str(kernel), "::/EFI/BOOT/BOOTAA64.EFI"],
+        ]
+    else:
+        script = out.with_name("startup.nsh")
+        script.write_text(f"fs0:\r\n\\vmlinuz initrd=\\initrd.img {cmdline}\r\n", encoding="ascii")
+        steps += [
+            ["mcopy", "-i", str(out), str(kernel), "::/vmlinuz"],
+            ["mcopy", "-i", str(out), str(initrd), "::/initrd.img"],
+            ["mcopy", "-i", str(out), str(script), "::/startup.nsh"],
+        ]
+    for argv in steps:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+        )
+        output, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise SdeiError(
+                f"building the EFI disk: {' '.join(argv)} failed: {output.decode(errors='replace').strip()}"
+            )
+    return out
 
 
 async def stub_boot_args(

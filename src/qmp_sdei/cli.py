@@ -59,7 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--smp", type=int, default=1)
     boot.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the console lines")
     boot.add_argument("--json", action="store_true", help="print the report as JSON")
-    boot.add_argument("--firmware", default="direct", choices=("direct",), help="how the kernel is booted")
+    boot.add_argument(
+        "--firmware",
+        default="direct",
+        choices=("direct", "uefi"),
+        help="direct: the stub enters the kernel; uefi: the stub enters UEFI, which boots the kernel from a disk",
+    )
     boot.add_argument(
         "--conduit",
         default="el2",
