@@ -248,3 +248,25 @@ async def test_stale_trap_site_fails_loudly(kernel: Path, tmp_path: Path, monkey
     print(report.text())
     assert not report.passed
     assert report.reason is not None and "do not hold hvc/smc" in report.reason, report.reason
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+@pytest.mark.skipif(not boottest.UEFI_FIRMWARE.is_file(), reason="qemu-efi-aarch64 not installed")
+@pytest.mark.parametrize(("cpu", "smp"), [("cortex-a57", 2), ("max", 1)], ids=["a57-smp2", "max-smp1"])
+async def test_uefi_boot_from_a_disk_image(kernel: Path, tmp_path: Path, cpu: str, smp: int) -> None:
+    """UEFI entered by the stub boots the kernel from a disk image boot-test builds; virtio-rng lets
+    the EFI stub randomise the placement; the sidecar has no kernel image at all."""
+    console = tmp_path / "console.txt"
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=smp, cpu=cpu, timeout=TIMEOUT * 2, workdir=tmp_path,
+        firmware="uefi", console=console,
+    )  # fmt: skip
+    print(report.text())
+    assert_passed(report, "1.1", "1.0")
+    text = console.read_text(errors="replace")
+    assert "EFI stub: Using DTB from configuration table" in text
+    assert "All CPU(s) started at EL1" in text
+    config = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert config["pins"]["psci"] == "1.0"
+    assert report.firmware == "uefi" and report.to_dict()["firmware"] == "uefi"
