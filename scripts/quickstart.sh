@@ -12,6 +12,7 @@ APT_PACKAGES=(
     gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu   # the bare-metal test guests
     libc6-dev-arm64-cross make      # the Linux test module and its static /init
     device-tree-compiler            # dtc: the DTB with /firmware/sdei
+    qemu-efi-aarch64 dosfstools mtools   # UEFI boot tests: firmware, and the FAT disk holding the kernel
     dbus mosquitto                  # migration (dbus-vmstate) and orchestration tests
 )
 

@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
+import shutil
 import statistics
 import tempfile
 import time
@@ -41,6 +43,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from qmp_sdei import stub
+from qmp_sdei.conduit.el2 import El2Conduit
 from qmp_sdei.conduit.traps import LINUX_DT_SDEI_FIX_SYMBOL, kernel_has_dt_sdei_fix, load_kallsyms
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
@@ -58,7 +61,8 @@ SYMBOLS_APPEND = "console=ttyAMA0 nokaslr panic=-1 nohlt"
 """The symbol conduit's trap sites are link addresses: it needs ``nokaslr``."""
 CPU = "cortex-a57"
 CONDUITS = ("el2", "symbols")
-FIRMWARES = ("direct",)
+FIRMWARES = ("direct", "uefi")
+UEFI_FIRMWARE = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")  # Debian's qemu-efi-aarch64
 MEMORY_MB = 1024
 VM_NAME = "boot-test"
 HARNESS_NAME = "boot-test-harness"
@@ -118,6 +122,8 @@ class BootReport:
     #: the conduit's counters at the end of the test (traps, SDEI calls, PSCI answered/passed through)
     conduit: dict[str, Any] = field(default_factory=dict)
     sidecar_exit: int | None = None
+    #: the guest's VBAR_EL1 once the lines were seen (EL2 conduit): differs per boot under KASLR
+    vbar_el1: int | None = None
     console_tail: list[str] = field(default_factory=list)
 
     def fail(self, reason: str) -> BootReport:
@@ -141,6 +147,7 @@ class BootReport:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "conduit": dict(self.conduit),
             "sidecar_exit": self.sidecar_exit,
+            "vbar_el1": None if self.vbar_el1 is None else f"{self.vbar_el1:#x}",
             "console_tail": list(self.console_tail),
         }
 
@@ -164,6 +171,8 @@ class BootReport:
             if line.kernel_timestamp_s is not None:
                 when += f", kernel time {line.kernel_timestamp_s:.3f}s"
             out.append(f"  {line.text}  ({when})")
+        if self.vbar_el1 is not None:
+            out.append(f"  VBAR_EL1 {self.vbar_el1:#x}")
         if self.timings:
             out.append("  timings: " + ", ".join(f"{k}={v:.3f}s" for k, v in self.timings.items()))
         if self.conduit:
@@ -276,6 +285,8 @@ async def run_boot_test(
         raise ConfigError(f"boot-test: --firmware {firmware!r} is not supported (choose {', '.join(FIRMWARES)})")
     if conduit not in CONDUITS:
         raise ConfigError(f"boot-test: --conduit {conduit!r} is not one of {', '.join(CONDUITS)}")
+    if firmware == "uefi" and conduit != "el2":
+        raise ConfigError("boot-test: --firmware uefi needs the el2 conduit (the host does not trap a disk's kernel)")
     _check_kernel(kernel)
     initrd_path = Path(initrd) if initrd is not None else None
     if initrd_path is not None:
@@ -301,7 +312,7 @@ async def run_boot_test(
         try:
             spec = await qemu_spec(
                 work, kernel, initrd=initrd_path, cmdline=cmdline, smp=smp, cpu=cpu, conduit=conduit,
-                psci_version=psci_version,
+                psci_version=psci_version, firmware=firmware,
             )  # fmt: skip
         except SdeiError as err:
             return report.fail(f"cannot build the SDEI device tree: {err}")
@@ -320,10 +331,16 @@ async def qemu_spec(
     cpu: str,
     conduit: str,
     psci_version: Version,
+    firmware: str = "direct",
 ) -> QemuSpec:
-    """The QEMU to start (DTB built in ``work``): a direct ``-kernel`` boot for the symbol
-    conduit, or the EL2 stub entering the kernel for ``conduit="el2"``."""
+    """The QEMU to start (DTB, and for UEFI the disk, built in ``work``): a direct ``-kernel``
+    boot for the symbol conduit, or the EL2 stub entering the kernel (``conduit="el2"``), or the
+    EL2 stub entering UEFI which boots the kernel from a disk image (``firmware="uefi"``)."""
     psci_compatible = psci_compatible_for(psci_version)
+    if firmware == "uefi":
+        return await _uefi_spec(
+            work, kernel, initrd=initrd, cmdline=cmdline, smp=smp, cpu=cpu, psci_compatible=psci_compatible
+        )
     if conduit == "symbols":
         extra = ["-initrd", str(initrd)] if initrd is not None else []
         spec = QemuSpec(
@@ -342,9 +359,119 @@ async def qemu_spec(
         bootargs=cmdline,
         initrd=stub.initrd_range(initrd) if initrd is not None else None,
         kaslr_seed=secrets.randbits(64),  # QEMU's dumped (and cached) tree would repeat its seed
+        reserve=(stub.STUB_BASE, stub.STUB_RESERVED),
     )
     spec.extra_args = stub.qemu_args(kernel, dtb, initrd=initrd)
     return spec
+
+
+async def _uefi_spec(
+    work: Path,
+    kernel: Path,
+    *,
+    initrd: Path | None,
+    cmdline: str,
+    smp: int,
+    cpu: str,
+    psci_compatible: tuple[str, ...],
+) -> QemuSpec:
+    """UEFI (Debian's ``qemu-efi-aarch64``) from a disk holding the kernel, entered by the stub at
+    EL1; DT boot (``acpi=off``, see docs/el2-stub.md); ``virtio-rng`` so the EFI stub randomises
+    the kernel's physical and virtual placement. The sidecar is never told about the kernel."""
+    if not UEFI_FIRMWARE.is_file():
+        raise ConfigError(f"boot-test: UEFI firmware {UEFI_FIRMWARE} not found (Debian package qemu-efi-aarch64)")
+    spec = QemuSpec(
+        smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options={"virtualization": "on", "acpi": "off"},
+        paused=True, name=VM_NAME,
+    )  # fmt: skip
+    base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
+    dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(MEMORY_MB))
+    disk = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline)
+    spec.extra_args = [
+        *stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, MEMORY_MB),
+        "-drive", f"if=none,id=disk0,format=raw,file={disk}",
+        "-device", "virtio-blk-pci,drive=disk0",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+    return spec
+
+
+async def build_efi_disk(out: Path, kernel: Path, *, initrd: Path | None, cmdline: str) -> Path:
+    """A raw FAT disk image the firmware boots: the kernel (an EFI application) as the removable-
+    media default ``EFI/BOOT/BOOTAA64.EFI`` (command line from the DT's ``/chosen``), or, with an
+    initrd, ``vmlinuz`` + ``initrd.img`` started by the UEFI shell's ``startup.nsh``.
+    :raise ConfigError: mkfs.vfat or mtools missing; :raise SdeiError: a tool failed."""
+    for tool in ("mkfs.vfat", "mmd", "mcopy"):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"boot-test: {tool} not found (Debian packages dosfstools and mtools)")
+    payload = kernel.stat().st_size + (initrd.stat().st_size if initrd is not None else 0)
+    size_kib = (payload // 1024 + 16 * 1024) // 1024 * 1024
+    out.unlink(missing_ok=True)
+    steps = [["mkfs.vfat", "-C", "-n", "QSDEI", str(out), str(size_kib)]]
+    if initrd is None:
+        steps += [
+            ["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"],
+            ["mcopy", "-i", str(out), str(kernel), "::/EFI/BOOT/BOOTAA64.EFI"],
+        ]
+    else:
+        script = out.with_name("startup.nsh")
+        script.write_text(f"fs0:\r\n\\vmlinuz initrd=\\initrd.img {cmdline}\r\n", encoding="ascii")
+        steps += [
+            ["mcopy", "-i", str(out), str(kernel), "::/vmlinuz"],
+            ["mcopy", "-i", str(out), str(initrd), "::/initrd.img"],
+            ["mcopy", "-i", str(out), str(script), "::/startup.nsh"],
+        ]
+    for argv in steps:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+        )
+        output, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise SdeiError(
+                f"building the EFI disk: {' '.join(argv)} failed: {output.decode(errors='replace').strip()}"
+            )
+    return out
+
+
+async def stub_boot_args(
+    kernel: Path | str,
+    dtb_out: Path | str,
+    *,
+    initrd: Path | str | None = None,
+    append: str = APPEND,
+    smp: int = 1,
+    cpu: str = CPU,
+    memory_mb: int = MEMORY_MB,
+    psci: str = "1.1",
+) -> list[str]:
+    """QEMU arguments (machine, CPU, memory, and the stub boot) for ``qmp-sdei qemu-args``.
+
+    Writes the DTB (QEMU's tree for this machine, ``/firmware/sdei``, ``/chosen`` with the command
+    line, the initrd range and a fresh ``kaslr-seed``) to ``dtb_out``. The caller adds its own
+    devices, monitors and the sidecar's QMP socket.
+    :raise ConfigError: missing files, a bad version.
+    """
+    kernel, dtb_out = Path(kernel), Path(dtb_out)
+    _check_kernel(kernel)
+    initrd_path = Path(initrd) if initrd is not None else None
+    if initrd_path is not None:
+        _check_file(initrd_path, "initrd")
+    psci_version = _version(psci, PSCI_FUNCTIONS, "PSCI")
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-qemu-args-") as scratch:
+        spec = await qemu_spec(
+            Path(scratch), kernel, initrd=initrd_path, cmdline=append, smp=smp, cpu=cpu, conduit="el2",
+            psci_version=psci_version,
+        )  # fmt: skip
+        dtb_out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(scratch) / "sdei.dtb", dtb_out)
+    machine = ",".join([spec.machine, *(f"{k}={v}" for k, v in spec.machine_options.items())])
+    return [
+        "-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb),
+        *stub.qemu_args(kernel, dtb_out.resolve(), initrd=initrd_path),
+    ]  # fmt: skip
 
 
 async def _boot(
@@ -380,6 +507,8 @@ async def _boot(
         report.timings["sidecar_attach"] = sidecar.attach_seconds
         if report.reason is None:
             await _wait_lines(report, vm, sidecar_task, started, deadline)
+            _add_sidecar_cause(report, sidecar, sidecar_task)
+            await _read_vbar(report, sidecar)
         _collect_conduit(report, sidecar)
     finally:
         if resume_task is not None:
@@ -485,6 +614,21 @@ def _judge(report: BootReport) -> None:
         report.fail(f"the kernel detected PSCI {psci.version}, but the sidecar pinned {report.expected['psci']}")
     if report.reason is None:
         report.passed = True
+
+
+def _add_sidecar_cause(report: BootReport, sidecar: Sidecar, task: asyncio.Task[ExitCode]) -> None:
+    """A sidecar that gave up (a conduit that cannot serve this guest) says why: add it."""
+    if report.reason is not None and task.done() and sidecar.shutdown_reason:
+        report.reason += f" ({sidecar.shutdown_reason})"
+
+
+async def _read_vbar(report: BootReport, sidecar: Sidecar) -> None:
+    """Where the kernel's vectors are this boot (informational: the rootless guest may already be
+    panicking and gone)."""
+    conduit = sidecar.conduit
+    if isinstance(conduit, El2Conduit):
+        with contextlib.suppress(SdeiError, TimeoutError):
+            report.vbar_el1 = await asyncio.wait_for(conduit.read_system_register("VBAR_EL1"), 5.0)
 
 
 def _collect_conduit(report: BootReport, sidecar: Sidecar) -> None:

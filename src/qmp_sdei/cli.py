@@ -10,6 +10,7 @@ Subcommands::
     qmp-sdei check-config vm1.toml
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
                        [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
+    qmp-sdei qemu-args --kernel IMAGE --dtb-out FILE [--initrd FILE] [--append ARGS] [--smp N] [--cpu MODEL]
     qmp-sdei version
 
 Errors the user can act on print one line to stderr and exit with a documented code
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -78,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--smp", type=int, default=1)
     boot.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the console lines")
     boot.add_argument("--json", action="store_true", help="print the report as JSON")
-    boot.add_argument("--firmware", default="direct", choices=("direct",), help="how the kernel is booted")
+    boot.add_argument(
+        "--firmware",
+        default="direct",
+        choices=("direct", "uefi"),
+        help="direct: the stub enters the kernel; uefi: the stub enters UEFI, which boots the kernel from a disk",
+    )
     boot.add_argument(
         "--conduit",
         default="el2",
@@ -89,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--initrd", type=Path, help="initrd to boot with")
     boot.add_argument("--cpu", default="cortex-a57", help="QEMU CPU model (default cortex-a57)")
     boot.add_argument("--console", type=Path, help="write the whole guest console to this file")
+
+    qargs = sub.add_parser(
+        "qemu-args", help="write the SDEI DTB and print the QEMU arguments that boot a kernel through the EL2 stub"
+    )
+    qargs.add_argument("--kernel", required=True, type=Path, help="arm64 Image to boot")
+    qargs.add_argument("--dtb-out", required=True, type=Path, help="where to write the guest's DTB")
+    qargs.add_argument("--initrd", type=Path)
+    qargs.add_argument("--append", default="console=ttyAMA0", help="kernel command line")
+    qargs.add_argument("--smp", type=int, default=1)
+    qargs.add_argument("--cpu", default="cortex-a57")
+    qargs.add_argument("--memory", type=int, default=1024, help="MiB")
+    qargs.add_argument("--psci", default="1.1", help="PSCI version the DTB advertises (match [psci] version)")
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -325,6 +344,25 @@ def _cmd_boot_test(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _cmd_qemu_args(args: argparse.Namespace) -> int:
+    from qmp_sdei.boottest import stub_boot_args  # noqa: PLC0415 (pulls in the DTB tooling)
+
+    argv = asyncio.run(
+        stub_boot_args(
+            args.kernel,
+            args.dtb_out,
+            initrd=args.initrd,
+            append=args.append,
+            smp=args.smp,
+            cpu=args.cpu,
+            memory_mb=args.memory,
+            psci=args.psci,
+        )
+    )
+    print(shlex.join(argv))
+    return 0
+
+
 COMMANDS = {
     "run": _cmd_run,
     "status": _cmd_status,
@@ -333,6 +371,7 @@ COMMANDS = {
     "migrate": _cmd_migrate,
     "watch": _cmd_watch,
     "boot-test": _cmd_boot_test,
+    "qemu-args": _cmd_qemu_args,
 }
 
 

@@ -17,9 +17,11 @@ import pytest
 
 from qmp_sdei import boottest
 from qmp_sdei.boottest import BootReport, run_boot_test
+from qmp_sdei.conduit import el2
 from qmp_sdei.conduit.traps import Kallsyms
 from qmp_sdei.errors import ConfigError
 from qmp_sdei.linux_kernel import fetch_debian_kernel
+from qmp_sdei.stub import STUB_ELF
 from support.linux import LINUX_MARKS
 
 pytestmark = [*LINUX_MARKS]
@@ -31,6 +33,18 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def kernel() -> Path:
     return fetch_debian_kernel()
+
+
+def _stub_symbols() -> dict[str, int]:
+    out = subprocess.run(["aarch64-linux-gnu-nm", str(STUB_ELF)], capture_output=True, text=True, check=True).stdout
+    return {name: int(addr, 16) for addr, _kind, name in (line.split() for line in out.splitlines())}
+
+
+EL2_SITES = (
+    {_stub_symbols()[name] for name in ("stub_trap_site", "stub_unexpected", "stub_wake_site")}
+    if subprocess.run(["which", "aarch64-linux-gnu-nm"], capture_output=True, check=False).returncode == 0
+    else set()
+)
 
 
 def assert_passed(report: BootReport, sdei: str, psci: str) -> None:
@@ -86,6 +100,10 @@ def test_cli_boot_test_json(kernel: Path) -> None:
     assert doc["conduit"]["traps"] >= doc["conduit"]["sdei_calls"] >= 1
     assert doc["sidecar_exit"] == 0
     assert "Traceback" not in result.stderr
+    # The defaults: the kernel's own command line, trapped at the EL2 stub's sites only.
+    assert doc["cmdline"] == boottest.APPEND and "nokaslr" not in doc["cmdline"]
+    assert doc["conduit_mode"] == "el2"
+    assert doc["conduit"]["trap_sites"] == [f"{a:#x}" for a in sorted(EL2_SITES)]
 
 
 @pytest.mark.parametrize(
@@ -124,9 +142,131 @@ async def test_kernel_without_dt_sdei_fix_is_refused(tmp_path: Path, monkeypatch
     image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
     old_table = Kallsyms([("__arm_smccc_hvc", 0xFFFF_8000_0802_8640), ("__sdei_asm_handler", 0xFFFF_8000_0801_6800)])
     monkeypatch.setattr(boottest, "load_kallsyms", lambda _image: old_table)
-    report = await run_boot_test(image, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=10)
+    report = await run_boot_test(image, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=10, conduit="symbols")
     assert not report.passed
     assert report.reason is not None and "acpi_sdei_init" in report.reason
     assert "FAILED" in report.text() and "acpi_sdei_init" in report.text()
     assert report.to_dict()["passed"] is False
     assert not report.lines
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_two_kaslr_boots_land_at_different_offsets(kernel: Path, tmp_path: Path) -> None:
+    """The kernel's defaults (KASLR on, KPTI forced by it on cortex-a57): pinned versions from the
+    first call, at a different kernel placement each boot, with no kernel symbols on the host."""
+    vbars = []
+    for n in range(2):
+        console = tmp_path / f"console{n}.txt"
+        report = await run_boot_test(
+            kernel, expect_sdei="1.1", expect_psci="1.0", smp=2, timeout=TIMEOUT, workdir=tmp_path / str(n),
+            console=console,
+        )  # fmt: skip
+        print(report.text())
+        assert_passed(report, "1.1", "1.0")
+        text = console.read_text()
+        assert "KASLR enabled" in text or "forced ON by KASLR" in text, text[-2000:]
+        assert "All CPU(s) started at EL1" in text
+        assert report.vbar_el1 is not None
+        vbars.append(report.vbar_el1)
+    assert vbars[0] != vbars[1], f"both boots put the vectors at {vbars[0]:#x}"
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_stub_boot_on_cpu_max(kernel: Path, tmp_path: Path) -> None:
+    """-cpu max: SVE (its callers may set the SMCCC v1.3 hint), PAC and BTI under the stub."""
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=2, cpu="max", timeout=TIMEOUT, workdir=tmp_path,
+        console=tmp_path / "console.txt",
+    )  # fmt: skip
+    print(report.text())
+    assert_passed(report, "1.1", "1.0")
+    assert "SVE: maximum available vector length" in (tmp_path / "console.txt").read_text()
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_symbol_conduit_still_serves_a_nokaslr_kernel(kernel: Path, tmp_path: Path) -> None:
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=TIMEOUT, workdir=tmp_path, conduit="symbols"
+    )
+    print(report.text())
+    assert_passed(report, "1.1", "1.0")
+    assert "nokaslr" in report.cmdline
+    assert len(report.conduit["trap_sites"]) >= 3  # the kernel's own hvc sites, not the stub's
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"firmware": "bios"}, "--firmware 'bios' is not supported"),
+        ({"conduit": "kvm"}, "--conduit 'kvm' is not one of"),
+        ({"initrd": "/nonexistent/initrd"}, "initrd /nonexistent/initrd: no such file"),
+    ],
+    ids=["firmware", "conduit", "initrd"],
+)
+async def test_bad_boot_options_are_refused_before_booting(tmp_path: Path, kwargs: dict[str, str], match: str) -> None:
+    image = tmp_path / "Image"
+    image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    with pytest.raises(ConfigError, match=match):
+        await run_boot_test(image, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_symbol_conduit_on_a_kaslr_kernel_fails_loudly(kernel: Path, tmp_path: Path) -> None:
+    """Never silent: symbol trap sites cannot catch a KASLR kernel, and boot-test says why."""
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=TIMEOUT, workdir=tmp_path, conduit="symbols",
+        append="console=ttyAMA0 panic=-1",
+    )  # fmt: skip
+    print(report.text())
+    assert not report.passed
+    assert report.reason is not None
+    assert "KASLR offset" in report.reason and "EL2 stub" in report.reason, report.reason
+    assert report.sidecar_exit == 5  # ExitCode.CONDUIT
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert "KASLR offset" in status["shutdown_reason"]
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_stale_trap_site_fails_loudly(kernel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trap site that does not hold hvc/smc (the guest runs another kernel than the image read)."""
+    real = el2.linux_trap_sites
+
+    def with_a_stale_site(image: Path, kallsyms: object) -> list[int]:
+        sites = real(image, kallsyms)  # type: ignore[arg-type]
+        return [*sites, sites[0] + 4]  # the instruction after an hvc is not a call
+
+    monkeypatch.setattr(el2, "linux_trap_sites", with_a_stale_site)
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=1, timeout=TIMEOUT, workdir=tmp_path, conduit="symbols"
+    )
+    print(report.text())
+    assert not report.passed
+    assert report.reason is not None and "do not hold hvc/smc" in report.reason, report.reason
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+@pytest.mark.skipif(not boottest.UEFI_FIRMWARE.is_file(), reason="qemu-efi-aarch64 not installed")
+@pytest.mark.parametrize(("cpu", "smp"), [("cortex-a57", 2), ("max", 1)], ids=["a57-smp2", "max-smp1"])
+async def test_uefi_boot_from_a_disk_image(kernel: Path, tmp_path: Path, cpu: str, smp: int) -> None:
+    """UEFI entered by the stub boots the kernel from a disk image boot-test builds; virtio-rng lets
+    the EFI stub randomise the placement; the sidecar has no kernel image at all."""
+    console = tmp_path / "console.txt"
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=smp, cpu=cpu, timeout=TIMEOUT * 2, workdir=tmp_path,
+        firmware="uefi", console=console,
+    )  # fmt: skip
+    print(report.text())
+    assert_passed(report, "1.1", "1.0")
+    text = console.read_text(errors="replace")
+    assert "EFI stub: Using DTB from configuration table" in text
+    assert "All CPU(s) started at EL1" in text
+    config = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert config["pins"]["psci"] == "1.0"
+    assert report.firmware == "uefi" and report.to_dict()["firmware"] == "uefi"

@@ -497,19 +497,27 @@ async def _first(awaitable: Any, sidecar_task: asyncio.Task[ExitCode], timeout: 
 
 @contextlib.asynccontextmanager
 async def booted_linux(
-    guest: LinuxEventGuest, workdir: Path, *, smp: int, timeout: float, conduit: str = "symbols", cpu: str = CPU
+    guest: LinuxEventGuest,
+    workdir: Path,
+    *,
+    smp: int,
+    timeout: float,
+    conduit: str = "symbols",
+    cpu: str = CPU,
+    firmware: str = "direct",
 ) -> AsyncIterator[LinuxEventVm]:
     """Boot the kernel with the initramfs and the sidecar; yield once ``sdei_test: ready`` is printed.
 
     ``conduit="symbols"`` boots ``-kernel`` with ``nokaslr nohlt`` and traps the kernel's call sites;
-    ``"el2"`` boots through the EL2 stub with the kernel's defaults (KASLR, WFI idle).
+    ``"el2"`` boots through the EL2 stub with the kernel's defaults (KASLR, WFI idle), directly or
+    (``firmware="uefi"``) through UEFI from a disk image holding the kernel and the initramfs.
     On exit the sidecar is asked to stop (it detaches; its exit code must be OK) and QEMU is stopped.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     if conduit == "el2":
         spec = await qemu_spec(
             workdir, guest.kernel.image, initrd=guest.initrd, cmdline=EL2_APPEND, smp=smp, cpu=cpu,
-            conduit="el2", psci_version=(1, 1),
+            conduit="el2", psci_version=(1, 1), firmware=firmware,
         )  # fmt: skip
         spec.name = "linux-events"
     else:

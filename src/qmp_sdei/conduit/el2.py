@@ -21,18 +21,24 @@ It must not talk to the stub outside the base class's loop, and keeps no SDEI st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from qmp_sdei.abi import psci, sdei
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id, to_u64
-from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
+from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
+from qmp_sdei.conduit.symbols import NOP, KernelCheckedConduit
+from qmp_sdei.conduit.traps import linux_trap_sites, load_kallsyms
 from qmp_sdei.errors import ConduitError
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
+    A_KICK,
     A_RESUME_FLAGS,
     A_TRAP_ELR2,
     A_TRAP_ESR2,
@@ -40,12 +46,13 @@ from qmp_sdei.stub import (
     MAGIC,
     RESUME_EL1,
     RESUME_EL2,
-    STUB_BASE,
     StubLayout,
+    probe_addresses,
 )
 
 log = logging.getLogger(__name__)
 
+KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
 _RESUME_BLOCK = struct.Struct("<QQQQQ")  # flags, ELR_EL2, SPSR_EL2, ELR_EL1, SPSR_EL1
@@ -68,17 +75,28 @@ async def use_physical_memory(rsp: RspClient, physical: bool = True) -> None:
 async def probe_stub(rsp: RspClient) -> StubLayout | None:
     """The stub's layout if the VM was booted through it, else None. The VM must be stopped.
 
-    Leaves the stub in physical-memory mode exactly when it returns a layout.
+    Looks at the direct-boot address, then at the firmware-boot slot at the top of RAM for RAM
+    sizes in steps of 256 MiB. Leaves the stub in physical-memory mode exactly when it returns a
+    layout.
     """
     await use_physical_memory(rsp)
-    try:
-        header = await rsp.read_memory(STUB_BASE, HEADER_SIZE)
-    except ConduitError:
-        header = b""
-    if header[8:16] == MAGIC:
-        return StubLayout.parse(STUB_BASE, header)
+    for base in probe_addresses():
+        try:
+            header = await rsp.read_memory(base, HEADER_SIZE)
+        except ConduitError:
+            continue
+        if header[8:16] == MAGIC:
+            return StubLayout.parse(base, header)
     await use_physical_memory(rsp, physical=False)
     return None
+
+
+@dataclass
+class El2Stats(ConduitStats):
+    """The base counters plus the stub's idle path."""
+
+    idle_kicks: int = 0  # deliveries to a vCPU idling in the stub: kick flag written
+    idle_wakes: int = 0  # stops at the wake site
 
 
 class El2Conduit(GdbstubConduit):
@@ -92,14 +110,48 @@ class El2Conduit(GdbstubConduit):
         *,
         timeout: float = 10.0,
     ) -> None:
-        super().__init__(rsp, dispatcher, [layout.trap_site, layout.unexpected], timeout=timeout)
+        super().__init__(rsp, dispatcher, [layout.trap_site, layout.unexpected, layout.wake_site], timeout=timeout)
         self.layout = layout
+        self.stats: El2Stats = El2Stats()
         # vCPU -> the exception return its next stub_resume will make, when we changed it this stop
         self._next_return: dict[int, tuple[int, int]] = {}
+        self._kicked: set[int] = set()  # vCPUs told to leave the idle loop for the wake site
+
+    def _check_kicked(self, vcpu: int) -> None:
+        """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
+        if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
+            self._interrupt()
+
+    async def start(self) -> None:
+        """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
+        the breakpoints expect (a stub of another build would trap nowhere, silently)."""
+        for name, site in (("trap", self.layout.trap_site), ("wake", self.layout.wake_site)):
+            word = int.from_bytes(await self.rsp.read_memory(site, 4), "little")
+            if word != NOP:
+                raise ConduitError(
+                    f"the EL2 stub's {name} site {site:#x} holds {word:#010x}, not a nop: the stub in guest "
+                    "memory does not match its header (a damaged or foreign stub)"
+                )
+        await super().start()
+
+    async def read_system_register(self, name: str, vcpu: int = 0) -> int:
+        """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the
+        kernel's link-time ``vectors`` is the KASLR offset) at the next stop."""
+        assert self.registers is not None
+        regnum = self.registers[name].regnum
+        value: list[int] = []
+
+        async def read() -> None:
+            await self._select(self.threads[vcpu])
+            value.append(await self.rsp.read_register(regnum))
+
+        await self._at_next_stop(read)
+        if not value:
+            raise ConduitError(f"could not read {name} on vCPU {vcpu}")
+        return value[0]
 
     def _area(self, core: CoreRegs) -> int:
-        # At the trap site and at stub_resume the stub's stack is empty: SP_EL2 = area + size.
-        return core.sp - self.layout.percpu_size
+        return self.layout.area_below(core.sp)
 
     async def _read_pair(self, addr: int) -> tuple[int, int]:
         first, second = _PAIR.unpack(await self.rsp.read_memory(addr, _PAIR.size))
@@ -131,7 +183,7 @@ class El2Conduit(GdbstubConduit):
 
     async def _trap(self, thread: ThreadId, core: CoreRegs) -> ThreadId | None:
         if core.pc == self.layout.unexpected:
-            esr = (await self._read_pair(self._area_for_unexpected(core) + A_TRAP_ESR2))[0]
+            esr = (await self._read_pair(self._area(core) + A_TRAP_ESR2))[0]
             raise ConduitError(
                 f"vCPU {thread.vcpu} took an exception the EL2 stub does not handle (ESR_EL2 {esr:#x}, "
                 f"EC {esr >> 26:#x}); the guest cannot go on"
@@ -139,6 +191,14 @@ class El2Conduit(GdbstubConduit):
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             # Guest code at EL0/EL1 that happens to run at the stub's address: not a call.
             return thread
+        if core.pc == self.layout.wake_site:
+            self._kicked.discard(thread.vcpu)
+            # An idle vCPU we kicked: back to the guest through stub_resume, entering a handler
+            # on the way if one is deliverable (see _enter_handlers).
+            self.stats.idle_wakes += 1
+            core.pc = self.layout.resume
+            self._dirty[thread.vcpu] = core
+            return None
         self.stats.traps += 1
         vcpu = thread.vcpu
         fid = function_id(core.x[0])
@@ -174,18 +234,25 @@ class El2Conduit(GdbstubConduit):
         self._dirty[vcpu] = core
         return None
 
-    def _area_for_unexpected(self, core: CoreRegs) -> int:
-        # stub_unexpected is reached with x18/x19 pushed (from lower_sync) or not; the area
-        # starts at the 1 KiB boundary below SP either way.
-        return (core.sp - 1) & ~(self.layout.percpu_size - 1)
-
     async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             return await super()._enter_handlers(vcpu, core)
+        if core.pc in self.layout.idle:
+            if vcpu in self._kicked:
+                return None  # kicked before and still idle: fall back to the vector breakpoints
+            # Halted in the stub's idle loop: kick it; it stops at the wake site within a poll
+            # period, where the handler is entered. No vector breakpoints meanwhile (16 round
+            # trips); if no wake-site stop comes in KICK_GRACE, a fresh stop tries again.
+            await self.rsp.write_memory(self._area(core) + A_KICK, (1).to_bytes(8, "little"))
+            self.stats.idle_kicks += 1
+            self._kicked.add(vcpu)
+            asyncio.get_running_loop().call_later(KICK_GRACE, self._check_kicked, vcpu)
+            return False
         if core.pc != self.layout.resume:
             # Elsewhere in the stub, or a call still to be forwarded (trap_site + 4): entering a
             # handler now would lose it. Deferred to the vCPU's next exception entry.
             return None
+        self._kicked.discard(vcpu)
         pc, pstate = await self._interrupted(vcpu, core)
         regs = VcpuRegs(list(core.x), pc, pstate)
         entered = False
@@ -206,10 +273,16 @@ async def attach_conduit(
     dispatcher: SdeiPort,
     find_sites: Callable[[], Awaitable[list[int]]],
     *,
+    kernel: Path | None = None,
     timeout: float = 10.0,
 ) -> GdbstubConduit:
-    """Connect to the gdbstub and pick the conduit: the EL2 stub's if the VM booted through it,
-    otherwise trap sites from ``find_sites`` (kernel symbols, ELF, config). Started, VM stopped."""
+    """Connect to the gdbstub and pick the conduit, started, with the VM stopped:
+
+    * the EL2 stub's, if the VM booted through it (no symbols needed);
+    * for a Linux ``kernel`` image, the symbol conduit that checks at run time that the kernel
+      runs at its link addresses and its trap sites hold calls (:mod:`qmp_sdei.conduit.symbols`);
+    * otherwise the plain symbol/ELF conduit on ``find_sites()``.
+    """
     client = await RspClient.connect(host, port, timeout=timeout)
     try:
         layout = await probe_stub(client)
@@ -219,9 +292,27 @@ async def attach_conduit(
             conduit = El2Conduit(client, dispatcher, layout, timeout=timeout)
         else:
             sites = await find_sites()
-            conduit = GdbstubConduit(client, dispatcher, sites, timeout=timeout)
+            checks = await asyncio.to_thread(_kernel_checks, kernel) if kernel is not None else None
+            if checks is not None:
+                vectors, kernel_sites = checks
+                conduit = KernelCheckedConduit(
+                    client, dispatcher, sites, vectors=vectors, kernel_sites=kernel_sites, timeout=timeout
+                )
+            else:
+                conduit = GdbstubConduit(client, dispatcher, sites, timeout=timeout)
         await conduit.start()
     except BaseException:
         await client.close()
         raise
     return conduit
+
+
+def _kernel_checks(kernel: Path) -> tuple[int, list[int]] | None:
+    """(link address of ``vectors``, the kernel's trap sites) for the run-time check, or None if
+    the symbol table has no ``vectors`` (then the check cannot be made, and the log says so)."""
+    kallsyms = load_kallsyms(kernel)
+    vectors = kallsyms.get("vectors")
+    if vectors is None:
+        log.warning("%s: kallsyms has no 'vectors'; cannot check at run time that the trap sites are right", kernel)
+        return None
+    return vectors, linux_trap_sites(kernel, kallsyms)

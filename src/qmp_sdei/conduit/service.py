@@ -73,7 +73,7 @@ async def serve_conduit(
     # VM its owner paused or started with -S.
     was_running = await session.refresh_runstate() in ("running", "debug")
     conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
-        host, port, owner, lambda: find_trap_sites(settings), timeout=30.0
+        host, port, owner, lambda: find_trap_sites(settings), kernel=settings.kernel, timeout=30.0
     )
     on_attached(conduit)
     log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(conduit.trap_sites))

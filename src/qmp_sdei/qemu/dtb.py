@@ -231,11 +231,19 @@ async def decompile_dtb(dtb: Path, *, timeout: float = 60.0) -> str:
         return dts.read_text(encoding="utf-8")
 
 
-def chosen_overlay(bootargs: str, initrd: tuple[int, int] | None, kaslr_seed: int | None) -> str:
+def chosen_overlay(
+    bootargs: str,
+    initrd: tuple[int, int] | None,
+    kaslr_seed: int | None,
+    reserve: tuple[int, int] | None = None,
+    memory: tuple[int, int] | None = None,
+) -> str:
     """A ``/chosen`` block: the kernel command line, the initrd range, a KASLR seed.
 
     For a kernel QEMU does not boot itself (the EL2 stub enters it), QEMU fills in none of these,
-    and a cached tree would repeat its one ``kaslr-seed`` on every boot.
+    and a cached tree would repeat its one ``kaslr-seed`` on every boot. ``reserve`` (address, size)
+    becomes a ``no-map`` ``/reserved-memory`` region: memory the guest must never touch (the stub).
+    ``memory`` (base, size) replaces the RAM range of QEMU's ``memory@40000000`` node.
     """
     if any(c in bootargs for c in '"\\\n\0'):
         raise ConfigError(f"kernel command line {bootargs!r} has a character a DTB string cannot hold")
@@ -245,7 +253,25 @@ def chosen_overlay(bootargs: str, initrd: tuple[int, int] | None, kaslr_seed: in
         lines += [f"\t\tlinux,initrd-start = <0x0 {start:#x}>;", f"\t\tlinux,initrd-end = <0x0 {end:#x}>;"]
     if kaslr_seed is not None:
         lines.append(f"\t\tkaslr-seed = <{kaslr_seed >> 32:#x} {kaslr_seed & 0xFFFF_FFFF:#x}>;")
-    lines += ["\t};", "};", ""]
+    lines.append("\t};")
+    if memory is not None:
+        base, size = memory
+        cells = f"{base >> 32:#x} {base & 0xFFFF_FFFF:#x} {size >> 32:#x} {size & 0xFFFF_FFFF:#x}"
+        lines += ["\tmemory@40000000 {", f"\t\treg = <{cells}>;", "\t};"]
+    if reserve is not None:
+        addr, size = reserve
+        lines += [
+            "\treserved-memory {",
+            "\t\t#address-cells = <2>;",
+            "\t\t#size-cells = <2>;",
+            "\t\tranges;",
+            f"\t\tqmp-sdei-el2-stub@{addr:x} {{",
+            f"\t\t\treg = <{addr >> 32:#x} {addr & 0xFFFF_FFFF:#x} {size >> 32:#x} {size & 0xFFFF_FFFF:#x}>;",
+            "\t\t\tno-map;",
+            "\t\t};",
+            "\t};",
+        ]
+    lines += ["};", ""]
     return "\n".join(lines)
 
 
@@ -256,10 +282,12 @@ async def add_chosen(
     bootargs: str,
     initrd: tuple[int, int] | None = None,
     kaslr_seed: int | None = None,
+    reserve: tuple[int, int] | None = None,
+    memory: tuple[int, int] | None = None,
     timeout: float = 60.0,
 ) -> Path:
     """Write ``dtb`` with :func:`chosen_overlay` merged in to ``out``; return ``out``."""
-    overlay = chosen_overlay(bootargs, initrd, kaslr_seed)
+    overlay = chosen_overlay(bootargs, initrd, kaslr_seed, reserve, memory)
     with tempfile.TemporaryDirectory(prefix="qmp-sdei-dtb-") as scratch:
         dts, result = Path(scratch, "in.dts"), Path(scratch, "out.dtb")
         await _dtc(["-I", "dtb", "-O", "dts", "-o", str(dts), str(dtb)], timeout, f"decompiling {dtb}")

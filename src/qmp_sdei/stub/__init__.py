@@ -16,13 +16,18 @@ from pathlib import Path
 from qmp_sdei.errors import ConduitError
 
 STUB_ELF = Path(__file__).with_name("el2stub.elf")
+STUB_BIN = Path(__file__).with_name("el2stub.bin")  # the same code, raw: loaded anywhere (PIC)
 STUB_BASE = 0x4010_0000  # link address (link.ld); EL2 runs with the MMU off, so also its PA
+RAM_BASE = 0x4000_0000  # virt's RAM
+FIRMWARE_SLOT = 0x20_0000  # firmware boot: the stub lives in the top 2 MiB, cut from the DT's memory
+FIRMWARE_ENTRY_OFFSET = 4  # _start + 4: enters the firmware in flash at EL1
+STUB_RESERVED = 0x2_0000  # the stub's code, data, per-CPU areas and stacks: the guest must not use it
 KERNEL_ADDR = 0x4020_0000  # where the stub enters the kernel Image (header boot_kernel)
 DTB_ADDR = 0x4800_0000  # what the stub passes in x0 (header boot_dtb)
 MAGIC = b"QSDEIEL2"
 HEADER_VERSION = 1
-HEADER_SIZE = 0x50
-_HEADER = struct.Struct("<8sIIQQQQII QQ")
+HEADER_SIZE = 0x70
+_HEADER = struct.Struct("<8sIIQQQQIIQQQQQQ")
 
 # Per-CPU area fields (el2stub.S A_*).
 A_RESUME_FLAGS = 0x00
@@ -32,6 +37,7 @@ A_TRAP_ELR2 = 0x30
 A_TRAP_SPSR2 = 0x38
 A_TRAP_ESR2 = 0x40
 A_TRAP_COUNT = 0x48
+A_KICK = 0x50  # set by the sidecar: an idle vCPU stops at the wake site within one poll period
 RESUME_EL2 = 1  # stub_resume loads ELR_EL2/SPSR_EL2 from the area
 RESUME_EL1 = 2  # ... and ELR_EL1/SPSR_EL1
 
@@ -47,22 +53,55 @@ class StubLayout:
     unexpected: int
     percpu: int
     max_cpus: int
+    idle_poll_us: int
     kernel: int
     dtb: int
+    wake_site: int
+    idle: range  # the idle loop's addresses: a vCPU stopped there sits in a trapped WFI
 
     @classmethod
     def parse(cls, base: int, header: bytes) -> StubLayout:
         """:raise ConduitError: not our stub (no magic) or a header version we do not speak."""
         if len(header) < HEADER_SIZE or header[8:16] != MAGIC:
             raise ConduitError(f"no qmp-sdei EL2 stub at {base:#x} (magic {header[8:16]!r})")
-        (_, version, percpu_size, trap, resume, unexpected, percpu, max_cpus, _, kernel, dtb) = _HEADER.unpack(
-            header[8:HEADER_SIZE]
-        )
+        (
+            _,
+            version,
+            percpu_size,
+            trap,
+            resume,
+            unexpected,
+            percpu,
+            max_cpus,
+            poll_us,
+            kernel,
+            dtb,
+            wake,
+            idle,
+            idle_end,
+            _firmware,
+        ) = _HEADER.unpack(header[8:HEADER_SIZE])
         if version != HEADER_VERSION:
             raise ConduitError(f"EL2 stub header version {version}, this sidecar speaks {HEADER_VERSION}")
         return cls(
-            base, percpu_size, base + trap, base + resume, base + unexpected, base + percpu, max_cpus, kernel, dtb
+            base=base,
+            percpu_size=percpu_size,
+            trap_site=base + trap,
+            resume=base + resume,
+            unexpected=base + unexpected,
+            percpu=base + percpu,
+            max_cpus=max_cpus,
+            idle_poll_us=poll_us,
+            kernel=kernel,
+            dtb=dtb,
+            wake_site=base + wake,
+            idle=range(base + idle, base + idle_end),
         )
+
+    def area_below(self, sp: int) -> int:
+        """The per-CPU area of a vCPU running stub code with stack pointer ``sp`` (areas are
+        size-aligned and the stub never nests a full area deep)."""
+        return (sp - 1) & ~(self.percpu_size - 1)
 
     def area_of(self, mpidr: int) -> int:
         """A vCPU's per-CPU area, by the stub's own rule (Aff1 * 16 + Aff0, modulo max_cpus)."""
@@ -94,3 +133,36 @@ def qemu_args(kernel: Path, dtb: Path, *, initrd: Path | None = None) -> list[st
 def initrd_range(initrd: Path) -> tuple[int, int]:
     """Where :func:`qemu_args` places ``initrd``: (start, end) for ``/chosen``."""
     return INITRD_ADDR, INITRD_ADDR + initrd.stat().st_size
+
+
+def firmware_stub_base(memory_mb: int) -> int:
+    """Where :func:`firmware_qemu_args` loads the stub: the top :data:`FIRMWARE_SLOT` of RAM."""
+    return RAM_BASE + memory_mb * 1024 * 1024 - FIRMWARE_SLOT
+
+
+def firmware_memory(memory_mb: int) -> tuple[int, int]:
+    """The DT ``/memory`` range the firmware and the OS may use: all RAM below the stub's slot.
+
+    edk2 (ArmVirtQemu) takes the RAM size from the DT but keeps the base at 0x40000000, so the
+    stub is hidden by shortening the node rather than by a reservation the firmware would ignore.
+    """
+    return RAM_BASE, memory_mb * 1024 * 1024 - FIRMWARE_SLOT
+
+
+def firmware_qemu_args(firmware: Path, dtb: Path, memory_mb: int) -> list[str]:
+    """QEMU arguments for a firmware (UEFI) boot through the stub; the machine needs
+    ``virtualization=on``. QEMU puts ``dtb`` at the base of RAM for the firmware; the raw stub goes
+    to the top of RAM and vCPU 0 starts at its firmware entry, which enters ``firmware`` at EL1."""
+    base = firmware_stub_base(memory_mb)
+    return [
+        "-bios", str(firmware),
+        "-dtb", str(dtb),
+        "-device", f"loader,file={STUB_BIN},addr={base:#x},force-raw=on",
+        "-device", f"loader,addr={base + FIRMWARE_ENTRY_OFFSET:#x},cpu-num=0",
+    ]  # fmt: skip
+
+
+def probe_addresses(max_memory_mb: int = 16 * 1024, step_mb: int = 256) -> list[int]:
+    """Where a stub can be: the direct-boot link address, then the firmware slot of every RAM
+    size that is a multiple of ``step_mb`` (the sidecar reads a header at each; cheap)."""
+    return [STUB_BASE] + [firmware_stub_base(mb) for mb in range(step_mb, max_memory_mb + 1, step_mb)]

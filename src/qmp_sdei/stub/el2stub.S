@@ -9,6 +9,9 @@
  * stub forwards every call to QEMU's PSCI with `smc #0` from EL2: the guest boots normally and
  * finds no SDEI.
  *
+ * The code is position independent: el2stub.elf runs at its link address (direct boot), the raw
+ * el2stub.bin wherever it is loaded (firmware boot: the top of RAM, hidden from the firmware).
+ *
  * The stub needs no kernel symbols and survives KASLR, KPTI and kernel updates inside the guest.
  * It keeps per-CPU areas (TPIDR_EL2 points at the vCPU's) whose layout is fixed by the header
  * below; the sidecar reads and writes them in guest physical memory. See docs/el2-stub.md.
@@ -30,15 +33,20 @@
 	.equ	A_TRAP_SPSR2, 0x38		/* the guest's PSTATE at the call */
 	.equ	A_TRAP_ESR2, 0x40
 	.equ	A_TRAP_COUNT, 0x48
+	/* per-CPU area: idle (trapped WFI) */
+	.equ	A_KICK, 0x50			/* the sidecar sets it to have an idle vCPU stop at stub_wake_site */
+	.equ	A_IDLE_CTL, 0x58		/* the guest's virtual timer while the stub borrows it */
+	.equ	A_IDLE_CVAL, 0x60
 	/* per-CPU area: the stub's own */
 	.equ	A_GUEST_ENTRY, 0x70		/* PSCI CPU_ON: the guest's entry point and context id */
 	.equ	A_GUEST_CTX, 0x78
 
 	.equ	HCR_RW, (1 << 31)
 	.equ	HCR_TSC, (1 << 19)
+	.equ	HCR_TWI, (1 << 13)
 	.equ	HCR_APK, (1 << 40)
 	.equ	HCR_API, (1 << 41)
-	.equ	HCR_VALUE, (HCR_RW | HCR_TSC | HCR_APK | HCR_API)
+	.equ	HCR_VALUE, (HCR_RW | HCR_TSC | HCR_TWI | HCR_APK | HCR_API)
 	.equ	SPSR_EL1H_DAIF, 0x3c5
 	.equ	SCTLR_EL1_RES1, 0x30d00800
 	.equ	CPTR_EL2_VALUE, 0x22ff		/* RES1 bits only: no FP, SVE, SME or trace traps */
@@ -52,8 +60,8 @@
 	.section .text.head, "ax"
 	.global	_start
 _start:
-	b	primary_entry
-	.balign	8
+	b	primary_entry			/* direct boot: -kernel el2stub.elf */
+	b	firmware_entry			/* firmware boot: -device loader,addr=_start+4,cpu-num=0 */
 	/* The header: the sidecar finds everything through it (stub base + offset). */
 header:
 	.ascii	"QSDEIEL2"			/* 0x08 magic */
@@ -64,12 +72,18 @@ header:
 	.quad	stub_unexpected - _start	/* 0x28 */
 	.quad	percpu - _start			/* 0x30 */
 	.word	MAX_CPUS			/* 0x38 */
-	.word	0				/* 0x3c reserved */
+idle_poll_us:
+	.word	1000				/* 0x3c: how often an idle vCPU looks for a kick */
 	/* Boot parameters: where the kernel and its DTB were loaded (-device loader). */
 boot_kernel:
 	.quad	0x40200000			/* 0x40 */
 boot_dtb:
 	.quad	0x48000000			/* 0x48 */
+	.quad	stub_wake_site - _start		/* 0x50 */
+	.quad	stub_idle - _start		/* 0x58: the idle loop is [stub_idle, stub_idle_end) */
+	.quad	stub_idle_end - _start		/* 0x60 */
+boot_firmware:
+	.quad	0x0				/* 0x68: where firmware_entry enters (virt's flash) */
 
 	.text
 /* x0 = MPIDR -> x0 = this vCPU's per-CPU area. Clobbers x1. (The CPU_ON path inlines it.) */
@@ -86,6 +100,7 @@ area_of:
 el2_setup:
 	msr	tpidr_el2, x19
 	str	xzr, [x19, #A_RESUME_FLAGS]	/* RAM survives a guest reset: nothing stale */
+	str	xzr, [x19, #A_KICK]
 	add	x0, x19, #PERCPU_SIZE
 	mov	sp, x0
 	adr	x0, el2_vectors
@@ -107,6 +122,14 @@ el2_setup:
 	msr	mdcr_el2, x0
 	ldr	x0, =SCTLR_EL1_RES1
 	msr	sctlr_el1, x0
+	mrs	x0, cntfrq_el0			/* idle poll period in counter ticks */
+	adr	x1, idle_poll_us
+	ldr	w1, [x1]
+	mul	x0, x0, x1
+	ldr	x1, =1000000
+	udiv	x0, x0, x1
+	adr	x1, idle_poll_ticks
+	str	x0, [x1]
 	mrs	x0, id_aa64pfr0_el1
 	ubfx	x1, x0, #24, #4			/* GIC system registers present */
 	cbz	x1, 1f
@@ -130,6 +153,18 @@ primary_entry:
 	adr	x0, boot_kernel
 	ldr	x1, [x0]
 	ldr	x0, [x0, #(boot_dtb - boot_kernel)]
+	b	enter_el1
+
+/* Firmware boot (UEFI in flash): the firmware runs at EL1 as it would under KVM, and finds its
+ * DTB where QEMU put it. */
+firmware_entry:
+	mrs	x0, mpidr_el1
+	bl	area_of
+	mov	x19, x0
+	bl	el2_setup
+	adr	x0, boot_firmware
+	ldr	x1, [x0]
+	mov	x0, xzr
 	b	enter_el1
 
 /* PSCI CPU_ON lands here at EL2 with x0 = the target's per-CPU area (see the call path). */
@@ -187,6 +222,8 @@ lower_sync:
 	lsr	x19, x19, #26
 	cmp	x19, #EC_HVC64
 	b.eq	1f
+	cmp	x19, #EC_WFX
+	b.eq	wfx
 	cmp	x19, #EC_SMC64
 	b.ne	stub_unexpected
 	mrs	x19, elr_el2			/* a trapped smc returns to itself: step past it */
@@ -251,6 +288,68 @@ stub_resume:
 	ldp	x18, x19, [sp], #16
 	eret
 
+/*
+ * A trapped WFI/WFE (HCR_EL2.TWI). WFE returns at once. WFI idles here instead of in the guest:
+ * the stub borrows the guest's virtual timer (the one interrupt Linux keeps enabled) to wake at
+ * least every idle_poll_us, puts the guest's timer back, and returns to the guest when an
+ * interrupt is pending for it. When the sidecar has set the area's kick flag it stops at
+ * stub_wake_site first, where it can enter an event handler: an idle vCPU gets an event within
+ * about one poll period, where a halted vCPU would wait for its next interrupt.
+ * Entered with x18 = area, x19 = scratch, both saved on the stack.
+ */
+wfx:
+	mrs	x19, elr_el2			/* a trapped WFx returns to itself: step past it */
+	add	x19, x19, #4
+	msr	elr_el2, x19
+	str	x19, [x18, #A_TRAP_ELR2]
+	mrs	x19, spsr_el2
+	str	x19, [x18, #A_TRAP_SPSR2]
+	mrs	x19, esr_el2
+	tbnz	x19, #0, idle_done		/* WFE: nothing to wait for */
+	stp	x16, x17, [sp, #-16]!
+	mrs	x16, cntv_ctl_el0
+	str	x16, [x18, #A_IDLE_CTL]
+	mrs	x16, cntv_cval_el0
+	str	x16, [x18, #A_IDLE_CVAL]
+stub_idle:
+	mrs	x19, cntvct_el0
+	adr	x16, idle_poll_ticks
+	ldr	x16, [x16]
+	add	x19, x19, x16			/* our deadline */
+	ldr	x16, [x18, #A_IDLE_CTL]
+	and	x16, x16, #3			/* ENABLE, not IMASK: the guest waits for its timer */
+	cmp	x16, #1
+	b.ne	2f
+	ldr	x16, [x18, #A_IDLE_CVAL]
+	cmp	x16, x19
+	csel	x19, x16, x19, lo		/* the earlier of the two */
+2:	msr	cntv_cval_el0, x19
+	mov	x16, #1
+	msr	cntv_ctl_el0, x16
+	isb
+	wfi
+	ldr	x16, [x18, #A_IDLE_CVAL]	/* the guest's timer back before anything else */
+	msr	cntv_cval_el0, x16
+	ldr	x16, [x18, #A_IDLE_CTL]
+	msr	cntv_ctl_el0, x16
+	isb
+	mrs	x16, isr_el1
+	cbnz	x16, 3f				/* an interrupt for the guest: go back to it */
+	ldr	x16, [x18, #A_KICK]
+	cbz	x16, stub_idle
+	str	xzr, [x18, #A_KICK]
+	ldp	x16, x17, [sp], #16
+	ldp	x18, x19, [sp], #16
+	.global	stub_wake_site
+stub_wake_site:
+	nop					/* the sidecar's breakpoint: as at stub_trap_site, no call */
+	b	stub_resume
+3:	ldp	x16, x17, [sp], #16
+stub_idle_end:
+idle_done:
+	ldp	x18, x19, [sp], #16
+	b	stub_resume
+
 /* Something the stub does not handle reached EL2: stop here, where the sidecar keeps a
  * breakpoint and reports it (ESR in the per-CPU area). Never returns. */
 	.global	stub_unexpected
@@ -259,6 +358,10 @@ stub_unexpected:
 	b	stub_unexpected
 
 	.ltorg
+
+	.balign	8
+idle_poll_ticks:
+	.quad	0
 
 	.bss
 	.balign	4096

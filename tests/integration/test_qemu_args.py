@@ -1,0 +1,52 @@
+"""``qmp-sdei qemu-args``: the DTB and QEMU arguments that boot a kernel through the EL2 stub."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmp_sdei.qemu.dtb import decompile_dtb
+from qmp_sdei.stub import DTB_ADDR, KERNEL_ADDR, STUB_ELF
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qmp_sdei", "qemu-args", *args],
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_prints_the_stub_boot_and_writes_the_dtb(tmp_path: Path) -> None:
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    dtb = tmp_path / "guest.dtb"
+    result = _run("--kernel", str(kernel), "--dtb-out", str(dtb), "--smp", "2", "--append", "console=ttyAMA0 quiet")
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout)
+    assert argv[:2] == ["-M", "virt,virtualization=on"]
+    assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
+    assert argv[argv.index("-kernel") + 1] == str(STUB_ELF)
+    assert f"loader,file={kernel},addr={KERNEL_ADDR:#x},force-raw=on" in argv
+    assert f"loader,file={dtb.resolve()},addr={DTB_ADDR:#x},force-raw=on" in argv
+    dts = await decompile_dtb(dtb)
+    assert 'compatible = "arm,sdei-1.0";' in dts and 'method = "smc";' in dts
+    assert 'bootargs = "console=ttyAMA0 quiet";' in dts
+    assert "kaslr-seed" in dts
+
+
+def test_missing_kernel_is_one_line_error(tmp_path: Path) -> None:
+    result = _run("--kernel", "/nonexistent/Image", "--dtb-out", str(tmp_path / "x.dtb"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("qmp-sdei: ") and "/nonexistent/Image" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.dtb").exists()
