@@ -9,7 +9,7 @@ Subcommands::
     qmp-sdei version
 
 Errors the user can act on print one line to stderr and exit with a documented code
-(:class:`qmp_sdei.daemon.ExitCode`); tracebacks are for bugs only.
+(:class:`qmp_sdei.errors.ExitCode`, carried by each error class); tracebacks are for bugs only.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 
 from qmp_sdei import __version__
 from qmp_sdei.config import load
-from qmp_sdei.daemon import ExitCode, Sidecar
-from qmp_sdei.errors import ConfigError, SdeiError
+from qmp_sdei.daemon import Sidecar
+from qmp_sdei.errors import ExitCode, SdeiError
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.statefile import StateStore
 
@@ -142,12 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as err:
-        print(f"qmp-sdei: {err}", file=sys.stderr)
-        return ExitCode.CONFIG
     except SdeiError as err:
         print(f"qmp-sdei: {err}", file=sys.stderr)
-        return ExitCode.STATE
+        return err.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
 

@@ -10,7 +10,7 @@ Structure (one owner per piece of state, see ``docs/architecture.md``):
   and the remaining tasks are cancelled within a bounded time.
 * SIGHUP re-reads the config: logging changes apply, anything else is refused with a message.
 
-Exit codes are in :class:`ExitCode` (documented in the README).
+Exit codes are :class:`qmp_sdei.errors.ExitCode`, carried by each error class (documented in the README).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import os
 import signal
@@ -32,15 +31,8 @@ from qmp_sdei.abi import psci
 from qmp_sdei.abi.sdei import Function as SdeiFunction
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.config import Config, load
-from qmp_sdei.errors import (
-    ConduitError,
-    ConfigError,
-    IncompatibleState,
-    QemuError,
-    SdeiError,
-    StateDirBusy,
-    VersionError,
-)
+from qmp_sdei.errors import ConfigError, IncompatibleState, SdeiError
+from qmp_sdei.errors import ExitCode as ExitCode  # noqa: PLC0414 (re-export: callers know daemon.ExitCode)
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.qemu.facts import VmFacts, discover, qemu_psci_version
 from qmp_sdei.qemu.qmp import QmpSession, VmEvent, VmEventKind, attach
@@ -51,15 +43,6 @@ from qmp_sdei.versions import Negotiation, VersionPins, format_version, negotiat
 log = logging.getLogger("qmp_sdei.daemon")
 
 SHUTDOWN_GRACE = 5.0  # seconds the tasks get to finish after shutdown is requested
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0  # QEMU exited, or SIGTERM/SIGINT
-    INTERNAL = 1  # a bug: the log has a traceback
-    CONFIG = 2  # invalid command line or config file
-    QEMU = 3  # QEMU unreachable, not QEMU, or a machine we cannot serve
-    STATE = 4  # versions cannot be honoured, or the saved state belongs elsewhere / is damaged
-    CONDUIT = 5  # the gdbstub conduit failed
 
 
 #: PSCI calls with which a guest resets the VM (passed through to QEMU).
@@ -476,14 +459,4 @@ def _first_leaf(group: BaseExceptionGroup[SdeiError]) -> SdeiError:
 
 
 def _exit_code_for(err: SdeiError) -> ExitCode:
-    if isinstance(err, ConfigError):
-        return ExitCode.CONFIG
-    if isinstance(err, QemuError):
-        return ExitCode.QEMU
-    if isinstance(err, IncompatibleState | VersionError):
-        return ExitCode.STATE
-    if isinstance(err, ConduitError):
-        return ExitCode.CONDUIT
-    if isinstance(err, StateDirBusy):
-        return ExitCode.STATE
-    return ExitCode.INTERNAL
+    return err.exit_code  # one map, in errors.py
