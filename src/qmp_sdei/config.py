@@ -25,7 +25,9 @@ No I/O beyond reading the file.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ DEFAULT_STATE_ROOT = Path("/var/lib/qmp-sdei")
 UNIX_PATH_MAX = 107
 
 T = TypeVar("T")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ class _Table:
         self.data, self.path, self.seen = data, path, set[str]()
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        shown = name if _BARE_KEY.fullmatch(name) else json.dumps(name)  # a key may hold any character
+        return f"{self.path}.{shown}" if self.path else shown
 
     def get(
         self,

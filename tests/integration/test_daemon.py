@@ -402,7 +402,7 @@ def test_invalid_config(tmp_path: Path) -> None:
 
 
 def test_status_without_a_sidecar(tmp_path: Path) -> None:
-    _assert_one_line_error(_run_cli("status", "--state-dir", str(tmp_path)), ExitCode.STATE, "no sidecar status")
+    _assert_one_line_error(_run_cli("status", "--state-dir", str(tmp_path)), ExitCode.NO_STATUS, "no sidecar status")
 
 
 @pytest.mark.asyncio
