@@ -389,7 +389,20 @@ class Sidecar:
         """Serve until QEMU exits or a signal arrives; never raises for expected failures."""
         signals = self._install_signals()
         try:
-            await self.start()
+            # A shutdown signal wins over the wait for QEMU (which may be long, or unbounded).
+            starting = asyncio.create_task(self.start(), name="sidecar.start")
+            stopping = asyncio.create_task(self.shutdown.wait(), name="sidecar.shutdown-wait")
+            try:
+                await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                if not starting.done():
+                    starting.cancel()
+                    await asyncio.wait({starting})
+            if starting.cancelled():
+                await self._start_vm_unserved()
+                return self.exit_code
+            starting.result()  # its SdeiError, if any, is handled below
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._follow_lifecycle(), name="qmp.lifecycle")]
                 tasks.append(tg.create_task(self._status_writer(), name="status.writer"))
@@ -402,6 +415,8 @@ class Sidecar:
             err = _first_leaf(group)
             self.request_shutdown(str(err), _exit_code_for(err))
             log.error("%s", err)
+            if self.config.conduit.enabled and self.config.conduit.start_vm and self.conduit is None:
+                log.warning("conduit.start_vm: the VM was not started, as the sidecar could not serve it")
         finally:
             await self._cleanup()
             loop = asyncio.get_running_loop()
@@ -440,6 +455,20 @@ class Sidecar:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+
+    async def _start_vm_unserved(self) -> None:
+        """Shut down before serving: a VM ``start_vm`` was to start is started all the same (the
+        sidecar never touched it; its owner asked for it to run)."""
+        conduit = self.config.conduit
+        if self.session is None or not (conduit.enabled and conduit.start_vm):
+            log.info("left before serving the VM (%s); its runstate was not touched", self.shutdown_reason)
+            return
+        try:
+            if await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE) == "prelaunch":
+                await asyncio.wait_for(self.session.execute("cont"), SHUTDOWN_GRACE)
+                log.warning("conduit.start_vm: started the VM without SDEI service, leaving before serving it")
+        except (SdeiError, TimeoutError) as err:
+            log.error("conduit.start_vm: could not start the VM on the way out (%s); it stays stopped", err)
 
     async def _cleanup(self) -> None:
         if self.conduit is not None:
