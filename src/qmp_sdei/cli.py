@@ -13,8 +13,9 @@ Subcommands::
     qmp-sdei qemu-args --kernel IMAGE --dtb-out FILE [--initrd FILE] [--append ARGS] [--smp N] [--cpu MODEL]
     qmp-sdei version
 
-Errors the user can act on print one line to stderr and exit with a documented code
-(:class:`qmp_sdei.daemon.ExitCode`); tracebacks are for bugs only.
+Errors the user can act on print one line to stderr and exit with the code their class carries
+(:class:`qmp_sdei.errors.ExitCode`, documented in the README); anything else is a bug, logged with
+its traceback, exit code 1.
 """
 
 from __future__ import annotations
@@ -22,21 +23,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from qmp_sdei import __version__
-from qmp_sdei.config import load, parse_mqtt_url
+from qmp_sdei.config import Config, load, parse_mqtt_url
 from qmp_sdei.control.commands import PROTOCOL_VERSION
 from qmp_sdei.control.local import LocalControlClient, socket_path
-from qmp_sdei.daemon import ExitCode, Sidecar
-from qmp_sdei.errors import ConfigError, ControlError, SdeiError
+from qmp_sdei.daemon import Sidecar
+from qmp_sdei.errors import ConfigError, ControlError, ExitCode, IncompatibleState, SdeiError
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.statefile import StateStore
+
+log = logging.getLogger("qmp_sdei.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -237,7 +242,33 @@ def _notification_text(item: dict[str, Any]) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load(args.config)
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
+    asyncio.run(preflight(config))  # what check-config checks, refused before QEMU is involved
     return int(asyncio.run(Sidecar(config).run()))
+
+
+async def preflight(config: Config) -> list[int]:
+    """Every check of ``config`` that needs no QEMU; changes nothing. Returns the trap sites.
+
+    :raise ConfigError: the state directory cannot be used, a listening socket's directory is
+        missing, or a guest image gives no trap sites (the message names the path).
+    :raise IncompatibleState: the state directory holds a damaged state file.
+    """
+    store = StateStore(config.state_dir)
+    store.check_usable()
+    store.load()
+    qmp = config.qmp
+    if qmp.mode == "listen" and isinstance(qmp.address, str):
+        folder = Path(qmp.address).parent
+        if not folder.is_dir():
+            raise ConfigError(f"qmp.socket: cannot listen at {qmp.address}: {folder} is not a directory")
+    conduit = config.conduit
+    if not conduit.enabled or not (conduit.elf or conduit.kernel or conduit.trap_sites):
+        # Nothing configured to trap: fine for a guest booted through the EL2 stub (found at
+        # attach); any other guest is refused then, with the same error find_trap_sites gives.
+        return []
+    from qmp_sdei.conduit.service import find_trap_sites  # noqa: PLC0415 (optional subsystem)
+
+    return await find_trap_sites(conduit)
 
 
 def _live_status(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -265,7 +296,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if live is not None:
             live["alive"] = True
             live["source"] = "live"
-            _print_status(live, args.json)
+            _print_status(live, args.json, "the sidecar's status")
             return 0
     state_dir = load(args.config).state_dir if args.config else args.state_dir
     store = StateStore(state_dir)
@@ -274,51 +305,120 @@ def _cmd_status(args: argparse.Namespace) -> int:
     doc["source"] = str(store.status_path)
     if args.config is not None:
         print(f"qmp-sdei: no sidecar answers on {socket_path(state_dir)}; its last status.json:", file=sys.stderr)
-    _print_status(doc, args.json)
+    _print_status(doc, args.json, str(store.status_path))
     return 0
 
 
-def _print_status(doc: dict[str, Any], as_json: bool) -> None:
+def _print_status(doc: dict[str, Any], as_json: bool, source: str) -> None:
     if as_json:
         print(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        print(_status_text(doc))
+        return
+    reader = _StatusReader(doc)
+    print(_status_text(reader))
+    if reader.problems:
+        # Show what could be read, then say which part of the document made no sense.
+        raise IncompatibleState(f"{source}: unexpected content: {'; '.join(reader.problems[:3])}")
 
 
-def _status_text(doc: dict[str, Any]) -> str:
-    vm = doc.get("vm", {})
-    pins = doc.get("pins", {})
-    sdei = doc.get("sdei", {})
-    age = time.time() - float(doc.get("updated", 0))
+class _StatusReader:
+    """Typed reads from a ``status.json`` some sidecar wrote: a missing key shows as ``-``, a value
+    of the wrong type as ``?`` and is noted in :attr:`problems` (never a traceback)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.problems: list[str] = []
+
+    def get(self, path: str, kind: type | tuple[type, ...], base: Any = None, where: str = "") -> Any:
+        """The value at the dotted ``path`` (under ``base``, found at ``where``; default the whole
+        document), or None if it is missing or of the wrong type."""
+        value: Any = self.doc if base is None else base
+        walked = [where] if where else []
+        for key in path.split("."):
+            if not isinstance(value, dict):
+                self.note(f"{'.'.join(walked) or 'the document'}: expected an object, found {_short(value)}")
+                return None
+            if key not in value:
+                return None
+            value = value[key]
+            walked.append(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if value is None:
+            return None
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            self.note(f"{'.'.join(walked)}: unexpected {_short(value)}")
+            return None
+        return value
+
+    def note(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+
+
+def _short(value: Any) -> str:
+    text = f"{type(value).__name__} {value!r}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _show(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _status_text(r: _StatusReader) -> str:
+    alive = r.get("alive", bool) is True
+    updated = r.get("updated", (int, float))
+    age = f"status {time.time() - updated:.0f}s old" if updated is not None else "status age unknown"
+    last = "" if alive else f", last: {_show(r.get('shutdown_reason', str))}"
     lines = [
-        f"sidecar   {'running' if doc['alive'] else 'not running'} (pid {doc['sidecar']['pid']}, "
-        f"status {age:.0f}s old){'' if doc['alive'] else ', last: ' + str(doc.get('shutdown_reason'))}",
-        f"vm        {vm.get('name') or '-'} uuid {vm.get('uuid') or '-'}  runstate {vm.get('runstate')}",
-        f"qemu      {vm.get('qemu')}  {vm.get('machine')}  gic {vm.get('gic_version')}"
-        f"  psci via {vm.get('psci_conduit')}",
-        f"versions  SDEI {pins.get('sdei')} (vendor {pins.get('sdei_vendor', 0):#x}), PSCI {pins.get('psci')} (pinned)",
-        f"profile   {sdei.get('profile')}",
+        f"sidecar   {'running' if alive else 'not running'} (pid {_show(r.get('sidecar.pid', int))}, {age}){last}",
+        f"vm        {r.get('vm.name', str) or '-'} uuid {r.get('vm.uuid', str) or '-'}"
+        f"  runstate {_show(r.get('vm.runstate', str))}",
+        f"qemu      {_show(r.get('vm.qemu', str))}  {_show(r.get('vm.machine', str))}"
+        f"  gic {_show(r.get('vm.gic_version', (int, str)))}  psci via {_show(r.get('vm.psci_conduit', str))}",
+        f"versions  SDEI {_show(r.get('pins.sdei', str))} (vendor {_show(r.get('pins.sdei_vendor', int), '#x')}),"
+        f" PSCI {_show(r.get('pins.psci', str))} (pinned)",
+        f"profile   {_show(r.get('sdei.profile', str))}",
     ]
-    for vcpu in sdei.get("vcpus", []):
-        events = ", ".join(f"{n}:{e['state']}" for n, e in vcpu["events"].items()) or "none registered"
-        running = f" running {vcpu['running']}" if vcpu["running"] else ""
-        mask = "masked" if vcpu["masked"] else "unmasked"
-        lines.append(f"vcpu {vcpu['index']:<4} mpidr {vcpu['mpidr']:#x} {mask}{running}; {events}")
-    shared = ", ".join(f"{n}:{e['state']}" for n, e in sdei.get("shared", {}).items())
+    for position, vcpu in enumerate(r.get("sdei.vcpus", list) or []):
+        lines.append(_vcpu_line(r, vcpu, f"sdei.vcpus[{position}]"))
+    shared = r.get("sdei.shared", dict) or {}
     if shared:
-        lines.append(f"shared    {shared}")
-    if sdei.get("pending"):
-        lines.append(f"pending   {sdei['pending']}")
-    counters = doc.get("counters", {})
+        lines.append(f"shared    {_events_text(r, shared, 'sdei.shared')}")
+    pending = r.get("sdei.pending", list)
+    if pending:
+        lines.append(f"pending   {pending}")
+    counters = r.get("counters", dict) or {}
     lines.append("counters  " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     return "\n".join(lines)
 
 
+def _vcpu_line(r: _StatusReader, vcpu: Any, where: str) -> str:
+    if not isinstance(vcpu, dict):
+        r.note(f"{where}: expected an object, found {_short(vcpu)}")
+        return "vcpu ?"
+    index = r.get("index", int, vcpu, where)
+    masked = r.get("masked", bool, vcpu, where)
+    running = r.get("running", list, vcpu, where)
+    mask = "?" if masked is None else "masked" if masked else "unmasked"
+    events = _events_text(r, r.get("events", dict, vcpu, where) or {}, f"{where}.events") or "none registered"
+    return (
+        f"vcpu {_show(index):<4} mpidr {_show(r.get('mpidr', int, vcpu, where), '#x')} {mask}"
+        f"{f' running {running}' if running else ''}; {events}"
+    )
+
+
+def _events_text(r: _StatusReader, events: dict[str, Any], where: str) -> str:
+    return ", ".join(f"{n}:{_show(r.get('state', str, entry, f'{where}.{n}'))}" for n, entry in events.items())
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args.config)
+    sites = asyncio.run(preflight(config))
+    traps = ""
+    if config.conduit.enabled:
+        traps = f", {len(sites)} trap site(s)" if sites else ", no trap sites: the guest must boot through the EL2 stub"
     events = {spec.number for spec in config.sdei.events} | {0}  # event 0 always exists, as in run
-    print(f"{args.config}: ok ({len(events)} event(s), state in {config.state_dir})")
-    return 0
+    print(f"{args.config}: ok ({len(events)} event(s){traps}, state in {config.state_dir})")
+    return ExitCode.OK
 
 
 def _cmd_boot_test(args: argparse.Namespace) -> int:
@@ -363,7 +463,16 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
+#: characters that would break an error message over lines (what str.splitlines() splits on)
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _one_line(text: str) -> str:
+    """An error message on one line, whatever a path or value in it contains."""
+    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "status": _cmd_status,
     "check-config": _cmd_check_config,
@@ -377,22 +486,27 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "version":
-        print(f"qmp-sdei {__version__}")
-        return 0
     try:
-        return COMMANDS[args.command](args)
-    except ConfigError as err:
-        print(f"qmp-sdei: {err}", file=sys.stderr)
-        return ExitCode.CONFIG
-    except ControlError as err:
-        print(f"qmp-sdei: {err}", file=sys.stderr)
-        return ExitCode.UNREACHABLE
+        if args.command == "version":
+            print(f"qmp-sdei {__version__}")
+            code: int = ExitCode.OK
+        else:
+            code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
     except SdeiError as err:
-        print(f"qmp-sdei: {err}", file=sys.stderr)
-        return ExitCode.STATE
+        print(f"qmp-sdei: {_one_line(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except BrokenPipeError:
+        # ``qmp-sdei status | head -1``: the reader has what it wanted. Nothing more may reach the
+        # closed pipe, or Python reports it again while flushing at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
     except KeyboardInterrupt:
         return ExitCode.OK
+    except Exception:
+        log.exception("internal error (a bug: please report it with this traceback)")
+        return ExitCode.INTERNAL
+    return code
 
 
 if __name__ == "__main__":

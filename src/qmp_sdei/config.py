@@ -25,6 +25,9 @@ No I/O beyond reading the file.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,14 +35,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qmp_sdei.errors import ConfigError, VersionError
+from qmp_sdei.sdei.dispatcher import DYNAMIC_RANGE
 from qmp_sdei.sdei.model import PROFILES, EventSpec
 from qmp_sdei.versions import VersionRequest
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_STATE_ROOT = Path("/var/lib/qmp-sdei")
+#: sun_path holds 108 bytes including the terminating NUL
+UNIX_PATH_MAX = 107
 
 T = TypeVar("T")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,8 @@ class _Table:
         self.data, self.path, self.seen = data, path, set[str]()
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        shown = name if _BARE_KEY.fullmatch(name) else json.dumps(name)  # a key may hold any character
+        return f"{self.path}.{shown}" if self.path else shown
 
     def get(
         self,
@@ -181,6 +189,8 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: expected {_names(kinds)}, got a boolean")
         if not isinstance(value, kinds):
             raise ConfigError(f"{self.key(name)}: expected {_names(kinds)}, got {type(value).__name__} {value!r}")
+        if isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"{self.key(name)}: contains a NUL character")
         if check is not None and (problem := check(value)):
             raise ConfigError(f"{self.key(name)}: {problem}")
         return value  # type: ignore[return-value]
@@ -211,17 +221,43 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
 
 
+def parse_tcp(text: str, key: str) -> tuple[str, int]:
+    """``"tcp:HOST:PORT"`` -> ``(HOST, PORT)``; IPv6 hosts may be bracketed. :raise ConfigError:"""
+    host, _, port = text.removeprefix("tcp:").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    if not text.startswith("tcp:") or not host or not _is_port(port):
+        raise ConfigError(f"{key}: {text!r} is not tcp:HOST:PORT")
+    return host, int(port)
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
+
+
 def _parse_address(text: str) -> str | tuple[str, int]:
     if text.startswith("tcp:"):
-        host, _, port = text[4:].rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"qmp.socket: {text!r} is not tcp:HOST:PORT")
-        return host, int(port)
+        return parse_tcp(text, "qmp.socket")
     if text.startswith("unix:"):
         text = text[5:]
     if not text:
         raise ConfigError("qmp.socket: is empty")
+    if len(text.encode()) > UNIX_PATH_MAX:
+        raise ConfigError(f"qmp.socket: {text!r} is longer than a unix socket path may be ({UNIX_PATH_MAX} bytes)")
     return text
+
+
+def _is_tcp(text: str) -> bool:
+    try:
+        parse_tcp(text, "")
+    except ConfigError:
+        return False
+    return True
+
+
+def _positive_seconds(value: float) -> str | None:
+    if not math.isfinite(value):
+        return "must be a finite number of seconds"
+    return None if value > 0 else "must be positive"
 
 
 def _parse_event(raw: Any, path: str) -> EventSpec:
@@ -231,6 +267,11 @@ def _parse_event(raw: Any, path: str) -> EventSpec:
     )
     if number < 0:
         raise ConfigError(f"{path}.number: is required")
+    if number in DYNAMIC_RANGE:
+        raise ConfigError(
+            f"{path}.number: {number:#x} is in the range reserved for INTERRUPT_BIND slots "
+            f"({DYNAMIC_RANGE.start:#x}..{DYNAMIC_RANGE.stop - 1:#x})"
+        )
     kind = t.get("type", str, "private", _one_of("private", "shared"))
     priority = t.get("priority", str, "normal", _one_of("normal", "critical"))
     name = t.get("name", str, None)
@@ -281,7 +322,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     qmp_settings = QmpSettings(
         address=_parse_address(socket_text),
         mode=qmp.get("mode", str, "connect", _one_of("connect", "listen")),
-        timeout=float(qmp.get("timeout", (int, float), 30.0, lambda v: None if v > 0 else "must be positive")),
+        timeout=float(qmp.get("timeout", (int, float), 30.0, _positive_seconds)),
     )
     qmp.done()
 
@@ -337,7 +378,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     )
     conduit_settings = ConduitSettings(
         enabled=conduit.get("enabled", bool, False),
-        gdb=conduit.get("gdb", str, "", lambda v: None if v == "" or v.startswith("tcp:") else "must be tcp:HOST:PORT"),
+        gdb=conduit.get("gdb", str, "", lambda v: None if v == "" or _is_tcp(v) else "must be tcp:HOST:PORT"),
         elf=Path(elf) if elf else None,
         kernel=Path(kernel) if kernel else None,
         trap_sites=tuple(sites),
@@ -355,6 +396,8 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     log.done()
     root.done()
 
+    if not state_dir_text and name and ("/" in name or name in (".", "..")):
+        raise ConfigError(f"vm.name: {name!r} cannot name the default state directory; set vm.state_dir")
     state_dir = Path(state_dir_text) if state_dir_text else DEFAULT_STATE_ROOT / (name or "default")
     return Config(
         qmp=qmp_settings,
@@ -377,6 +420,10 @@ def load(path: Path | str) -> Config:
             data = tomllib.load(f)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from err
     return parse(data, source=path)

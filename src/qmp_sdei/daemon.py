@@ -12,7 +12,7 @@ Structure (one owner per piece of state, see ``docs/architecture.md``):
   and the remaining tasks are cancelled within a bounded time.
 * SIGHUP re-reads the config: logging changes apply, anything else is refused with a message.
 
-Exit codes are in :class:`ExitCode` (documented in the README).
+Exit codes are :class:`qmp_sdei.errors.ExitCode`, carried by each error class (documented in the README).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import os
 import signal
@@ -32,15 +31,8 @@ from qmp_sdei import __version__
 from qmp_sdei.config import Config, load
 from qmp_sdei.control.commands import ControlService
 from qmp_sdei.control.local import LocalControlServer, socket_path
-from qmp_sdei.errors import (
-    ConduitError,
-    ConfigError,
-    IncompatibleState,
-    QemuError,
-    SdeiError,
-    StateDirBusy,
-    VersionError,
-)
+from qmp_sdei.errors import ConfigError, IncompatibleState, SdeiError
+from qmp_sdei.errors import ExitCode as ExitCode  # noqa: PLC0414 (re-export: callers know daemon.ExitCode)
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.migration import MigrationAgent
 from qmp_sdei.owner import SdeiOwner
@@ -53,16 +45,6 @@ from qmp_sdei.versions import Negotiation, VersionPins, format_version, negotiat
 log = logging.getLogger("qmp_sdei.daemon")
 
 SHUTDOWN_GRACE = 5.0  # seconds the tasks get to finish after shutdown is requested
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0  # QEMU exited, or SIGTERM/SIGINT
-    INTERNAL = 1  # a bug: the log has a traceback
-    CONFIG = 2  # invalid command line or config file
-    QEMU = 3  # QEMU unreachable, not QEMU, or a machine we cannot serve
-    STATE = 4  # versions cannot be honoured, or the saved state belongs elsewhere / is damaged
-    CONDUIT = 5  # the gdbstub conduit failed
-    UNREACHABLE = 6  # a client command could not reach the sidecar (or the broker)
 
 
 class Sidecar:
@@ -374,7 +356,20 @@ class Sidecar:
         """Serve until QEMU exits or a signal arrives; never raises for expected failures."""
         signals = self._install_signals()
         try:
-            await self.start()
+            # A shutdown signal wins over the wait for QEMU (which may be long, or unbounded).
+            starting = asyncio.create_task(self.start(), name="sidecar.start")
+            stopping = asyncio.create_task(self.shutdown.wait(), name="sidecar.shutdown-wait")
+            try:
+                await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                if not starting.done():
+                    starting.cancel()
+                    await asyncio.wait({starting})
+            if starting.cancelled():
+                await self._start_vm_unserved()
+                return self.exit_code
+            starting.result()  # its SdeiError, if any, is handled below
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._follow_lifecycle(), name="qmp.lifecycle")]
                 tasks.append(tg.create_task(self._status_writer(), name="status.writer"))
@@ -391,6 +386,8 @@ class Sidecar:
             err = _first_leaf(group)
             self.request_shutdown(str(err), _exit_code_for(err))
             log.error("%s", err)
+            if self.config.conduit.enabled and self.config.conduit.start_vm and self.conduit is None:
+                log.warning("conduit.start_vm: the VM was not started, as the sidecar could not serve it")
         finally:
             await self._cleanup()
             loop = asyncio.get_running_loop()
@@ -431,6 +428,20 @@ class Sidecar:
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
 
+    async def _start_vm_unserved(self) -> None:
+        """Shut down before serving: a VM ``start_vm`` was to start is started all the same (the
+        sidecar never touched it; its owner asked for it to run)."""
+        conduit = self.config.conduit
+        if self.session is None or not (conduit.enabled and conduit.start_vm):
+            log.info("left before serving the VM (%s); its runstate was not touched", self.shutdown_reason)
+            return
+        try:
+            if await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE) == "prelaunch":
+                await asyncio.wait_for(self.session.execute("cont"), SHUTDOWN_GRACE)
+                log.warning("conduit.start_vm: started the VM without SDEI service, leaving before serving it")
+        except (SdeiError, TimeoutError) as err:
+            log.error("conduit.start_vm: could not start the VM on the way out (%s); it stays stopped", err)
+
     async def _cleanup(self) -> None:
         if self.migration is not None:
             with contextlib.suppress(Exception):
@@ -452,14 +463,4 @@ def _first_leaf(group: BaseExceptionGroup[SdeiError]) -> SdeiError:
 
 
 def _exit_code_for(err: SdeiError) -> ExitCode:
-    if isinstance(err, ConfigError):
-        return ExitCode.CONFIG
-    if isinstance(err, QemuError):
-        return ExitCode.QEMU
-    if isinstance(err, IncompatibleState | VersionError):
-        return ExitCode.STATE
-    if isinstance(err, ConduitError):
-        return ExitCode.CONDUIT
-    if isinstance(err, StateDirBusy):
-        return ExitCode.STATE
-    return ExitCode.INTERNAL
+    return err.exit_code  # one map, in errors.py

@@ -27,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qmp_sdei.errors import IncompatibleState, SdeiError, StateDirBusy, VersionError
+from qmp_sdei.errors import IncompatibleState, NoStatus, StateDirBusy, StateDirError, VersionError
+from qmp_sdei.sdei import peek
 from qmp_sdei.versions import VersionPins
 
 STATE_FILE = "state.json"
 STATUS_FILE = "status.json"
 LOCK_FILE = "lock"
 STATE_FORMAT = 1
+#: Pseudo file systems: nothing written there is a file that survives (or can be written at all).
+PSEUDO_FS_ROOTS = (Path("/proc"), Path("/sys"))
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,46 @@ class StateStore:
     def status_path(self) -> Path:
         return self.directory / STATUS_FILE
 
+    def check_usable(self) -> None:
+        """Check, changing nothing, that the directory is (or can be created as) a writable one.
+
+        :raise StateDirError: it is under ``/proc`` or ``/sys``, is not a directory, or cannot be
+            written (permissions, read-only file system); the message names the path.
+        """
+        directory = Path(os.path.abspath(self.directory))
+        resolved = directory.resolve()
+        for root in PSEUDO_FS_ROOTS:
+            if resolved == root or root in resolved.parents:
+                raise StateDirError(f"state directory {self.directory}: is under {root}, which cannot keep files")
+        existing = directory
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        where = "" if existing == directory else f" (its nearest existing parent {existing})"
+        if not existing.is_dir():
+            problem = (
+                "is not a directory" if existing == directory else f"cannot be created: {existing} is not a directory"
+            )
+            raise StateDirError(f"state directory {self.directory}: {problem}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            try:
+                read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+            except OSError:
+                read_only = False
+            problem = "is on a read-only file system" if read_only else "is not writable"
+            raise StateDirError(f"state directory {self.directory}{where}: {problem}")
+
     def acquire(self) -> None:
-        """Create the directory and take its lock. :raise StateDirBusy: another sidecar runs."""
+        """Create the directory and take its lock.
+
+        :raise StateDirError: the directory cannot be used (see :meth:`check_usable`).
+        :raise StateDirBusy: another sidecar runs.
+        """
+        self.check_usable()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
-            raise SdeiError(f"state directory {self.directory}: {err.strerror}") from err
+            raise StateDirError(f"state directory {self.directory}: {err.strerror or err}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,11 +142,16 @@ class StateStore:
             self._lock_fd = None
 
     def writer_alive(self) -> bool:
-        """True if some process holds the lock (a sidecar is serving this VM)."""
+        """True if some process holds the lock (a sidecar is serving this VM).
+
+        :raise StateDirError: the lock file exists but cannot be opened.
+        """
         try:
-            fd = os.open(self.directory / LOCK_FILE, os.O_RDWR)
+            fd = os.open(self.directory / LOCK_FILE, os.O_RDONLY)  # flock needs no write access
         except FileNotFoundError:
             return False
+        except OSError as err:
+            raise StateDirError(f"{self.directory / LOCK_FILE}: cannot open: {err.strerror or err}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,7 +161,13 @@ class StateStore:
         return False
 
     def load(self) -> StoredState | None:
-        """The saved state, or None if there is none. :raise IncompatibleState: unreadable/damaged."""
+        """The saved state, or None if there is none.
+
+        The dispatcher snapshot's envelope (format, checksum) is checked here, so a damaged file is
+        refused by name whether or not the snapshot would be restored.
+
+        :raise IncompatibleState: unreadable or damaged (the message names the file).
+        """
         try:
             raw = self.state_path.read_bytes()
         except FileNotFoundError:
@@ -139,28 +186,45 @@ class StateStore:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, VersionError) as err:
             raise IncompatibleState(f"{self.state_path}: damaged state file ({err})") from err
+        try:
+            peek(snapshot)
+        except IncompatibleState as err:
+            raise IncompatibleState(f"{self.state_path}: damaged dispatcher snapshot: {err}") from err
         return StoredState(identity, pins, snapshot)
 
     def save(self, state: StoredState) -> None:
+        """Replace ``state.json``. :raise StateDirError: it cannot be written (disk full, read-only)."""
         doc = {
             "format": STATE_FORMAT,
             "vm": {"uuid": state.identity.uuid, "name": state.identity.name},
             "pins": state.pins.to_dict(),
             "dispatcher": base64.b64encode(state.snapshot).decode(),
         }
-        _atomic_write(self.state_path, json.dumps(doc, indent=1).encode())
+        try:
+            _atomic_write(self.state_path, json.dumps(doc, indent=1).encode())
+        except OSError as err:
+            raise StateDirError(f"{self.state_path}: cannot write the state: {err.strerror or err}") from err
 
     def write_status(self, status: dict[str, Any]) -> None:
         _atomic_write(self.status_path, json.dumps(status, indent=2, sort_keys=True).encode())
 
     def read_status(self) -> dict[str, Any]:
-        """:raise SdeiError: no status (the sidecar never ran here) or an unreadable one."""
+        """The last status a sidecar wrote here (a JSON object; its shape is not checked).
+
+        :raise NoStatus: no sidecar has written one here.
+        :raise StateDirError: the file exists but cannot be read.
+        :raise IncompatibleState: it is not a JSON object.
+        """
         try:
-            doc = json.loads(self.status_path.read_text())
+            raw = self.status_path.read_bytes()
         except FileNotFoundError:
-            raise SdeiError(f"no sidecar status in {self.directory} (has qmp-sdei run here?)") from None
-        except (OSError, ValueError) as err:
-            raise SdeiError(f"{self.status_path}: unreadable status ({err})") from err
+            raise NoStatus(f"no sidecar status in {self.directory} (has qmp-sdei run here?)") from None
+        except OSError as err:
+            raise StateDirError(f"{self.status_path}: cannot read: {err.strerror or err}") from err
+        try:
+            doc = json.loads(raw)
+        except ValueError as err:  # also UnicodeDecodeError
+            raise IncompatibleState(f"{self.status_path}: damaged status file ({err})") from err
         if not isinstance(doc, dict):
-            raise SdeiError(f"{self.status_path}: unreadable status")
+            raise IncompatibleState(f"{self.status_path}: damaged status file (not a JSON object)")
         return doc

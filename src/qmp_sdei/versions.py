@@ -12,6 +12,7 @@ migration source pinned.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +35,15 @@ SDEI_LATEST: Version = max(SDEI_FUNCTIONS)
 PSCI_FUNCTIONS: dict[Version, frozenset[int]] = dict(psci.FUNCTIONS_BY_VERSION)
 
 
+_VERSION_TEXT = re.compile(r"([0-9]{1,5})\.([0-9]{1,5})")
+
+
 def parse_version(text: str, *, known: dict[Version, Any], what: str) -> Version:
     """``"1.1"`` -> ``(1, 1)``, refusing versions not in ``known``."""
-    try:
-        major, minor = (int(part) for part in text.split("."))
-    except ValueError:
-        raise VersionError(f"{what} version {text!r} is not of the form MAJOR.MINOR") from None
+    match = _VERSION_TEXT.fullmatch(text)
+    if match is None:  # int() alone would also take " 1", "+1", "1_0" and non-ASCII digits
+        raise VersionError(f"{what} version {text!r} is not of the form MAJOR.MINOR")
+    major, minor = int(match[1]), int(match[2])
     if (major, minor) not in known:
         choices = ", ".join(format_version(v) for v in sorted(known))
         raise VersionError(f"{what} version {text} is not supported (choose {choices})")

@@ -7,20 +7,17 @@ subprocess tests run ``python -m qmp_sdei`` to check exit codes, signals and one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qmp_sdei.config import Config, parse
+from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher
@@ -28,41 +25,17 @@ from qmp_sdei.statefile import StateStore
 from support.guests import build_guest_dir
 from support.qemu import SLOW, fake_peer, harness_client, requires_qemu, running_qemu, send_junk
 from support.sdei import ENTRY, F, call
+from support.sidecar import assert_one_line_error as _assert_one_line_error
+from support.sidecar import config_for, serving
+from support.sidecar import read_until as _read_until
+from support.sidecar import run_cli as _run_cli
+from support.sidecar import start_cli as _start_cli
+from support.sidecar import write_config as _write_config
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
 
 UUID = "6b3f4d2e-0c1a-4f5e-9d8c-7a6b5c4d3e2f"
 RESET_ACTION = ("-action", "reboot=reset")  # QemuSpec passes -no-reboot; a reset must stay a reset
-
-
-def config_for(tmp_path: Path, vm: QemuProcess | Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    socket = vm.sidecar_socket if isinstance(vm, QemuProcess) else vm
-    doc: dict[str, Any] = {
-        "vm": {"state_dir": str(tmp_path / "state")},
-        "qmp": {"socket": str(socket), "timeout": SLOW},
-        "sdei": {"events": [{"number": 1000}, {"number": 2000, "type": "shared"}], "bind_slots": [2, 2]},
-    }
-    for name, values in sections.items():
-        doc.setdefault(name, {}).update(values)
-    return doc
-
-
-@contextlib.asynccontextmanager
-async def serving(config: Config) -> AsyncIterator[tuple[Sidecar, asyncio.Task[ExitCode]]]:
-    """A Sidecar running in this event loop, ready; shut down and awaited on exit."""
-    sidecar = Sidecar(config)
-    task = asyncio.create_task(sidecar.run(), name="sidecar")
-    ready = asyncio.create_task(sidecar.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=SLOW, return_when=asyncio.FIRST_COMPLETED)
-    if ready not in done:
-        ready.cancel()
-        code = await task if task in done else None
-        raise AssertionError(f"sidecar did not become ready (exit {code})")
-    try:
-        yield sidecar, task
-    finally:
-        sidecar.request_shutdown("test over")
-        await asyncio.wait_for(task, SLOW)
 
 
 def state_doc(tmp_path: Path) -> dict[str, Any]:
@@ -271,38 +244,6 @@ async def test_pinned_psci_this_qemu_cannot_honour_is_refused(
 # -- the program: exit codes, signals, logs ---------------------------------------------------------
 
 
-def _write_config(tmp_path: Path, doc: dict[str, Any]) -> Path:
-    lines = []
-    for section, values in doc.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items() if key != "events")
-        if "events" in values:
-            events = ", ".join(
-                "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in e.items()) + " }" for e in values["events"]
-            )
-            lines.append(f"events = [{events}]")
-    path = tmp_path / "vm.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-async def _start_cli(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "qmp_sdei", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-
-
-async def _read_until(stream: asyncio.StreamReader, needle: str, seen: list[str]) -> None:
-    async def read() -> None:
-        while line := await stream.readline():
-            seen.append(line.decode())
-            if needle in seen[-1]:
-                return
-        raise AssertionError(f"stream ended before {needle!r}: {''.join(seen)}")
-
-    await asyncio.wait_for(read(), SLOW)
-
-
 @pytest.mark.asyncio
 async def test_sigterm_is_graceful_and_sighup_reloads(tmp_path: Path) -> None:
     async with running_qemu(tmp_path) as vm:
@@ -358,20 +299,6 @@ async def test_second_sidecar_on_the_same_state_dir_is_refused(tmp_path: Path) -
         assert await Sidecar(parse(config_for(tmp_path, vm))).run() == ExitCode.STATE
 
 
-def _run_cli(*args: str, timeout: float = SLOW) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmp_sdei", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def _assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, words: str) -> None:
-    assert result.returncode == code, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "ERROR" in line or line.startswith("qmp-sdei:")]
-    assert len(errors) == 1, result.stderr
-    assert words in errors[0]
-    assert "Traceback" not in result.stderr
-
-
 def test_unreachable_socket(tmp_path: Path) -> None:
     doc = config_for(tmp_path, tmp_path / "nothing.sock", qmp={"timeout": 0.5})
     result = _run_cli("run", "--config", str(_write_config(tmp_path, doc)))
@@ -402,7 +329,7 @@ def test_invalid_config(tmp_path: Path) -> None:
 
 
 def test_status_without_a_sidecar(tmp_path: Path) -> None:
-    _assert_one_line_error(_run_cli("status", "--state-dir", str(tmp_path)), ExitCode.STATE, "no sidecar status")
+    _assert_one_line_error(_run_cli("status", "--state-dir", str(tmp_path)), ExitCode.NO_STATUS, "no sidecar status")
 
 
 @pytest.mark.asyncio

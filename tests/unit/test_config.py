@@ -131,6 +131,26 @@ def test_defaults_and_tcp_address() -> None:
         ),
         ({"qmp": {"socket": "/s"}, "conduit": {"gdb": "1234"}}, "conduit.gdb: must be tcp:HOST:PORT"),
         ({"qmp": {"socket": "/s"}, "log": {"format": "xml"}}, "log.format"),
+        # Found by the fault sweep: each was accepted and then failed (or misbehaved) at run time.
+        ({"qmp": {"socket": "/s"}, "conduit": {"gdb": "tcp:nohost"}}, "conduit.gdb: must be tcp:HOST:PORT"),
+        ({"qmp": {"socket": "/s"}, "conduit": {"gdb": "tcp:h:99999"}}, "conduit.gdb: must be tcp:HOST:PORT"),
+        ({"qmp": {"socket": "/s"}, "vm": {"state_dir": "/tmp/x\0y"}}, "vm.state_dir: contains a NUL character"),
+        ({"qmp": {"socket": "/s\0"}}, "qmp.socket: contains a NUL character"),
+        ({"qmp": {"socket": "/s"}, "conduit": {"elf": "a\0.elf"}}, "conduit.elf: contains a NUL character"),
+        ({"qmp": {"socket": "/s", "timeout": float("inf")}}, "qmp.timeout: must be a finite number of seconds"),
+        ({"qmp": {"socket": "/s", "timeout": float("nan")}}, "qmp.timeout: must be a finite number of seconds"),
+        ({"qmp": {"socket": "/s"}, "sdei": {"version": " 1.1"}}, "sdei.version: SDEI version ' 1.1' is not"),
+        ({"qmp": {"socket": "/s"}, "psci": {"version": "1.0 "}}, "psci.version: PSCI version '1.0 ' is not"),
+        (
+            {"qmp": {"socket": "/s"}, "sdei": {"events": [{"number": 0x4000_0000}]}},
+            "sdei.events[0].number: 0x40000000 is in the range reserved for INTERRUPT_BIND",
+        ),
+        (
+            {"qmp": {"socket": "/s"}, "sdei": {"events": [{"number": 0x4001_FFFF}]}},
+            "sdei.events[0].number: 0x4001ffff is in the range reserved for INTERRUPT_BIND",
+        ),
+        ({"qmp": {"socket": "/" + "s" * 107}}, "qmp.socket: '/sss"),
+        ({"qmp": {"socket": "/s"}, "vm": {"name": "../etc"}}, "vm.name: '../etc' cannot name the default state"),
     ],
 )
 def test_bad_config_names_the_key(data: dict[str, object], message: str) -> None:
@@ -147,6 +167,28 @@ def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("[qmp\nsocket=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(bad)
+
+
+def test_config_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[vm]\nname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 0xe9 at offset 16\)"):
+        load(path)
+
+
+def test_config_nested_too_deeply(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.toml: not valid TOML"):
+        load(path)
+
+
+def test_edge_values_that_are_fine() -> None:
+    cfg = parse({"qmp": {"socket": "tcp:[::1]:4444"}, "conduit": {"gdb": "tcp:[::1]:1234", "trap_sites": [0x1000]}})
+    assert cfg.qmp.address == ("::1", 4444)
+    assert cfg.conduit.gdb == "tcp:[::1]:1234"
+    assert parse({"qmp": {"socket": "/s"}, "sdei": {"events": [{"number": 0x3FFF_FFFF}, {"number": 0x4002_0000}]}})
+    assert parse({"qmp": {"socket": "/s"}, "vm": {"name": "../x", "state_dir": "/srv/x"}}).name == "../x"
 
 
 def test_runtime_changes() -> None:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from qmp_sdei.conduit.el2 import attach_conduit
 from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
-from qmp_sdei.errors import ConduitError, SdeiError
+from qmp_sdei.config import parse_tcp
+from qmp_sdei.errors import ConfigError, GuestImageError, SdeiError
 from qmp_sdei.qemu.qmp import EventSubscription, QmpSession, VmEventKind, gdbstub_address, start_gdbstub
 
 if TYPE_CHECKING:
@@ -38,18 +39,13 @@ async def find_trap_sites(settings: ConduitSettings) -> list[int]:
     except SdeiError:
         raise
     except OSError as err:
-        raise ConduitError(f"cannot read the guest image for trap sites: {err}") from err
+        raise GuestImageError(f"cannot read the guest image for trap sites: {err}") from err
     sites = merge_sites(*groups)
-    if not sites:
-        raise ConduitError(
+    if not sites:  # a config error: the images configured hold no hvc/smc to trap
+        raise ConfigError(
             "the conduit is enabled but has no trap sites: set conduit.elf, conduit.kernel or conduit.trap_sites"
         )
     return sites
-
-
-def _parse_tcp(address: str) -> tuple[str, int]:
-    host, _, port = address.removeprefix("tcp:").rpartition(":")
-    return host, int(port)
 
 
 async def serve_conduit(
@@ -65,7 +61,7 @@ async def serve_conduit(
     :param on_attached: told the conduit once it is attached, before the VM is resumed.
     """
     if settings.gdb:
-        host, port = _parse_tcp(settings.gdb)
+        host, port = parse_tcp(settings.gdb, "conduit.gdb")
     else:
         existing = await gdbstub_address(session)
         host, port = existing if existing is not None else await start_gdbstub(session)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmp_sdei.cache import cache_root
-from qmp_sdei.errors import GuestImageError, SdeiError
+from qmp_sdei.errors import GuestImageError, HostError
 
 HVC_0 = 0xD4000002
 """A64 encoding of ``hvc #0``: the SMCCC conduit for a guest under a hypervisor."""
@@ -465,7 +465,7 @@ def _kallsyms_finder_command() -> list[str]:
     found = shutil.which("kallsyms-finder")
     if found is not None:
         return [found]
-    raise SdeiError(
+    raise HostError(
         "kallsyms-finder not found: install the 'linux' extra (pip install 'qmp-sdei[linux]', "
         "which brings vmlinux-to-elf) to recover symbols from a stock kernel Image"
     )
@@ -502,9 +502,9 @@ def load_kallsyms(image: Path | str, cache_dir: Path | str | None = None, *, tim
     try:
         result = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as err:
-        raise SdeiError(f"kallsyms-finder on {image} did not finish within {timeout}s") from err
+        raise HostError(f"kallsyms-finder on {image} did not finish within {timeout}s") from err
     except OSError as err:
-        raise SdeiError(f"cannot run {command[0]}: {err}") from err
+        raise HostError(f"cannot run {command[0]}: {err}") from err
     text = result.stdout.decode("utf-8", "replace")
     table = Kallsyms.parse(text)
     if result.returncode != 0 or not table:

@@ -137,7 +137,7 @@ async def _run(argv: list[str], timeout: float, what: str) -> tuple[int, str]:
     except TimeoutError as err:
         proc.kill()
         await proc.wait()
-        raise SdeiError(f"{what} did not finish within {timeout}s: {' '.join(argv)}") from err
+        raise DtbError(f"{what} did not finish within {timeout}s: {' '.join(argv)}") from err
     text = (stderr + stdout).decode("utf-8", "replace").strip()
     assert proc.returncode is not None
     return proc.returncode, text
