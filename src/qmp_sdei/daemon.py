@@ -175,6 +175,8 @@ class Sidecar:
             log.error("live migration cannot carry SDEI state for this VM: %s", err)
             self.migration_error = str(err)
             return
+        if self.shutdown.is_set():
+            return  # a cancel that arrived during start() can be lost in 3.11's wait_for
         await self.migration.follow()
 
     @property
@@ -426,7 +428,13 @@ class Sidecar:
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+            _, stuck = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+            for task in stuck:
+                task.cancel()  # again: Python 3.11's wait_for can swallow a cancellation
+                frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack(limit=8))
+                log.error(
+                    "task %s did not stop within %.0fs of being cancelled: %s", task.get_name(), SHUTDOWN_GRACE, frames
+                )
 
     async def _start_vm_unserved(self) -> None:
         """Shut down before serving: a VM ``start_vm`` was to start is started all the same (the

@@ -256,7 +256,7 @@ def test_the_valid_document_is_valid() -> None:
         path.write_text(toml_document(valid_document(tmp)))
         code, out, err = check_config(path)
         assert (code, err) == (ExitCode.OK, ""), err
-        assert "ok (1 event(s)" in out
+        assert "ok (2 event(s)" in out
 
 
 @settings(

@@ -163,7 +163,7 @@ def test_state_dir_on_a_read_only_file_system(
 def test_check_config_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "new" / "state"
     assert main(["check-config", str(state_dir_config(tmp_path, state))]) == ExitCode.OK
-    assert "ok (0 event(s), state in" in capsys.readouterr().out
+    assert "ok (1 event(s), state in" in capsys.readouterr().out
     assert not (tmp_path / "new").exists()
 
 
