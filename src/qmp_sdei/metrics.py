@@ -63,6 +63,9 @@ LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5
 #: Seconds from handler entry to COMPLETE: up to what a watchdog handler might take.
 HANDLER_BUCKETS = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0, 10.0)
 
+#: QEMU's migration statuses that end a migration (``sidecar`` notifications carry them as ``phase``).
+MIGRATION_FINAL_PHASES = frozenset({"completed", "failed", "cancelled"})
+
 #: Request line plus headers a scraper may send; more is refused (431).
 MAX_REQUEST_HEAD = 16 * 1024
 #: Seconds a client gets to send its request.
@@ -196,7 +199,12 @@ class SidecarMetrics:
             f"{PREFIX}_resets", "SDEI state resets, by scope and cause", ["scope", "cause"], registry=r
         )
         self.restores = Counter(f"{PREFIX}_restores", "whole-state restores, by cause", ["cause"], registry=r)
-        self.migrations = Counter(f"{PREFIX}_migrations", "migrations, by outcome", ["outcome"], registry=r)
+        self.migrations = Counter(
+            f"{PREFIX}_migrations",
+            "migrations ended, by QEMU's final status on this side and direction",
+            ["outcome", "direction"],
+            registry=r,
+        )
         self._broker_connected: float | None = None  # None: no broker configured, no series
         self._pull = _PullCollector()
         r.register(self._pull)
@@ -235,9 +243,13 @@ class SidecarMetrics:
             )
         self._broker_connected = 1.0 if connected else 0.0
 
-    def migration_outcome(self, outcome: str) -> None:
-        """One migration ended: e.g. ``completed``, ``failed``, ``cancelled`` (source or destination)."""
-        self.migrations.labels(outcome=outcome).inc()
+    def migration_outcome(self, outcome: str, direction: str = "outgoing") -> None:
+        """One migration ended (``completed``, ``failed``, ``cancelled``), ``outgoing`` or ``incoming``.
+
+        The migration agent's ``sidecar`` notifications already feed this through :meth:`follow`;
+        call it directly only for migrations no notification reports.
+        """
+        self.migrations.labels(outcome=outcome, direction=direction).inc()
 
     def observe_notification(self, note: Notification) -> None:
         """Count one owner notification (what :meth:`follow` does for each)."""
@@ -261,6 +273,10 @@ class SidecarMetrics:
             self.resets.labels(scope=scope, cause=str(note.detail.get("cause", ""))).inc()
         elif kind is NotificationKind.RESTORED:
             self.restores.labels(cause=str(note.detail.get("cause", ""))).inc()
+        elif kind is NotificationKind.SIDECAR and note.detail.get("what") == "migration":
+            phase = note.detail.get("phase")
+            if phase in MIGRATION_FINAL_PHASES:
+                self.migration_outcome(str(phase), "incoming" if note.detail.get("incoming") else "outgoing")
 
     # ---- pulled -----------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from qmp_sdei.conduit.gdbstub import ConduitStats
 from qmp_sdei.errors import ConfigError
 from qmp_sdei.metrics import MetricsExporter, SidecarMetrics, serve_metrics
 from qmp_sdei.metrics_settings import MetricsSettings
-from qmp_sdei.owner import RaiseResult, SdeiOwner
+from qmp_sdei.owner import NotificationKind, RaiseResult, SdeiOwner
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.versions import VersionPins
 from support.sdei import ARG, ENTRY, PRIVATE, F, interrupted_regs, make
@@ -163,15 +163,18 @@ async def test_sdei_work_shows_up_in_a_scrape(running: Running) -> None:
 
     # Pushed values: broker state, migrations, a VM reset; the next scrape sees them.
     metrics.set_broker_connected(True)
-    metrics.migration_outcome("completed")
     metrics.migration_outcome("failed")
-    metrics.migration_outcome("completed")
+    # The migration agent's notifications: phases as QEMU reports them; only final ones count.
+    for phase, incoming in (("setup", False), ("active", False), ("completed", False), ("completed", True)):
+        owner.notify(NotificationKind.SIDECAR, what="migration", phase=phase, incoming=incoming)
     await owner.vm_reset(guest=False, reason="host-qmp-system-reset")
     await settled(metrics, owner)
     samples = await scrape(running.url)
     assert value(samples, "qmp_sdei_mqtt_connected") == 1
-    assert value(samples, "qmp_sdei_migrations_total", outcome="completed") == 2
-    assert value(samples, "qmp_sdei_migrations_total", outcome="failed") == 1
+    assert value(samples, "qmp_sdei_migrations_total", outcome="completed", direction="outgoing") == 1
+    assert value(samples, "qmp_sdei_migrations_total", outcome="completed", direction="incoming") == 1
+    assert value(samples, "qmp_sdei_migrations_total", outcome="failed", direction="outgoing") == 1
+    assert not any(labels == (("direction", "outgoing"), ("outcome", "active")) for _, labels in samples)
     assert value(samples, "qmp_sdei_resets_total", scope="vm", cause="host-qmp-system-reset") == 1
     assert value(samples, "qmp_sdei_events_pending") == 0  # a reset drops pending events
     metrics.set_broker_connected(False)
