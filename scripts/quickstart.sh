@@ -13,6 +13,7 @@ APT_PACKAGES=(
     libc6-dev-arm64-cross make      # the Linux test module and its static /init
     device-tree-compiler            # dtc: the DTB with /firmware/sdei
     dbus mosquitto                  # migration (dbus-vmstate) and orchestration tests
+    systemd                         # systemd-analyze verify/security on examples/qmp-sdei@.service
 )
 
 install_system() {
