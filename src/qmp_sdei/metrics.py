@@ -237,11 +237,16 @@ class SidecarMetrics:
 
     def set_broker_connected(self, connected: bool) -> None:
         """The MQTT broker connection went up or down; the series exists from the first call on."""
-        if self._broker_connected is None:
-            self.add_gauge(
-                "mqtt_connected", "1 while the MQTT broker connection is up", lambda: self._broker_connected or 0.0
-            )
         self._broker_connected = 1.0 if connected else 0.0
+        self.watch_broker(lambda: self._broker_connected == 1.0)
+
+    def watch_broker(self, connected: Callable[[], bool], stats: Callable[[], object] | None = None) -> None:
+        """Read the MQTT bridge's connection state (and its counters) at each scrape."""
+        self.add_gauge(
+            "mqtt_connected", "1 while the MQTT broker connection is up", lambda: 1.0 if connected() else 0.0
+        )
+        if stats is not None:
+            self.add_counters("mqtt", stats)
 
     def migration_outcome(self, outcome: str, direction: str = "outgoing") -> None:
         """One migration ended (``completed``, ``failed``, ``cancelled``), ``outgoing`` or ``incoming``.

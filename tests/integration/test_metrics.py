@@ -199,6 +199,23 @@ async def test_the_conduit_latency_samples_feed_the_histograms(running: Running)
     assert value(samples, "qmp_sdei_conduit_stops_total") == 5
 
 
+async def test_the_broker_state_is_pulled_from_the_bridge(running: Running) -> None:
+    @dataclass
+    class BridgeStats:  # the shape of qmp_sdei.control.mqtt.MqttStats
+        connects: int = 0
+        disconnects: int = 0
+
+    stats, up = BridgeStats(), [False]
+    running.metrics.watch_broker(lambda: up[0], lambda: stats)
+    samples = await scrape(running.url)
+    assert value(samples, "qmp_sdei_mqtt_connected") == 0
+    up[0], stats.connects = True, 1
+    samples = await scrape(running.url)
+    assert value(samples, "qmp_sdei_mqtt_connected") == 1
+    assert value(samples, "qmp_sdei_mqtt_connects_total") == 1
+    assert value(samples, "qmp_sdei_mqtt_disconnects_total") == 0
+
+
 async def test_psci_calls_are_labelled() -> None:
     metrics = SidecarMetrics("vm")
     metrics.observe_psci_call(0x8400_0000, 0x1_0000)  # PSCI_VERSION answered by the filter
