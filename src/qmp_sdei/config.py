@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qmp_sdei.errors import ConfigError, VersionError
+from qmp_sdei.metrics_settings import MetricsSettings, parse_metrics_table
 from qmp_sdei.sdei.dispatcher import DYNAMIC_RANGE
 from qmp_sdei.sdei.model import PROFILES, EventSpec
 from qmp_sdei.versions import VersionRequest
@@ -145,6 +146,7 @@ class Config:
     conduit: ConduitSettings = field(default_factory=ConduitSettings)
     log: LogSettings = field(default_factory=LogSettings)
     mqtt: MqttSettings | None = None
+    metrics: MetricsSettings | None = None
     source: Path | None = None
 
     def runtime_changes(self, new: Config) -> tuple[list[str], list[str]]:
@@ -152,7 +154,7 @@ class Config:
         allowed, refused = [], []
         if new.log != self.log:
             allowed.append("log")
-        for key in ("qmp", "state_dir", "name", "versions", "sdei", "conduit", "mqtt"):
+        for key in ("qmp", "state_dir", "name", "versions", "sdei", "conduit", "mqtt", "metrics"):
             if getattr(new, key) != getattr(self, key):
                 refused.append(key)
         return allowed, refused
@@ -387,6 +389,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     conduit.done()
 
     mqtt_settings = _parse_mqtt(root.table("mqtt"))
+    metrics_settings = parse_metrics_table(root.table("metrics").data)
 
     log = root.table("log")
     log_settings = LogSettings(
@@ -408,6 +411,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
         conduit=conduit_settings,
         log=log_settings,
         mqtt=mqtt_settings,
+        metrics=metrics_settings,
         source=source,
     )
 

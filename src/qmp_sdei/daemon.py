@@ -25,9 +25,9 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qmp_sdei import __version__
+from qmp_sdei import __version__, sdnotify
 from qmp_sdei.config import Config, load
 from qmp_sdei.control.commands import ControlService
 from qmp_sdei.control.local import LocalControlServer, socket_path
@@ -41,6 +41,10 @@ from qmp_sdei.qemu.qmp import QmpSession, VmEvent, VmEventKind, attach
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
 from qmp_sdei.versions import Negotiation, VersionPins, format_version, negotiate
+
+if TYPE_CHECKING:
+    from qmp_sdei.metrics import MetricsExporter, SidecarMetrics
+    from qmp_sdei.metrics_settings import MetricsSettings
 
 log = logging.getLogger("qmp_sdei.daemon")
 
@@ -72,6 +76,9 @@ class Sidecar:
         self.exit_code = ExitCode.OK
         #: set once attached, negotiated and serving; tests and ``boot-test`` wait on it
         self.ready = asyncio.Event()
+        #: Prometheus metrics and their exporter, when [metrics] is configured
+        self.metrics: SidecarMetrics | None = None
+        self.metrics_exporter: MetricsExporter | None = None
         self._changed = asyncio.Event()  # replaced after each VM event: see wait_until()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -127,6 +134,8 @@ class Sidecar:
         )
         self.control = ControlService(self.owner, self.status, vm_name=self.vm_name, migrate=self._migrate_command)
         self.control_server = LocalControlServer(self.control, socket_path(self.config.state_dir))
+        if self.config.metrics is not None:
+            await self._start_metrics(self.config.metrics)
         self.attach_seconds = time.perf_counter() - t0
         versions = (
             "versions from the incoming migration"
@@ -164,6 +173,33 @@ class Sidecar:
         assert self.migration is not None
         report = await self.migration.migrate(uri)
         return report.to_dict()
+
+    async def _start_metrics(self, settings: MetricsSettings) -> None:
+        """Build the metrics and bind the exporter now, so READY=1 means it is listening."""
+        from qmp_sdei.metrics import MetricsExporter, SidecarMetrics  # noqa: PLC0415 (optional)
+
+        owner, control, migration = self.owner, self.control, self.migration
+        assert owner is not None and control is not None and migration is not None
+        metrics = SidecarMetrics(self.vm_name, version=__version__)
+        metrics.watch_owner(owner)
+        owner.on_sdei_call = metrics.observe_sdei_call
+        owner.on_psci_call = metrics.observe_psci_call
+        metrics.add_counters("control", lambda: control.stats)
+        metrics.add_counters("migration", lambda: migration.counters)
+        self.metrics_exporter = MetricsExporter(metrics.render, settings.host, settings.port)
+        await self.metrics_exporter.start()
+        self.metrics = metrics
+
+    def _ready_text(self) -> str:
+        migration = self.migration
+        if migration is not None and migration.incoming:
+            return f"VM {self.vm_name}: waiting for the incoming migration"
+        pins, dispatcher = self.pins, self.dispatcher
+        assert pins is not None and dispatcher is not None
+        return (
+            f"serving VM {self.vm_name}: SDEI {format_version(pins.sdei)}, PSCI {format_version(pins.psci)}, "
+            f"{len(dispatcher.catalogue)} event(s)"
+        )
 
     async def _serve_migration(self) -> None:
         assert self.migration is not None
@@ -235,6 +271,7 @@ class Sidecar:
             self.shutdown_reason = reason
             self.exit_code = code
             log.info("shutting down: %s", reason)
+            sdnotify.stopping(f"shutting down: {reason}")
             self.shutdown.set()
 
     async def _follow_lifecycle(self) -> None:
@@ -301,6 +338,9 @@ class Sidecar:
         def attached(conduit: Any) -> None:
             self.conduit = conduit
             self.conduit_ready.set()
+            if self.metrics is not None:
+                self.metrics.tap_conduit(conduit.stats)
+            sdnotify.status(f"{self._ready_text()}; conduit attached")
 
         start_vm = False
         migration = self.migration
@@ -316,10 +356,13 @@ class Sidecar:
         await self.control_server.serve()
 
     async def _serve_mqtt(self) -> None:
-        from qmp_sdei.control.mqtt import serve_mqtt  # noqa: PLC0415 (optional transport)
+        from qmp_sdei.control.mqtt import MqttBridge  # noqa: PLC0415 (optional transport)
 
         assert self.control is not None and self.config.mqtt is not None
-        await serve_mqtt(self.control, self.config.mqtt, vm_name=self.vm_name, status=self.control.status_document)
+        bridge = MqttBridge(self.control, self.config.mqtt, vm_name=self.vm_name, status=self.control.status_document)
+        if self.metrics is not None:
+            self.metrics.watch_broker(bridge.online.is_set, lambda: bridge.stats)
+        await bridge.run()
 
     def _install_signals(self) -> list[int]:
         loop = asyncio.get_running_loop()
@@ -357,6 +400,7 @@ class Sidecar:
     async def run(self) -> ExitCode:
         """Serve until QEMU exits or a signal arrives; never raises for expected failures."""
         signals = self._install_signals()
+        sdnotify.status(f"attaching to QEMU at {self.config.qmp.address}")
         try:
             # A shutdown signal wins over the wait for QEMU (which may be long, or unbounded).
             starting = asyncio.create_task(self.start(), name="sidecar.start")
@@ -381,7 +425,11 @@ class Sidecar:
                     tasks.append(tg.create_task(self._serve_mqtt(), name="control.mqtt"))
                 if self.config.conduit.enabled:
                     tasks.append(tg.create_task(self._serve_conduit(), name="conduit"))
+                if self.metrics is not None and self.metrics_exporter is not None and self.owner is not None:
+                    tasks.append(tg.create_task(self.metrics_exporter.serve(), name="metrics.http"))
+                    tasks.append(tg.create_task(self.metrics.follow(self.owner), name="metrics.follow"))
                 self.ready.set()
+                sdnotify.ready(self._ready_text())
                 await self.shutdown.wait()
                 await self._stop_tasks(tasks)
         except* SdeiError as group:
@@ -451,6 +499,8 @@ class Sidecar:
             log.error("conduit.start_vm: could not start the VM on the way out (%s); it stays stopped", err)
 
     async def _cleanup(self) -> None:
+        if self.metrics_exporter is not None:
+            await self.metrics_exporter.close()
         if self.migration is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.migration.close(), SHUTDOWN_GRACE)

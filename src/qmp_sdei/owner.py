@@ -231,6 +231,10 @@ class SdeiOwner:
         #: guest resets already applied when the guest's PSCI reset call went through; the QMP
         #: RESET event that follows each must not reset SDEI state a second time
         self._resets_applied_early = 0
+        #: told of every SDEI call (function id, x0 as the dispatcher left it, completion) and every
+        #: PSCI call (function id, the answer or None when passed to QEMU): the metrics' hooks
+        self.on_sdei_call: Callable[[int, int, Completion], None] | None = None
+        self.on_psci_call: Callable[[int, int | None], None] | None = None
 
     # ---- wiring -----------------------------------------------------------------------------------
 
@@ -281,6 +285,8 @@ class SdeiOwner:
         was_masked = state.masked if state is not None else None
         running = state.stack[-1].event if state is not None and state.stack else None
         outcome = self.dispatcher.hypercall(vcpu, regs)
+        if self.on_sdei_call is not None:
+            self.on_sdei_call(fid, regs.x[0], outcome)
         if fid not in READ_ONLY_CALLS:
             self._dirty = True
             self._note_call(
@@ -351,6 +357,8 @@ class SdeiOwner:
             self.counters.vcpu_resets += 1
             self._dirty = True
             self.notify(NotificationKind.RESET, vcpu=vcpu, scope="vcpu", cause="cpu_off")
+        if self.on_psci_call is not None:
+            self.on_psci_call(fid, answer)
         return answer
 
     def deliverable(self) -> list[int]:
