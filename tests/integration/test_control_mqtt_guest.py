@@ -103,3 +103,41 @@ async def test_orchestrator_raises_the_guests_host_events_over_mqtt(
         async with MqttControlClient(broker.url, sidecar.vm_name, timeout=TIMEOUT) as after:
             final = await after.status()
             assert final is not None and final["online"] is False and final["reason"] == "shutdown", final
+
+
+async def test_configured_mqtt_and_the_command_line_through_the_broker(
+    tmp_path: Path, guest_elf: Path, sidecars: list[RunningSidecar], broker: Mosquitto
+) -> None:
+    """``[mqtt]`` in the config starts the bridge with the sidecar; ``qmp-sdei raise|status --mqtt``
+    reach it through the broker, as an operator on another host would."""
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "qmp_sdei", *args, "--mqtt", broker.url, "--vm", "sidecar-conduit-test"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+
+    async with guest_vm(tmp_path, guest_elf) as vm:
+        doc = config_doc(vm, tmp_path / "state", guest_elf, start_vm=True)
+        doc["mqtt"] = {"url": broker.url}
+        running = RunningSidecar(parse(doc))
+        sidecars.append(running)
+        await running.ready()
+        for n, (tag, (event, vcpu)) in enumerate(HOST_EVENTS.items()):
+            await vm.wait_for_console(rf"WAIT {tag} {event}\r?\n", TIMEOUT)
+            if n == 1:  # while the guest still runs (it powers off after its last step)
+                status = await asyncio.to_thread(cli, "status", "--json")
+                assert status.returncode == 0, status.stderr
+                assert json.loads(status.stdout)["pins"]["psci"] == "1.0"
+                refused = await asyncio.to_thread(cli, "raise", "--event", "4242", "--vcpu", "0")
+                assert refused.returncode == 1 and "unknown_event" in refused.stdout, refused
+            args = ["raise", "--event", str(event), "--json"] + (["--vcpu", str(vcpu)] if vcpu is not None else [])
+            result = await asyncio.to_thread(cli, *args)
+            assert result.returncode == 0, (tag, result.stdout, result.stderr)
+            outcome = json.loads(result.stdout)["result"]
+            assert outcome["result"] == "delivered" or outcome.get("code") == "busy", (tag, outcome)
+        await vm.wait_for_console(r"DONE\r?\n", TIMEOUT)
+        check_all_steps(vm.console, elf_symbols(guest_elf))
