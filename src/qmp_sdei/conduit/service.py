@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from qmp_sdei.conduit.gdbstub import GdbstubConduit
+from qmp_sdei.conduit.gdbstub import GdbstubConduit, stub_reports_only_our_resumes
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.errors import ConduitError, SdeiError
 from qmp_sdei.qemu.qmp import EventSubscription, VmEventKind, gdbstub_address, start_gdbstub
@@ -62,6 +62,8 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
     # "debug" means a gdbstub stop: a sidecar before us died holding it. Ours to resume, unlike a
     # VM its owner paused or started with -S.
     was_running = await session.refresh_runstate() in ("running", "debug")
+    assert sidecar.facts is not None
+    qemu = sidecar.facts.qemu_version
     conduit = await GdbstubConduit.attach(
         host,
         port,
@@ -70,6 +72,8 @@ async def serve_conduit(sidecar: Sidecar, *, start_vm: bool = False) -> None:
         psci_filter=sidecar.psci_policy,
         on_commit=sidecar.persisting.commit,
         timeout=30.0,
+        runstate=session.refresh_runstate,
+        stops_need_our_resume=stub_reports_only_our_resumes(qemu.major, qemu.minor),
     )
     sidecar.conduit = conduit
     sidecar.conduit_ready.set()
@@ -89,5 +93,5 @@ async def _follow_resumes(sidecar: Sidecar, conduit: GdbstubConduit, resumes: Ev
     """Tell a holding conduit when the VM's owner resumes it (QMP ``cont``)."""
     assert sidecar.session is not None
     async for _event in resumes:
-        if conduit.held and await sidecar.session.refresh_runstate() == "running":
-            conduit.vm_resumed()
+        if conduit.held:
+            await conduit.owner_resumed()
