@@ -90,9 +90,11 @@ async def test_qemu_version_and_psci_version(tmp_path: Path) -> None:
     facts = await facts_of(tmp_path, QemuSpec())
     assert facts.qemu_version >= QemuVersion(7, 0, 0)
     if (facts.qemu_version.major, facts.qemu_version.minor) == (7, 2):
-        assert qemu_psci_version(facts) == (1, 1)  # verified by guest code on 7.2
-    newer = dataclasses.replace(facts, qemu_version=QemuVersion(9, 1, 0))
+        assert qemu_psci_version(facts) == (1, 1)  # verified by guest code on 7.2 and 10.0
+    between = dataclasses.replace(facts, qemu_version=QemuVersion(9, 1, 0))
+    newer = dataclasses.replace(facts, qemu_version=QemuVersion(11, 0, 0))
     older = dataclasses.replace(facts, qemu_version=QemuVersion(6, 2, 0))
+    assert qemu_psci_version(between) == (1, 1)
     assert qemu_psci_version(newer) == (1, 1)
     assert qemu_psci_version(older) == (0, 2)
 
