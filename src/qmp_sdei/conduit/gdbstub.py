@@ -1,6 +1,6 @@
 """The gdbstub conduit: turns breakpoint stops on the guest's ``hvc`` into dispatcher calls.
 
-QEMU 7.2 answers every ``hvc`` with its own PSCI code, so the sidecar puts breakpoints on the
+QEMU (7.2 and 10) answers every ``hvc`` with its own PSCI code, so the sidecar puts breakpoints on the
 guest's call sites (``trap_sites``, found by the caller) and handles each stop:
 
 * SDEI function ids go to :meth:`Dispatcher.hypercall`; the result (or a whole new context, for
@@ -15,7 +15,7 @@ EL1h (QEMU's cpsr write does not swap stack pointers or rebuild hflags), so for 
 EL1t delivery is deferred: temporary breakpoints on its VBAR_EL1 vectors catch the next exception
 entry, which is EL1h by construction.
 
-System registers are read-only through the 7.2 stub, so COMPLETE_AND_RESUME's ELR_EL1/SPSR_EL1
+System registers are read-only through QEMU's stub, so COMPLETE_AND_RESUME's ELR_EL1/SPSR_EL1
 are set by patching two ``msr`` instructions over the trapped ``hvc``, stepping them on that vCPU
 alone, and restoring the original bytes.
 
