@@ -25,7 +25,8 @@ back where the stub needs it (QEMU 8.1 and later report no stop after a resume t
 
 Only this module's run loop talks to the stub. Other tasks (``raise_event``, ``rearm``,
 ``detach``) ask the loop for a stop and wait for it to do the work, so RSP requests are never
-interleaved. It owns breakpoints and registers in flight; SDEI state stays in the dispatcher.
+interleaved; ``owner_resumed`` talks to the stub itself only while the loop waits for a stop and
+none is queued. It owns breakpoints and registers in flight; SDEI state stays in the dispatcher.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ private SDEI state)."""
 
 LATENCY_SAMPLES = 4096
 TAKEOVER_ATTEMPTS = 5
-"""How often :meth:`GdbstubConduit.owner_resumed` tries again when the owner stops and resumes the
-VM faster than one 0x03 round trip (each attempt ends the moment the VM is seen running)."""
+"""How many 0x03 + probe rounds :meth:`GdbstubConduit.owner_resumed` makes when the owner keeps
+stopping and resuming the VM faster than one round takes."""
 
 Runstate = Callable[[], Awaitable[str]]
 """Returns QEMU's current runstate (QMP ``query-status``), e.g. ``running``, ``paused``, ``debug``."""
