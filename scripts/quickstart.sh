@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for a fresh Debian 12 machine (run as root):
+# One entry point for a fresh Debian 12 or 13 machine (run as root):
 #   bash scripts/quickstart.sh demo   install everything, then boot a stock Debian arm64 kernel under
 #                                     QEMU with the sidecar attached and check its SDEI/PSCI lines
 #   bash scripts/quickstart.sh test   install everything, then run lint, types and the whole test suite
@@ -17,8 +17,24 @@ APT_PACKAGES=(
     systemd                         # systemd-analyze verify/security on examples/qmp-sdei@.service
 )
 
+# What a release needs beyond APT_PACKAGES. Debian 12's Python 3.11 finds wheels for everything on
+# PyPI; from Debian 13 (Python 3.13) on, vmlinux-to-elf's minilzo has no wheel and pip compiles it
+# (gcc, python3-dev), and the 6.12 kernel's module build writes BTF with pahole.
+release_packages() {
+    local version_id=""
+    if [ -r /etc/os-release ]; then
+        version_id=$(. /etc/os-release && echo "${VERSION_ID:-}")
+    fi
+    case "$version_id" in
+        12) ;;
+        *) echo gcc python3-dev pahole ;;   # 13 and anything newer or unknown
+    esac
+}
+
 install_system() {
     export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2207  # one package name per word
+    APT_PACKAGES+=($(release_packages))
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
 }

@@ -331,6 +331,7 @@ class Sidecar:
                 return
 
     async def _serve_conduit(self) -> None:
+        from qmp_sdei.conduit.gdbstub import stub_reports_only_our_resumes  # noqa: PLC0415
         from qmp_sdei.conduit.service import serve_conduit  # noqa: PLC0415 (optional subsystem)
 
         assert self.session is not None and self.owner is not None
@@ -349,7 +350,16 @@ class Sidecar:
             # before it runs (QEMU started with -S), then run it if it ran on the source.
             await migration.arrived.wait()
             start_vm = bool(migration.loaded and migration.loaded.source_running and self.config.conduit.start_vm)
-        await serve_conduit(self.session, self.owner, self.config.conduit, on_attached=attached, start_vm=start_vm)
+        assert self.facts is not None
+        qemu = self.facts.qemu_version
+        await serve_conduit(
+            self.session,
+            self.owner,
+            self.config.conduit,
+            on_attached=attached,
+            start_vm=start_vm,
+            stops_need_our_resume=stub_reports_only_our_resumes(qemu.major, qemu.minor),
+        )
 
     async def _serve_control(self) -> None:
         assert self.control_server is not None

@@ -4,12 +4,13 @@ static ``/init`` that loads ``sdei_test.ko``, and the whole sidecar in-process.
 Builders (all cached under the qmp-sdei cache root, keyed by their inputs, written to a temporary
 name and renamed so concurrent runs never see half a file):
 
-* :func:`fetch_kernel_headers`: ``linux-headers-<abi>-arm64:arm64`` + ``linux-headers-<abi>-common``
-  + ``linux-kbuild-<series>`` at the kernel's exact version, fetched with ``apt-get download`` and
-  unpacked with ``dpkg-deb -x`` (nothing is installed). The arm64 headers' Makefile includes the
+* :func:`fetch_kernel_headers`: the kernel's ``linux-headers-*-arm64:arm64`` and the common headers
+  and kbuild packages it depends on, at the kernel's exact version, fetched with ``apt-get
+  download`` and unpacked with ``dpkg-deb -x`` (nothing is installed). The arm64 headers' Makefile includes the
   common tree by its absolute ``/usr/src`` path; the cached copy is pointed at its own tree.
 * :func:`build_module`: ``tests/guests/linux-module`` built out of tree with
-  ``ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-`` in a scratch copy.
+  ``ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-`` in a scratch copy; kbuild then calls the gcc
+  release the headers name (``aarch64-linux-gnu-gcc-12`` on bookworm, ``-14`` on trixie).
 * :func:`build_init`: ``init.c`` as a static aarch64 binary (the cross glibc, no busybox).
 * :func:`write_initramfs`: a ``newc`` cpio written here (``/init``, the module, its parameters, and
   ``/dev/console`` + ``/dev/kmsg`` nodes, so nothing has to be mounted).
@@ -110,8 +111,8 @@ def _run(argv: list[str], what: str, *, timeout: float = 600.0, cwd: Path | None
     return result.stdout
 
 
-def _gcc_version() -> str:
-    return _run([f"{CROSS}gcc", "--version"], "asking the cross compiler's version").splitlines()[0]
+def _gcc_version(compiler: str = f"{CROSS}gcc") -> str:
+    return _run([compiler, "--version"], "asking the cross compiler's version").splitlines()[0]
 
 
 # ---- kernel headers ---------------------------------------------------------------------------
@@ -119,36 +120,62 @@ def _gcc_version() -> str:
 
 @dataclass(frozen=True)
 class HeaderPackages:
-    """The three packages an out-of-tree module build for one Debian kernel needs."""
+    """The three packages an out-of-tree module build for one Debian kernel needs.
 
-    abi: str  # "6.1.0-56"
-    flavour: str  # "arm64"
-    version: str  # "6.1.192-2"
+    Their names follow the release's scheme (bookworm: ``linux-headers-6.1.0-56-arm64``,
+    ``linux-kbuild-6.1``; trixie and the 6.12 backport: ``linux-headers-6.12.117+deb13-arm64``,
+    ``linux-kbuild-6.12.117+deb13``), so they are read from the headers package's ``Depends``
+    rather than derived from the version.
+    """
+
+    headers: str  # "linux-headers-6.1.0-56-arm64": the kernel's architecture
+    common: str  # "linux-headers-6.1.0-56-common": Architecture: all
+    kbuild: str  # "linux-kbuild-6.1": the host's architecture (fixdep, modpost)
+    version: str  # "6.1.192-2", the kernel's: all three are built from its source
 
     @classmethod
     def for_kernel(cls, kernel: DebianKernel) -> HeaderPackages:
-        match = re.fullmatch(
-            r"linux-image-(?P<abi>\d+\.\d+\.\d+-\d+)-(?P<flavour>[a-z0-9-]+?)(?:-unsigned)?", kernel.package
-        )
-        if match is None:
-            raise LinuxGuestBuildError(f"cannot tell the headers packages for {kernel.package}")
-        return cls(match["abi"], match["flavour"], kernel.version)
+        headers = headers_package_for(kernel.package)
+        fields = _run(["apt-cache", "show", f"{headers}:{_ARCH}={kernel.version}"], f"asking apt about {headers}")
+        depends = next((line for line in fields.splitlines() if line.startswith("Depends:")), "")
+        return cls.from_depends(headers, kernel.version, depends.removeprefix("Depends:"))
 
-    @property
-    def series(self) -> str:
-        return ".".join(self.abi.split(".")[:2])
+    @classmethod
+    def from_depends(cls, headers: str, version: str, depends: str) -> HeaderPackages:
+        """Pick the common headers and kbuild packages out of the headers package's ``Depends``."""
+        names = [
+            alt.split()[0].split(":")[0] for clause in depends.split(",") for alt in clause.split("|") if alt.strip()
+        ]
+        common = next((n for n in names if n.startswith("linux-headers-") and n.endswith("-common")), None)
+        kbuild = next((n for n in names if n.startswith("linux-kbuild-")), None)
+        if common is None or kbuild is None:
+            raise LinuxGuestBuildError(f"{headers} does not depend on common headers and kbuild: {depends.strip()!r}")
+        return cls(headers, common, kbuild, version)
 
     @property
     def release(self) -> str:
-        return f"{self.abi}-{self.flavour}"
+        return self.headers.removeprefix("linux-headers-")
 
     def specs(self) -> list[str]:
         v = self.version
-        return [
-            f"linux-headers-{self.release}:{_ARCH}={v}",
-            f"linux-headers-{self.abi}-common={v}",  # Architecture: all
-            f"linux-kbuild-{self.series}={v}",  # the host's architecture: fixdep, modpost
-        ]
+        return [f"{self.headers}:{_ARCH}={v}", f"{self.common}={v}", f"{self.kbuild}={v}"]
+
+
+def headers_package_for(image_package: str) -> str:
+    """``linux-image-<release>[-unsigned]`` -> ``linux-headers-<release>``."""
+    match = re.fullmatch(r"linux-image-(?P<release>.+?)(?:-unsigned)?", image_package)
+    if match is None:
+        raise LinuxGuestBuildError(f"cannot tell the headers package for {image_package}")
+    return f"linux-headers-{match['release']}"
+
+
+def kbuild_compiler(kdir: Path) -> str:
+    """The cross compiler kbuild will call for ``kdir``: Debian's headers name the gcc release the
+    kernel was built with (``CC = $(CROSS_COMPILE)gcc-12`` on bookworm, ``gcc-14`` on trixie)."""
+    variables = kdir / ".kernelvariables"
+    text = variables.read_text() if variables.exists() else ""
+    match = re.search(r"(?m)^CC\s*=.*\$\(CROSS_COMPILE\)(\S+)\s*$", text)
+    return f"{CROSS}{match.group(1) if match else 'gcc'}"
 
 
 def fetch_kernel_headers(kernel: DebianKernel, cache_dir: Path | None = None, *, timeout: float = 600.0) -> Path:
@@ -208,7 +235,18 @@ def _publish(built: Path, final: Path) -> Path:
 def build_module(kdir: Path, outdir: Path) -> Path:
     """Build ``sdei_test.ko`` against ``kdir`` (cached by sources, headers and compiler)."""
     sources = [(name, (MODULE_DIR / name).read_bytes()) for name in MODULE_SOURCES]
-    key = _digest(str(kdir), (kdir.parents[2] / ".complete").read_bytes(), _gcc_version(),
+    compiler = kbuild_compiler(kdir)
+    if shutil.which(compiler) is None:
+        raise LinuxGuestUnavailable(
+            f"{kdir.name} is built with {compiler} (Debian: {compiler.removeprefix(CROSS)}-aarch64-linux-gnu)"
+        )
+    # 6.12's headers ship a vmlinux for BTF, and then kbuild runs pahole on the module (6.1's
+    # have none and skip that step).
+    config = (kdir / ".config").read_text() if (kdir / ".config").exists() else ""
+    writes_btf = "\nCONFIG_DEBUG_INFO_BTF_MODULES=y" in config and (kdir / "vmlinux").exists()
+    if writes_btf and shutil.which("pahole") is None:
+        raise LinuxGuestUnavailable(f"{kdir.name} writes BTF into modules with pahole (Debian: pahole)")
+    key = _digest(str(kdir), (kdir.parents[2] / ".complete").read_bytes(), _gcc_version(compiler),
                   *(name + "\0" for name, _ in sources), *(data for _, data in sources))  # fmt: skip
     ko = outdir / f"sdei_test-{key}.ko"
     if ko.exists():

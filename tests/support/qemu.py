@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import re
 import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -28,6 +31,15 @@ SLOW = 60.0
 """Upper bound for anything that waits on QEMU (start, attach, an event)."""
 
 requires_qemu = pytest.mark.skipif(shutil.which(QEMU_BINARY) is None, reason=f"{QEMU_BINARY} not installed")
+
+
+@functools.cache
+def qemu_release() -> tuple[int, int]:
+    """(major, minor) of the installed ``qemu-system-aarch64``, for behaviour that differs by release."""
+    out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    assert m is not None, out
+    return int(m.group(1)), int(m.group(2))
 
 
 @contextlib.asynccontextmanager

@@ -1,6 +1,6 @@
 """The gdbstub conduit: turns breakpoint stops on the guest's ``hvc`` into dispatcher calls.
 
-QEMU 7.2 answers every ``hvc`` with its own PSCI code, so the sidecar puts breakpoints on the
+QEMU (7.2 and 10) answers every ``hvc`` with its own PSCI code, so the sidecar puts breakpoints on the
 guest's call sites (``trap_sites``, found by the caller) and handles each stop:
 
 * SDEI function ids go to :meth:`Dispatcher.hypercall`; the result (or a whole new context, for
@@ -15,13 +15,18 @@ EL1h (QEMU's cpsr write does not swap stack pointers or rebuild hflags), so for 
 EL1t delivery is deferred: temporary breakpoints on its VBAR_EL1 vectors catch the next exception
 entry, which is EL1h by construction.
 
-System registers are read-only through the 7.2 stub, so COMPLETE_AND_RESUME's ELR_EL1/SPSR_EL1
+System registers are read-only through QEMU's stub, so COMPLETE_AND_RESUME's ELR_EL1/SPSR_EL1
 are set by patching two ``msr`` instructions over the trapped ``hvc``, stepping them on that vCPU
 alone, and restoring the original bytes.
 
+A VM its owner stops (QMP ``stop``, ``-S``, migration) is *held*: the conduit serves requests but
+never resumes it. When the owner resumes it, :meth:`GdbstubConduit.owner_resumed` takes the run
+back where the stub needs it (QEMU 8.1 and later report no stop after a resume that was not ours).
+
 Only this module's run loop talks to the stub. Other tasks (``request_delivery``, ``rearm``,
 ``detach``) ask the loop for a stop and wait for it to do the work, so RSP requests are never
-interleaved. It owns breakpoints and registers in flight; SDEI state belongs to the SDEI owner
+interleaved; ``owner_resumed`` talks to the stub itself only while the loop waits for a stop and
+none is queued. It owns breakpoints and registers in flight; SDEI state belongs to the SDEI owner
 (:class:`qmp_sdei.owner.SdeiOwner`), which the conduit drives only through :class:`SdeiPort` and
 brackets every stop for (``begin_stop`` ... ``commit`` ... ``end_stop``), so host-side changes never
 land in the middle of one.
@@ -63,6 +68,21 @@ MSR_SPSR_EL1_X1 = 0xD5184001  # msr spsr_el1, x1
 DEFERRAL_VECTOR_OFFSETS = tuple(range(0x000, 0x200, 0x80)) + tuple(range(0x400, 0x800, 0x80))
 
 LATENCY_SAMPLES = 4096
+TAKEOVER_ATTEMPTS = 5
+"""How many 0x03 + probe rounds :meth:`GdbstubConduit.owner_resumed` makes when the owner keeps
+stopping and resuming the VM faster than one round takes."""
+
+Runstate = Callable[[], Awaitable[str]]
+"""Returns QEMU's current runstate (QMP ``query-status``), e.g. ``running``, ``paused``, ``debug``."""
+
+
+def stub_reports_only_our_resumes(qemu_major: int, qemu_minor: int) -> bool:
+    """Whether this QEMU's gdbstub sends stop replies only after the debugger's own resume.
+
+    QEMU 8.1 made stop replies answer a ``c``/``s``/``vCont``/``?`` or 0x03 of the debugger only;
+    7.2 reports every stop, including those after the VM's owner resumed it over QMP.
+    """
+    return (qemu_major, qemu_minor) >= (8, 1)
 
 
 class SdeiPort(Protocol):
@@ -97,6 +117,7 @@ class ConduitStats:
     deliveries: int = 0
     deferred_deliveries: int = 0
     interrupts: int = 0
+    takeovers: int = 0  # owner_resumed() calls that sent a 0x03 to get stop replies again
     sysreg_writes: int = 0
     #: stop reply received -> resume sent, for trapped calls (the sidecar's share of a call)
     trap_handling_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
@@ -145,9 +166,16 @@ class GdbstubConduit:
         trap_sites: Sequence[int],
         *,
         timeout: float = 10.0,
+        runstate: Runstate | None = None,
+        stops_need_our_resume: bool = True,
     ) -> None:
         """:param dispatcher: the SDEI owner; the conduit binds itself as the owner's way to
-        deliver (``request_delivery``)."""
+        deliver (``request_delivery``).
+        :param runstate: asks QEMU for the VM's runstate (QMP ``query-status``). Without it the
+        conduit cannot follow a VM its owner stops and resumes (:meth:`owner_resumed`).
+        :param stops_need_our_resume: the stub reports a stop only after a resume of ours (QEMU 8.1
+        and later, see :func:`stub_reports_only_our_resumes`); False for QEMU 7.2, which reports
+        every stop. True is always safe; on 7.2 it costs one extra stop per owner resume."""
         if not trap_sites:
             raise ConduitError("no trap sites: the conduit would never see a call")
         self.rsp = rsp
@@ -158,14 +186,19 @@ class GdbstubConduit:
         self.serving = asyncio.Event()
         self.timeout = timeout
         self.stats = ConduitStats()
+        self.stops_need_our_resume = stops_need_our_resume
+        self._runstate = runstate
         self.threads: list[ThreadId] = []
         self.registers: RegisterMap | None = None
         self._running = False  # we sent a resume and no stop reply has been consumed since
         self._stopping = False  # run() should end at the next stop (detach or close)
         # The VM was stopped by someone else (QMP stop, -S, migration): we must not resume it. The
-        # loop then only waits for the next stop, which comes once the owner resumes it and the
-        # guest traps; vm_resumed() tells us the owner let it go.
+        # loop then only waits for the next stop; owner_resumed() tells us the owner let it go.
         self._held = False
+        self._takeover_lock = asyncio.Lock()
+        # Set while run() waits for a stop: then (and with no stop queued) the loop sends nothing,
+        # so owner_resumed() may talk to the stub.
+        self._awaiting_stop = asyncio.Event()
         self._interrupt_sent = False  # a 0x03 of ours is outstanding: the next T02 is ours
         # A migration's switchover is under way: never resume the VM (see close_gate()).
         self._gate_closed = False
@@ -190,10 +223,19 @@ class GdbstubConduit:
         trap_sites: Sequence[int],
         *,
         timeout: float = 10.0,
+        runstate: Runstate | None = None,
+        stops_need_our_resume: bool = True,
     ) -> GdbstubConduit:
         """Connect to the stub and :meth:`start`; the VM is left stopped until :meth:`run`."""
         client = await RspClient.connect(host, port, timeout=timeout)
-        conduit = cls(client, dispatcher, trap_sites, timeout=timeout)
+        conduit = cls(
+            client,
+            dispatcher,
+            trap_sites,
+            timeout=timeout,
+            runstate=runstate,
+            stops_need_our_resume=stops_need_our_resume,
+        )
         try:
             await conduit.start()
         except BaseException:
@@ -233,7 +275,8 @@ class GdbstubConduit:
         """Serve stops until :meth:`detach`/:meth:`close` or the VM exits.
 
         :param resume: start the VM now. False leaves a VM that someone else stopped (``-S``,
-            QMP ``stop``) stopped, with the breakpoints armed, until its owner resumes it.
+            QMP ``stop``) stopped, with the breakpoints armed, until its owner resumes it (then
+            call :meth:`owner_resumed`).
         """
         self._run_task = asyncio.current_task()
         try:
@@ -250,7 +293,11 @@ class GdbstubConduit:
             if self._stopping:
                 return
             while True:
-                stop = await self.rsp.wait_stop(forever=True)  # requests carry their own timeouts
+                self._awaiting_stop.set()
+                try:
+                    stop = await self.rsp.wait_stop(forever=True)  # requests carry their own timeouts
+                finally:
+                    self._awaiting_stop.clear()
                 self._running = False
                 if stop.exited:
                     log.info("VM exited (%s%02x)", stop.kind, stop.signal)
@@ -266,14 +313,7 @@ class GdbstubConduit:
                     self.exit_reason = "shutdown"
                     self._fail_waiters(ConduitError("the VM shut down"))
                     return
-                self.dispatcher.begin_stop()
-                self._in_stop = True
-                try:
-                    await self._handle_stop(stop, ours=ours)
-                finally:
-                    self._in_stop = False
-                    self.dispatcher.end_stop()
-                self._check_settled()
+                await self._serve_stop(stop, ours=ours)
                 if self._stop_requested():
                     return
         except ConduitError as err:
@@ -288,20 +328,36 @@ class GdbstubConduit:
         finally:
             self._running = False
 
+    async def _serve_stop(self, stop: StopReply, *, ours: bool) -> None:
+        """One stop, bracketed for the SDEI owner (host actions wait until it is over)."""
+        self.dispatcher.begin_stop()
+        self._in_stop = True
+        try:
+            await self._handle_stop(stop, ours=ours)
+        finally:
+            self._in_stop = False
+            self.dispatcher.end_stop()
+        self._check_settled()
+
     async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
         thread = stop.thread or self.threads[0]
         self._g_thread = thread  # QEMU points g/G at the vCPU that stopped
         core = await self.rsp.read_core()
         step_over: ThreadId | None = None
         trapped = core.pc in self.trap_sites
-        if stop.signal != SIGNAL_TRAP and not ours and not trapped:
+        if stop.signal != SIGNAL_TRAP and not ours:
             # Stopped by someone else (QMP stop, migration): serve what we can, but do not resume.
+            # Even a vCPU paused right at a trap site is left there: it hits the breakpoint as
+            # soon as its owner resumes it, and the call is served then.
             log.info("VM stopped by its owner (T%02x); waiting until it is resumed", stop.signal)
             self._held = True
             await self._after_stop(thread, core, resume=False)
+            # Its owner may have resumed it already, and that RESUME may have reached
+            # owner_resumed() before this stop reached us.
+            await self._follow_owner(in_loop=True)
             return
         if trapped:
-            # Also for a T02: a vCPU interrupted exactly at the hvc was about to trap anyway.
+            # Also for our own T02: a vCPU interrupted exactly at the hvc was about to trap anyway.
             step_over = await self._trap(thread, core)
         elif stop.signal == SIGNAL_TRAP and core.pc in self._vector_bps:
             # A deferred delivery point; if nothing is delivered the vCPU must step off it.
@@ -528,6 +584,7 @@ class GdbstubConduit:
         self._last_write_ns = time.perf_counter_ns()  # the VM resumes now; replies are checked after
         if resume_always:
             self._running = True
+            self._held = False  # we resumed it: whoever stopped it before has let it go
             if self._waiters:
                 # A request arrived while this stop was being handled, too late to be served in it.
                 self._interrupt()
@@ -567,18 +624,119 @@ class GdbstubConduit:
         self._interrupt_sent = True
         self.rsp.interrupt()
 
-    def vm_resumed(self) -> None:
-        """The VM's owner resumed a VM we were holding (QMP ``cont``); it runs without our ``c``.
+    def follow_owner(self, runstate: Runstate, *, stops_need_our_resume: bool) -> None:
+        """Give a conduit built without them (e.g. by ``attach_conduit``) what
+        :meth:`owner_resumed` needs: the runstate query and whether this QEMU reports every stop."""
+        self._runstate = runstate
+        self.stops_need_our_resume = stops_need_our_resume
 
-        Call it only when QEMU reports the VM running. Pending deliveries and requests then get a
-        0x03 so they are served promptly rather than at the guest's next call.
+    async def owner_resumed(self) -> None:
+        """The VM's owner may have resumed a VM the conduit holds: serve it again, on any QEMU.
+
+        The contract for the QMP side: call this for every QMP ``RESUME`` event (it returns at
+        once unless :attr:`held`); the conduit must have been given ``runstate``. Calls are
+        serialised; each waits until the run loop has finished the stop it may be serving, and
+        returns once the VM runs under the conduit again or is held again.
+        The loop makes the same check itself after every stop its owner caused, so a RESUME that
+        overtakes that stop is not lost.
+
+        It never resumes a VM its owner holds: it acts only while ``runstate`` says ``running``,
+        or ``debug`` (the owner resumed it and the guest has trapped since); any other state means
+        the VM is still, or again, the owner's. On a stub that reports every stop (7.2) the
+        conduit then just expects the next stop. On 8.1 and later a stop would only be reported
+        after a resume of ours, so the conduit takes the run back: it sends 0x03 and a plain
+        request behind it. If a stop reply comes first, the 0x03 stopped the running VM; the loop
+        serves that stop and resumes the VM itself, and stop replies flow again. If not, the VM
+        had already stopped before the 0x03 arrived (QEMU discards it), and ``runstate`` says why:
+        ``debug`` is a breakpoint stop of ours nobody reported, so the conduit continues the VM and
+        the vCPU hits the same breakpoint again at once, reported this time; any other stopped
+        state means the owner stopped it again, and the conduit holds it again.
+
+        :raise ConduitError: the stub stopped answering, or the loop stayed busy for ``timeout``.
         """
-        if not self._held:
-            return
-        self._held = False
-        self._running = True
-        if self._waiters or self.dispatcher.deliverable():
-            self._interrupt()
+        async with self._takeover_lock:
+            if await self._wait_loop_idle() and self._held:
+                await self._follow_owner(in_loop=False)
+                await self._wait_loop_idle()  # a stop our 0x03 caused is served and the VM resumed
+
+    async def _follow_owner(self, *, in_loop: bool) -> None:
+        """While held: if the owner has resumed the VM, serve it again (see :meth:`owner_resumed`).
+
+        ``in_loop``: called by the run loop between stops; otherwise the loop must be idle, and it
+        is checked again after every await (a stop reply wakes it, and then it decides).
+        """
+        if self._runstate is None or self._gate_closed:
+            return  # no runstate to follow; or a migration's switchover: the VM must stay stopped
+        for _attempt in range(TAKEOVER_ATTEMPTS):
+            state = await self._runstate()
+            if not self._held or not (in_loop or self._loop_idle()):
+                return  # the loop is serving a stop (or resumed the VM already) and decides
+            # "debug" while we hold the VM: its owner resumed it and the guest trapped since.
+            if state not in ("running", "debug"):
+                return  # still, or again, the owner's
+            if not self.stops_need_our_resume:
+                # Every stop is reported: the guest's next trap arrives by itself, and a trap it
+                # made already is on its way (the loop resumes the VM after serving it).
+                if state == "running":
+                    self._held = False
+                    self._running = True  # it runs without a resume of ours
+                    # Pending deliveries and requests get a 0x03: served now, not at that trap.
+                    if self._waiters or self.dispatcher.deliverable():
+                        self._interrupt()
+                return
+            self._held = False
+            self._running = state == "running"
+            if await self._take_run_back(self._runstate):
+                return
+        log.warning("the VM's owner kept stopping and resuming it; the conduit waits for its next RESUME")
+
+    def _loop_idle(self) -> bool:
+        """run() waits for a stop and none is queued: nobody else talks to the stub, and only a
+        new stop reply wakes the loop."""
+        return self._awaiting_stop.is_set() and not self.rsp.stop_queued()
+
+    async def _wait_loop_idle(self) -> bool:
+        """Wait until :meth:`_loop_idle`; False if the loop is not running."""
+        while not self._loop_idle():
+            if self._run_task is None or self._run_task.done():
+                return False
+            if self._awaiting_stop.is_set():
+                await asyncio.sleep(0)  # a stop is queued: let the loop take it
+                continue
+            try:
+                await asyncio.wait_for(self._awaiting_stop.wait(), self.timeout)
+            except TimeoutError as err:
+                raise ConduitError(f"the conduit was busy with one stop for over {self.timeout}s") from err
+        return True
+
+    async def _take_run_back(self, runstate: Runstate) -> bool:
+        """One 0x03 + probe round (see :meth:`owner_resumed`). False: the VM runs again, try again."""
+        self.stats.takeovers += 1
+        before = self.rsp.stops_received
+        self._interrupt()
+        (probe,) = self.rsp.send("qC")  # any request: its reply comes after the 0x03's stop reply
+        await self.rsp.reply(probe, "qC after 0x03", self.timeout)
+        if self.rsp.stops_received != before:
+            return True  # the loop has that stop and resumes the VM itself
+        self._interrupt_sent = False  # QEMU discarded it: the VM had stopped already
+        state = await runstate()
+        if self.rsp.stops_received != before:
+            return True  # a stop reply after all (only a stub that reports every stop sends one)
+        if state == "debug":
+            log.info("the VM's owner resumed it and the guest trapped unreported; continuing to see the trap")
+            self._running = True
+            self.rsp.resume()
+            return True
+        if state == "running":
+            log.info("the VM's owner stopped and resumed it again meanwhile; interrupting again")
+            self._held = True  # as before this round; _follow_owner() starts the next one
+            self._running = False
+            return False
+        log.info("the VM's owner stopped it again (%s); holding it", state)
+        self._held = True
+        self._running = False
+        await self._after_stop(None, None, resume=False)  # requests that came in meanwhile
+        return True
 
     # ---- the migration gate ------------------------------------------------------------------------
 
@@ -629,7 +787,11 @@ class GdbstubConduit:
         """
         self._gate_closed = False
         self._settled.clear()
-        if self._held or self._running or self._run_task is None or self._run_task.done():
+        if self._running or self._run_task is None or self._run_task.done():
+            return
+        if self._held:
+            # QEMU may have resumed it already (its RESUME came while the gate was closed): check.
+            await self.owner_resumed()
             return
         self.rsp.resume()  # the loop is waiting for a stop: it consumes the next reply
         self._running = True
@@ -643,7 +805,7 @@ class GdbstubConduit:
         """The owner made an event deliverable outside a stop: get a stop soon to enter it.
 
         Non-blocking (the owner calls it synchronously). A running VM is interrupted; a VM held by
-        its owner is left alone (:meth:`vm_resumed` delivers once it runs); inside a stop nothing
+        its owner is left alone (:meth:`owner_resumed` delivers once it runs); inside a stop nothing
         is needed, the stop's own delivery pass sees the event.
         """
         if self._running and not self._interrupt_sent:

@@ -1,19 +1,27 @@
-"""An asyncio client for the GDB remote serial protocol, shaped around QEMU 7.2's gdbstub.
+"""An asyncio client for the GDB remote serial protocol, shaped around QEMU's gdbstub (7.2 and 10).
 
-The sidecar reaches the guest through QEMU's gdbstub because QEMU 7.2 answers every ``hvc``
-itself; breakpoints on the guest's ``hvc #0`` are the only way to see its calls. This module is
-the wire layer only: framing, checksums, escaping, run-length decoding, reply routing, and typed
-helpers for the handful of packets the conduit needs. It knows nothing about SDEI.
+The sidecar reaches the guest through QEMU's gdbstub because QEMU answers every ``hvc`` itself;
+breakpoints on the guest's ``hvc #0`` are the only way to see its calls. This module is the wire
+layer only: framing, checksums, escaping, run-length decoding, reply routing, and typed helpers
+for the handful of packets the conduit needs. It knows nothing about SDEI.
 
-QEMU 7.2 facts this client is built around (see ``docs/gdbstub-conduit-notes.md``):
+Facts this client is built around (``docs/qemu-versions.md`` lists what differs between releases):
 
 * There is no ``QStartNoAckMode``. QEMU acks each of our packets with ``+`` but never waits for
   our acks, and *any* byte reaching it while the VM runs stops the VM. So this client never sends
   ``+``/``-``; it ignores QEMU's acks. That is also what makes pipelining (``G`` and ``vCont;c``
   in one write) safe.
-* A raw ``0x03`` byte stops a running VM (reply ``T02``). QEMU discards it when a stop reply is
-  already on its way, so an interrupt racing a breakpoint is benign: one stop reply arrives.
-* Connecting stops a running VM and QEMU pushes an unsolicited ``T02`` before any request.
+* A raw ``0x03`` byte stops a running VM (reply ``T02``). QEMU discards it when the VM is already
+  stopped (a breakpoint stop on its way, or someone else paused it), so an interrupt racing a
+  breakpoint gives at most one stop reply. QEMU also ignores it while it keeps its last packet
+  for a resend, i.e. until our next ``$`` or ``+``: so an interrupt that follows a reply
+  (rather than a resume packet) is sent as ``+`` then ``0x03``.
+* Which stops are reported differs: QEMU 7.2 sends a stop reply whenever the VM stops. From 8.1 on
+  a stop reply only answers a resume of ours (``c``/``s``/``vCont``) or our ``0x03``: after the
+  VM's owner resumes it over QMP, its next breakpoint stop is silent (:attr:`stops_received` lets
+  the conduit tell whether a stop reply came).
+* Connecting stops a running VM. QEMU 7.2 then pushes an unsolicited ``T02`` before any request;
+  8.1 and later send nothing.
 * Thread ids are multiprocess style (``p01.02``); detach must be ``D;1``.
 
 Replies are routed by their first byte: stop replies (``T``, ``S``, ``W``, ``X``) go to a stop
@@ -385,18 +393,25 @@ class RspClient:
         self._task = asyncio.create_task(self._read_loop(), name="rsp.reader")
         self.supported: dict[str, str] = {}
         self.peer_closed = False  # QEMU closed the socket (it exits without a W packet on poweroff)
-        self._peer_unacked = False  # QEMU sent a packet and has seen no "$" or "+" of ours since
-        self._last_packet_expects_reply = False
-        self.attach_stops: list[StopReply] = []  # the T02 QEMU pushes when we attach to a running VM
+        self.attach_stops: list[StopReply] = []  # the T02 QEMU 7.2 pushes when we attach to a running VM
         self.packets_sent = 0
+        #: stop replies read so far. A request sent after an 0x03 is answered after the stop
+        #: reply that 0x03 caused, so comparing this before and after its reply tells whether
+        #: the 0x03 stopped the VM (see GdbstubConduit.owner_resumed).
+        self.stops_received = 0
+        # QEMU sent a packet after it read our last one: it keeps that packet for a resend until
+        # it sees our next '$' or '+', and until then ignores any other byte, a 0x03 included.
+        # Replies to earlier packets of a pipelined write do not count: the next '$' released them.
+        self._peer_keeps_packet = False
+        self._last_sent_reply: asyncio.Future[bytes] | None = None  # if our last packet has a reply
 
     @classmethod
     async def connect(cls, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT) -> RspClient:
         """Connect and run the ``qSupported`` handshake.
 
-        If the VM was running, QEMU has paused it and queued an unsolicited ``T02``; it is
-        consumed here (it always precedes our first reply on the stream), so callers start from a
-        clean stop queue with the VM stopped either way.
+        If the VM was running, QEMU has paused it; 7.2 also queues an unsolicited ``T02``, which
+        is consumed here (it always precedes our first reply on the stream; 8.1 and later send
+        none), so callers start from a clean stop queue with the VM stopped either way.
         """
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
@@ -424,10 +439,6 @@ class RspClient:
                             raise ConduitError("the gdbstub asked for a resend ('-'): our packet was corrupted")
                         continue
                     self._dispatch(item.payload, now)
-                    # QEMU keeps the packet it sent last until a '+' or '$' of ours reaches it. A
-                    # reply to a packet that another one followed (G + vCont;c) was cleared by it.
-                    stop = bool(item.payload) and item.payload[0] in _STOP_KINDS
-                    self._peer_unacked = stop or (self._last_packet_expects_reply and not self._pending)
             self.peer_closed = True
             error = ConduitError("the gdbstub closed the connection")
         except ConduitError as err:
@@ -439,10 +450,14 @@ class RspClient:
 
     def _dispatch(self, payload: bytes, received_ns: int) -> None:
         if payload and payload[0] in _STOP_KINDS:
+            self.stops_received += 1
+            self._peer_keeps_packet = True  # we send nothing while the VM runs, but a 0x03
             self._stops.put_nowait(parse_stop_reply(payload, received_ns))
             return
         while self._pending:
             fut = self._pending.popleft()
+            if fut is self._last_sent_reply:
+                self._peer_keeps_packet = True
             if not fut.done():  # a request that timed out keeps its slot so replies stay aligned
                 fut.set_result(payload)
                 return
@@ -480,8 +495,8 @@ class RspClient:
                 self._pending.append(fut)
                 futures.append(fut)
         self._writer.write(b"".join(frame(p) for p in payloads))
-        self._peer_unacked = False  # our '$' clears QEMU's last packet
-        self._last_packet_expects_reply = flags[-1]
+        self._peer_keeps_packet = False  # our '$' ends QEMU's wait for an ack
+        self._last_sent_reply = futures[-1] if flags and flags[-1] else None
         self.packets_sent += len(payloads)
         return futures
 
@@ -501,14 +516,15 @@ class RspClient:
     def interrupt(self) -> None:
         """Send the raw 0x03 byte: a running VM stops and QEMU sends ``T02``.
 
-        Only meaningful while the VM runs. QEMU ignores it while a stop reply is in flight. QEMU
-        also ignores it while the last packet *it* sent is unacknowledged (any byte but ``+`` or
-        ``$`` is then taken as a stray ack): that happens when the VM's owner resumed the VM after
-        our last exchange (no ``$`` of ours since QEMU's last reply). A ``+`` first clears that
-        packet without stopping anything, so the 0x03 counts.
+        Only meaningful while the VM runs. QEMU discards it when the VM is already stopped. If
+        QEMU's last packet (a reply) is still kept for a resend, a ``+`` goes first: while QEMU
+        keeps a packet that ``+`` only releases it; otherwise the 0x03 would be ignored. (A ``+``
+        reaching a running VM with nothing kept would stop it, on 8.1+ without a stop reply,
+        which is why it is only sent when QEMU answered our last packet or sent a stop since.)
         """
         self._check_open()
-        self._writer.write(b"+" + INTERRUPT if self._peer_unacked else INTERRUPT)
+        self._writer.write(b"+" + INTERRUPT if self._peer_keeps_packet else INTERRUPT)
+        self._peer_keeps_packet = False
 
     async def wait_stop(self, timeout: float | None = None, *, forever: bool = False) -> StopReply:
         """Wait for the next stop reply (``forever``: a running guest may not stop for hours)."""
@@ -520,6 +536,10 @@ class RspClient:
             self._stops.put_nowait(item)  # keep failing every later waiter too
             raise ConduitError(str(item)) from item
         return item
+
+    def stop_queued(self) -> bool:
+        """Whether a stop reply (or the connection's end) waits to be taken by :meth:`wait_stop`."""
+        return not self._stops.empty()
 
     def drain_stops(self) -> list[StopReply]:
         """Take every already-received stop reply (e.g. the unsolicited ``T02`` on attach)."""
@@ -614,7 +634,7 @@ class RspClient:
         return int.from_bytes(data, "little")
 
     async def write_register(self, regnum: int, value: int, size: int = 8) -> None:
-        """``P``. Note: QEMU 7.2 replies OK to system register writes but ignores them."""
+        """``P``. Note: QEMU replies OK to system register writes but ignores them."""
         _check_ok(await self.request(f"P{regnum:x}={value.to_bytes(size, 'little').hex()}"), f"P{regnum:x}")
 
     async def read_memory(self, addr: int, length: int) -> bytes:

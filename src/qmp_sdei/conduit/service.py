@@ -55,10 +55,13 @@ async def serve_conduit(
     *,
     on_attached: Callable[[GdbstubConduit], None],
     start_vm: bool = False,
+    stops_need_our_resume: bool = True,
 ) -> None:
     """Attach the conduit and serve until the VM exits or the task is cancelled.
 
     :param on_attached: told the conduit once it is attached, before the VM is resumed.
+    :param stops_need_our_resume: the stub reports a stop only after a resume of the debugger's
+        (QEMU 8.1 and later; see :func:`~qmp_sdei.conduit.gdbstub.stub_reports_only_our_resumes`).
     """
     if settings.gdb:
         host, port = parse_tcp(settings.gdb, "conduit.gdb")
@@ -71,6 +74,7 @@ async def serve_conduit(
     conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
         host, port, owner, lambda: find_trap_sites(settings), kernel=settings.kernel, timeout=30.0
     )
+    conduit.follow_owner(session.refresh_runstate, stops_need_our_resume=stops_need_our_resume)
     on_attached(conduit)
     log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(conduit.trap_sites))
     resume = was_running or start_vm or settings.start_vm
@@ -87,5 +91,5 @@ async def serve_conduit(
 async def _follow_resumes(session: QmpSession, conduit: GdbstubConduit, resumes: EventSubscription) -> None:
     """Tell a holding conduit when the VM's owner resumes it (QMP ``cont``)."""
     async for _event in resumes:
-        if conduit.held and await session.refresh_runstate() == "running":
-            conduit.vm_resumed()
+        if conduit.held:
+            await conduit.owner_resumed()

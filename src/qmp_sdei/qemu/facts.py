@@ -259,6 +259,8 @@ _PSCI_VERSION_VERIFIED: Final[Mapping[tuple[int, int], tuple[int, int]]] = {
     # 7.2: verified by guest code on Debian's 1:7.2+dfsg-7 (HVC conduit): 0x00010001, although
     # the generated DT's compatible only claims "arm,psci-1.0".
     (7, 2): (1, 1),
+    # 10.0: the same, on Debian's 1:10.0.13+ds (docs/qemu-versions.md).
+    (10, 0): (1, 1),
 }
 
 _PSCI_FLOOR: Final = (0, 2)
@@ -271,15 +273,13 @@ def qemu_psci_version(facts: VmFacts) -> tuple[int, int]:
     This is a table keyed by QEMU release because QEMU 7.2 exposes no ``psci-version``
     property to read over QMP, and its DT understates the version (says 1.0, answers 1.1), so
     neither source can be trusted. Only verified releases are listed. For others the rule is
-    conservative: a newer release is assumed to answer what the newest verified one does
-    (QEMU has only ever raised its PSCI level); an older one is assumed to offer only the
-    PSCI 0.2 baseline, so the sidecar never claims functions an old QEMU might lack.
+    conservative: a release is assumed to answer what the newest verified release before it
+    does (QEMU has only ever raised its PSCI level); one older than every verified release is
+    assumed to offer only the PSCI 0.2 baseline, so the sidecar never claims functions an old
+    QEMU might lack.
     """
     release = (facts.qemu_version.major, facts.qemu_version.minor)
-    verified = _PSCI_VERSION_VERIFIED.get(release)
-    if verified is not None:
-        return verified
-    newest = max(_PSCI_VERSION_VERIFIED)
-    if release > newest:
-        return _PSCI_VERSION_VERIFIED[newest]
+    earlier = [verified for verified in _PSCI_VERSION_VERIFIED if verified <= release]
+    if earlier:
+        return _PSCI_VERSION_VERIFIED[max(earlier)]
     return _PSCI_FLOOR
