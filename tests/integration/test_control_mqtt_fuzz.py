@@ -189,7 +189,8 @@ def test_the_sidecar_is_healthy_after_the_fuzzing(rig: Rig) -> None:
     request = {"v": 1, "command": "raise", "event": PRIVATE, "vcpu": 1}
     reply, _, _ = rig.run(rig.exchange(json.dumps(request).encode()))
     assert reply["ok"] and reply["result"]["result"] == "delivered", reply
-    # the examples reached every kind of answer, not only the parser's refusals
-    reached = {"bad_json", "bad_request", "unknown_command", "unknown_event", "delivered", "refused", "ok"}
+    # the examples reached every kind of answer, not only the parser's refusals (which raises
+    # the random examples delivered depends on the draw: this last one shows delivery works)
+    reached = {"bad_json", "bad_request", "unknown_command", "unknown_event", "refused", "ok"}
     assert reached <= set(rig.outcomes), rig.outcomes
     assert rig.bridge.stats.connects == 1 and rig.bridge.stats.replies == rig.bridge.stats.requests

@@ -15,7 +15,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -23,6 +22,7 @@ from qemu.qmp import QMPClient
 
 from qmp_sdei.conduit.gdbstub import GdbstubConduit, stub_reports_only_our_resumes
 from qmp_sdei.conduit.rsp import RspClient
+from qmp_sdei.owner import SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Completion, Dispatcher, EventSpec, VcpuRegs
 from support.guests import connect_gdbstub, start_qemu_with_gdbstub
@@ -48,27 +48,18 @@ EL1H_MASKED = 0x3C5
 CALLS_PER_CYCLE = 20
 
 
-class CountingDispatcher:
-    """A real dispatcher that counts the calls it serves and wakes whoever waits for a count."""
+class CountingDispatcher(SdeiOwner):
+    """The SDEI owner of a real dispatcher, counting the calls it serves and waking whoever waits."""
 
     def __init__(self) -> None:
-        self.inner = Dispatcher(events=[EventSpec(1000)], mpidrs=[0x0], version=(1, 1))
+        super().__init__(Dispatcher(events=[EventSpec(1000)], mpidrs=[0x0], version=(1, 1)))
         self.calls = 0
         self._changed = asyncio.Event()
 
     def hypercall(self, vcpu: int, regs: VcpuRegs) -> Completion:
         self.calls += 1
         self._changed.set()
-        return self.inner.hypercall(vcpu, regs)
-
-    def trigger(self, event: int, vcpu: int | None = None) -> Any:
-        return self.inner.trigger(event, vcpu)
-
-    def deliverable(self) -> list[int]:
-        return self.inner.deliverable()
-
-    def deliver(self, vcpu: int, regs: VcpuRegs) -> bool:
-        return self.inner.deliver(vcpu, regs)
+        return super().hypercall(vcpu, regs)
 
     async def wait_calls(self, count: int) -> None:
         async def wait() -> None:
