@@ -112,6 +112,7 @@ class BootReport:
     expected: dict[str, str]
     cpu: str = CPU
     firmware: str = "direct"
+    acpi: bool = False
     conduit_mode: str = "el2"
     cmdline: str = ""
     passed: bool = False
@@ -140,6 +141,7 @@ class BootReport:
             "smp": self.smp,
             "cpu": self.cpu,
             "firmware": self.firmware,
+            "acpi": self.acpi,
             "conduit_mode": self.conduit_mode,
             "cmdline": self.cmdline,
             "expected": dict(self.expected),
@@ -154,7 +156,8 @@ class BootReport:
     def text(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         out = [
-            f"boot-test {verdict}: {self.kernel} (smp {self.smp}, {self.cpu}, {self.firmware} boot, "
+            f"boot-test {verdict}: {self.kernel} (smp {self.smp}, {self.cpu}, {self.firmware} boot"
+            f"{' with ACPI' if self.acpi else ''}, "
             f"{self.conduit_mode} conduit), expecting SDEI {self.expected['sdei']} and PSCI {self.expected['psci']}",
             f"  command line: {self.cmdline}",
         ]
@@ -263,6 +266,7 @@ async def run_boot_test(
     initrd: Path | str | None = None,
     cpu: str = CPU,
     console: Path | str | None = None,
+    acpi: bool = False,
 ) -> BootReport:
     """Boot ``kernel`` with the sidecar pinning ``expect_sdei``/``expect_psci`` and check its lines.
 
@@ -274,6 +278,8 @@ async def run_boot_test(
         call sites found from its symbols (needs ``nokaslr``, which its default command line adds).
     :param append: the kernel command line (default :data:`APPEND`, or :data:`SYMBOLS_APPEND`).
     :param console: write the whole guest console there at the end.
+    :param acpi: with ``firmware="uefi"``: an ACPI boot, SDEI announced by the ACPI table that
+        ``sdeitab.efi`` installs, instead of the device tree.
     :raise ConfigError: the kernel path does not exist, or a version is malformed/unsupported.
     """
     kernel = Path(kernel)
@@ -285,6 +291,8 @@ async def run_boot_test(
         raise ConfigError(f"boot-test: --firmware {firmware!r} is not supported (choose {', '.join(FIRMWARES)})")
     if conduit not in CONDUITS:
         raise ConfigError(f"boot-test: --conduit {conduit!r} is not one of {', '.join(CONDUITS)}")
+    if acpi and firmware != "uefi":
+        raise ConfigError("boot-test: --acpi needs --firmware uefi (ACPI tables come from the firmware)")
     if firmware == "uefi" and conduit != "el2":
         raise ConfigError("boot-test: --firmware uefi needs the el2 conduit (the host does not trap a disk's kernel)")
     _check_kernel(kernel)
@@ -295,7 +303,7 @@ async def run_boot_test(
     expected = {"sdei": format_version(sdei_version), "psci": format_version(psci_version)}
     report = BootReport(
         kernel=str(kernel), smp=smp, expected=expected, cpu=cpu, firmware=firmware, conduit_mode=conduit,
-        cmdline=cmdline,
+        cmdline=cmdline, acpi=acpi,
     )  # fmt: skip
 
     t_setup = time.perf_counter()
@@ -312,7 +320,7 @@ async def run_boot_test(
         try:
             spec = await qemu_spec(
                 work, kernel, initrd=initrd_path, cmdline=cmdline, smp=smp, cpu=cpu, conduit=conduit,
-                psci_version=psci_version, firmware=firmware,
+                psci_version=psci_version, firmware=firmware, acpi=acpi,
             )  # fmt: skip
         except SdeiError as err:
             return report.fail(f"cannot build the SDEI device tree: {err}")
@@ -332,6 +340,7 @@ async def qemu_spec(
     conduit: str,
     psci_version: Version,
     firmware: str = "direct",
+    acpi: bool = False,
 ) -> QemuSpec:
     """The QEMU to start (DTB, and for UEFI the disk, built in ``work``): a direct ``-kernel``
     boot for the symbol conduit, or the EL2 stub entering the kernel (``conduit="el2"``), or the
@@ -339,8 +348,9 @@ async def qemu_spec(
     psci_compatible = psci_compatible_for(psci_version)
     if firmware == "uefi":
         return await _uefi_spec(
-            work, kernel, initrd=initrd, cmdline=cmdline, smp=smp, cpu=cpu, psci_compatible=psci_compatible
-        )
+            work, kernel, initrd=initrd, cmdline=cmdline, smp=smp, cpu=cpu, psci_compatible=psci_compatible,
+            acpi=acpi,
+        )  # fmt: skip
     if conduit == "symbols":
         extra = ["-initrd", str(initrd)] if initrd is not None else []
         spec = QemuSpec(
@@ -374,19 +384,19 @@ async def _uefi_spec(
     smp: int,
     cpu: str,
     psci_compatible: tuple[str, ...],
+    acpi: bool = False,
 ) -> QemuSpec:
     """UEFI (Debian's ``qemu-efi-aarch64``) from a disk holding the kernel, entered by the stub at
-    EL1; DT boot (``acpi=off``, see docs/el2-stub.md); ``virtio-rng`` so the EFI stub randomises
-    the kernel's physical and virtual placement. The sidecar is never told about the kernel."""
+    EL1; ``virtio-rng`` so the EFI stub randomises the kernel's physical and virtual placement. The
+    sidecar is never told about the kernel. A DT boot (``acpi=off``) by default; with ``acpi`` the
+    OS gets QEMU's ACPI tables plus the SDEI table our UEFI app installs (see docs/el2-stub.md)."""
     if not UEFI_FIRMWARE.is_file():
         raise ConfigError(f"boot-test: UEFI firmware {UEFI_FIRMWARE} not found (Debian package qemu-efi-aarch64)")
-    spec = QemuSpec(
-        smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options={"virtualization": "on", "acpi": "off"},
-        paused=True, name=VM_NAME,
-    )  # fmt: skip
+    machine = {"virtualization": "on", "acpi": "on" if acpi else "off"}
+    spec = QemuSpec(smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options=machine, paused=True, name=VM_NAME)
     base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
     dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(MEMORY_MB))
-    disk = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline)
+    disk = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline, acpi_table=acpi)
     spec.extra_args = [
         *stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, MEMORY_MB),
         "-drive", f"if=none,id=disk0,format=raw,file={disk}",
@@ -396,10 +406,13 @@ async def _uefi_spec(
     return spec
 
 
-async def build_efi_disk(out: Path, kernel: Path, *, initrd: Path | None, cmdline: str) -> Path:
+async def build_efi_disk(
+    out: Path, kernel: Path, *, initrd: Path | None, cmdline: str, acpi_table: bool = False
+) -> Path:
     """A raw FAT disk image the firmware boots: the kernel (an EFI application) as the removable-
     media default ``EFI/BOOT/BOOTAA64.EFI`` (command line from the DT's ``/chosen``), or, with an
-    initrd, ``vmlinuz`` + ``initrd.img`` started by the UEFI shell's ``startup.nsh``.
+    initrd or ``acpi_table``, ``vmlinuz`` (+ ``initrd.img``) started by the UEFI shell's
+    ``startup.nsh``, which first runs ``sdeitab.efi`` to install the ACPI SDEI table.
     :raise ConfigError: mkfs.vfat or mtools missing; :raise SdeiError: a tool failed."""
     for tool in ("mkfs.vfat", "mmd", "mcopy"):
         if shutil.which(tool) is None:
@@ -408,19 +421,24 @@ async def build_efi_disk(out: Path, kernel: Path, *, initrd: Path | None, cmdlin
     size_kib = (payload // 1024 + 16 * 1024) // 1024 * 1024
     out.unlink(missing_ok=True)
     steps = [["mkfs.vfat", "-C", "-n", "QSDEI", str(out), str(size_kib)]]
-    if initrd is None:
+    if initrd is None and not acpi_table:
         steps += [
             ["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"],
             ["mcopy", "-i", str(out), str(kernel), "::/EFI/BOOT/BOOTAA64.EFI"],
         ]
     else:
+        lines = ["fs0:"]
+        if acpi_table:
+            lines.append("\\sdeitab.efi")
+            steps.append(["mcopy", "-i", str(out), str(stub.SDEI_ACPI_APP), "::/sdeitab.efi"])
+        initrd_option = "initrd=\\initrd.img " if initrd is not None else ""
+        lines.append(f"\\vmlinuz {initrd_option}{cmdline}")
         script = out.with_name("startup.nsh")
-        script.write_text(f"fs0:\r\n\\vmlinuz initrd=\\initrd.img {cmdline}\r\n", encoding="ascii")
-        steps += [
-            ["mcopy", "-i", str(out), str(kernel), "::/vmlinuz"],
-            ["mcopy", "-i", str(out), str(initrd), "::/initrd.img"],
-            ["mcopy", "-i", str(out), str(script), "::/startup.nsh"],
-        ]
+        script.write_text("".join(line + "\r\n" for line in lines), encoding="ascii")
+        steps.append(["mcopy", "-i", str(out), str(kernel), "::/vmlinuz"])
+        if initrd is not None:
+            steps.append(["mcopy", "-i", str(out), str(initrd), "::/initrd.img"])
+        steps.append(["mcopy", "-i", str(out), str(script), "::/startup.nsh"])
     for argv in steps:
         proc = await asyncio.create_subprocess_exec(
             *argv,

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=("el2", "symbols"),
         help="el2: through the shipped EL2 stub, kernel defaults (default); symbols: kernel call sites, nokaslr",
     )
+    boot.add_argument(
+        "--acpi", action="store_true", help="with --firmware uefi: boot with ACPI (SDEI from our ACPI table), not DT"
+    )
     boot.add_argument("--append", help="kernel command line (default: the kernel's defaults plus a console)")
     boot.add_argument("--initrd", type=Path, help="initrd to boot with")
     boot.add_argument("--cpu", default="cortex-a57", help="QEMU CPU model (default cortex-a57)")
@@ -162,6 +165,7 @@ def _cmd_boot_test(args: argparse.Namespace) -> int:
             initrd=args.initrd,
             cpu=args.cpu,
             console=args.console,
+            acpi=args.acpi,
         )
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
