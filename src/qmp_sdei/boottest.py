@@ -341,6 +341,7 @@ async def qemu_spec(
     psci_version: Version,
     firmware: str = "direct",
     acpi: bool = False,
+    memory_mb: int = MEMORY_MB,
 ) -> QemuSpec:
     """The QEMU to start (DTB, and for UEFI the disk, built in ``work``): a direct ``-kernel``
     boot for the symbol conduit, or the EL2 stub entering the kernel (``conduit="el2"``), or the
@@ -349,18 +350,18 @@ async def qemu_spec(
     if firmware == "uefi":
         return await _uefi_spec(
             work, kernel, initrd=initrd, cmdline=cmdline, smp=smp, cpu=cpu, psci_compatible=psci_compatible,
-            acpi=acpi,
+            acpi=acpi, memory_mb=memory_mb,
         )  # fmt: skip
     if conduit == "symbols":
         extra = ["-initrd", str(initrd)] if initrd is not None else []
         spec = QemuSpec(
-            smp=smp, memory_mb=MEMORY_MB, cpu=cpu, kernel=kernel, append=cmdline, paused=True, name=VM_NAME,
+            smp=smp, memory_mb=memory_mb, cpu=cpu, kernel=kernel, append=cmdline, paused=True, name=VM_NAME,
             extra_args=extra,
         )  # fmt: skip
         spec.dtb = await build_sdei_dtb(spec, work / "sdei.dtb", sdei_method="hvc", psci_compatible=psci_compatible)
         return spec
     spec = QemuSpec(
-        smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options={"virtualization": "on"}, paused=True, name=VM_NAME
+        smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options={"virtualization": "on"}, paused=True, name=VM_NAME
     )
     base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
     dtb = await add_chosen(
@@ -385,6 +386,8 @@ async def _uefi_spec(
     cpu: str,
     psci_compatible: tuple[str, ...],
     acpi: bool = False,
+    memory_mb: int = MEMORY_MB,
+    disk: bool = True,
 ) -> QemuSpec:
     """UEFI (Debian's ``qemu-efi-aarch64``) from a disk holding the kernel, entered by the stub at
     EL1; ``virtio-rng`` so the EFI stub randomises the kernel's physical and virtual placement. The
@@ -393,16 +396,17 @@ async def _uefi_spec(
     if not UEFI_FIRMWARE.is_file():
         raise ConfigError(f"boot-test: UEFI firmware {UEFI_FIRMWARE} not found (Debian package qemu-efi-aarch64)")
     machine = {"virtualization": "on", "acpi": "on" if acpi else "off"}
-    spec = QemuSpec(smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options=machine, paused=True, name=VM_NAME)
+    spec = QemuSpec(smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options=machine, paused=True, name=VM_NAME)
     base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
-    dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(MEMORY_MB))
-    disk = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline, acpi_table=acpi)
-    spec.extra_args = [
-        *stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, MEMORY_MB),
-        "-drive", f"if=none,id=disk0,format=raw,file={disk}",
-        "-device", "virtio-blk-pci,drive=disk0",
-        "-device", "virtio-rng-pci",
-    ]  # fmt: skip
+    dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(memory_mb))
+    spec.extra_args = stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, memory_mb)
+    if disk:
+        image = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline, acpi_table=acpi)
+        spec.extra_args += [
+            "-drive", f"if=none,id=disk0,format=raw,file={image}",
+            "-device", "virtio-blk-pci,drive=disk0",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
     return spec
 
 
@@ -455,9 +459,11 @@ async def build_efi_disk(
 
 
 async def stub_boot_args(
-    kernel: Path | str,
+    kernel: Path | str | None,
     dtb_out: Path | str,
     *,
+    firmware: str = "direct",
+    acpi: bool = False,
     initrd: Path | str | None = None,
     append: str = APPEND,
     smp: int = 1,
@@ -467,29 +473,49 @@ async def stub_boot_args(
 ) -> list[str]:
     """QEMU arguments (machine, CPU, memory, and the stub boot) for ``qmp-sdei qemu-args``.
 
-    Writes the DTB (QEMU's tree for this machine, ``/firmware/sdei``, ``/chosen`` with the command
-    line, the initrd range and a fresh ``kaslr-seed``) to ``dtb_out``. The caller adds its own
-    devices, monitors and the sidecar's QMP socket.
-    :raise ConfigError: missing files, a bad version.
+    Writes the DTB to ``dtb_out``: QEMU's tree for this machine with ``/firmware/sdei`` and
+    ``/chosen`` (command line, initrd range, a fresh ``kaslr-seed``) for a direct boot of
+    ``kernel``; for ``firmware="uefi"`` the tree the firmware gets (RAM shortened to hide the stub;
+    no kernel: the guest boots from its own disk, which the caller adds with an RNG device). The
+    caller adds its own devices, monitors and the sidecar's QMP socket.
+    :raise ConfigError: missing files, a bad version, a missing kernel for a direct boot.
     """
-    kernel, dtb_out = Path(kernel), Path(dtb_out)
-    _check_kernel(kernel)
+    if firmware not in FIRMWARES:
+        raise ConfigError(f"qemu-args: --firmware {firmware!r} is not supported (choose {', '.join(FIRMWARES)})")
+    if acpi and firmware != "uefi":
+        raise ConfigError("qemu-args: --acpi needs --firmware uefi")
+    if firmware == "direct" and kernel is None:
+        raise ConfigError("qemu-args: a direct boot needs --kernel")
+    dtb_out = Path(dtb_out)
+    kernel_path = Path(kernel) if kernel is not None else None
+    if kernel_path is not None and firmware == "direct":
+        _check_kernel(kernel_path)
     initrd_path = Path(initrd) if initrd is not None else None
     if initrd_path is not None:
         _check_file(initrd_path, "initrd")
     psci_version = _version(psci, PSCI_FUNCTIONS, "PSCI")
     with tempfile.TemporaryDirectory(prefix="qmp-sdei-qemu-args-") as scratch:
-        spec = await qemu_spec(
-            Path(scratch), kernel, initrd=initrd_path, cmdline=append, smp=smp, cpu=cpu, conduit="el2",
-            psci_version=psci_version,
-        )  # fmt: skip
+        work = Path(scratch)
+        if firmware == "uefi":
+            spec = await _uefi_spec(
+                work, Path("/nonexistent"), initrd=None, cmdline=append, smp=smp, cpu=cpu,
+                psci_compatible=psci_compatible_for(psci_version), acpi=acpi, memory_mb=memory_mb, disk=False,
+            )  # fmt: skip
+        else:
+            assert kernel_path is not None
+            spec = await qemu_spec(
+                work, kernel_path, initrd=initrd_path, cmdline=append, smp=smp, cpu=cpu, conduit="el2",
+                psci_version=psci_version, memory_mb=memory_mb,
+            )  # fmt: skip
         dtb_out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(scratch) / "sdei.dtb", dtb_out)
+        shutil.copyfile(work / "sdei.dtb", dtb_out)
     machine = ",".join([spec.machine, *(f"{k}={v}" for k, v in spec.machine_options.items())])
-    return [
-        "-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb),
-        *stub.qemu_args(kernel, dtb_out.resolve(), initrd=initrd_path),
-    ]  # fmt: skip
+    if firmware == "uefi":
+        boot = stub.firmware_qemu_args(UEFI_FIRMWARE, dtb_out.resolve(), memory_mb)
+    else:
+        assert kernel_path is not None
+        boot = stub.qemu_args(kernel_path, dtb_out.resolve(), initrd=initrd_path)
+    return ["-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb), *boot]
 
 
 async def _boot(

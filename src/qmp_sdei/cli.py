@@ -7,7 +7,8 @@ Subcommands::
     qmp-sdei check-config vm1.toml
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
                        [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
-    qmp-sdei qemu-args --kernel IMAGE --dtb-out FILE [--initrd FILE] [--append ARGS] [--smp N] [--cpu MODEL]
+    qmp-sdei qemu-args (--kernel IMAGE | --firmware uefi [--acpi]) --dtb-out FILE [--initrd FILE] [--append ARGS]
+                       [--smp N] [--cpu MODEL] [--memory MB]
     qmp-sdei version
 
 Errors the user can act on print one line to stderr and exit with a documented code
@@ -82,7 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     qargs = sub.add_parser(
         "qemu-args", help="write the SDEI DTB and print the QEMU arguments that boot a kernel through the EL2 stub"
     )
-    qargs.add_argument("--kernel", required=True, type=Path, help="arm64 Image to boot")
+    qargs.add_argument("--kernel", type=Path, help="arm64 Image to boot (direct boot)")
+    qargs.add_argument(
+        "--firmware",
+        default="direct",
+        choices=("direct", "uefi"),
+        help="uefi: the stub enters Debian's QEMU_EFI.fd; add your disk and -device virtio-rng-pci",
+    )
+    qargs.add_argument(
+        "--acpi", action="store_true", help="with --firmware uefi: ACPI boot (run sdeitab.efi before the OS loader)"
+    )
     qargs.add_argument("--dtb-out", required=True, type=Path, help="where to write the guest's DTB")
     qargs.add_argument("--initrd", type=Path)
     qargs.add_argument("--append", default="console=ttyAMA0", help="kernel command line")
@@ -179,6 +189,8 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         stub_boot_args(
             args.kernel,
             args.dtb_out,
+            firmware=args.firmware,
+            acpi=args.acpi,
             initrd=args.initrd,
             append=args.append,
             smp=args.smp,
