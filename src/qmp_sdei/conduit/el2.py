@@ -60,16 +60,16 @@ _PAIR = struct.Struct("<QQ")
 _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME)
 
 
-async def use_physical_memory(rsp: RspClient, physical: bool = True) -> None:
+async def use_physical_memory(rsp: RspClient, physical: bool = True) -> bool:
     """Make ``m``/``M`` address guest physical (or, again, virtual) memory (``qemu.PhyMemMode``).
 
     The stub's areas are physical addresses, and the vCPU a memory access goes through may be at
     EL1 with its MMU on. The symbol conduit patches kernel code by virtual address: it needs the
-    mode off.
+    mode off. Returns False if this gdbstub has no such mode (then accesses stay virtual, which
+    reach the stub too whenever the vCPU they go through runs stub code: EL2, MMU off).
     """
     reply = await rsp.request(f"Qqemu.PhyMemMode:{int(physical)}")
-    if reply != b"OK":
-        raise ConduitError(f"this QEMU's gdbstub cannot address physical memory (Qqemu.PhyMemMode: {reply[:40]!r})")
+    return reply == b"OK"
 
 
 async def probe_stub(rsp: RspClient) -> StubLayout | None:
@@ -79,7 +79,8 @@ async def probe_stub(rsp: RspClient) -> StubLayout | None:
     sizes in steps of 256 MiB. Leaves the stub in physical-memory mode exactly when it returns a
     layout.
     """
-    await use_physical_memory(rsp)
+    if not await use_physical_memory(rsp):
+        log.warning("the gdbstub has no physical-memory mode; looking for the EL2 stub through vCPU addresses")
     for base in probe_addresses():
         try:
             header = await rsp.read_memory(base, HEADER_SIZE)
