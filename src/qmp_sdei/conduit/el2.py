@@ -324,12 +324,19 @@ async def attach_conduit(
     return conduit
 
 
-def _kernel_checks(kernel: Path) -> tuple[int, list[int]] | None:
-    """(link address of ``vectors``, the kernel's trap sites) for the run-time check, or None if
-    the symbol table has no ``vectors`` (then the check cannot be made, and the log says so)."""
+BHB_VECTOR_SLOTS = 4  # arm64 __bp_harden_el1_vectors: one 2 KiB table per Spectre-BHB mitigation
+
+
+def _kernel_checks(kernel: Path) -> tuple[list[int], list[int]] | None:
+    """(link addresses VBAR_EL1 may hold, the kernel's trap sites) for the run-time check, or None
+    if the symbol table has no ``vectors`` (then the check cannot be made, and the log says so)."""
     kallsyms = load_kallsyms(kernel)
     vectors = kallsyms.get("vectors")
     if vectors is None:
         log.warning("%s: kallsyms has no 'vectors'; cannot check at run time that the trap sites are right", kernel)
         return None
-    return vectors, linux_trap_sites(kernel, kallsyms)
+    candidates = [vectors]
+    hardened = kallsyms.get("__bp_harden_el1_vectors")
+    if hardened is not None:
+        candidates += [hardened + slot * 0x800 for slot in range(BHB_VECTOR_SLOTS)]
+    return candidates, linux_trap_sites(kernel, kallsyms)
