@@ -52,6 +52,7 @@ from qmp_sdei.stub import (
 
 log = logging.getLogger(__name__)
 
+SDEI_PROBE_GRACE = 60.0  # seconds after the guest's first PSCI call by which an SDEI client has probed
 KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
@@ -126,11 +127,38 @@ class El2Conduit(GdbstubConduit):
         # vCPU -> the exception return its next stub_resume will make, when we changed it this stop
         self._next_return: dict[int, tuple[int, int]] = {}
         self._kicked: set[int] = set()  # vCPUs told to leave the idle loop for the wake site
+        self._probe_watch: asyncio.TimerHandle | None = None
+        self._probe_reported = False
 
-    def _check_kicked(self, vcpu: int) -> None:
-        """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
-        if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
-            self._interrupt()
+    def _watch_for_sdei_probe(self) -> None:
+        """The guest's firmware interface is up (a PSCI call came): if no SDEI call follows within
+        SDEI_PROBE_GRACE, or before the VM goes, say so. A guest that was never told about SDEI (no
+        /firmware/sdei in its device tree, no ACPI SDEI table) would otherwise run without it,
+        unnoticed."""
+        if self._probe_watch is None:
+            loop = asyncio.get_running_loop()
+            self._probe_watch = loop.call_later(SDEI_PROBE_GRACE, self._check_sdei_probed, "within the grace time")
+
+    async def run(self, *, resume: bool = True) -> None:
+        try:
+            await super().run(resume=resume)
+        finally:
+            if self._probe_watch is not None:
+                self._probe_watch.cancel()
+                if self.exit_reason is not None:  # the VM went by itself, not a detach
+                    self._check_sdei_probed("before the VM stopped")
+
+    def _check_sdei_probed(self, when: str) -> None:
+        if self._probe_reported or self.stats.sdei_calls or self._stop_requested():
+            return
+        self._probe_reported = True
+        log.warning(
+            "the guest made %d PSCI call(s) but no SDEI call %s: it was probably not told about SDEI "
+            "(a device tree without /firmware/sdei, or ACPI without the SDEI table: see qmp-sdei qemu-args "
+            "and sdeitab.efi)",
+            self.stats.psci_answered + self.stats.psci_passthrough,
+            when,
+        )
 
     async def start(self) -> None:
         """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
@@ -227,6 +255,8 @@ class El2Conduit(GdbstubConduit):
                 await self._set_return(vcpu, core, regs.pc, regs.pstate, (regs.elr_el1, regs.spsr_el1))
             self._dirty[vcpu] = core
             return None
+        if psci.is_psci_range(fid):
+            self._watch_for_sdei_probe()
         if psci.is_psci_range(fid) and self.psci_filter is not None:
             answer = self.psci_filter(vcpu, fid, core.x[1], core.x[2], core.x[3])
             if answer is not None:
