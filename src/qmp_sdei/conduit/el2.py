@@ -160,6 +160,11 @@ class El2Conduit(GdbstubConduit):
             when,
         )
 
+    def _check_kicked(self, vcpu: int) -> None:
+        """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
+        if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
+            self._interrupt()
+
     async def start(self) -> None:
         """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
         the breakpoints expect (a stub of another build would trap nowhere, silently)."""
