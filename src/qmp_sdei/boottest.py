@@ -112,6 +112,7 @@ class BootReport:
     expected: dict[str, str]
     cpu: str = CPU
     firmware: str = "direct"
+    acpi: bool = False
     conduit_mode: str = "el2"
     cmdline: str = ""
     passed: bool = False
@@ -140,6 +141,7 @@ class BootReport:
             "smp": self.smp,
             "cpu": self.cpu,
             "firmware": self.firmware,
+            "acpi": self.acpi,
             "conduit_mode": self.conduit_mode,
             "cmdline": self.cmdline,
             "expected": dict(self.expected),
@@ -154,7 +156,8 @@ class BootReport:
     def text(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         out = [
-            f"boot-test {verdict}: {self.kernel} (smp {self.smp}, {self.cpu}, {self.firmware} boot, "
+            f"boot-test {verdict}: {self.kernel} (smp {self.smp}, {self.cpu}, {self.firmware} boot"
+            f"{' with ACPI' if self.acpi else ''}, "
             f"{self.conduit_mode} conduit), expecting SDEI {self.expected['sdei']} and PSCI {self.expected['psci']}",
             f"  command line: {self.cmdline}",
         ]
@@ -263,6 +266,7 @@ async def run_boot_test(
     initrd: Path | str | None = None,
     cpu: str = CPU,
     console: Path | str | None = None,
+    acpi: bool = False,
 ) -> BootReport:
     """Boot ``kernel`` with the sidecar pinning ``expect_sdei``/``expect_psci`` and check its lines.
 
@@ -274,6 +278,8 @@ async def run_boot_test(
         call sites found from its symbols (needs ``nokaslr``, which its default command line adds).
     :param append: the kernel command line (default :data:`APPEND`, or :data:`SYMBOLS_APPEND`).
     :param console: write the whole guest console there at the end.
+    :param acpi: with ``firmware="uefi"``: an ACPI boot, SDEI announced by the ACPI table that
+        ``sdeitab.efi`` installs, instead of the device tree.
     :raise ConfigError: the kernel path does not exist, or a version is malformed/unsupported.
     """
     kernel = Path(kernel)
@@ -285,6 +291,8 @@ async def run_boot_test(
         raise ConfigError(f"boot-test: --firmware {firmware!r} is not supported (choose {', '.join(FIRMWARES)})")
     if conduit not in CONDUITS:
         raise ConfigError(f"boot-test: --conduit {conduit!r} is not one of {', '.join(CONDUITS)}")
+    if acpi and firmware != "uefi":
+        raise ConfigError("boot-test: --acpi needs --firmware uefi (ACPI tables come from the firmware)")
     if firmware == "uefi" and conduit != "el2":
         raise ConfigError("boot-test: --firmware uefi needs the el2 conduit (the host does not trap a disk's kernel)")
     _check_kernel(kernel)
@@ -295,7 +303,7 @@ async def run_boot_test(
     expected = {"sdei": format_version(sdei_version), "psci": format_version(psci_version)}
     report = BootReport(
         kernel=str(kernel), smp=smp, expected=expected, cpu=cpu, firmware=firmware, conduit_mode=conduit,
-        cmdline=cmdline,
+        cmdline=cmdline, acpi=acpi,
     )  # fmt: skip
 
     t_setup = time.perf_counter()
@@ -312,7 +320,7 @@ async def run_boot_test(
         try:
             spec = await qemu_spec(
                 work, kernel, initrd=initrd_path, cmdline=cmdline, smp=smp, cpu=cpu, conduit=conduit,
-                psci_version=psci_version, firmware=firmware,
+                psci_version=psci_version, firmware=firmware, acpi=acpi,
             )  # fmt: skip
         except SdeiError as err:
             return report.fail(f"cannot build the SDEI device tree: {err}")
@@ -332,6 +340,8 @@ async def qemu_spec(
     conduit: str,
     psci_version: Version,
     firmware: str = "direct",
+    acpi: bool = False,
+    memory_mb: int = MEMORY_MB,
 ) -> QemuSpec:
     """The QEMU to start (DTB, and for UEFI the disk, built in ``work``): a direct ``-kernel``
     boot for the symbol conduit, or the EL2 stub entering the kernel (``conduit="el2"``), or the
@@ -339,18 +349,19 @@ async def qemu_spec(
     psci_compatible = psci_compatible_for(psci_version)
     if firmware == "uefi":
         return await _uefi_spec(
-            work, kernel, initrd=initrd, cmdline=cmdline, smp=smp, cpu=cpu, psci_compatible=psci_compatible
-        )
+            work, kernel, initrd=initrd, cmdline=cmdline, smp=smp, cpu=cpu, psci_compatible=psci_compatible,
+            acpi=acpi, memory_mb=memory_mb,
+        )  # fmt: skip
     if conduit == "symbols":
         extra = ["-initrd", str(initrd)] if initrd is not None else []
         spec = QemuSpec(
-            smp=smp, memory_mb=MEMORY_MB, cpu=cpu, kernel=kernel, append=cmdline, paused=True, name=VM_NAME,
+            smp=smp, memory_mb=memory_mb, cpu=cpu, kernel=kernel, append=cmdline, paused=True, name=VM_NAME,
             extra_args=extra,
         )  # fmt: skip
         spec.dtb = await build_sdei_dtb(spec, work / "sdei.dtb", sdei_method="hvc", psci_compatible=psci_compatible)
         return spec
     spec = QemuSpec(
-        smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options={"virtualization": "on"}, paused=True, name=VM_NAME
+        smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options={"virtualization": "on"}, paused=True, name=VM_NAME
     )
     base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
     dtb = await add_chosen(
@@ -374,32 +385,38 @@ async def _uefi_spec(
     smp: int,
     cpu: str,
     psci_compatible: tuple[str, ...],
+    acpi: bool = False,
+    memory_mb: int = MEMORY_MB,
+    disk: bool = True,
 ) -> QemuSpec:
     """UEFI (Debian's ``qemu-efi-aarch64``) from a disk holding the kernel, entered by the stub at
-    EL1; DT boot (``acpi=off``, see docs/el2-stub.md); ``virtio-rng`` so the EFI stub randomises
-    the kernel's physical and virtual placement. The sidecar is never told about the kernel."""
+    EL1; ``virtio-rng`` so the EFI stub randomises the kernel's physical and virtual placement. The
+    sidecar is never told about the kernel. A DT boot (``acpi=off``) by default; with ``acpi`` the
+    OS gets QEMU's ACPI tables plus the SDEI table our UEFI app installs (see docs/el2-stub.md)."""
     if not UEFI_FIRMWARE.is_file():
         raise ConfigError(f"boot-test: UEFI firmware {UEFI_FIRMWARE} not found (Debian package qemu-efi-aarch64)")
-    spec = QemuSpec(
-        smp=smp, memory_mb=MEMORY_MB, cpu=cpu, machine_options={"virtualization": "on", "acpi": "off"},
-        paused=True, name=VM_NAME,
-    )  # fmt: skip
+    machine = {"virtualization": "on", "acpi": "on" if acpi else "off"}
+    spec = QemuSpec(smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options=machine, paused=True, name=VM_NAME)
     base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
-    dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(MEMORY_MB))
-    disk = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline)
-    spec.extra_args = [
-        *stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, MEMORY_MB),
-        "-drive", f"if=none,id=disk0,format=raw,file={disk}",
-        "-device", "virtio-blk-pci,drive=disk0",
-        "-device", "virtio-rng-pci",
-    ]  # fmt: skip
+    dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(memory_mb))
+    spec.extra_args = stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, memory_mb)
+    if disk:
+        image = await build_efi_disk(work / "disk.img", kernel, initrd=initrd, cmdline=cmdline, acpi_table=acpi)
+        spec.extra_args += [
+            "-drive", f"if=none,id=disk0,format=raw,file={image}",
+            "-device", "virtio-blk-pci,drive=disk0",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
     return spec
 
 
-async def build_efi_disk(out: Path, kernel: Path, *, initrd: Path | None, cmdline: str) -> Path:
+async def build_efi_disk(
+    out: Path, kernel: Path, *, initrd: Path | None, cmdline: str, acpi_table: bool = False
+) -> Path:
     """A raw FAT disk image the firmware boots: the kernel (an EFI application) as the removable-
     media default ``EFI/BOOT/BOOTAA64.EFI`` (command line from the DT's ``/chosen``), or, with an
-    initrd, ``vmlinuz`` + ``initrd.img`` started by the UEFI shell's ``startup.nsh``.
+    initrd or ``acpi_table``, ``vmlinuz`` (+ ``initrd.img``) started by the UEFI shell's
+    ``startup.nsh``, which first runs ``sdeitab.efi`` to install the ACPI SDEI table.
     :raise ConfigError: mkfs.vfat or mtools missing; :raise SdeiError: a tool failed."""
     for tool in ("mkfs.vfat", "mmd", "mcopy"):
         if shutil.which(tool) is None:
@@ -408,19 +425,24 @@ async def build_efi_disk(out: Path, kernel: Path, *, initrd: Path | None, cmdlin
     size_kib = (payload // 1024 + 16 * 1024) // 1024 * 1024
     out.unlink(missing_ok=True)
     steps = [["mkfs.vfat", "-C", "-n", "QSDEI", str(out), str(size_kib)]]
-    if initrd is None:
+    if initrd is None and not acpi_table:
         steps += [
             ["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"],
             ["mcopy", "-i", str(out), str(kernel), "::/EFI/BOOT/BOOTAA64.EFI"],
         ]
     else:
+        lines = ["fs0:"]
+        if acpi_table:
+            lines.append("\\sdeitab.efi")
+            steps.append(["mcopy", "-i", str(out), str(stub.SDEI_ACPI_APP), "::/sdeitab.efi"])
+        initrd_option = "initrd=\\initrd.img " if initrd is not None else ""
+        lines.append(f"\\vmlinuz {initrd_option}{cmdline}")
         script = out.with_name("startup.nsh")
-        script.write_text(f"fs0:\r\n\\vmlinuz initrd=\\initrd.img {cmdline}\r\n", encoding="ascii")
-        steps += [
-            ["mcopy", "-i", str(out), str(kernel), "::/vmlinuz"],
-            ["mcopy", "-i", str(out), str(initrd), "::/initrd.img"],
-            ["mcopy", "-i", str(out), str(script), "::/startup.nsh"],
-        ]
+        script.write_text("".join(line + "\r\n" for line in lines), encoding="ascii")
+        steps.append(["mcopy", "-i", str(out), str(kernel), "::/vmlinuz"])
+        if initrd is not None:
+            steps.append(["mcopy", "-i", str(out), str(initrd), "::/initrd.img"])
+        steps.append(["mcopy", "-i", str(out), str(script), "::/startup.nsh"])
     for argv in steps:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -437,9 +459,11 @@ async def build_efi_disk(out: Path, kernel: Path, *, initrd: Path | None, cmdlin
 
 
 async def stub_boot_args(
-    kernel: Path | str,
+    kernel: Path | str | None,
     dtb_out: Path | str,
     *,
+    firmware: str = "direct",
+    acpi: bool = False,
     initrd: Path | str | None = None,
     append: str = APPEND,
     smp: int = 1,
@@ -449,29 +473,49 @@ async def stub_boot_args(
 ) -> list[str]:
     """QEMU arguments (machine, CPU, memory, and the stub boot) for ``qmp-sdei qemu-args``.
 
-    Writes the DTB (QEMU's tree for this machine, ``/firmware/sdei``, ``/chosen`` with the command
-    line, the initrd range and a fresh ``kaslr-seed``) to ``dtb_out``. The caller adds its own
-    devices, monitors and the sidecar's QMP socket.
-    :raise ConfigError: missing files, a bad version.
+    Writes the DTB to ``dtb_out``: QEMU's tree for this machine with ``/firmware/sdei`` and
+    ``/chosen`` (command line, initrd range, a fresh ``kaslr-seed``) for a direct boot of
+    ``kernel``; for ``firmware="uefi"`` the tree the firmware gets (RAM shortened to hide the stub;
+    no kernel: the guest boots from its own disk, which the caller adds with an RNG device). The
+    caller adds its own devices, monitors and the sidecar's QMP socket.
+    :raise ConfigError: missing files, a bad version, a missing kernel for a direct boot.
     """
-    kernel, dtb_out = Path(kernel), Path(dtb_out)
-    _check_kernel(kernel)
+    if firmware not in FIRMWARES:
+        raise ConfigError(f"qemu-args: --firmware {firmware!r} is not supported (choose {', '.join(FIRMWARES)})")
+    if acpi and firmware != "uefi":
+        raise ConfigError("qemu-args: --acpi needs --firmware uefi")
+    if firmware == "direct" and kernel is None:
+        raise ConfigError("qemu-args: a direct boot needs --kernel")
+    dtb_out = Path(dtb_out)
+    kernel_path = Path(kernel) if kernel is not None else None
+    if kernel_path is not None and firmware == "direct":
+        _check_kernel(kernel_path)
     initrd_path = Path(initrd) if initrd is not None else None
     if initrd_path is not None:
         _check_file(initrd_path, "initrd")
     psci_version = _version(psci, PSCI_FUNCTIONS, "PSCI")
     with tempfile.TemporaryDirectory(prefix="qmp-sdei-qemu-args-") as scratch:
-        spec = await qemu_spec(
-            Path(scratch), kernel, initrd=initrd_path, cmdline=append, smp=smp, cpu=cpu, conduit="el2",
-            psci_version=psci_version,
-        )  # fmt: skip
+        work = Path(scratch)
+        if firmware == "uefi":
+            spec = await _uefi_spec(
+                work, Path("/nonexistent"), initrd=None, cmdline=append, smp=smp, cpu=cpu,
+                psci_compatible=psci_compatible_for(psci_version), acpi=acpi, memory_mb=memory_mb, disk=False,
+            )  # fmt: skip
+        else:
+            assert kernel_path is not None
+            spec = await qemu_spec(
+                work, kernel_path, initrd=initrd_path, cmdline=append, smp=smp, cpu=cpu, conduit="el2",
+                psci_version=psci_version, memory_mb=memory_mb,
+            )  # fmt: skip
         dtb_out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(scratch) / "sdei.dtb", dtb_out)
+        shutil.copyfile(work / "sdei.dtb", dtb_out)
     machine = ",".join([spec.machine, *(f"{k}={v}" for k, v in spec.machine_options.items())])
-    return [
-        "-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb),
-        *stub.qemu_args(kernel, dtb_out.resolve(), initrd=initrd_path),
-    ]  # fmt: skip
+    if firmware == "uefi":
+        boot = stub.firmware_qemu_args(UEFI_FIRMWARE, dtb_out.resolve(), memory_mb)
+    else:
+        assert kernel_path is not None
+        boot = stub.qemu_args(kernel_path, dtb_out.resolve(), initrd=initrd_path)
+    return ["-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb), *boot]
 
 
 async def _boot(

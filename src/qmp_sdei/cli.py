@@ -10,7 +10,8 @@ Subcommands::
     qmp-sdei check-config vm1.toml
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
                        [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
-    qmp-sdei qemu-args --kernel IMAGE --dtb-out FILE [--initrd FILE] [--append ARGS] [--smp N] [--cpu MODEL]
+    qmp-sdei qemu-args (--kernel IMAGE | --firmware uefi [--acpi]) --dtb-out FILE [--initrd FILE] [--append ARGS]
+                       [--smp N] [--cpu MODEL] [--memory MB]
     qmp-sdei version
 
 Errors the user can act on print one line to stderr and exit with the code their class carries
@@ -58,22 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--state-dir", type=Path, help="read status.json from this state directory")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    raise_ = sub.add_parser("raise", help="raise an SDEI event in the guest through the running sidecar")
-    _add_target(raise_)
-    raise_.add_argument("--event", required=True, type=_event_number, help="event number from the catalogue")
-    raise_.add_argument("--vcpu", type=int, help="vCPU index (private events); shared events are routed")
-    raise_.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the handler entry (default 5)")
-    raise_.add_argument("--json", action="store_true", help="print the sidecar's reply as JSON")
-
-    migrate = sub.add_parser("migrate", help="live-migrate the VM, SDEI state included, to a listening destination")
-    _add_target(migrate)
-    migrate.add_argument("--uri", required=True, help="where the destination QEMU listens, e.g. tcp:HOST:PORT")
-    migrate.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the outcome")
-    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
-
-    watch = sub.add_parser("watch", help="print the sidecar's notifications until interrupted")
-    _add_target(watch)
-    watch.add_argument("--json", action="store_true", help="one JSON document per line")
+    _add_control_commands(sub)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", type=Path)
@@ -97,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=("el2", "symbols"),
         help="el2: through the shipped EL2 stub, kernel defaults (default); symbols: kernel call sites, nokaslr",
     )
+    boot.add_argument(
+        "--acpi", action="store_true", help="with --firmware uefi: boot with ACPI (SDEI from our ACPI table), not DT"
+    )
     boot.add_argument("--append", help="kernel command line (default: the kernel's defaults plus a console)")
     boot.add_argument("--initrd", type=Path, help="initrd to boot with")
     boot.add_argument("--cpu", default="cortex-a57", help="QEMU CPU model (default cortex-a57)")
@@ -105,7 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     qargs = sub.add_parser(
         "qemu-args", help="write the SDEI DTB and print the QEMU arguments that boot a kernel through the EL2 stub"
     )
-    qargs.add_argument("--kernel", required=True, type=Path, help="arm64 Image to boot")
+    qargs.add_argument("--kernel", type=Path, help="arm64 Image to boot (direct boot)")
+    qargs.add_argument(
+        "--firmware",
+        default="direct",
+        choices=("direct", "uefi"),
+        help="uefi: the stub enters Debian's QEMU_EFI.fd; add your disk and -device virtio-rng-pci",
+    )
+    qargs.add_argument(
+        "--acpi", action="store_true", help="with --firmware uefi: ACPI boot (run sdeitab.efi before the OS loader)"
+    )
     qargs.add_argument("--dtb-out", required=True, type=Path, help="where to write the guest's DTB")
     qargs.add_argument("--initrd", type=Path)
     qargs.add_argument("--append", default="console=ttyAMA0", help="kernel command line")
@@ -116,6 +114,26 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _add_control_commands(sub: Any) -> None:
+    """raise, migrate and watch: commands that talk to a running sidecar."""
+    raise_ = sub.add_parser("raise", help="raise an SDEI event in the guest through the running sidecar")
+    _add_target(raise_)
+    raise_.add_argument("--event", required=True, type=_event_number, help="event number from the catalogue")
+    raise_.add_argument("--vcpu", type=int, help="vCPU index (private events); shared events are routed")
+    raise_.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the handler entry (default 5)")
+    raise_.add_argument("--json", action="store_true", help="print the sidecar's reply as JSON")
+
+    migrate = sub.add_parser("migrate", help="live-migrate the VM, SDEI state included, to a listening destination")
+    _add_target(migrate)
+    migrate.add_argument("--uri", required=True, help="where the destination QEMU listens, e.g. tcp:HOST:PORT")
+    migrate.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the outcome")
+    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    watch = sub.add_parser("watch", help="print the sidecar's notifications until interrupted")
+    _add_target(watch)
+    watch.add_argument("--json", action="store_true", help="one JSON document per line")
 
 
 def _event_number(text: str) -> int:
@@ -388,6 +406,8 @@ def _status_text(r: _StatusReader) -> str:
         lines.append(f"pending   {pending}")
     counters = r.get("counters", dict) or {}
     lines.append("counters  " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    for problem in r.get("problems", list) or []:
+        lines.append(f"PROBLEM   {problem}")
     return "\n".join(lines)
 
 
@@ -438,6 +458,7 @@ def _cmd_boot_test(args: argparse.Namespace) -> int:
             initrd=args.initrd,
             cpu=args.cpu,
             console=args.console,
+            acpi=args.acpi,
         )
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
@@ -451,6 +472,8 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         stub_boot_args(
             args.kernel,
             args.dtb_out,
+            firmware=args.firmware,
+            acpi=args.acpi,
             initrd=args.initrd,
             append=args.append,
             smp=args.smp,

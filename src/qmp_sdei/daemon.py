@@ -242,6 +242,8 @@ class Sidecar:
             }
         if self.owner is not None and self.owner.pins is not None:
             doc["pins"] = self.owner.pins.to_dict()
+        if self.owner is not None and self.owner.problems:
+            doc["problems"] = list(self.owner.problems)
         if self.migration is not None:
             doc["migration"] = self.migration.status()
             if self.migration_error:

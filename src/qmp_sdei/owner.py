@@ -217,6 +217,8 @@ class SdeiOwner:
         self.pins = pins
         self._persist = persist
         self.counters = OwnerCounters()
+        #: what the conduit reported it cannot do for the guest (see conduit_problem)
+        self.problems: list[str] = []
         #: shutting down: enter no new handlers, so the running ones can finish before we detach
         self.draining = False
         self._dirty = False
@@ -265,6 +267,13 @@ class SdeiOwner:
         for item in outbox:
             for sub in self._subscribers:
                 sub.put(item)
+
+    def conduit_problem(self, problem: str) -> None:
+        """The conduit cannot serve the guest as it should (no SDEI probe seen, a stale trap site):
+        kept for the status and sent as a notification, so it is never silent."""
+        if problem not in self.problems:
+            self.problems.append(problem)
+            self.notify(NotificationKind.SIDECAR, what="conduit_problem", problem=problem)
 
     # ---- the guest's side: inside a conduit stop -------------------------------------------------
 

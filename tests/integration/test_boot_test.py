@@ -270,3 +270,29 @@ async def test_uefi_boot_from_a_disk_image(kernel: Path, tmp_path: Path, cpu: st
     config = json.loads((tmp_path / "state" / "state.json").read_text())
     assert config["pins"]["psci"] == "1.0"
     assert report.firmware == "uefi" and report.to_dict()["firmware"] == "uefi"
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+@pytest.mark.skipif(not boottest.UEFI_FIRMWARE.is_file(), reason="qemu-efi-aarch64 not installed")
+async def test_uefi_acpi_boot_finds_sdei_in_our_acpi_table(kernel: Path, tmp_path: Path) -> None:
+    """ACPI (UEFI's default): sdeitab.efi installs an ACPI SDEI table before the kernel runs."""
+    console = tmp_path / "console.txt"
+    report = await run_boot_test(
+        kernel, expect_sdei="1.1", expect_psci="1.0", smp=2, timeout=TIMEOUT * 2, workdir=tmp_path,
+        firmware="uefi", acpi=True, console=console,
+    )  # fmt: skip
+    print(report.text())
+    assert_passed(report, "1.1", "1.0")
+    text = console.read_text(errors="replace")
+    assert "qmp-sdei: installed the ACPI SDEI table" in text
+    assert "ACPI: SDEI " in text and "psci: probing for conduit method from ACPI." in text
+    assert "with ACPI" in report.text()
+
+
+@pytest.mark.asyncio
+async def test_acpi_needs_uefi(tmp_path: Path) -> None:
+    image = tmp_path / "Image"
+    image.write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    with pytest.raises(ConfigError, match="--acpi needs --firmware uefi"):
+        await run_boot_test(image, timeout=10, acpi=True)

@@ -55,23 +55,30 @@ def guest() -> LinuxEventGuest:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("conduit", "firmware", "smp"),
+    ("boot", "smp"),
     [
-        ("symbols", "direct", 1),
-        ("symbols", "direct", 2),
-        ("el2", "direct", 1),
-        ("el2", "direct", 2),
-        ("el2", "uefi", 2),
+        (("symbols", "direct", "cortex-a57"), 1),
+        (("symbols", "direct", "cortex-a57"), 2),
+        (("el2", "direct", "cortex-a57"), 1),
+        (("el2", "direct", "cortex-a57"), 2),
+        (("el2", "direct", "max"), 2),
+        (("el2", "uefi", "cortex-a57"), 2),
+        (("el2", "uefi", "max"), 1),
     ],
-    ids=["symbols-smp1", "symbols-smp2", "el2-smp1", "el2-smp2", "el2-uefi-smp2"],
-)
+    ids=[
+        "symbols-smp1", "symbols-smp2", "el2-smp1", "el2-smp2", "el2-max-smp2", "el2-uefi-smp2", "el2-uefi-max-smp1",
+    ],
+)  # fmt: skip
 async def test_raised_events_run_the_linux_handler(
-    guest: LinuxEventGuest, tmp_path: Path, conduit: str, firmware: str, smp: int
+    guest: LinuxEventGuest, tmp_path: Path, boot: tuple[str, str, str], smp: int
 ) -> None:
     """``el2``: through the EL2 stub, with the kernel's defaults (KASLR on, WFI idle); ``uefi``: the
     stub enters UEFI, which boots the kernel and initramfs from a disk image (no kernel on the
-    sidecar's side at all)."""
-    async with booted_linux(guest, tmp_path, smp=smp, timeout=TIMEOUT, conduit=conduit, firmware=firmware) as linux:
+    sidecar's side at all). ``boot`` is (conduit, firmware, CPU model)."""
+    conduit, firmware, cpu = boot
+    async with booted_linux(
+        guest, tmp_path, smp=smp, timeout=TIMEOUT, conduit=conduit, firmware=firmware, cpu=cpu
+    ) as linux:
         ready = READY_LINE.search(linux.vm.console)
         assert ready is not None
         assert (int(ready["event"]), int(ready["cpus"])) == (guest.event, smp)

@@ -50,3 +50,34 @@ def test_missing_kernel_is_one_line_error(tmp_path: Path) -> None:
     assert result.stderr.strip().startswith("qmp-sdei: ") and "/nonexistent/Image" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.dtb").exists()
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_uefi_args_hide_the_stub_from_the_firmware(tmp_path: Path) -> None:
+    dtb = tmp_path / "fw.dtb"
+    result = _run("--firmware", "uefi", "--dtb-out", str(dtb), "--memory", "2048")
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout)
+    assert argv[:2] == ["-M", "virt,virtualization=on,acpi=off"]
+    top = 0x4000_0000 + (2048 << 20) - 0x20_0000
+    assert f"loader,addr={top + 4:#x},cpu-num=0" in argv
+    assert argv[argv.index("-dtb") + 1] == str(dtb.resolve())
+    dts = await decompile_dtb(dtb)
+    assert "reg = <0x00 0x40000000 0x00 0x7fe00000>;" in dts  # 2 GiB minus the stub's 2 MiB
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_direct_dtb_describes_the_memory_asked_for(tmp_path: Path) -> None:
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    dtb = tmp_path / "guest.dtb"
+    result = _run("--kernel", str(kernel), "--dtb-out", str(dtb), "--memory", "512")
+    assert result.returncode == 0, result.stderr
+    assert "reg = <0x00 0x40000000 0x00 0x20000000>;" in await decompile_dtb(dtb)
+
+
+def test_direct_boot_needs_a_kernel(tmp_path: Path) -> None:
+    result = _run("--dtb-out", str(tmp_path / "x.dtb"))
+    assert result.returncode == 2 and "needs --kernel" in result.stderr

@@ -70,12 +70,12 @@ def test_header_refuses_other_memory() -> None:
         StubLayout.parse(STUB_BASE, bytes(header))
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-as") is None, reason="aarch64 cross binutils not installed")
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="aarch64 cross toolchain not installed")
 def test_checked_in_elf_is_built_from_the_source(tmp_path: Path) -> None:
-    for name in ("el2stub.S", "link.ld", "Makefile"):
+    for name in ("el2stub.S", "link.ld", "Makefile", "sdeitab.c", "efi.ld"):
         shutil.copy(STUB_DIR / name, tmp_path / name)
     subprocess.run(["make", "-s", "-C", str(tmp_path)], check=True, capture_output=True)
-    for name in ("el2stub.elf", "el2stub.bin"):
+    for name in ("el2stub.elf", "el2stub.bin", "sdeitab.efi"):
         assert (tmp_path / name).read_bytes() == (STUB_DIR / name).read_bytes(), (
             f"src/qmp_sdei/stub/{name} is stale: run make -C src/qmp_sdei/stub and commit it"
         )
@@ -107,3 +107,15 @@ def test_firmware_boot_places_the_stub_above_the_firmware_memory() -> None:
     assert f"loader,file={stub.STUB_BIN},addr={base:#x},force-raw=on" in args
     assert f"loader,addr={base + 4:#x},cpu-num=0" in args  # _start + 4: the firmware entry
     assert base in stub.probe_addresses() and stub.probe_addresses()[0] == stub.STUB_BASE
+
+
+def test_acpi_app_is_a_relocatable_efi_application() -> None:
+    data = stub.SDEI_ACPI_APP.read_bytes()
+    assert data[:2] == b"MZ"
+    pe = int.from_bytes(data[0x3C:0x40], "little")
+    assert data[pe : pe + 4] == b"PE\0\0"
+    assert int.from_bytes(data[pe + 4 : pe + 6], "little") == 0xAA64  # machine: arm64
+    characteristics = int.from_bytes(data[pe + 22 : pe + 24], "little")
+    assert not characteristics & 1, "relocations-stripped flag set: edk2 would only load it at address 0"
+    subsystem = int.from_bytes(data[pe + 24 + 68 : pe + 24 + 70], "little")
+    assert subsystem == 10  # EFI application

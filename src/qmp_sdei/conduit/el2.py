@@ -52,6 +52,7 @@ from qmp_sdei.stub import (
 
 log = logging.getLogger(__name__)
 
+SDEI_PROBE_GRACE = 60.0  # seconds after the guest's first PSCI call by which an SDEI client has probed
 KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
@@ -60,16 +61,16 @@ _PAIR = struct.Struct("<QQ")
 _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME)
 
 
-async def use_physical_memory(rsp: RspClient, physical: bool = True) -> None:
+async def use_physical_memory(rsp: RspClient, physical: bool = True) -> bool:
     """Make ``m``/``M`` address guest physical (or, again, virtual) memory (``qemu.PhyMemMode``).
 
     The stub's areas are physical addresses, and the vCPU a memory access goes through may be at
     EL1 with its MMU on. The symbol conduit patches kernel code by virtual address: it needs the
-    mode off.
+    mode off. Returns False if this gdbstub has no such mode (then accesses stay virtual, which
+    reach the stub too whenever the vCPU they go through runs stub code: EL2, MMU off).
     """
     reply = await rsp.request(f"Qqemu.PhyMemMode:{int(physical)}")
-    if reply != b"OK":
-        raise ConduitError(f"this QEMU's gdbstub cannot address physical memory (Qqemu.PhyMemMode: {reply[:40]!r})")
+    return reply == b"OK"
 
 
 async def probe_stub(rsp: RspClient) -> StubLayout | None:
@@ -79,7 +80,8 @@ async def probe_stub(rsp: RspClient) -> StubLayout | None:
     sizes in steps of 256 MiB. Leaves the stub in physical-memory mode exactly when it returns a
     layout.
     """
-    await use_physical_memory(rsp)
+    if not await use_physical_memory(rsp):
+        log.warning("the gdbstub has no physical-memory mode; looking for the EL2 stub through vCPU addresses")
     for base in probe_addresses():
         try:
             header = await rsp.read_memory(base, HEADER_SIZE)
@@ -116,6 +118,37 @@ class El2Conduit(GdbstubConduit):
         # vCPU -> the exception return its next stub_resume will make, when we changed it this stop
         self._next_return: dict[int, tuple[int, int]] = {}
         self._kicked: set[int] = set()  # vCPUs told to leave the idle loop for the wake site
+        self._probe_watch: asyncio.TimerHandle | None = None
+        self._probe_reported = False
+
+    def _watch_for_sdei_probe(self) -> None:
+        """The guest's firmware interface is up (a PSCI call came): if no SDEI call follows within
+        SDEI_PROBE_GRACE, or before the VM goes, say so. A guest that was never told about SDEI (no
+        /firmware/sdei in its device tree, no ACPI SDEI table) would otherwise run without it,
+        unnoticed."""
+        if self._probe_watch is None:
+            loop = asyncio.get_running_loop()
+            self._probe_watch = loop.call_later(SDEI_PROBE_GRACE, self._check_sdei_probed, "within the grace time")
+
+    async def run(self, *, resume: bool = True) -> None:
+        try:
+            await super().run(resume=resume)
+        finally:
+            if self._probe_watch is not None:
+                self._probe_watch.cancel()
+                if self.exit_reason is not None:  # the VM went by itself, not a detach
+                    self._check_sdei_probed("before the VM stopped")
+
+    def _check_sdei_probed(self, when: str) -> None:
+        if self._probe_reported or self.stats.sdei_calls or self._stop_requested():
+            return
+        self._probe_reported = True
+        calls = self.stats.psci_answered + self.stats.psci_passthrough
+        self.report_problem(
+            f"the guest made {calls} PSCI call(s) but no SDEI call {when}: it was probably not told about "
+            "SDEI (a device tree without /firmware/sdei, or ACPI without the SDEI table: see qmp-sdei "
+            "qemu-args and sdeitab.efi)"
+        )
 
     def _check_kicked(self, vcpu: int) -> None:
         """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
@@ -218,6 +251,7 @@ class El2Conduit(GdbstubConduit):
             self._dirty[vcpu] = core
             return None
         if psci.is_psci_range(fid):
+            self._watch_for_sdei_probe()
             answer = self.dispatcher.psci_call(vcpu, fid, core.x[1], core.x[2], core.x[3])
             if answer is not None:
                 self.stats.psci_answered += 1
@@ -307,12 +341,19 @@ async def attach_conduit(
     return conduit
 
 
-def _kernel_checks(kernel: Path) -> tuple[int, list[int]] | None:
-    """(link address of ``vectors``, the kernel's trap sites) for the run-time check, or None if
-    the symbol table has no ``vectors`` (then the check cannot be made, and the log says so)."""
+BHB_VECTOR_SLOTS = 4  # arm64 __bp_harden_el1_vectors: one 2 KiB table per Spectre-BHB mitigation
+
+
+def _kernel_checks(kernel: Path) -> tuple[list[int], list[int]] | None:
+    """(link addresses VBAR_EL1 may hold, the kernel's trap sites) for the run-time check, or None
+    if the symbol table has no ``vectors`` (then the check cannot be made, and the log says so)."""
     kallsyms = load_kallsyms(kernel)
     vectors = kallsyms.get("vectors")
     if vectors is None:
         log.warning("%s: kallsyms has no 'vectors'; cannot check at run time that the trap sites are right", kernel)
         return None
-    return vectors, linux_trap_sites(kernel, kallsyms)
+    candidates = [vectors]
+    hardened = kallsyms.get("__bp_harden_el1_vectors")
+    if hardened is not None:
+        candidates += [hardened + slot * 0x800 for slot in range(BHB_VECTOR_SLOTS)]
+    return candidates, linux_trap_sites(kernel, kallsyms)

@@ -102,6 +102,8 @@ class SdeiPort(Protocol):
     def commit(self) -> None: ...
     def end_stop(self) -> None: ...
     def bind_delivery(self, request_delivery: Callable[[], None] | None) -> None: ...
+    def conduit_problem(self, problem: str) -> None:
+        """The conduit cannot serve the guest as it should: shown in the status and notified."""
 
 
 @dataclass
@@ -623,6 +625,12 @@ class GdbstubConduit:
         self.stats.interrupts += 1
         self._interrupt_sent = True
         self.rsp.interrupt()
+
+    def report_problem(self, problem: str) -> None:
+        """Say loudly that the guest is not served as it should be: the log, the SDEI owner (which
+        puts it in the status and sends a notification), never silence."""
+        log.warning("%s", problem)
+        self.dispatcher.conduit_problem(problem)
 
     def follow_owner(self, runstate: Runstate, *, stops_need_our_resume: bool) -> None:
         """Give a conduit built without them (e.g. by ``attach_conduit``) what

@@ -37,7 +37,8 @@ PSTATE_EL1 = 0x4
 class KernelCheckedConduit(GdbstubConduit):
     """A :class:`GdbstubConduit` for a Linux guest that verifies its kernel trap sites at run time.
 
-    :param vectors: link address of the kernel's ``vectors`` (kallsyms).
+    :param vectors: link addresses ``VBAR_EL1`` may hold in the kernel: ``vectors`` first, then
+        any Spectre-BHB variants (``__bp_harden_el1_vectors`` slots) a CPU may switch to.
     :param kernel_sites: the sites found in the kernel image (checked for hvc/smc); other trap
         sites (configured, or from an ELF) are trusted as given.
     """
@@ -48,12 +49,12 @@ class KernelCheckedConduit(GdbstubConduit):
         dispatcher: SdeiPort,
         trap_sites: Sequence[int],
         *,
-        vectors: int,
+        vectors: Sequence[int],
         kernel_sites: Sequence[int],
         timeout: float = 10.0,
     ) -> None:
         super().__init__(rsp, dispatcher, trap_sites, timeout=timeout)
-        self.vectors = vectors
+        self.vectors = tuple(vectors)
         self.kernel_sites = tuple(kernel_sites)
         #: None until checked; then True (sites verified) or the error that ends the conduit
         self.verified: bool | None = None
@@ -96,10 +97,11 @@ class KernelCheckedConduit(GdbstubConduit):
         vbar = await self.rsp.read_register(self.registers["VBAR_EL1"].regnum)
         if vbar == 0:
             return  # the kernel has not installed its vectors yet
-        if vbar != self.vectors:
+        if vbar not in self.vectors:
+            link = self.vectors[0]
             self._fail(
-                f"the guest kernel's vectors are at {vbar:#x}, not at their link address {self.vectors:#x} "
-                f"(KASLR offset {vbar - self.vectors:#x}, or another kernel than the image given): the trap "
+                f"the guest kernel's vectors are at {vbar:#x}, not at their link address {link:#x} "
+                f"(KASLR offset {vbar - link:#x}, or another kernel than the image given): the trap "
                 "sites are link addresses, so none of the guest's calls are trapped and it sees QEMU's own "
                 "PSCI and no SDEI. Boot the guest with 'nokaslr', or through the EL2 stub (qmp-sdei qemu-args)"
             )

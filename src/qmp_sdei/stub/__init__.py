@@ -17,6 +17,7 @@ from qmp_sdei.errors import ConduitError
 
 STUB_ELF = Path(__file__).with_name("el2stub.elf")
 STUB_BIN = Path(__file__).with_name("el2stub.bin")  # the same code, raw: loaded anywhere (PIC)
+SDEI_ACPI_APP = Path(__file__).with_name("sdeitab.efi")  # UEFI app: installs the ACPI SDEI table
 STUB_BASE = 0x4010_0000  # link address (link.ld); EL2 runs with the MMU off, so also its PA
 RAM_BASE = 0x4000_0000  # virt's RAM
 FIRMWARE_SLOT = 0x20_0000  # firmware boot: the stub lives in the top 2 MiB, cut from the DT's memory

@@ -48,6 +48,12 @@
 	.equ	HCR_API, (1 << 41)
 	.equ	HCR_VALUE, (HCR_RW | HCR_TSC | HCR_TWI | HCR_APK | HCR_API)
 	.equ	SPSR_EL1H_DAIF, 0x3c5
+	/* HCRX_EL2: MSCEn (11), TCR2En (14), SCTLR2En (15); QEMU ignores bits of absent features */
+	.equ	HCRX_VALUE, ((1 << 11) | (1 << 14) | (1 << 15))
+	/* HFGRTR/HFGWTR_EL2 bits of negative polarity (nACCDATA_EL1 50, nGCS_EL0/EL1 52-53, nSMPRI_EL1
+	 * 54, nTPIDR2_EL0 55, nRCWMASK_EL1 56, nPIRE0/nPIR_EL1 57-58, nPOR_EL0/EL1 59-60,
+	 * nS2POR_EL1 61, nMAIR2_EL1 62, nAMAIR2_EL1 63): 0 would trap those registers to EL2 */
+	.equ	HFGXTR_NEGATIVE_BITS, 0xfff4000000000000
 	.equ	SCTLR_EL1_RES1, 0x30d00800
 	.equ	CPTR_EL2_VALUE, 0x22ff		/* RES1 bits only: no FP, SVE, SME or trace traps */
 
@@ -142,7 +148,29 @@ el2_setup:
 	cbz	x1, 2f
 	mov	x1, #0x1ff
 	msr	S3_4_C1_C2_0, x1		/* ZCR_EL2 */
-2:	isb
+2:	mrs	x0, id_aa64pfr1_el1
+	ubfx	x0, x0, #24, #4			/* SME: the longest streaming vector, full A64 */
+	cbz	x0, 4f
+	mov	x1, #0xf			/* SMCR_EL2.LEN */
+	cmp	x0, #2
+	b.lo	3f
+	orr	x1, x1, #(1 << 30)		/* SME2: EZT0 */
+3:	mrs	x0, S3_0_C0_C4_5		/* ID_AA64SMFR0_EL1 */
+	tbz	x0, #63, 31f
+	orr	x1, x1, #(1 << 31)		/* FA64 */
+31:	msr	S3_4_C1_C2_6, x1		/* SMCR_EL2 */
+4:	mrs	x0, id_aa64mmfr1_el1
+	ubfx	x0, x0, #40, #4			/* FEAT_HCX: no traps of MOPS, TCR2_EL1, SCTLR2_EL1 */
+	cbz	x0, 5f
+	ldr	x1, =HCRX_VALUE
+	msr	S3_4_C1_C2_2, x1		/* HCRX_EL2 */
+5:	mrs	x0, id_aa64mmfr0_el1
+	ubfx	x0, x0, #56, #4			/* FEAT_FGT: the "n" (trap when 0) bits set, nothing trapped */
+	cbz	x0, 6f
+	ldr	x1, =HFGXTR_NEGATIVE_BITS
+	msr	S3_4_C1_C1_4, x1		/* HFGRTR_EL2 */
+	msr	S3_4_C1_C1_5, x1		/* HFGWTR_EL2 */
+6:	isb
 	ret
 
 primary_entry:
