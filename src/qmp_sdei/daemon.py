@@ -371,10 +371,28 @@ class Sidecar:
         from qmp_sdei.control.mqtt import MqttBridge  # noqa: PLC0415 (optional transport)
 
         assert self.control is not None and self.config.mqtt is not None
+        migration = self.migration
+        if migration is not None and migration.incoming:
+            # The VM's topics belong to the sidecar serving the VM: a destination takes them over
+            # only once the guest has arrived (the source gives them up when it has left).
+            await migration.arrived.wait()
         bridge = MqttBridge(self.control, self.config.mqtt, vm_name=self.vm_name, status=self.control.status_document)
         if self.metrics is not None:
             self.metrics.watch_broker(bridge.online.is_set, lambda: bridge.stats)
-        await bridge.run()
+        if migration is None:
+            await bridge.run()
+            return
+        serving = asyncio.create_task(bridge.run(), name="control.mqtt.bridge")
+        left = asyncio.create_task(migration.migrated_out.wait(), name="control.mqtt.migrated-out")
+        try:
+            await asyncio.wait({serving, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+            if not serving.done():
+                log.info("the guest migrated away: leaving the VM's MQTT topics to its new sidecar")
+                serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
 
     def _install_signals(self) -> list[int]:
         loop = asyncio.get_running_loop()

@@ -185,6 +185,8 @@ class MigrationAgent:
         self.ready = asyncio.Event()
         #: an incoming migration completed with SDEI state: the guest is here (still stopped)
         self.arrived = asyncio.Event()
+        #: an outgoing migration completed: the guest runs elsewhere now
+        self.migrated_out = asyncio.Event()
         self._bus = PrivateBus(config.state_dir / "vmstate")
         self._service: VmstateService | None = None
         self._status_changed: asyncio.Event = asyncio.Event()
@@ -282,6 +284,7 @@ class MigrationAgent:
             self.counters.migrations_out += 1
             self.last_outcome = "completed"
             log.info("migrated out: the destination has the SDEI state; keeping ours until this QEMU goes")
+            self.migrated_out.set()
             self._finish("completed")
         elif status in ("failed", "cancelled"):
             self.last_outcome = status
