@@ -383,7 +383,12 @@ class Sidecar:
             await bridge.run()
             return
         serving = asyncio.create_task(bridge.run(), name="control.mqtt.bridge")
-        left = asyncio.create_task(migration.migrated_out.wait(), name="control.mqtt.migrated-out")
+        async def migrated_out() -> None:
+            await migration.migrated_out.wait()
+            # The request that started the migration (and any other) still gets its reply.
+            await bridge.drain(SHUTDOWN_GRACE)
+
+        left = asyncio.create_task(migrated_out(), name="control.mqtt.migrated-out")
         try:
             await asyncio.wait({serving, left}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import socket
 import ssl
@@ -222,7 +223,9 @@ class MqttBridge:
         self.settings = settings
         self.vm_name = vm_name
         self.topics = Topics(settings.topic_prefix, vm_name)
-        self.client_id = settings.client_id or f"qmp-sdei-{vm_name}"
+        # Unique per sidecar process: during a migration the source's and the destination's sidecars
+        # serve the same VM name, and a broker drops the older of two sessions with one client id.
+        self.client_id = settings.client_id or f"qmp-sdei-{vm_name}-{socket.gethostname()}-{os.getpid()}"
         self.stats = MqttStats()
         self.status_interval = status_interval
         self.backoff = backoff or Backoff()
@@ -287,6 +290,11 @@ class MqttBridge:
         return client
 
     # ---- the connection loop -----------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every request being served has had its reply sent."""
+        if self._request_tasks:
+            await asyncio.wait(list(self._request_tasks), timeout=timeout)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled; broker outages are logged and retried, never raised."""
