@@ -446,10 +446,27 @@ class Sidecar:
         return True
 
     async def _stop_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        conduit_task = next((t for t in tasks if t.get_name() == "conduit" and not t.done()), None)
+        if conduit_task is not None and not (self.conduit is not None and self.conduit.serving.is_set()):
+            # Attaching the gdbstub pauses the VM and arms breakpoints; cut off there, the VM would
+            # stay paused. Let the conduit come up (it then runs or holds the VM as its owner
+            # wants), and detach it properly below.
+            async def conduit_serving() -> None:
+                await self.conduit_ready.wait()
+                await self.conduit.serving.wait()
+
+            waiter = asyncio.create_task(conduit_serving(), name="shutdown.conduit-serving")
+            await asyncio.wait({waiter, conduit_task}, timeout=SHUTDOWN_GRACE, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
         if self.conduit is not None:
             await self.drain_handlers(SHUTDOWN_GRACE)
-            with contextlib.suppress(SdeiError, TimeoutError):
-                await asyncio.wait_for(self.conduit.detach(), SHUTDOWN_GRACE)
+            if self.conduit.held and self.session is not None and self.session.connected:
+                # The owner may have resumed the VM a moment ago (the RESUME watcher may not have
+                # told the conduit yet): a running VM must be detached, not held.
+                with contextlib.suppress(SdeiError, TimeoutError):
+                    if await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE) == "running":
+                        self.conduit.vm_resumed()
+            await self._release_conduit()
         pending = [t for t in tasks if not t.done()]
         for task in pending:
             task.cancel()
@@ -470,10 +487,33 @@ class Sidecar:
         except (SdeiError, TimeoutError) as err:
             log.error("conduit.start_vm: could not start the VM on the way out (%s); it stays stopped", err)
 
+    async def _release_conduit(self) -> None:
+        """Detach the conduit (a no-op if done), leaving the VM as its owner wants it; say loudly
+        if that failed while QEMU is still there."""
+        assert self.conduit is not None
+        try:
+            await asyncio.wait_for(self.conduit.detach(), SHUTDOWN_GRACE)
+            return
+        except (SdeiError, TimeoutError) as err:
+            problem = str(err) or f"no answer within {SHUTDOWN_GRACE:.0f}s"
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.conduit.close(), SHUTDOWN_GRACE)
+        if self.session is None or not self.session.connected or self.conduit.rsp.peer_closed:
+            return  # QEMU has gone: there is no VM to leave in any state
+        try:
+            runstate = await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE)
+        except (SdeiError, TimeoutError):
+            runstate = "unknown"
+        log.error(
+            "could not detach from QEMU's gdbstub (%s): the VM is left %s%s",
+            problem,
+            runstate,
+            "; its owner must resume it (QMP cont)" if runstate in ("paused", "debug") else "",
+        )
+
     async def _cleanup(self) -> None:
         if self.conduit is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.conduit.close(), SHUTDOWN_GRACE)
+            await self._release_conduit()
         if self.session is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.session.close(), SHUTDOWN_GRACE)

@@ -106,6 +106,16 @@ class _Waiter:
     started_ns: int = 0
 
 
+async def _loop_ended(waiting: Awaitable[None]) -> None:
+    """Await the run loop's end: its cancellation is expected, ours (a caller's timeout) is not."""
+    try:
+        await waiting
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 def _is_el1h(cpsr: int) -> bool:
     return cpsr & PSTATE_MODE_MASK == PSTATE_EL1H
 
@@ -173,6 +183,7 @@ class GdbstubConduit:
         self._dirty: dict[int, CoreRegs] = {}  # vCPU -> registers to write before resuming
         self._last_write_ns = 0
         self.exit_reason: str | None = None  # why run() returned by itself (VM exit)
+        self._released = False  # detached or closed: the stub is no longer ours
 
     @classmethod
     async def attach(
@@ -238,7 +249,7 @@ class GdbstubConduit:
             else:
                 self._held = True
             self.serving.set()
-            if self._stopping:
+            if self._stopping and not self._running:
                 return
             while True:
                 stop = await self.rsp.wait_stop(forever=True)  # requests carry their own timeouts
@@ -258,7 +269,10 @@ class GdbstubConduit:
                     self._fail_waiters(ConduitError("the VM shut down"))
                     return
                 await self._handle_stop(stop, ours=ours)
-                if self._stop_requested():
+                # A stop handled while detach() was asked for may already have resumed the VM; then
+                # detach's stop request is still coming and must be consumed here, or the VM is
+                # left stopped with nobody to detach it.
+                if self._stop_requested() and not self._running:
                     return
         except ConduitError as err:
             self._fail_waiters(err)
@@ -561,17 +575,41 @@ class GdbstubConduit:
         return result
 
     async def detach(self) -> None:
-        """Remove every breakpoint and let the VM run without us (``D;1``), then close."""
+        """Remove every breakpoint and leave the VM as its owner wants it, then close.
+
+        A VM we serve runs on without us (``D;1``). A VM its owner holds (``-S``, QMP ``stop``)
+        stays stopped: ``D;1`` would resume it, so its breakpoints are removed one by one instead.
+        Calling it again, or after :meth:`close`, does nothing.
+        """
+        if self._released:
+            return
         self._stopping = True
         if self._run_task is not None and not self._run_task.done():
-            await self._at_next_stop(None)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._run_task), self.timeout)
-        await self.rsp.detach()
+            if self._held:
+                # The loop only waits for the stop an owner's cont would bring; nothing is in flight.
+                self._run_task.cancel()
+                await _loop_ended(self._run_task)
+            else:
+                # Wait for the loop to end, not for this request to be served: the loop may end
+                # at a stop it was already handling, leaving the request unserved.
+                request = asyncio.ensure_future(self._at_next_stop(None))
+                try:
+                    await _loop_ended(asyncio.wait_for(asyncio.shield(self._run_task), self.timeout))
+                finally:
+                    request.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, ConduitError):
+                        await request
+        if self._held:
+            for addr in sorted(self.trap_sites | self._vector_bps):
+                await self.rsp.remove_breakpoint(addr)
+        else:
+            await self.rsp.detach()
+        self._released = True
         await self.rsp.close()
 
     async def close(self) -> None:
         """Drop the connection without detaching (QEMU leaves the VM paused)."""
+        self._released = True
         self._stopping = True
         if self._run_task is not None and not self._run_task.done():
             self._run_task.cancel()

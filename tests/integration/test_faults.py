@@ -1,0 +1,253 @@
+"""Faults an operator runs into, against sidecar processes (and real QEMU where the case needs one).
+
+* Shutdown wins over every wait: SIGTERM while the sidecar waits for QEMU ends it at once, and a
+  SIGHUP meanwhile with an unreadable config is refused in one log line.
+* A sidecar that leaves leaves the VM in the runstate its owner wants: running if it ran or
+  ``start_vm`` started it (the guest then runs on with no breakpoint left), stopped if its owner
+  holds it; and when it cannot detach, it says so in an error naming the runstate.
+* ``status`` piped into a reader that stops early ends quietly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmp_sdei.config import parse
+from qmp_sdei.daemon import ExitCode
+from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from support.guests import build_guest_dir, cached_build_dir
+from support.qemu import SLOW, harness_client, requires_qemu, running_qemu
+from support.sidecar import config_for, read_until, serving, start_cli, write_config
+
+LOOP_GUEST = Path(__file__).resolve().parents[1] / "guests" / "loop"
+
+
+def no_traceback(*texts: str) -> None:
+    for text in texts:
+        assert "Traceback" not in text, text
+
+
+async def wait_for_path(path: Path) -> None:
+    async def poll() -> None:
+        while not path.exists():  # noqa: ASYNC110 (a file the sidecar creates; no event to wait on)
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), SLOW)
+
+
+# -- shutdown wins over the wait for QEMU ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["connect", "listen"])
+async def test_sigterm_while_waiting_for_qemu(tmp_path: Path, mode: str) -> None:
+    """An hour's qmp.timeout and no QEMU: SIGTERM still ends the sidecar at once, with exit 0."""
+    doc = config_for(tmp_path, tmp_path / "qemu.sock", qmp={"timeout": 3600.0, "mode": mode})
+    path = write_config(tmp_path, doc)
+    proc = await start_cli("run", "--config", str(path), "--log-level", "debug")
+    assert proc.stderr is not None
+    seen: list[str] = []
+    if mode == "connect":
+        await read_until(proc.stderr, "retrying for up to", seen)  # logged once it is waiting
+    else:
+        await wait_for_path(tmp_path / "qemu.sock")  # it listens (nothing is logged)
+
+    # SIGHUP meanwhile, with the config replaced by bytes that are not UTF-8: one line, no traceback.
+    path.write_bytes(b'[vm]\nname = "\xff"\n')
+    proc.send_signal(signal.SIGHUP)
+    await read_until(proc.stderr, "SIGHUP: config not reloaded", seen)
+    assert "not UTF-8 text (byte 0xff at offset 13)" in seen[-1]
+
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), SLOW) == ExitCode.OK
+    rest = (await proc.stderr.read()).decode()
+    no_traceback("".join(seen), rest)
+    assert "shutting down: SIGTERM" in "".join(seen) + rest
+
+
+# -- leaving the VM as its owner wants it ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loop_guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_guest_dir(LOOP_GUEST, cached_build_dir(request, tmp_path_factory, "loop-guest"), ("start.S", "loop.c"))
+
+
+def conduit_config(tmp_path: Path, vm: QemuProcess, guest: Path, *, start_vm: bool) -> dict[str, Any]:
+    return config_for(tmp_path, vm, conduit={"enabled": True, "elf": str(guest), "start_vm": start_vm})
+
+
+async def runstate(vm: QemuProcess) -> str:
+    async with harness_client(vm) as host:
+        reply = await host.execute("query-status")
+    assert isinstance(reply, dict)
+    status: str = reply["status"]
+    return status
+
+
+#: Log lines at which SIGTERM is sent: during attach, before the conduit, and (twice, it was the
+#: racy one) the moment the conduit has attached and is starting the VM.
+SIGTERM_POINTS = ["QMP attached", "attached to QEMU", "conduit attached", "conduit attached"]
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
+@pytest.mark.parametrize("point", range(len(SIGTERM_POINTS)), ids=lambda i: SIGTERM_POINTS[i].replace(" ", "-"))
+async def test_sigterm_during_boot_leaves_the_vm_running(tmp_path: Path, loop_guest: Path, point: int) -> None:
+    """-S VM, start_vm = true: whenever SIGTERM comes, the VM ends up running, free of breakpoints."""
+    async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
+        path = write_config(tmp_path, conduit_config(tmp_path, vm, loop_guest, start_vm=True))
+        proc = await start_cli("run", "--config", str(path), "--log-level", "debug")
+        assert proc.stderr is not None
+        seen: list[str] = []
+        await read_until(proc.stderr, SIGTERM_POINTS[point], seen)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), SLOW)
+        log = "".join(seen) + (await proc.stderr.read()).decode()
+        assert code == ExitCode.OK, log
+        no_traceback(log)
+        assert "could not" not in log, log
+        assert await runstate(vm) == "running", log
+        # Its calls now reach QEMU (which answers NOT_SUPPORTED) and nothing stops it: it finishes
+        # its rounds. A breakpoint left behind would have frozen it in "debug" at the first call.
+        await vm.wait_for_console(r"ROUND 9 ", SLOW)
+        assert await runstate(vm) == "running"
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
+async def test_sigterm_leaves_a_held_vm_held(tmp_path: Path, loop_guest: Path) -> None:
+    """-S VM, start_vm = false: the sidecar leaves it stopped (D;1 would have started it), without
+    breakpoints, so the owner's later cont runs the guest freely."""
+    async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
+        path = write_config(tmp_path, conduit_config(tmp_path, vm, loop_guest, start_vm=False))
+        proc = await start_cli("run", "--config", str(path))
+        assert proc.stderr is not None
+        seen: list[str] = []
+        await read_until(proc.stderr, "conduit attached", seen)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), SLOW) == ExitCode.OK
+        log = "".join(seen) + (await proc.stderr.read()).decode()
+        no_traceback(log)
+        assert await runstate(vm) == "prelaunch", log
+        assert vm.console == ""
+        async with harness_client(vm) as host:
+            await host.execute("cont")
+        await vm.wait_for_console(r"ROUND 9 ", SLOW)
+        assert await runstate(vm) == "running"
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
+async def test_sigterm_while_serving_a_busy_guest(tmp_path: Path, loop_guest: Path) -> None:
+    """Thousands of trapped calls a second, then SIGTERM: detached at a stop, the guest runs on."""
+    async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
+        doc = conduit_config(tmp_path, vm, loop_guest, start_vm=True)
+        async with serving(parse(doc)) as (sidecar, task):
+            await vm.wait_for_console(r"ROUND 1 ", SLOW)
+            sidecar.request_shutdown("test")
+            assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+            calls = sidecar.conduit.stats.sdei_calls
+        assert calls >= 200
+        assert await runstate(vm) == "running"
+        await vm.wait_for_console(r"ROUND 9 ", SLOW)
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
+async def test_shutdown_while_a_stop_resumes_the_vm(
+    tmp_path: Path, loop_guest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind "SIGTERM during early boot leaves the VM paused", made certain.
+
+    The conduit's loop has just sent the registers and the resume of a trapped call and waits for
+    the register write's reply; right then shutdown asks it to stop (0x03). The loop must consume
+    that stop before it ends, or the VM stays paused and the detach times out.
+    """
+    async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
+        doc = conduit_config(tmp_path, vm, loop_guest, start_vm=True)
+        async with serving(parse(doc)) as (sidecar, task):
+            await vm.wait_for_console(r"ROUND 1 ", SLOW)
+            conduit = sidecar.conduit
+            interrupted = asyncio.Event()
+            real_interrupt, real_reply = conduit._interrupt, conduit.rsp.reply
+
+            def interrupt() -> None:
+                real_interrupt()
+                interrupted.set()
+
+            async def reply(future: Any, what: str, timeout: float) -> bytes:
+                if what == "register write-back" and conduit._running and not sidecar.shutdown.is_set():
+                    sidecar.request_shutdown("test: shutdown while the VM resumes")
+                    await asyncio.wait_for(interrupted.wait(), SLOW)  # detach asked the VM to stop
+                result: bytes = await real_reply(future, what, timeout)
+                return result
+
+            monkeypatch.setattr(conduit, "_interrupt", interrupt)
+            monkeypatch.setattr(conduit.rsp, "reply", reply)
+            assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+            assert sidecar.shutdown_reason.startswith("test: shutdown while")
+        assert await runstate(vm) == "running"
+        await vm.wait_for_console(r"ROUND 9 ", SLOW)
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
+async def test_a_failed_detach_is_reported_with_the_runstate(
+    tmp_path: Path, loop_guest: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QEMU frozen (SIGSTOP) when the sidecar leaves: the detach cannot happen, and the log says so."""
+    async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
+        doc = conduit_config(tmp_path, vm, loop_guest, start_vm=True)
+        async with serving(parse(doc)) as (sidecar, task):
+            await vm.wait_for_console(r"ROUND 1 ", SLOW)
+            vm.kill(signal.SIGSTOP)
+            try:
+                sidecar.request_shutdown("test")
+                assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+            finally:
+                vm.kill(signal.SIGCONT)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("could not detach from QEMU's gdbstub")
+    assert "the VM is left unknown" in errors[0]  # QMP did not answer either
+
+
+# -- status into a closed pipe ----------------------------------------------------------------------------
+
+
+def test_status_into_a_pipe_closed_early(tmp_path: Path) -> None:
+    """``qmp-sdei status | head -1``: no BrokenPipeError, exit 0 (the reader chose to stop)."""
+    vcpus = [{"index": i, "mpidr": i, "masked": True, "running": [], "events": {}} for i in range(4000)]
+    (tmp_path / "status.json").write_text(json.dumps({"sidecar": {"pid": 1}, "updated": 0, "sdei": {"vcpus": vcpus}}))
+    for extra in ([], ["--json"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qmp_sdei", "status", "--state-dir", str(tmp_path), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()  # the output is far larger than a pipe's buffer
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=SLOW) == ExitCode.OK, err
+        assert first
+        assert err == ""
