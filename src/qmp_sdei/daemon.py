@@ -31,7 +31,7 @@ from qmp_sdei.abi import psci
 from qmp_sdei.abi.sdei import Function as SdeiFunction
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.config import Config, load
-from qmp_sdei.errors import ConfigError, IncompatibleState, SdeiError
+from qmp_sdei.errors import ConfigError, IncompatibleState, SdeiError, TriggerError
 from qmp_sdei.errors import ExitCode as ExitCode  # noqa: PLC0414 (re-export: callers know daemon.ExitCode)
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.qemu.facts import VmFacts, discover, qemu_psci_version
@@ -100,6 +100,8 @@ class PersistingDispatcher:
         return outcome
 
     def trigger(self, event: int, vcpu: int | None = None) -> TriggerResult:
+        if self.draining:  # accepted now, it would never be entered: the host must know
+            raise TriggerError(f"event {event} not raised: the sidecar is shutting down")
         result = self.inner.trigger(event, vcpu)
         if result.outcome is not TriggerOutcome.DROPPED:
             self._save()
@@ -459,19 +461,43 @@ class Sidecar:
             await asyncio.wait({waiter, conduit_task}, timeout=SHUTDOWN_GRACE, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
         if self.conduit is not None:
-            await self.drain_handlers(SHUTDOWN_GRACE)
+            if self.conduit.held or not await self._settle(SHUTDOWN_GRACE):
+                await self.drain_handlers(SHUTDOWN_GRACE)
             if self.conduit.held and self.session is not None and self.session.connected:
                 # The owner may have resumed the VM a moment ago (the RESUME watcher may not have
                 # told the conduit yet): a running VM must be detached, not held.
                 with contextlib.suppress(SdeiError, TimeoutError):
                     if await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE) == "running":
                         self.conduit.vm_resumed()
+            # No await between these two: from here no host event is accepted, nothing is entered,
+            # and detach() makes the conduit's next stop its last.
+            self.persisting.draining = True
             await self._release_conduit()
         pending = [t for t in tasks if not t.done()]
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+
+    async def _settle(self, timeout: float) -> bool:
+        """Keep serving until no handler runs and nothing is deliverable; False on timeout.
+
+        Events deliverable when shutdown begins were promised: the host was told its event is
+        deliverable, or a guest's SIGNAL succeeded. Withholding them would leave the guest waiting
+        for a handler that never comes (running, but stuck).
+        """
+        persisting = self.persisting
+
+        async def settled() -> None:
+            while persisting.inner.deliverable() or persisting.handlers_running():
+                await persisting.wait_committed()
+
+        try:
+            async with asyncio.timeout(timeout):  # not wait_for: the caller goes on in the same step
+                await settled()
+        except TimeoutError:
+            return False
+        return True
 
     async def _start_vm_unserved(self) -> None:
         """Shut down before serving: a VM ``start_vm`` was to start is started all the same (the
@@ -492,7 +518,8 @@ class Sidecar:
         if that failed while QEMU is still there."""
         assert self.conduit is not None
         try:
-            await asyncio.wait_for(self.conduit.detach(), SHUTDOWN_GRACE)
+            async with asyncio.timeout(SHUTDOWN_GRACE):  # not wait_for: detach starts in this step
+                await self.conduit.detach()
             return
         except (SdeiError, TimeoutError) as err:
             problem = str(err) or f"no answer within {SHUTDOWN_GRACE:.0f}s"

@@ -5,6 +5,9 @@
 * A sidecar that leaves leaves the VM in the runstate its owner wants: running if it ran or
   ``start_vm`` started it (the guest then runs on with no breakpoint left), stopped if its owner
   holds it; and when it cannot detach, it says so in an error naming the runstate.
+* Nothing promised is lost on the way out: an event that was deliverable when shutdown began is
+  entered (and completed) before the detach; later host events are refused; a guest call trapped
+  at the very last stop is left for QEMU to answer rather than answered with a promise.
 * ``status`` piped into a reader that stops early ends quietly.
 """
 
@@ -20,9 +23,12 @@ from typing import Any
 
 import pytest
 
+from integration.test_sidecar_conduit import config_doc, guest_elf, guest_vm, registrations
 from qmp_sdei.config import parse
-from qmp_sdei.daemon import ExitCode
+from qmp_sdei.daemon import ExitCode, PersistingDispatcher
+from qmp_sdei.errors import TriggerError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from qmp_sdei.sdei import Dispatcher, EventSpec
 from support.guests import build_guest_dir, cached_build_dir
 from support.qemu import SLOW, harness_client, requires_qemu, running_qemu
 from support.sidecar import config_for, read_until, serving, start_cli, write_config
@@ -229,6 +235,44 @@ async def test_a_failed_detach_is_reported_with_the_runstate(
     assert len(errors) == 1, errors
     assert errors[0].startswith("could not detach from QEMU's gdbstub")
     assert "the VM is left unknown" in errors[0]  # QMP did not answer either
+
+
+# -- nothing promised is lost on the way out ----------------------------------------------------------
+
+__all__ = ["guest_elf"]  # the bare-metal guest fixture, shared with test_sidecar_conduit
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
+async def test_an_event_raised_as_shutdown_begins_is_still_delivered(tmp_path: Path, guest_elf: Path) -> None:
+    """The guest waits for host event 1000; it is raised and shutdown requested in the same breath.
+
+    The host was told the event is deliverable, so the guest gets it: the handler runs and
+    completes before the sidecar detaches (it used to be withheld, the guest spinning forever).
+    """
+    async with guest_vm(tmp_path, guest_elf) as vm:
+        config = parse(config_doc(vm, tmp_path / "state", guest_elf, start_vm=True))
+        async with serving(config) as (sidecar, task):
+            await vm.wait_for_console(r"WAIT host-private 1000\r?\n", SLOW)
+            raising = asyncio.create_task(sidecar.conduit.raise_event(1000, 0))
+            sidecar.request_shutdown("test: shutdown as the event is raised")
+            assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
+            assert (await raising).outcome.name == "DELIVERABLE"
+            with pytest.raises(TriggerError, match="shutting down"):
+                sidecar.persisting.trigger(1000, 0)  # too late now: refused, not silently withheld
+        await vm.wait_for_console(r"STEP host-private-handled count=0x0+2 ev=0x0+3e8", SLOW)
+        assert registrations(tmp_path / "state", config)["pending"] == []
+        assert await runstate(vm) in ("running", "shutdown")  # it goes on (and may power off)
+
+
+def test_host_events_are_refused_while_draining() -> None:
+    persisting = PersistingDispatcher(Dispatcher(events=[EventSpec(1000)], mpidrs=[0]), save=lambda: None)
+    persisting.draining = True
+    with pytest.raises(TriggerError, match="event 1000 not raised: the sidecar is shutting down"):
+        persisting.trigger(1000, 0)
+    assert persisting.inner.describe()["pending"] == []
 
 
 # -- status into a closed pipe ----------------------------------------------------------------------------

@@ -106,6 +106,13 @@ class _Waiter:
     started_ns: int = 0
 
 
+def _answer_when_leaving(x0: int) -> bool:
+    """Whether a call trapped at the last stop before a detach is still ours to answer: anything
+    but SDEI, and the SDEI calls that end a running handler."""
+    fid = function_id(x0)
+    return not sdei.is_sdei_range(fid) or fid in (sdei.Function.EVENT_COMPLETE, sdei.Function.EVENT_COMPLETE_AND_RESUME)
+
+
 async def _loop_ended(waiting: Awaitable[None]) -> None:
     """Await the run loop's end: its cancellation is expected, ours (a caller's timeout) is not."""
     try:
@@ -292,6 +299,11 @@ class GdbstubConduit:
         core = await self.rsp.read_core()
         step_over: ThreadId | None = None
         trapped = core.pc in self.trap_sites
+        if trapped and self._stopping and not _answer_when_leaving(core.x[0]):
+            # The last stop before a detach: the call is left for QEMU to answer (NOT_SUPPORTED)
+            # once we are gone. Answering it could promise what nobody will keep: a SIGNAL's
+            # event would never be entered. A handler's COMPLETE is still answered.
+            trapped = False
         if stop.signal != SIGNAL_TRAP and not ours and not trapped:
             # Stopped by someone else (QMP stop, migration): serve what we can, but do not resume.
             log.info("VM stopped by its owner (T%02x); waiting until it is resumed", stop.signal)
