@@ -188,7 +188,10 @@ class Sidecar:
         )
         if stored is not None and facts.runstate not in ("prelaunch",):
             # The guest has run: it holds registrations and maybe running handlers. Pick them up.
-            self.dispatcher.restore(stored.snapshot)
+            try:
+                self.dispatcher.restore(stored.snapshot)
+            except IncompatibleState as err:
+                raise IncompatibleState(f"{self.store.state_path}: {err}") from err
             log.info("resumed SDEI state from %s (VM is %s)", self.store.state_path, facts.runstate)
         self.identity = identity
         self.persisting = PersistingDispatcher(self.dispatcher, self.save_state)

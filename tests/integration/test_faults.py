@@ -25,7 +25,7 @@ import pytest
 
 from integration.test_sidecar_conduit import config_doc, guest_elf, guest_vm, registrations
 from qmp_sdei.config import parse
-from qmp_sdei.daemon import ExitCode, PersistingDispatcher
+from qmp_sdei.daemon import ExitCode, PersistingDispatcher, Sidecar
 from qmp_sdei.errors import TriggerError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
@@ -273,6 +273,27 @@ def test_host_events_are_refused_while_draining() -> None:
     with pytest.raises(TriggerError, match="event 1000 not raised: the sidecar is shutting down"):
         persisting.trigger(1000, 0)
     assert persisting.inner.describe()["pending"] == []
+
+
+# -- state that does not fit ---------------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+@requires_qemu
+@pytest.mark.asyncio
+async def test_state_that_does_not_fit_names_the_state_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A running VM whose saved state is from another catalogue: refused, naming state.json."""
+    spec = QemuSpec(uuid="6b3f4d2e-0c1a-4f5e-9d8c-7a6b5c4d3e2f", paused=False)
+    async with running_qemu(tmp_path, spec) as vm:
+        async with serving(parse(config_for(tmp_path, vm))):
+            pass
+        state = tmp_path / "state" / "state.json"
+        before = state.read_bytes()
+        other = config_for(tmp_path, vm, sdei={"events": [{"number": 1000}]})
+        assert await asyncio.wait_for(Sidecar(parse(other)).run(), SLOW) == ExitCode.STATE
+        assert state.read_bytes() == before
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(e.startswith(f"{state}: state is from a dispatcher with a different event catalogue") for e in errors)
 
 
 # -- status into a closed pipe ----------------------------------------------------------------------------
