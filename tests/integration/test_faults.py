@@ -159,6 +159,23 @@ async def test_sigterm_leaves_a_held_vm_held(tmp_path: Path, loop_guest: Path) -
 @pytest.mark.guest
 @requires_qemu
 @pytest.mark.asyncio
+async def test_a_new_sidecar_takes_over_a_vm_left_held(tmp_path: Path, loop_guest: Path) -> None:
+    """Left held without a D;1, the gdbstub still takes the next sidecar, which then serves the guest."""
+    async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
+        async with serving(parse(conduit_config(tmp_path, vm, loop_guest, start_vm=False))) as (first, _):
+            await asyncio.wait_for(first.conduit_ready.wait(), SLOW)
+            await asyncio.wait_for(first.conduit.serving.wait(), SLOW)
+            assert first.conduit.held
+        assert await runstate(vm) == "prelaunch"
+        async with serving(parse(conduit_config(tmp_path, vm, loop_guest, start_vm=True))) as (second, _):
+            await vm.wait_for_console(r"ROUND 1 ", SLOW)
+            assert second.conduit.stats.sdei_calls >= 200
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
 async def test_sigterm_while_serving_a_busy_guest(tmp_path: Path, loop_guest: Path) -> None:
     """Thousands of trapped calls a second, then SIGTERM: detached at a stop, the guest runs on."""
     async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
