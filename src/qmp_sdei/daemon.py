@@ -464,7 +464,10 @@ class Sidecar:
             await asyncio.wait({waiter, conduit_task}, timeout=SHUTDOWN_GRACE, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
         if self.conduit is not None:
-            if self.conduit.held or not await self._settle(SHUTDOWN_GRACE):
+            # Only a conduit still serving a VM that is still there can make progress worth waiting for.
+            session_up = self.session is not None and self.session.connected
+            live = session_up and conduit_task is not None and not conduit_task.done()
+            if live and (self.conduit.held or not await self._settle(SHUTDOWN_GRACE)):
                 await self.drain_handlers(SHUTDOWN_GRACE)
             if self.conduit.held and self.session is not None and self.session.connected:
                 # The owner may have resumed the VM a moment ago (the RESUME watcher may not have
