@@ -509,8 +509,11 @@ class Sidecar:
         """Shut down before serving: a VM ``start_vm`` was to start is started all the same (the
         sidecar never touched it; its owner asked for it to run)."""
         conduit = self.config.conduit
-        if self.session is None or not (conduit.enabled and conduit.start_vm):
+        if not (conduit.enabled and conduit.start_vm):
             log.info("left before serving the VM (%s); its runstate was not touched", self.shutdown_reason)
+            return
+        if self.session is None:
+            log.warning("conduit.start_vm: the VM was not started: the sidecar left before reaching QEMU")
             return
         try:
             if await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE) == "prelaunch":

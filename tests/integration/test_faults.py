@@ -134,6 +134,29 @@ async def test_sigterm_during_boot_leaves_the_vm_running(tmp_path: Path, loop_gu
 @pytest.mark.guest
 @requires_qemu
 @pytest.mark.asyncio
+async def test_sigterm_before_reaching_qemu_says_the_vm_was_not_started(tmp_path: Path, loop_guest: Path) -> None:
+    """SIGTERM the moment ``run`` starts (before the event loop's own handlers): exit 0, and a
+    start_vm VM left stopped is reported (the sidecar used to die of the signal, silently)."""
+    async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
+        path = write_config(tmp_path, conduit_config(tmp_path, vm, loop_guest, start_vm=True))
+        proc = await start_cli("run", "--config", str(path), "--log-level", "debug")
+        assert proc.stderr is not None
+        seen: list[str] = []
+        await read_until(proc.stderr, "run: ", seen)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), SLOW)
+        log = "".join(seen) + (await proc.stderr.read()).decode()
+        assert code == ExitCode.OK, log
+        no_traceback(log)
+        # Usually the signal beats the attach; if the sidecar got further, it must have started the VM.
+        left_stopped = "conduit.start_vm: the VM was not started" in log
+        assert await runstate(vm) == ("prelaunch" if left_stopped else "running"), log
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@requires_qemu
+@pytest.mark.asyncio
 async def test_sigterm_leaves_a_held_vm_held(tmp_path: Path, loop_guest: Path) -> None:
     """-S VM, start_vm = false: the sidecar leaves it stopped (D;1 would have started it), without
     breakpoints, so the owner's later cont runs the guest freely."""
