@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -260,8 +261,22 @@ def _notification_text(item: dict[str, Any]) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load(args.config)
     configure_logging(args.log_level or config.log.level, args.log_format or config.log.format)
-    asyncio.run(preflight(config))  # what check-config checks, refused before QEMU is involved
-    return int(asyncio.run(Sidecar(config).run()))
+    sidecar = Sidecar(config)
+
+    def early_shutdown(signum: int, _frame: object) -> None:
+        sidecar.request_shutdown(signal.Signals(signum).name)
+
+    # Until the sidecar's event loop handles them, a shutdown signal is recorded (and the sidecar
+    # leaves at once, saying what it left undone) rather than killing the process silently.
+    previous = {sig: signal.signal(sig, early_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log.debug("run: %s", args.config)
+        asyncio.run(preflight(config))  # what check-config checks, refused before QEMU is involved
+        return int(asyncio.run(sidecar.run()))
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not installed from Python; nothing to put back
+                signal.signal(sig, handler)
 
 
 async def preflight(config: Config) -> list[int]:

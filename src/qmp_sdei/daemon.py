@@ -123,7 +123,10 @@ class Sidecar:
         )
         if stored is not None and facts.runstate not in ("prelaunch",):
             # The guest has run: it holds registrations and maybe running handlers. Pick them up.
-            self.dispatcher.restore(stored.snapshot)
+            try:
+                self.dispatcher.restore(stored.snapshot)
+            except IncompatibleState as err:
+                raise IncompatibleState(f"{self.store.state_path}: {err}") from err
             log.info("resumed SDEI state from %s (VM is %s)", self.store.state_path, facts.runstate)
         self.identity = identity
         self.owner = SdeiOwner(self.dispatcher, pins=None if incoming else self.pins, persist=self._persist)
@@ -503,10 +506,35 @@ class Sidecar:
         return True
 
     async def _stop_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        conduit_task = next((t for t in tasks if t.get_name() == "conduit" and not t.done()), None)
+        if conduit_task is not None and not (self.conduit is not None and self.conduit.serving.is_set()):
+            # Attaching the gdbstub pauses the VM and arms breakpoints; cut off there, the VM would
+            # stay paused. Let the conduit come up (it then runs or holds the VM as its owner
+            # wants), and detach it properly below.
+            async def conduit_serving() -> None:
+                await self.conduit_ready.wait()
+                await self.conduit.serving.wait()
+
+            waiter = asyncio.create_task(conduit_serving(), name="shutdown.conduit-serving")
+            await asyncio.wait({waiter, conduit_task}, timeout=SHUTDOWN_GRACE, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
         if self.conduit is not None:
-            await self.drain_handlers(SHUTDOWN_GRACE)
-            with contextlib.suppress(SdeiError, TimeoutError):
-                await asyncio.wait_for(self.conduit.detach(), SHUTDOWN_GRACE)
+            # Only a conduit still serving a VM that is still there can make progress worth waiting for.
+            session_up = self.session is not None and self.session.connected
+            live = session_up and conduit_task is not None and not conduit_task.done()
+            if live and (self.conduit.held or not await self._settle(SHUTDOWN_GRACE)):
+                await self.drain_handlers(SHUTDOWN_GRACE)
+            if self.conduit.held and self.session is not None and self.session.connected:
+                # The owner may have resumed the VM a moment ago (the RESUME watcher may not have
+                # told the conduit yet): a running VM must be detached, not held.
+                with contextlib.suppress(SdeiError, TimeoutError):
+                    if await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE) == "running":
+                        await asyncio.wait_for(self.conduit.owner_resumed(), SHUTDOWN_GRACE)
+            # No await between these two: from here no host event is accepted, nothing is entered,
+            # and detach() makes the conduit's next stop its last.
+            assert self.owner is not None
+            self.owner.draining = True
+            await self._release_conduit()
         pending = [t for t in tasks if not t.done()]
         for task in pending:
             task.cancel()
@@ -519,12 +547,36 @@ class Sidecar:
                     "task %s did not stop within %.0fs of being cancelled: %s", task.get_name(), SHUTDOWN_GRACE, frames
                 )
 
+    async def _settle(self, timeout: float) -> bool:
+        """Keep serving until no handler runs and nothing is deliverable; False on timeout.
+
+        Events deliverable when shutdown begins were promised: the host was told its event is
+        deliverable, or a guest's SIGNAL succeeded. Withholding them would leave the guest waiting
+        for a handler that never comes (running, but stuck).
+        """
+        owner = self.owner
+        assert owner is not None
+
+        async def settled() -> None:
+            while owner.dispatcher.deliverable() or owner.handlers_running():
+                await owner.wait_committed()
+
+        try:
+            async with asyncio.timeout(timeout):  # not wait_for: the caller goes on in the same step
+                await settled()
+        except TimeoutError:
+            return False
+        return True
+
     async def _start_vm_unserved(self) -> None:
         """Shut down before serving: a VM ``start_vm`` was to start is started all the same (the
         sidecar never touched it; its owner asked for it to run)."""
         conduit = self.config.conduit
-        if self.session is None or not (conduit.enabled and conduit.start_vm):
+        if not (conduit.enabled and conduit.start_vm):
             log.info("left before serving the VM (%s); its runstate was not touched", self.shutdown_reason)
+            return
+        if self.session is None:
+            log.warning("conduit.start_vm: the VM was not started: the sidecar left before reaching QEMU")
             return
         try:
             if await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE) == "prelaunch":
@@ -533,6 +585,31 @@ class Sidecar:
         except (SdeiError, TimeoutError) as err:
             log.error("conduit.start_vm: could not start the VM on the way out (%s); it stays stopped", err)
 
+    async def _release_conduit(self) -> None:
+        """Detach the conduit (a no-op if done), leaving the VM as its owner wants it; say loudly
+        if that failed while QEMU is still there."""
+        assert self.conduit is not None
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE):  # not wait_for: detach starts in this step
+                await self.conduit.detach()
+            return
+        except (SdeiError, TimeoutError) as err:
+            problem = str(err) or f"no answer within {SHUTDOWN_GRACE:.0f}s"
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.conduit.close(), SHUTDOWN_GRACE)
+        if self.session is None or not self.session.connected or self.conduit.rsp.peer_closed:
+            return  # QEMU has gone: there is no VM to leave in any state
+        try:
+            runstate = await asyncio.wait_for(self.session.refresh_runstate(), SHUTDOWN_GRACE)
+        except (SdeiError, TimeoutError):
+            runstate = "unknown"
+        log.error(
+            "could not detach from QEMU's gdbstub (%s): the VM is left %s%s",
+            problem,
+            runstate,
+            "; its owner must resume it (QMP cont)" if runstate in ("paused", "debug") else "",
+        )
+
     async def _cleanup(self) -> None:
         if self.metrics_exporter is not None:
             await self.metrics_exporter.close()
@@ -540,8 +617,7 @@ class Sidecar:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.migration.close(), SHUTDOWN_GRACE)
         if self.conduit is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.conduit.close(), SHUTDOWN_GRACE)
+            await self._release_conduit()
         if self.session is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.session.close(), SHUTDOWN_GRACE)

@@ -517,6 +517,10 @@ class SdeiOwner:
         ``wait=0`` returns as soon as SDEI has decided (code ``deliverable`` when a vCPU can take it).
         """
         started = time.perf_counter_ns()
+        if self.draining:
+            # Accepted now, it would never be entered: the host must know.
+            self.counters.refused += 1
+            return RaiseOutcome(RaiseResult.REFUSED, event, vcpu, "shutting_down", "the sidecar is shutting down")
         refusal = self._check_raise(event, vcpu)
         if refusal is not None:
             self.counters.refused += 1

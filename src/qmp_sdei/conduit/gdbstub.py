@@ -135,6 +135,23 @@ class _Waiter:
     done: asyncio.Future[None]
 
 
+def _answer_when_leaving(x0: int) -> bool:
+    """Whether a call trapped at the last stop before a detach is still ours to answer: anything
+    but SDEI, and the SDEI calls that end a running handler."""
+    fid = function_id(x0)
+    return not sdei.is_sdei_range(fid) or fid in (sdei.Function.EVENT_COMPLETE, sdei.Function.EVENT_COMPLETE_AND_RESUME)
+
+
+async def _loop_ended(waiting: Awaitable[None]) -> None:
+    """Await the run loop's end: its cancellation is expected, ours (a caller's timeout) is not."""
+    try:
+        await waiting
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 def _is_el1h(cpsr: int) -> bool:
     return cpsr & PSTATE_MODE_MASK == PSTATE_EL1H
 
@@ -215,6 +232,7 @@ class GdbstubConduit:
         self._last_write_ns = 0
         self._delivery_requested_ns = 0  # request_delivery() -> the stop that entered a handler
         self.exit_reason: str | None = None  # why run() returned by itself (VM exit)
+        self._released = False  # detached or closed: the stub is no longer ours
 
     @classmethod
     async def attach(
@@ -292,7 +310,7 @@ class GdbstubConduit:
             else:
                 self._held = True
             self.serving.set()
-            if self._stopping:
+            if self._stopping and not self._running:
                 return
             while True:
                 self._awaiting_stop.set()
@@ -316,7 +334,10 @@ class GdbstubConduit:
                     self._fail_waiters(ConduitError("the VM shut down"))
                     return
                 await self._serve_stop(stop, ours=ours)
-                if self._stop_requested():
+                # A stop handled while detach() was asked for may already have resumed the VM; then
+                # detach's stop request is still coming and must be consumed here, or the VM is
+                # left stopped with nobody to detach it.
+                if self._stop_requested() and not self._running:
                     return
         except ConduitError as err:
             self._fail_waiters(err)
@@ -347,6 +368,11 @@ class GdbstubConduit:
         core = await self.rsp.read_core()
         step_over: ThreadId | None = None
         trapped = core.pc in self.trap_sites
+        if trapped and self._stopping and not _answer_when_leaving(core.x[0]):
+            # The last stop before a detach: the call is left for QEMU to answer (NOT_SUPPORTED)
+            # once we are gone. Answering it could promise what nobody will keep: a SIGNAL's
+            # event would never be entered. A handler's COMPLETE is still answered.
+            trapped = False
         if stop.signal != SIGNAL_TRAP and not ours:
             # Stopped by someone else (QMP stop, migration): serve what we can, but do not resume.
             # Even a vCPU paused right at a trap site is left there: it hits the breakpoint as
@@ -825,17 +851,41 @@ class GdbstubConduit:
         await self._at_next_stop(None)
 
     async def detach(self) -> None:
-        """Remove every breakpoint and let the VM run without us (``D;1``), then close."""
+        """Remove every breakpoint and leave the VM as its owner wants it, then close.
+
+        A VM we serve runs on without us (``D;1``). A VM its owner holds (``-S``, QMP ``stop``)
+        stays stopped: ``D;1`` would resume it, so its breakpoints are removed one by one instead.
+        Calling it again, or after :meth:`close`, does nothing.
+        """
+        if self._released:
+            return
         self._stopping = True
         if self._run_task is not None and not self._run_task.done():
-            await self._at_next_stop(None)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._run_task), self.timeout)
-        await self.rsp.detach()
+            if self._held:
+                # The loop only waits for the stop an owner's cont would bring; nothing is in flight.
+                self._run_task.cancel()
+                await _loop_ended(self._run_task)
+            else:
+                # Wait for the loop to end, not for this request to be served: the loop may end
+                # at a stop it was already handling, leaving the request unserved.
+                request = asyncio.ensure_future(self._at_next_stop(None))
+                try:
+                    await _loop_ended(asyncio.wait_for(asyncio.shield(self._run_task), self.timeout))
+                finally:
+                    request.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, ConduitError):
+                        await request
+        if self._held:
+            for addr in sorted(self.trap_sites | self._vector_bps):
+                await self.rsp.remove_breakpoint(addr)
+        else:
+            await self.rsp.detach()
+        self._released = True
         await self.rsp.close()
 
     async def close(self) -> None:
         """Drop the connection without detaching (QEMU leaves the VM paused)."""
+        self._released = True
         self._stopping = True
         if self._run_task is not None and not self._run_task.done():
             self._run_task.cancel()

@@ -469,6 +469,7 @@ class RspClient:
             fut = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(error)
+                fut.exception()  # a request given up on (timed out) has nobody to retrieve it
         self._stops.put_nowait(error)
 
     def _check_open(self) -> None:
