@@ -25,8 +25,8 @@ import pytest
 
 from integration.test_sidecar_conduit import config_doc, guest_elf, guest_vm, registrations
 from qmp_sdei.config import parse
-from qmp_sdei.daemon import ExitCode, PersistingDispatcher, Sidecar
-from qmp_sdei.errors import TriggerError
+from qmp_sdei.daemon import ExitCode, Sidecar
+from qmp_sdei.owner import RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from support.guests import build_guest_dir, cached_build_dir
@@ -296,23 +296,26 @@ async def test_an_event_raised_as_shutdown_begins_is_still_delivered(tmp_path: P
         config = parse(config_doc(vm, tmp_path / "state", guest_elf, start_vm=True))
         async with serving(config) as (sidecar, task):
             await vm.wait_for_console(r"WAIT host-private 1000\r?\n", SLOW)
-            raising = asyncio.create_task(sidecar.conduit.raise_event(1000, 0))
+            assert sidecar.owner is not None
+            raising = asyncio.create_task(sidecar.owner.raise_event(1000, 0))
             sidecar.request_shutdown("test: shutdown as the event is raised")
             assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
-            assert (await raising).outcome.name == "DELIVERABLE"
-            with pytest.raises(TriggerError, match="shutting down"):
-                sidecar.persisting.trigger(1000, 0)  # too late now: refused, not silently withheld
+            assert (await raising).result is RaiseResult.DELIVERED
+            late = await sidecar.owner.raise_event(1000, 0)  # too late now: refused, not silently withheld
+            assert (late.result, late.code) == (RaiseResult.REFUSED, "shutting_down"), late
         await vm.wait_for_console(r"STEP host-private-handled count=0x0+2 ev=0x0+3e8", SLOW)
         assert registrations(tmp_path / "state", config)["pending"] == []
         assert await runstate(vm) in ("running", "shutdown")  # it goes on (and may power off)
 
 
-def test_host_events_are_refused_while_draining() -> None:
-    persisting = PersistingDispatcher(Dispatcher(events=[EventSpec(1000)], mpidrs=[0]), save=lambda: None)
-    persisting.draining = True
-    with pytest.raises(TriggerError, match="event 1000 not raised: the sidecar is shutting down"):
-        persisting.trigger(1000, 0)
-    assert persisting.inner.describe()["pending"] == []
+@pytest.mark.asyncio
+async def test_host_events_are_refused_while_draining() -> None:
+    owner = SdeiOwner(Dispatcher(events=[EventSpec(1000)], mpidrs=[0]))
+    owner.draining = True
+    outcome = await owner.raise_event(1000, 0)
+    assert (outcome.result, outcome.code) == (RaiseResult.REFUSED, "shutting_down"), outcome
+    assert outcome.reason == "the sidecar is shutting down"
+    assert owner.dispatcher.describe()["pending"] == []
 
 
 # -- state that does not fit ---------------------------------------------------------------------------
