@@ -23,8 +23,6 @@ from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.versions import VersionPins
 from support.guests import (
-    build_baremetal_guest,
-    cached_build_dir,
     connect_gdbstub,
     elf_symbols,
     start_qemu_with_gdbstub,
@@ -143,11 +141,6 @@ class Booted:
 
 #: The real pinning policy, pinned to PSCI 1.0 so the test can tell its answers from QEMU's 1.1.
 PINS = VersionPins((1, 1), 0, (1, 0))
-
-
-@pytest.fixture(scope="session")
-def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_baremetal_guest(cached_build_dir(request, tmp_path_factory, "baremetal-guest"))
 
 
 @pytest_asyncio.fixture

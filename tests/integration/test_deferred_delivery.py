@@ -37,8 +37,6 @@ from qmp_sdei.owner import RaiseOutcome, RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from support.guests import (
-    build_deferral_guest,
-    cached_build_dir,
     connect_gdbstub,
     elf_symbols,
     start_qemu_with_gdbstub,
@@ -65,11 +63,6 @@ class Booted:
     symbols: dict[str, int]
     #: conduit.stats.stops as seen by each PSCI_VERSION call (the guest's markers)
     marker_stops: list[int] = field(default_factory=list)
-
-
-@pytest.fixture(scope="session")
-def deferral_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_deferral_guest(cached_build_dir(request, tmp_path_factory, "deferral-guest"))
 
 
 @pytest_asyncio.fixture
