@@ -114,7 +114,7 @@ async def test_vcpus_disagreeing_on_conduit_are_refused(tmp_path: Path) -> None:
     ):
         cpus = await host.execute("query-cpus-fast")
         assert isinstance(cpus, list)
-        # Accepted on a realized CPU in 7.2 (qemu-notes section 2).
+        # QEMU 7.2 accepts this on a realized CPU, which is how a test gets vCPUs that disagree.
         await host.execute("qom-set", {"path": cpus[1]["qom-path"], "property": "psci-conduit", "value": 1})
         with pytest.raises(QemuError, match="disagree on psci-conduit"):
             await discover(s)

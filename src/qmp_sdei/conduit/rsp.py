@@ -5,7 +5,7 @@ itself; breakpoints on the guest's ``hvc #0`` are the only way to see its calls.
 the wire layer only: framing, checksums, escaping, run-length decoding, reply routing, and typed
 helpers for the handful of packets the conduit needs. It knows nothing about SDEI.
 
-QEMU 7.2 facts this client is built around (see ``docs/gdbstub-conduit-notes.md``):
+QEMU 7.2 facts this client is built around (``docs/conduit.md`` has them with the QEMU 10 differences):
 
 * There is no ``QStartNoAckMode``. QEMU acks each of our packets with ``+`` but never waits for
   our acks, and *any* byte reaching it while the VM runs stops the VM. So this client never sends
