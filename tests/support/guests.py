@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.errors import ConduitError, QemuError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
@@ -143,6 +144,31 @@ async def start_qemu_with_gdbstub(spec: QemuSpec, workdir: Path, attempts: int =
             continue
         return vm, port
     raise QemuError("could not start QEMU with a gdbstub on a free port")
+
+
+@contextlib.asynccontextmanager
+async def conduit_on_gdbstub(
+    spec: QemuSpec, workdir: Path, owner: SdeiPort, trap_sites: list[int], timeout: float
+) -> AsyncIterator[tuple[QemuProcess, GdbstubConduit, asyncio.Task[None]]]:
+    """QEMU started with a gdbstub, and a bare :class:`GdbstubConduit` serving it for ``owner``.
+
+    Yields the VM, the started conduit and its running ``run()`` task; the conduit is closed (or
+    its connection, if ``run()`` already ended) and QEMU stopped on exit.
+    """
+    vm, port = await start_qemu_with_gdbstub(spec, workdir)
+    try:
+        conduit = GdbstubConduit(await connect_gdbstub(port, timeout), owner, trap_sites, timeout=timeout)
+        await conduit.start()
+        run = asyncio.create_task(conduit.run(), name="conduit.run")
+        try:
+            yield vm, conduit, run
+        finally:
+            if not run.done():
+                await conduit.close()
+            else:
+                await conduit.rsp.close()
+    finally:
+        await vm.stop()
 
 
 def cached_build_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
