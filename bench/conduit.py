@@ -59,8 +59,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, QMPClient
-
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit
@@ -250,22 +248,6 @@ def baremetal_summary(
     }
 
 
-async def harness(vm: QemuProcess) -> QMPClient:
-    import logging  # noqa: PLC0415
-
-    logging.getLogger("qemu.qmp.protocol.bench").setLevel(logging.CRITICAL)
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        client = QMPClient("bench")
-        try:
-            await client.connect(str(vm.harness_socket))
-            return client
-        except ConnectError as err:
-            if not isinstance(err.exc, ConnectionRefusedError) or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.02)  # QEMU creates the socket file before it listens
-
-
 TS_LINE = r"^\[\s*(?P<ts>\d+\.\d+)\] {what}"
 
 
@@ -277,7 +259,7 @@ async def boot_without_sidecar(kernel: Path, workdir: Path) -> dict[str, float]:
     spec = QemuSpec(smp=1, memory_mb=MEMORY_MB, cpu=CPU, kernel=kernel, append=APPEND, paused=True)
     spec.dtb = await build_sdei_dtb(spec, workdir / "sdei.dtb", psci_compatible=psci_compatible_for("1.1"))
     async with QemuProcess(spec, workdir / "vm") as vm:
-        client = await harness(vm)
+        client = await vm.connect_harness(TIMEOUT, "bench")
         try:
             await client.execute("cont")
             started = time.perf_counter()

@@ -386,6 +386,7 @@ class Sidecar:
             await bridge.run()
             return
         serving = asyncio.create_task(bridge.run(), name="control.mqtt.bridge")
+
         async def migrated_out() -> None:
             await migration.migrated_out.wait()
             # The request that started the migration (and any other) still gets its reply.

@@ -22,13 +22,7 @@ from qmp_sdei.owner import RaiseOutcome, RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.versions import VersionPins
-from support.guests import (
-    build_baremetal_guest,
-    cached_build_dir,
-    connect_gdbstub,
-    elf_symbols,
-    start_qemu_with_gdbstub,
-)
+from support.guests import conduit_on_gdbstub, elf_symbols
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -145,37 +139,20 @@ class Booted:
 PINS = VersionPins((1, 1), 0, (1, 0))
 
 
-@pytest.fixture(scope="session")
-def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_baremetal_guest(cached_build_dir(request, tmp_path_factory, "baremetal-guest"))
-
-
 @pytest_asyncio.fixture
 async def booted(tmp_path: Path, guest_elf: Path) -> AsyncIterator[Booted]:
     symbols = elf_symbols(guest_elf)
-    vm, port = await start_qemu_with_gdbstub(QemuSpec(smp=2, kernel=guest_elf), tmp_path)
-    try:
-        dispatcher = Dispatcher(
-            events=[EventSpec(1000), EventSpec(1001, critical=True), EventSpec(2000, shared=True)],
-            mpidrs=[0x0, 0x1],
-            version=(1, 1),
-            profile="tf-a",
-            bind_slots=(3, 3),
-        )
-        client = await connect_gdbstub(port, TIMEOUT)
-        owner = SdeiOwner(dispatcher, pins=PINS)
-        conduit = GdbstubConduit(client, owner, [symbols["sdei_hvc_insn"]], timeout=TIMEOUT)
-        await conduit.start()
-        run = asyncio.create_task(conduit.run(), name="conduit.run")
-        try:
-            yield Booted(vm, conduit, owner, run, symbols)
-        finally:
-            if not run.done():
-                await conduit.close()
-            else:
-                await conduit.rsp.close()
-    finally:
-        await vm.stop()
+    dispatcher = Dispatcher(
+        events=[EventSpec(1000), EventSpec(1001, critical=True), EventSpec(2000, shared=True)],
+        mpidrs=[0x0, 0x1],
+        version=(1, 1),
+        profile="tf-a",
+        bind_slots=(3, 3),
+    )
+    owner = SdeiOwner(dispatcher, pins=PINS)
+    spec = QemuSpec(smp=2, kernel=guest_elf)
+    async with conduit_on_gdbstub(spec, tmp_path, owner, [symbols["sdei_hvc_insn"]], TIMEOUT) as (vm, conduit, run):
+        yield Booted(vm, conduit, owner, run, symbols)
 
 
 def parse_steps(console: str) -> dict[str, dict[str, int]]:

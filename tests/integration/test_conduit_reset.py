@@ -29,7 +29,8 @@ import pytest
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
-from support.guests import build_guest_dir
+from support.guests import build_guest_dir, cached_build_dir
+from support.sidecar import until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -153,8 +154,7 @@ def build_reset_guest(src: Path, outdir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def reset_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    outdir = Path(cache.mkdir("reset-guest")) if cache is not None else tmp_path_factory.mktemp("guest")
+    outdir = cached_build_dir(request, tmp_path_factory, "reset-guest")
     return build_reset_guest(tmp_path_factory.mktemp("reset-guest-src"), outdir)
 
 
@@ -172,11 +172,7 @@ def config_doc(vm: QemuProcess, state_dir: Path, elf: Path) -> dict[str, Any]:
 async def running_sidecar(sidecar: Sidecar) -> AsyncIterator[asyncio.Task[ExitCode]]:
     task = asyncio.create_task(sidecar.run(), name="test.sidecar")
     try:
-        ready = asyncio.create_task(sidecar.conduit_ready.wait())
-        done, _ = await asyncio.wait({ready, task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        assert task not in done, f"sidecar ended early: {sidecar.shutdown_reason}"
-        assert done, "conduit not attached in time"
+        await until(sidecar.conduit_ready.wait(), task, TIMEOUT, "the conduit to attach")
         yield task
     finally:
         if not task.done():

@@ -233,10 +233,10 @@ async def test_fuzzed_payloads_get_schema_valid_replies(tmp_path: Path, payload:
 @pytest.mark.guest
 async def test_host_events_through_the_socket_and_the_cli(tmp_path: Path, guest_elf: Path) -> None:
     from integration.test_baremetal_guest import HOST_EVENTS, check_all_steps  # noqa: PLC0415
-    from integration.test_sidecar_conduit import RunningSidecar, config_doc, guest_vm, to_toml  # noqa: PLC0415
     from qmp_sdei.config import parse  # noqa: PLC0415
     from qmp_sdei.control.local import socket_path  # noqa: PLC0415
-    from support.guests import elf_symbols  # noqa: PLC0415
+    from support.guests import config_doc, elf_symbols, guest_vm  # noqa: PLC0415
+    from support.sidecar import RunningSidecar, to_toml  # noqa: PLC0415
 
     async with guest_vm(tmp_path, guest_elf) as vm:
         doc = config_doc(vm, tmp_path / "state", guest_elf, start_vm=True)
@@ -292,10 +292,3 @@ async def test_host_events_through_the_socket_and_the_cli(tmp_path: Path, guest_
     assert len(host_entries) >= len(tags), kinds
     assert kinds.count("completed") + kinds.count("completed_and_resumed") >= len(tags)
     assert "registered" in kinds and "unmasked" in kinds
-
-
-@pytest.fixture(scope="session")
-def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from support.guests import build_baremetal_guest, cached_build_dir  # noqa: PLC0415
-
-    return build_baremetal_guest(cached_build_dir(request, tmp_path_factory, "baremetal-guest"))

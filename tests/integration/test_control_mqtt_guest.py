@@ -20,17 +20,15 @@ import pytest
 
 from integration.test_baremetal_guest import HOST_EVENTS, check_all_steps
 from integration.test_baremetal_guest import raise_host_events as raise_awaited_events
-from integration.test_sidecar_conduit import RunningSidecar, config_doc, guest_elf, guest_vm, sidecars
 from qmp_sdei.config import MqttSettings, parse, parse_mqtt_url
 from qmp_sdei.control.commands import schema
 from qmp_sdei.control.mqtt import MqttControlClient, serve_mqtt
 from qmp_sdei.owner import RaiseOutcome, RaiseResult
-from support.guests import elf_symbols
+from support.guests import config_doc, elf_symbols, guest_vm
 from support.mosquitto import Mosquitto, requires_mosquitto, running_mosquitto
+from support.sidecar import RunningSidecar
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio, requires_mosquitto]
-
-__all__ = ["guest_elf", "sidecars"]  # fixtures shared with test_sidecar_conduit
 
 TIMEOUT = 60.0
 NOTIFICATION = jsonschema.Draft202012Validator(schema("notification"))

@@ -36,13 +36,7 @@ from qmp_sdei.conduit.gdbstub import GdbstubConduit
 from qmp_sdei.owner import RaiseOutcome, RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
-from support.guests import (
-    build_deferral_guest,
-    cached_build_dir,
-    connect_gdbstub,
-    elf_symbols,
-    start_qemu_with_gdbstub,
-)
+from support.guests import conduit_on_gdbstub, elf_symbols
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -67,43 +61,26 @@ class Booted:
     marker_stops: list[int] = field(default_factory=list)
 
 
-@pytest.fixture(scope="session")
-def deferral_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_deferral_guest(cached_build_dir(request, tmp_path_factory, "deferral-guest"))
-
-
 @pytest_asyncio.fixture
 async def booted(tmp_path: Path, deferral_elf: Path) -> AsyncIterator[Booted]:
     symbols = elf_symbols(deferral_elf)
-    vm, port = await start_qemu_with_gdbstub(QemuSpec(smp=2, kernel=deferral_elf), tmp_path)
-    try:
-        dispatcher = Dispatcher(events=[EventSpec(EVENT)], mpidrs=[0x0, 0x1], version=(1, 1), profile="tf-a")
-        client = await connect_gdbstub(port, TIMEOUT)
-        marker_stops: list[int] = []
-        conduit: GdbstubConduit | None = None
+    dispatcher = Dispatcher(events=[EventSpec(EVENT)], mpidrs=[0x0, 0x1], version=(1, 1), profile="tf-a")
+    marker_stops: list[int] = []
+    serving: list[GdbstubConduit] = []  # the conduit, once started (the owner is made before it)
 
-        class MarkingOwner(SdeiOwner):
-            def psci_call(self, vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
-                # Called while the conduit handles the trap's stop, so the count is exact.
-                if fid == PSCI_VERSION:
-                    assert conduit is not None
-                    marker_stops.append(conduit.stats.stops)
-                    return MARKER_ANSWER
-                return None  # CPU_ON, SYSTEM_OFF: QEMU's own PSCI
+    class MarkingOwner(SdeiOwner):
+        def psci_call(self, vcpu: int, fid: int, x1: int, x2: int, x3: int) -> int | None:
+            # Called while the conduit handles the trap's stop, so the count is exact.
+            if fid == PSCI_VERSION:
+                marker_stops.append(serving[0].stats.stops)
+                return MARKER_ANSWER
+            return None  # CPU_ON, SYSTEM_OFF: QEMU's own PSCI
 
-        owner = MarkingOwner(dispatcher)
-        conduit = GdbstubConduit(client, owner, [symbols["sdei_hvc_insn"]], timeout=TIMEOUT)
-        await conduit.start()
-        run = asyncio.create_task(conduit.run(), name="conduit.run")
-        try:
-            yield Booted(vm, conduit, dispatcher, owner, run, symbols, marker_stops)
-        finally:
-            if not run.done():
-                await conduit.close()
-            else:
-                await conduit.rsp.close()
-    finally:
-        await vm.stop()
+    owner = MarkingOwner(dispatcher)
+    spec = QemuSpec(smp=2, kernel=deferral_elf)
+    async with conduit_on_gdbstub(spec, tmp_path, owner, [symbols["sdei_hvc_insn"]], TIMEOUT) as (vm, conduit, run):
+        serving.append(conduit)
+        yield Booted(vm, conduit, dispatcher, owner, run, symbols, marker_stops)
 
 
 async def wait_line(vm: QemuProcess, kind: str, where: str) -> dict[str, int]:

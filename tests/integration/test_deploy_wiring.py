@@ -25,6 +25,7 @@ from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from support.mosquitto import free_port
 from support.qemu import SLOW, requires_qemu, running_qemu
+from support.sidecar import until
 
 pytestmark = [pytest.mark.qemu, requires_qemu, pytest.mark.asyncio]
 
@@ -104,9 +105,7 @@ async def test_a_configured_sidecar_serves_metrics(tmp_path: Path) -> None:
         sidecar = Sidecar(parse(doc))
         task = asyncio.create_task(sidecar.run(), name="sidecar")
         try:
-            ready = asyncio.create_task(sidecar.ready.wait())
-            done, _ = await asyncio.wait({task, ready}, timeout=SLOW, return_when=asyncio.FIRST_COMPLETED)
-            assert ready in done, f"sidecar did not become ready: {task.result() if task.done() else 'timeout'}"
+            await until(sidecar.ready.wait(), task, SLOW, "the sidecar to be ready")
             assert sidecar.owner is not None
             await sidecar.owner.raise_event(1000, 0)  # refused: the guest registered nothing
 

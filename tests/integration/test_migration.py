@@ -26,18 +26,13 @@ from qmp_sdei.qemu.qmp import QmpSession, VmEventKind, attach
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.versions import VersionPins, accept_incoming
 from qmp_sdei.vmstate import PrivateBus, VmstateService, decode_payload, encode_payload, open_channel
-from support.guests import build_baremetal_guest, cached_build_dir, free_port
+from support.guests import free_port
 from support.qemu import SLOW, requires_qemu
 from support.sdei import CRITICAL, PRIVATE, SHARED, F, call, make, register, run_handler
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio, requires_qemu]
 
 PINS = VersionPins(sdei=(1, 1), sdei_vendor=0, psci=(1, 0))
-
-
-@pytest.fixture(scope="session")
-def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_baremetal_guest(cached_build_dir(request, tmp_path_factory, "baremetal-guest"))
 
 
 def busy_dispatcher() -> Dispatcher:

@@ -22,22 +22,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from integration.test_baremetal_guest import EXPECTED_X0, HOST_EVENTS, check_all_steps, parse_steps
 from integration.test_baremetal_guest import raise_host_events as raise_awaited_events
 from qmp_sdei.config import Config, parse
 from qmp_sdei.daemon import ExitCode, Sidecar
-from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from qmp_sdei.qemu.launch import QemuProcess
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import StateStore
-from support.guests import build_baremetal_guest, elf_symbols
+from support.guests import config_doc, elf_symbols, guest_vm
 from support.qemu import harness_client
+from support.sidecar import RunningSidecar, to_toml
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -45,109 +44,6 @@ TIMEOUT = 60.0  # per wait: TCG on a busy 2-core host
 REPO = Path(__file__).resolve().parents[2]
 VERSION_LINE = "STEP version x0=0x0001000100000000"  # SDEI 1.1, vendor 0
 PSCI_LINE = "STEP psci-version x0=0x0000000000010000"  # PSCI pinned to 1.0 (QEMU itself has 1.1)
-
-
-@pytest.fixture(scope="session")
-def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    outdir = Path(cache.mkdir("baremetal-guest")) if cache is not None else tmp_path_factory.mktemp("guest")
-    return build_baremetal_guest(outdir)
-
-
-def config_doc(vm: QemuProcess, state_dir: Path, elf: Path, *, start_vm: bool) -> dict[str, Any]:
-    """The guest's catalogue and pins (what test_baremetal_guest.EXPECTED_X0 assumes)."""
-    return {
-        "vm": {"name": "sidecar-conduit-test", "state_dir": str(state_dir)},
-        "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": TIMEOUT},
-        "sdei": {
-            "version": "1.1",
-            "profile": "tf-a",
-            "bind_slots": [3, 3],
-            "events": [
-                {"number": 1000},
-                {"number": 1001, "priority": "critical"},
-                {"number": 2000, "type": "shared"},
-            ],
-        },
-        "psci": {"version": "1.0"},
-        "conduit": {"enabled": True, "elf": str(elf), "start_vm": start_vm},
-        "log": {"level": "info", "format": "text"},
-    }
-
-
-def to_toml(doc: dict[str, Any]) -> str:
-    """Just enough TOML for :func:`config_doc` (tables of scalars, int lists, lists of inline tables)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-        raise TypeError(v)
-
-    return "\n".join(
-        f"[{table}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in body.items()) for table, body in doc.items()
-    )
-
-
-@contextlib.asynccontextmanager
-async def guest_vm(tmp_path: Path, elf: Path) -> AsyncIterator[QemuProcess]:
-    """The bare-metal guest on 2 vCPUs, held by -S, no gdbstub (the sidecar starts one over QMP)."""
-    vm = QemuProcess(QemuSpec(smp=2, kernel=elf, paused=True, name="sidecar-conduit-test"), tmp_path / "vm")
-    try:
-        await asyncio.wait_for(vm.start(), TIMEOUT)
-        yield vm
-    finally:
-        await vm.stop()
-
-
-class RunningSidecar:
-    """An in-process sidecar task, always shut down at the end."""
-
-    def __init__(self, config: Config) -> None:
-        self.sidecar = Sidecar(config)
-        self.task = asyncio.create_task(self.sidecar.run(), name="test.sidecar")
-
-    async def ready(self) -> Sidecar:
-        waiter = asyncio.create_task(self.sidecar.ready.wait())
-        done, _ = await asyncio.wait({waiter, self.task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        assert self.task not in done, f"sidecar ended early: {self.sidecar.shutdown_reason}"
-        assert done, "sidecar not ready in time"
-        return self.sidecar
-
-    async def conduit_attached(self) -> Any:
-        """The conduit, once attached and serving (resumed or holding the VM)."""
-        await self.ready()
-        ready = asyncio.create_task(self.sidecar.conduit_ready.wait())
-        done, _ = await asyncio.wait({ready, self.task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        assert self.task not in done, f"sidecar ended: {self.sidecar.shutdown_reason}"
-        assert done, "conduit not attached in time"
-        await asyncio.wait_for(self.sidecar.conduit.serving.wait(), TIMEOUT)
-        return self.sidecar.conduit
-
-    async def stop(self) -> ExitCode:
-        self.sidecar.request_shutdown("test finished")
-        return await asyncio.wait_for(self.task, TIMEOUT)
-
-
-@pytest_asyncio.fixture
-async def sidecars() -> AsyncIterator[list[RunningSidecar]]:
-    started: list[RunningSidecar] = []
-    try:
-        yield started
-    finally:
-        for running in started:
-            if not running.task.done():
-                with contextlib.suppress(Exception):
-                    await running.stop()
 
 
 async def raise_host_events(vm: QemuProcess, sidecar: Sidecar, tags: list[str]) -> None:

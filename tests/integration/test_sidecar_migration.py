@@ -20,21 +20,16 @@ from typing import Any
 import pytest
 
 from integration.test_baremetal_guest import HOST_EVENTS, check_all_steps
-from integration.test_sidecar_conduit import RunningSidecar, config_doc, to_toml
 from qmp_sdei.config import parse
 from qmp_sdei.control.local import LocalControlClient, socket_path
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
-from support.guests import build_baremetal_guest, cached_build_dir, elf_symbols, free_port
+from support.guests import config_doc, elf_symbols, free_port
+from support.sidecar import RunningSidecar, to_toml, until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
 TIMEOUT = 60.0
 NAME = "sidecar-conduit-test"  # the name config_doc and the step table expect
-
-
-@pytest.fixture(scope="session")
-def guest_elf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_baremetal_guest(cached_build_dir(request, tmp_path_factory, "baremetal-guest"))
 
 
 @contextlib.asynccontextmanager
@@ -55,10 +50,7 @@ async def request(state_dir: Path, doc: dict[str, Any], timeout: float = TIMEOUT
 async def sidecar_ready(running: RunningSidecar) -> None:
     sidecar = await running.ready()
     assert sidecar.migration is not None
-    waiter = asyncio.create_task(sidecar.migration.ready.wait())
-    done, _ = await asyncio.wait({waiter, running.task}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    assert waiter in done, f"migration support not ready: {sidecar.migration_error or sidecar.shutdown_reason}"
+    await until(sidecar.migration.ready.wait(), running.task, TIMEOUT, "migration support")
 
 
 async def test_guest_migrates_with_its_sdei_state_and_finishes_on_the_destination(

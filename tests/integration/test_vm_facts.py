@@ -116,7 +116,7 @@ async def test_vcpus_disagreeing_on_conduit_are_refused(tmp_path: Path) -> None:
     ):
         cpus = await host.execute("query-cpus-fast")
         assert isinstance(cpus, list)
-        # QEMU (7.2 and 10) accepts this on a realized CPU.
+        # QEMU (7.2 and 10) accepts this on a realized CPU, which is how a test gets vCPUs that disagree.
         await host.execute("qom-set", {"path": cpus[1]["qom-path"], "property": "psci-conduit", "value": 1})
         with pytest.raises(QemuError, match="disagree on psci-conduit"):
             await discover(s)

@@ -1,5 +1,8 @@
 """Build the bare-metal aarch64 test guest, find its symbols, and pick loopback ports for gdbstubs.
 
+Also the bare-metal guest's VM (:func:`guest_vm`) and the sidecar config its step table assumes
+(:func:`config_doc`), shared by every test that serves it with the whole sidecar.
+
 The guest sources live in ``tests/guests/baremetal/``. Builds are cached by a hash of the sources,
 the compiler flags and the compiler version, so every test after the first reuses the ELF; the
 output is written to a temporary name and renamed, so concurrent test runs never see half a file.
@@ -8,16 +11,20 @@ output is written to a temporary name and renamed, so concurrent test runs never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import os
 import socket
 import subprocess
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.errors import ConduitError, QemuError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
@@ -139,7 +146,69 @@ async def start_qemu_with_gdbstub(spec: QemuSpec, workdir: Path, attempts: int =
     raise QemuError("could not start QEMU with a gdbstub on a free port")
 
 
+@contextlib.asynccontextmanager
+async def conduit_on_gdbstub(
+    spec: QemuSpec, workdir: Path, owner: SdeiPort, trap_sites: list[int], timeout: float
+) -> AsyncIterator[tuple[QemuProcess, GdbstubConduit, asyncio.Task[None]]]:
+    """QEMU started with a gdbstub, and a bare :class:`GdbstubConduit` serving it for ``owner``.
+
+    Yields the VM, the started conduit and its running ``run()`` task; the conduit is closed (or
+    its connection, if ``run()`` already ended) and QEMU stopped on exit.
+    """
+    vm, port = await start_qemu_with_gdbstub(spec, workdir)
+    try:
+        conduit = GdbstubConduit(await connect_gdbstub(port, timeout), owner, trap_sites, timeout=timeout)
+        await conduit.start()
+        run = asyncio.create_task(conduit.run(), name="conduit.run")
+        try:
+            yield vm, conduit, run
+        finally:
+            if not run.done():
+                await conduit.close()
+            else:
+                await conduit.rsp.close()
+    finally:
+        await vm.stop()
+
+
 def cached_build_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """Where a session fixture builds a guest: pytest's cache survives runs, so builds are reused."""
     cache = getattr(request.config, "cache", None)
     return Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
+
+
+#: the VM name :func:`config_doc` gives and the guest's step table expects in status replies
+GUEST_VM_NAME = "sidecar-conduit-test"
+GUEST_TIMEOUT = 60.0  # per wait: TCG on a busy 2-core host
+
+
+def config_doc(vm: QemuProcess, state_dir: Path, elf: Path, *, start_vm: bool) -> dict[str, Any]:
+    """The bare-metal guest's catalogue and pins (what test_baremetal_guest.EXPECTED_X0 assumes)."""
+    return {
+        "vm": {"name": GUEST_VM_NAME, "state_dir": str(state_dir)},
+        "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": GUEST_TIMEOUT},
+        "sdei": {
+            "version": "1.1",
+            "profile": "tf-a",
+            "bind_slots": [3, 3],
+            "events": [
+                {"number": 1000},
+                {"number": 1001, "priority": "critical"},
+                {"number": 2000, "type": "shared"},
+            ],
+        },
+        "psci": {"version": "1.0"},
+        "conduit": {"enabled": True, "elf": str(elf), "start_vm": start_vm},
+        "log": {"level": "info", "format": "text"},
+    }
+
+
+@contextlib.asynccontextmanager
+async def guest_vm(tmp_path: Path, elf: Path) -> AsyncIterator[QemuProcess]:
+    """The bare-metal guest on 2 vCPUs, held by -S, no gdbstub (the sidecar starts one over QMP)."""
+    vm = QemuProcess(QemuSpec(smp=2, kernel=elf, paused=True, name=GUEST_VM_NAME), tmp_path / "vm")
+    try:
+        await asyncio.wait_for(vm.start(), GUEST_TIMEOUT)
+        yield vm
+    finally:
+        await vm.stop()

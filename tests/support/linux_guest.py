@@ -54,6 +54,7 @@ from qmp_sdei.owner import RaiseResult
 from qmp_sdei.qemu.dtb import build_sdei_dtb, psci_compatible_for
 from qmp_sdei.qemu.launch import QEMU_BINARY, QemuProcess, QemuSpec
 from qmp_sdei.sdei import Completion, VcpuRegs
+from support.sidecar import until
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "guests" / "linux-module"
 MODULE_SOURCES = ("sdei_test.c", "Kbuild")
@@ -515,24 +516,6 @@ def sidecar_config(
     }
 
 
-async def _first(awaitable: Any, sidecar_task: asyncio.Task[ExitCode], timeout: float, what: str) -> None:
-    """Wait for ``awaitable`` unless the sidecar ends first (then fail with its reason)."""
-    waiter = asyncio.ensure_future(awaitable)
-    try:
-        done, _ = await asyncio.wait({waiter, sidecar_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not waiter.done():
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await waiter
-    if waiter in done:
-        waiter.result()  # re-raise a failed wait (QEMU exited, console timeout)
-        return
-    if sidecar_task in done:
-        raise AssertionError(f"the sidecar ended while waiting for {what}: {sidecar_task!r}")
-    raise TimeoutError(f"no {what} within {timeout}s")
-
-
 @contextlib.asynccontextmanager
 async def booted_linux(
     guest: LinuxEventGuest,
@@ -578,12 +561,12 @@ async def booted_linux(
         started = time.perf_counter()
         sidecar = Sidecar(parse(sidecar_config(guest, vm, workdir / "state", timeout, conduit=conduit)))
         sidecar_task = asyncio.create_task(sidecar.run(), name="linux-events.sidecar")
-        await _first(sidecar.conduit_ready.wait(), sidecar_task, timeout, "the conduit")
+        await until(sidecar.conduit_ready.wait(), sidecar_task, timeout, "the conduit")
         # The conduit reads its dispatcher attribute on every call and all calls are synchronous, so
         # swapping it between two awaits is safe; the sidecar's commit hook is unaffected.
         probe = EventProbe(sidecar.conduit.dispatcher)
         sidecar.conduit.dispatcher = probe
-        await _first(vm.wait_for_console(READY_LINE, timeout), sidecar_task, timeout, "'sdei_test: ready'")
+        await until(vm.wait_for_console(READY_LINE, timeout), sidecar_task, timeout, "'sdei_test: ready'")
         linux = LinuxEventVm(guest, vm, sidecar, probe)
         linux.boot_to_ready_s = time.perf_counter() - started
         yield linux

@@ -1,5 +1,12 @@
 """Helpers for tests that run the sidecar: a config for a test QEMU, an in-process sidecar, and the
 ``qmp-sdei`` command line as a subprocess (exit codes, signals, one-line errors).
+
+* :func:`until` waits for a readiness signal unless the sidecar's task ends first, so a sidecar that
+  dies during start-up fails the test at once with its reason instead of after the timeout.
+* :func:`serving` (a ready sidecar for an ``async with`` block) and :class:`RunningSidecar` (one the
+  test starts, restarts or kills itself; the ``sidecars`` fixture in ``tests/conftest.py`` stops
+  what is left) both build on it.
+* :func:`to_toml` / :func:`write_config` turn a config dict into the TOML file the CLI reads.
 """
 
 from __future__ import annotations
@@ -9,9 +16,9 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qmp_sdei.config import Config
 from qmp_sdei.daemon import ExitCode, Sidecar
@@ -31,36 +38,90 @@ def config_for(tmp_path: Path, vm: QemuProcess | Path, **sections: dict[str, Any
     return doc
 
 
+T = TypeVar("T")
+
+
+async def until(awaitable: Awaitable[T], sidecar_task: asyncio.Task[Any], timeout: float, what: str) -> T:
+    """Wait for ``awaitable`` unless the sidecar's task ends first (then fail with how it ended)."""
+    waiter = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({waiter, sidecar_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiter
+    if waiter in done:
+        return waiter.result()  # re-raises a failed wait (QEMU exited, console timeout)
+    if sidecar_task in done:
+        raise AssertionError(f"the sidecar ended while waiting for {what}: {sidecar_task!r}")
+    raise TimeoutError(f"no {what} within {timeout}s")
+
+
 @contextlib.asynccontextmanager
 async def serving(config: Config) -> AsyncIterator[tuple[Sidecar, asyncio.Task[ExitCode]]]:
     """A Sidecar running in this event loop, ready; shut down and awaited on exit."""
     sidecar = Sidecar(config)
     task = asyncio.create_task(sidecar.run(), name="sidecar")
-    ready = asyncio.create_task(sidecar.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=SLOW, return_when=asyncio.FIRST_COMPLETED)
-    if ready not in done:
-        ready.cancel()
-        code = await task if task in done else None
-        raise AssertionError(f"sidecar did not become ready (exit {code})")
     try:
+        await until(sidecar.ready.wait(), task, SLOW, "the sidecar to be ready")
         yield sidecar, task
     finally:
-        sidecar.request_shutdown("test over")
+        if not task.done():
+            sidecar.request_shutdown("test over")
         await asyncio.wait_for(task, SLOW)
 
 
+class RunningSidecar:
+    """An in-process sidecar task the test starts (and may stop) itself.
+
+    Put it in the ``sidecars`` fixture's list so that it is shut down whatever the test did.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.sidecar = Sidecar(config)
+        self.task = asyncio.create_task(self.sidecar.run(), name="test.sidecar")
+
+    async def ready(self) -> Sidecar:
+        await until(self.sidecar.ready.wait(), self.task, SLOW, "the sidecar to be ready")
+        return self.sidecar
+
+    async def conduit_attached(self) -> Any:
+        """The conduit, once attached and serving (resumed or holding the VM)."""
+        await self.ready()
+        await until(self.sidecar.conduit_ready.wait(), self.task, SLOW, "the conduit to attach")
+        await asyncio.wait_for(self.sidecar.conduit.serving.wait(), SLOW)
+        return self.sidecar.conduit
+
+    async def stop(self) -> ExitCode:
+        self.sidecar.request_shutdown("test finished")
+        return await asyncio.wait_for(self.task, SLOW)
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Just enough TOML for the tests' configs (tables of scalars, lists, lists of inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(v)
+
+    return "\n".join(
+        f"[{table}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in body.items()) for table, body in doc.items()
+    )
+
+
 def write_config(tmp_path: Path, doc: dict[str, Any]) -> Path:
-    lines = []
-    for section, values in doc.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items() if key != "events")
-        if "events" in values:
-            events = ", ".join(
-                "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in e.items()) + " }" for e in values["events"]
-            )
-            lines.append(f"events = [{events}]")
     path = tmp_path / "vm.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(to_toml(doc))
     return path
 
 

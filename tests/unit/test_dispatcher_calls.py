@@ -1,4 +1,4 @@
-"""Per-call behaviour of the dispatcher, following the SDEI reference sections 1, 2 and 6."""
+"""Per-call behaviour of the dispatcher, as ``docs/sdei.md`` describes it (calls, delivery, profiles)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Every cell of the handler state table (reference 2.2), driven through real calls.
+"""Every cell of the handler state table (``docs/sdei.md``, "The handler state table"), driven through real calls.
 
-The expected table below is written out by hand from the reference, independently of
+The expected table below is written out by hand from the spec's state machine, independently of
 ``qmp_sdei.sdei.state``, so a wrong entry there makes these tests fail.
 """
 

@@ -1,6 +1,6 @@
 """SDEI (Arm DEN 0054) function ids, return codes and encodings.
 
-Values come from the SDEI reference in ``docs/sdei-reference.md`` sections 1.1-1.7.
+The values are the specification's; ``docs/sdei.md`` describes how the dispatcher uses each of them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ breakpoints on the guest's ``hvc #0`` are the only way to see its calls. This mo
 layer only: framing, checksums, escaping, run-length decoding, reply routing, and typed helpers
 for the handful of packets the conduit needs. It knows nothing about SDEI.
 
-Facts this client is built around (``docs/qemu-versions.md`` lists what differs between releases):
+Facts this client is built around (``docs/conduit.md`` has them; ``docs/qemu-versions.md`` lists what
+differs between releases):
 
 * There is no ``QStartNoAckMode``. QEMU acks each of our packets with ``+`` but never waits for
   our acks, and *any* byte reaching it while the VM runs stops the VM. So this client never sends

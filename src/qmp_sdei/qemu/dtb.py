@@ -1,8 +1,8 @@
 """Make a device tree that tells the guest about SDEI, starting from the one QEMU would give it.
 
 Linux only probes SDEI if the DT has ``/firmware/sdei`` with ``compatible = "arm,sdei-1.0"`` and a
-``method`` (sdei-reference 4.1); QEMU's ``virt`` board never creates that node. We cannot patch the
-tree inside a running QEMU, so we let QEMU generate its tree for the *same* machine
+``method`` (``docs/sdei.md``, "How a guest finds SDEI"); QEMU's ``virt`` board never creates that
+node. We cannot patch the tree inside a running QEMU, so we let QEMU generate its tree for the *same* machine
 (``-machine ...,dumpdtb=FILE`` writes it and exits), add the node, and the VM is then started with
 ``-dtb``. Same machine means same ``-M``/``-cpu``/``-smp``/``-m`` and extra arguments: the tree
 describes memory size, CPU nodes and devices, and a mismatch would lie to the guest.

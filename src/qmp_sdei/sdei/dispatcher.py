@@ -10,8 +10,8 @@ The dispatcher is driven by calls from the adapters and answers through return v
 * ``snapshot()`` / ``restore(blob)``: the whole state as bytes (see ``snapshot.py``).
 
 It must never do I/O, sleep, look at the clock, or know about QEMU: the conduit, the bus and the
-vmstate service translate their worlds into these calls. Behaviour follows the SDEI reference
-(``docs/sdei-reference.md``) sections 1, 2 and 8; where real dispatchers differ, a
+vmstate service translate their worlds into these calls. Behaviour follows Arm DEN 0054 as
+``docs/sdei.md`` describes it call by call; where real dispatchers differ, a
 :class:`~qmp_sdei.sdei.model.Profile` decides.
 
 Ordering rule used by every call: argument checks (unknown event, bad flags, bad MPIDR, bad info
@@ -577,7 +577,7 @@ class Dispatcher:
         return list(range(len(self.vcpus)))
 
     def _pick(self, vcpu: int) -> tuple[int | None, int] | None:
-        """The pending event ``vcpu`` would enter now, or None (delivery condition, ref. 8.4)."""
+        """The pending event ``vcpu`` would enter now, or None (the delivery conditions in ``docs/sdei.md``)."""
         state = self.vcpus[vcpu]
         if state.masked or not self.pending or len(state.stack) >= MAX_NESTING:
             return None

@@ -58,7 +58,7 @@ class VcpuRegs:
 
 @dataclass(frozen=True)
 class Profile:
-    """Behaviour where real SDEI dispatchers disagree (reference section 6).
+    """Behaviour where real SDEI dispatchers disagree (``docs/sdei.md``, "Profiles").
 
     Each field is one documented divergence; the named profiles pin a whole set so a conformance
     test can say "behave like TF-A" or "behave like the KVM series" and mean something exact.
