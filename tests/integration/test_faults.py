@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from integration.test_sidecar_conduit import config_doc, guest_elf, guest_vm, registrations
+from integration.test_sidecar_conduit import config_doc, guest_vm, registrations
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import ExitCode, Sidecar
 from qmp_sdei.owner import RaiseResult, SdeiOwner
@@ -279,7 +279,6 @@ async def test_a_failed_detach_is_reported_with_the_runstate(
 
 # -- nothing promised is lost on the way out ----------------------------------------------------------
 
-__all__ = ["guest_elf"]  # the bare-metal guest fixture, shared with test_sidecar_conduit
 
 
 @pytest.mark.qemu
