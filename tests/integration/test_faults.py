@@ -280,7 +280,6 @@ async def test_a_failed_detach_is_reported_with_the_runstate(
 # -- nothing promised is lost on the way out ----------------------------------------------------------
 
 
-
 @pytest.mark.qemu
 @pytest.mark.guest
 @requires_qemu

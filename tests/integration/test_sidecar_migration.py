@@ -108,7 +108,9 @@ async def test_guest_migrates_with_its_sdei_state_and_finishes_on_the_destinatio
             assert "WAIT" not in src.console.split(f"WAIT {first}")[1], "the source ran on after the migration"
             source_status = (await request(src_state, {"v": 1, "command": "status"}))["result"]
             assert source_status["migration"]["migrations_out"] == 1
-            assert source_status["vm"]["runstate"] in ("postmigrate", "finish-migrate", "debug", "paused"), source_status["vm"]
+            assert source_status["vm"]["runstate"] in ("postmigrate", "finish-migrate", "debug", "paused"), (
+                source_status["vm"]
+            )
         finally:
             print("---- source stderr\n" + src.stderr[-2000:] + "\n---- destination stderr\n" + dst.stderr[-2000:])
             for running in (source, destination):
