@@ -43,6 +43,7 @@ from qmp_sdei.abi.smccc import SVE_HINT, function_id, has_sve_hint, to_u64
 from qmp_sdei.conduit.rsp import (
     SIGNAL_QUIT,
     SIGNAL_TRAP,
+    SIGNAL_XCPU,
     CoreRegs,
     RegisterMap,
     RspClient,
@@ -166,6 +167,7 @@ class GdbstubConduit:
         # loop then only waits for the next stop, which comes once the owner resumes it and the
         # guest traps; vm_resumed() tells us the owner let it go.
         self._held = False
+        self._held_signal: int | None = None  # the stop reply that made us hold the VM
         self._interrupt_sent = False  # a 0x03 of ours is outstanding: the next T02 is ours
         # A migration's switchover is under way: never resume the VM (see close_gate()).
         self._gate_closed = False
@@ -298,6 +300,7 @@ class GdbstubConduit:
             # Stopped by someone else (QMP stop, migration): serve what we can, but do not resume.
             log.info("VM stopped by its owner (T%02x); waiting until it is resumed", stop.signal)
             self._held = True
+            self._held_signal = stop.signal
             await self._after_stop(thread, core, resume=False)
             return
         if trapped:
@@ -620,6 +623,11 @@ class GdbstubConduit:
         not at a breakpoint of ours: the runstate QEMU recorded for the destination is not ``debug``.
         """
         return self._settled.is_set() and self._held
+
+    def stopped_by_migration(self) -> bool:
+        """True when the VM is held at QEMU's own migration stop (``T18``): it was running until
+        the migration stopped it, so it should run again wherever the migration ends."""
+        return self._held and self._held_signal == SIGNAL_XCPU
 
     async def open_gate(self) -> None:
         """The switchover is over (cancelled or failed): let the VM run again if it was ours to run.
