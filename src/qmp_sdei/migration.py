@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,22 +39,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qmp_sdei.config import Config
-from qmp_sdei.errors import ConduitError, IncompatibleState, MigrationError, QemuError, SdeiError, VersionError
+from qmp_sdei.errors import ConduitError, IncompatibleState, MigrationError, QemuError, SdeiError
 from qmp_sdei.owner import NotificationKind, SdeiOwner
 from qmp_sdei.qemu import migration as qmig
 from qmp_sdei.qemu.facts import VmFacts, qemu_psci_version
 from qmp_sdei.qemu.qmp import QmpSession, VmEventKind
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import VmIdentity
-from qmp_sdei.versions import VersionPins, accept_incoming, format_version
+from qmp_sdei.versions import accept_incoming, format_version
 from qmp_sdei.vmstate.bus import PrivateBus
+from qmp_sdei.vmstate.payload import MigrationPayload, decode_payload, encode_payload
 from qmp_sdei.vmstate.service import VmstateService
 
 log = logging.getLogger("qmp_sdei.migration")
-
-ENVELOPE_MAGIC = b"QSDM"
-ENVELOPE_VERSION = 1
-_HEADER = struct.Struct(">4sHI")  # magic, envelope version, header length
 
 #: How long the conduit may take to settle once the switchover begins (it is downtime).
 PARK_TIMEOUT = 2.0
@@ -68,54 +63,8 @@ class GatedConduit(Protocol):
     def close_gate(self) -> None: ...
     async def wait_parked(self, timeout: float) -> None: ...
     def switchover_safe(self) -> bool: ...
+    def stopped_by_migration(self) -> bool: ...
     async def open_gate(self) -> None: ...
-
-
-# ---- the blob that rides in the migration stream ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IncomingState:
-    pins: VersionPins
-    identity: VmIdentity
-    snapshot: bytes
-    source_running: bool
-
-
-def encode_envelope(pins: VersionPins, identity: VmIdentity, snapshot: bytes, *, source_running: bool) -> bytes:
-    """``QSDM`` + version + a small JSON header (pins, VM identity, source runstate) + the snapshot."""
-    header = json.dumps(
-        {
-            "pins": pins.to_dict(),
-            "vm": {"uuid": identity.uuid, "name": identity.name},
-            "source_running": source_running,
-        },
-        separators=(",", ":"),
-    ).encode()
-    return _HEADER.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, len(header)) + header + snapshot
-
-
-def decode_envelope(blob: bytes) -> IncomingState:
-    """:raise IncompatibleState: not ours, another version, truncated, or a damaged header."""
-    if len(blob) < _HEADER.size:
-        raise IncompatibleState(f"incoming SDEI state is truncated ({len(blob)} bytes)")
-    magic, version, length = _HEADER.unpack_from(blob)
-    if magic != ENVELOPE_MAGIC:
-        raise IncompatibleState(f"incoming SDEI state is not a qmp-sdei migration blob (magic {magic!r})")
-    if version != ENVELOPE_VERSION:
-        raise IncompatibleState(f"incoming SDEI state has envelope version {version}; this sidecar reads 1")
-    end = _HEADER.size + length
-    if end > len(blob):
-        raise IncompatibleState("incoming SDEI state is truncated (header)")
-    try:
-        header = json.loads(blob[_HEADER.size : end])
-        pins = VersionPins.from_dict(header["pins"])
-        vm = header["vm"]
-        identity = VmIdentity(vm.get("uuid"), vm.get("name"))
-        source_running = bool(header["source_running"])
-    except (ValueError, KeyError, TypeError, AttributeError, VersionError) as err:
-        raise IncompatibleState(f"incoming SDEI state has a damaged header ({err})") from err
-    return IncomingState(pins, identity, blob[end:], source_running)
 
 
 # ---- reports -----------------------------------------------------------------------------------------
@@ -178,7 +127,7 @@ class MigrationAgent:
         self._conduit = conduit
         #: this QEMU waits for an incoming migration (runstate ``inmigrate`` at attach)
         self.incoming = incoming
-        self.loaded: IncomingState | None = None
+        self.loaded: MigrationPayload | None = None
         self.counters = MigrationCounters()
         self.phase = "idle"
         self.last_outcome: str | None = None
@@ -189,6 +138,9 @@ class MigrationAgent:
         self._service: VmstateService | None = None
         self._status_changed: asyncio.Event = asyncio.Event()
         self._our_migration: asyncio.Future[str] | None = None
+        self._vm_running = False  # from STOP/RESUME, in event order (see follow())
+        self._running_at_active = False  # was the VM running when RAM started to move?
+        self._source_running = False  # what Save() tells the destination
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -216,12 +168,12 @@ class MigrationAgent:
     async def _save(self) -> bytes:
         assert self.owner.pins is not None
         snapshot = await self.owner.snapshot()  # no stop is in flight: the conduit is parked
-        return encode_envelope(self.owner.pins, self.identity, snapshot, source_running=True)
+        return encode_payload(self.owner.pins, snapshot, source_running=self._source_running)
 
     async def _load(self, blob: bytes) -> None:
         if not self.incoming:
             raise IncompatibleState("this VM is not waiting for an incoming migration")
-        incoming = decode_envelope(blob)
+        incoming = decode_payload(blob)
         pins = accept_incoming(None, incoming.pins, qemu_psci=qemu_psci_version(self.facts))
         sdei = self.config.sdei
         dispatcher = Dispatcher(
@@ -236,24 +188,29 @@ class MigrationAgent:
         await self.owner.adopt(dispatcher, pins, cause="migration")
         self.loaded = incoming
         log.info(
-            "incoming SDEI state adopted from %s: SDEI %s, PSCI %s (the versions the guest saw at boot)",
-            incoming.identity,
+            "incoming SDEI state adopted: SDEI %s, PSCI %s (the versions the guest saw at boot); the guest %s",
             format_version(pins.sdei),
             format_version(pins.psci),
+            "ran on the source" if incoming.source_running else "was paused on the source",
         )
 
     # -- following migrations --------------------------------------------------------------------
 
     async def follow(self) -> None:
         """Drive every migration of this VM, outgoing or incoming, until QEMU goes away."""
-        kinds = {VmEventKind.MIGRATION, VmEventKind.RESUME}
+        kinds = {VmEventKind.MIGRATION, VmEventKind.RESUME, VmEventKind.STOP}
         with self.session.subscribe(kinds) as events:
+            self._vm_running = self.session.running
             async for event in events:
+                if event.kind is VmEventKind.STOP:
+                    self._vm_running = False
+                    continue
                 if event.kind is VmEventKind.DISCONNECTED:
                     if self.incoming and self.phase not in ("idle", "completed"):
                         log.error("QEMU went away during the incoming migration (%s)", self.phase)
                     return
                 if event.kind is VmEventKind.RESUME:
+                    self._vm_running = True
                     await self._resumed()
                     continue
                 status = event.status or "?"
@@ -270,7 +227,10 @@ class MigrationAgent:
         self._status_changed = asyncio.Event()
 
     async def _outgoing_status(self, status: str) -> None:
-        if status == qmig.PRE_SWITCHOVER:
+        if status == "active":
+            # QEMU stops the VM for the switchover after this event, not before.
+            self._running_at_active = self._vm_running
+        elif status == qmig.PRE_SWITCHOVER:
             if await self._switchover_safe():
                 await self._continue()
             else:
@@ -323,13 +283,18 @@ class MigrationAgent:
     async def _switchover_safe(self) -> bool:
         conduit = self._conduit()
         if conduit is None:
-            return True  # no breakpoints: the VM cannot be stopped at one
+            # No breakpoints: the VM cannot be stopped at one. STOP/RESUME are the owner's own.
+            self._source_running = self._running_at_active
+            return True
         conduit.close_gate()
         try:
             await conduit.wait_parked(PARK_TIMEOUT)
         except (ConduitError, TimeoutError) as err:
             log.warning("the conduit did not settle at the switchover: %s", err)
             return False
+        # With the conduit, STOP/RESUME pairs come from its breakpoints too; what tells a running
+        # VM from one its owner paused is the stop reply the conduit got: QEMU's migration stop.
+        self._source_running = conduit.stopped_by_migration()
         return conduit.switchover_safe()
 
     async def _continue(self) -> None:
