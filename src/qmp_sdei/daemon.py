@@ -344,6 +344,10 @@ class Sidecar:
 
         start_vm = False
         migration = self.migration
+        if migration is not None and not migration.incoming:
+            # A migration our predecessor left under way is cancelled first: resuming the VM
+            # before would run the guest during its switchover.
+            await migration.checked.wait()
         if migration is not None and migration.incoming:
             # A destination's guest arrives with the migration: arm the conduit once it is here and
             # before it runs (QEMU started with -S), then run it if it ran on the source.
