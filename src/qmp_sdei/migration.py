@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +57,13 @@ log = logging.getLogger("qmp_sdei.migration")
 
 #: How long the conduit may take to settle once the switchover begins (it is downtime).
 PARK_TIMEOUT = 2.0
+#: Migration statuses of an outgoing migration that has not ended yet.
+IN_PROGRESS = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"})
+#: How long a sidecar that finds someone else's migration under way waits for its cancel to end.
+CANCEL_TIMEOUT = 30.0
+#: In the state directory while an outgoing migration runs: whether the guest was running, for a
+#: sidecar that restarts after this one died mid-migration.
+MARKER = "migration.json"
 
 
 class GatedConduit(Protocol):
@@ -64,6 +73,8 @@ class GatedConduit(Protocol):
     async def wait_parked(self, timeout: float) -> None: ...
     def switchover_safe(self) -> bool: ...
     def stopped_by_migration(self) -> bool: ...
+    @property
+    def held(self) -> bool: ...
     async def open_gate(self) -> None: ...
 
 
@@ -132,6 +143,11 @@ class MigrationAgent:
         self.phase = "idle"
         self.last_outcome: str | None = None
         self.ready = asyncio.Event()
+        #: set once start() has dealt with a migration found under way (or failed): the conduit
+        #: must not resume the VM before, or it would run the guest during a switchover
+        self.checked = asyncio.Event()
+        #: tests and benchmarks: awaited at the pre-switchover pause before the decision (downtime)
+        self.before_switchover: Callable[[], Awaitable[None]] | None = None
         #: an incoming migration completed with SDEI state: the guest is here (still stopped)
         self.arrived = asyncio.Event()
         self._bus = PrivateBus(config.state_dir / "vmstate")
@@ -145,7 +161,16 @@ class MigrationAgent:
     # -- set-up ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """The private bus, the VMState1 service, QEMU's dbus-vmstate object, the capabilities."""
+        """The private bus, the VMState1 service, QEMU's dbus-vmstate object, the capabilities.
+
+        A source whose previous sidecar died mid-migration first cancels that migration (see
+        :meth:`_cancel_orphaned`).
+        """
+        try:
+            if not self.incoming:
+                await self._cancel_orphaned()
+        finally:
+            self.checked.set()
         address = await self._bus.start()
         self._service = VmstateService(address, save=self._save, load=self._load)
         await self._service.start()
@@ -156,6 +181,60 @@ class MigrationAgent:
         else:
             await qmig.prepare_source(self.session)
         self.ready.set()
+
+    async def _cancel_orphaned(self) -> None:
+        """Cancel an outgoing migration that no sidecar drives (ours died during it).
+
+        Nobody can answer its pre-switchover pause safely: the conduit of the sidecar that died
+        may have left the VM at a breakpoint (QEMU then recorded ``debug`` for the destination,
+        which aborts on it), and Save would find no service. So it is cancelled, whoever started
+        it; the orchestrator retries with this sidecar serving. A guest that was running before
+        the migration (the marker the previous sidecar left says so) runs again: QEMU itself only
+        resumes a VM that was running at the switchover, not one parked at a breakpoint.
+        """
+        marker = self.config.state_dir / MARKER
+        info = await qmig.query_migrate(self.session)
+        if info.status in IN_PROGRESS:
+            log.warning(
+                "found an outgoing migration in %s with no sidecar driving it (the previous one died): cancelling it",
+                info.status,
+            )
+            with self.session.subscribe({VmEventKind.MIGRATION}) as events:
+                with contextlib.suppress(QemuError):
+                    await qmig.migrate_cancel(self.session)
+                if (await qmig.query_migrate(self.session)).status in IN_PROGRESS:
+                    await qmig.wait_for_migration_end(events, CANCEL_TIMEOUT)
+            self.counters.switchovers_cancelled += 1
+            self.last_outcome = "cancelled"
+        was_running = self._read_marker(marker)
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+        if was_running and await self.session.refresh_runstate() == "postmigrate":
+            log.warning("the guest was running before the interrupted migration: resuming it")
+            await self.session.execute("cont")
+
+    @staticmethod
+    def _read_marker(marker: Path) -> bool:
+        try:
+            return bool(json.loads(marker.read_text()).get("vm_running"))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("ignoring a damaged %s: %s", marker, err)
+            return False
+
+    def _write_marker(self, vm_running: bool) -> None:
+        marker = self.config.state_dir / MARKER
+        try:
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"vm_running": vm_running, "pid": os.getpid()}))
+            tmp.replace(marker)
+        except OSError as err:
+            log.warning("could not write %s: %s", marker, err)
+
+    def _drop_marker(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / MARKER).unlink()
 
     async def close(self) -> None:
         if self._service is not None:
@@ -230,7 +309,11 @@ class MigrationAgent:
         if status == "active":
             # QEMU stops the VM for the switchover after this event, not before.
             self._running_at_active = self._vm_running
+            conduit = self._conduit()
+            self._write_marker(not conduit.held if conduit is not None else self._vm_running)
         elif status == qmig.PRE_SWITCHOVER:
+            if self.before_switchover is not None:
+                await self.before_switchover()
             if await self._switchover_safe():
                 await self._continue()
             else:
@@ -242,6 +325,7 @@ class MigrationAgent:
             self.counters.migrations_out += 1
             self.last_outcome = "completed"
             log.info("migrated out: the destination has the SDEI state; keeping ours until this QEMU goes")
+            self._drop_marker()
             self._finish("completed")
         elif status in ("failed", "cancelled"):
             self.last_outcome = status
@@ -250,6 +334,7 @@ class MigrationAgent:
             reason = await self._error_desc()
             log.warning("migration %s%s; the VM keeps its SDEI state here", status, f": {reason}" if reason else "")
             await self._release_conduit()
+            self._drop_marker()
             self._finish(status)
 
     async def _incoming_status(self, status: str) -> None:
