@@ -472,7 +472,13 @@ class Sidecar:
         return True
 
     async def _stop_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
-        if self.conduit is not None:
+        if self.conduit is not None and self.migration is not None and self.migration.moved_out:
+            # The guest runs on the destination now. A gdbstub detach resumes the VM, and QEMU lets
+            # a postmigrate VM run: the guest would run twice. Hang up instead; it stays stopped.
+            log.info("the VM migrated out: leaving its gdbstub without resuming it")
+            with contextlib.suppress(SdeiError, TimeoutError):
+                await asyncio.wait_for(self.conduit.close(), SHUTDOWN_GRACE)
+        elif self.conduit is not None:
             await self.drain_handlers(SHUTDOWN_GRACE)
             with contextlib.suppress(SdeiError, TimeoutError):
                 await asyncio.wait_for(self.conduit.detach(), SHUTDOWN_GRACE)
