@@ -157,6 +157,7 @@ class MigrationAgent:
         self._vm_running = False  # from STOP/RESUME, in event order (see follow())
         self._running_at_active = False  # was the VM running when RAM started to move?
         self._source_running = False  # what Save() tells the destination
+        self._moved_out = False  # an outgoing migration completed and nobody resumed the VM here
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -325,6 +326,7 @@ class MigrationAgent:
             self.counters.migrations_out += 1
             self.last_outcome = "completed"
             log.info("migrated out: the destination has the SDEI state; keeping ours until this QEMU goes")
+            self._moved_out = True
             self._drop_marker()
             self._finish("completed")
         elif status in ("failed", "cancelled"):
@@ -360,8 +362,9 @@ class MigrationAgent:
     async def _resumed(self) -> None:
         # A source whose outgoing migration completed is resumed by its owner (the destination
         # failed after all): the guest runs here again, with the state we kept.
-        if not self.incoming and self.last_outcome == "completed" and self.phase == "completed":
+        if self._moved_out:
             log.warning("the migrated-out VM was resumed here; serving it again")
+            self._moved_out = False
             self.phase = "idle"
             await self._release_conduit()
 
@@ -459,6 +462,11 @@ class MigrationAgent:
                         # follow() handles it too (resumes the guest on failure): wait for it
                         return await asyncio.shield(self._our_migration)
         return self._our_migration.result()
+
+    @property
+    def moved_out(self) -> bool:
+        """The guest migrated out and nobody resumed it here: this VM must not run again."""
+        return self._moved_out
 
     def status(self) -> dict[str, Any]:
         return {
