@@ -296,7 +296,9 @@ class GdbstubConduit:
         core = await self.rsp.read_core()
         step_over: ThreadId | None = None
         trapped = core.pc in self.trap_sites
-        if stop.signal != SIGNAL_TRAP and not ours and not trapped:
+        # QEMU's migration stop (T18) is never the answer to our 0x03 (that is a T02), even when one
+        # of ours is outstanding: wait_parked() interrupts when the T18 is slow to come.
+        if stop.signal == SIGNAL_XCPU or (stop.signal != SIGNAL_TRAP and not ours and not trapped):
             # Stopped by someone else (QMP stop, migration): serve what we can, but do not resume.
             log.info("VM stopped by its owner (T%02x); waiting until it is resumed", stop.signal)
             self._held = True
@@ -629,15 +631,28 @@ class GdbstubConduit:
         the migration stopped it, so it should run again wherever the migration ends."""
         return self._held and self._held_signal == SIGNAL_XCPU
 
-    async def open_gate(self) -> None:
+    async def open_gate(self, *, vm_running: bool = False) -> None:
         """The switchover is over (cancelled or failed): let the VM run again if it was ours to run.
 
-        A VM stopped by someone else stays theirs (QEMU resumes a cancelled source by itself); a VM
-        held at one of our own stops is resumed here, as it would have been without the gate.
+        A VM stopped by someone else stays theirs; a VM held at one of our own stops is resumed
+        here, as it would have been without the gate.
+
+        :param vm_running: QEMU already resumed the VM itself (it does for a VM that was running
+            at the switchover). Then nothing is resumed here: a ``c`` to a running VM would stop
+            it. The VM is interrupted once instead, so that the loop sees a stop of its own and
+            continues the VM itself (QEMU 8+ sends no stop replies after a resume it did not get
+            from the debugger).
         """
         self._gate_closed = False
         self._settled.clear()
-        if self._held or self._running or self._run_task is None or self._run_task.done():
+        if self._run_task is None or self._run_task.done():
+            return
+        if vm_running:
+            self._held = False
+            self._running = True
+            self._interrupt()
+            return
+        if self._held or self._running:
             return
         self.rsp.resume()  # the loop is waiting for a stop: it consumes the next reply
         self._running = True
