@@ -350,6 +350,10 @@ class Sidecar:
 
         start_vm = False
         migration = self.migration
+        if migration is not None and not migration.incoming:
+            # A migration our predecessor left under way is cancelled first: resuming the VM
+            # before would run the guest during its switchover.
+            await migration.checked.wait()
         if migration is not None and migration.incoming:
             # A destination's guest arrives with the migration: arm the conduit once it is here and
             # before it runs (QEMU started with -S), then run it if it ran on the source.
@@ -507,6 +511,28 @@ class Sidecar:
         return True
 
     async def _stop_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        if self.conduit is not None and self.migration is not None and self.migration.moved_out:
+            # The guest runs on the destination now. A gdbstub detach resumes the VM, and QEMU lets
+            # a postmigrate VM run: the guest would run twice. Hang up instead; it stays stopped.
+            log.info("the VM migrated out: leaving its gdbstub without resuming it")
+            with contextlib.suppress(SdeiError, TimeoutError):
+                await asyncio.wait_for(self.conduit.close(), SHUTDOWN_GRACE)
+        else:
+            await self._leave_conduit(tasks)
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+            for task in stuck:
+                task.cancel()  # again: Python 3.11's wait_for can swallow a cancellation
+                frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack(limit=8))
+                log.error(
+                    "task %s did not stop within %.0fs of being cancelled: %s", task.get_name(), SHUTDOWN_GRACE, frames
+                )
+
+    async def _leave_conduit(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Leave the VM as its owner wants it: serve what was promised, then detach (or hold)."""
         conduit_task = next((t for t in tasks if t.get_name() == "conduit" and not t.done()), None)
         if conduit_task is not None and not (self.conduit is not None and self.conduit.serving.is_set()):
             # Attaching the gdbstub pauses the VM and arms breakpoints; cut off there, the VM would
@@ -536,17 +562,6 @@ class Sidecar:
             assert self.owner is not None
             self.owner.draining = True
             await self._release_conduit()
-        pending = [t for t in tasks if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            _, stuck = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
-            for task in stuck:
-                task.cancel()  # again: Python 3.11's wait_for can swallow a cancellation
-                frames = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack(limit=8))
-                log.error(
-                    "task %s did not stop within %.0fs of being cancelled: %s", task.get_name(), SHUTDOWN_GRACE, frames
-                )
 
     async def _settle(self, timeout: float) -> bool:
         """Keep serving until no handler runs and nothing is deliverable; False on timeout.

@@ -33,33 +33,37 @@ import asyncio
 import contextlib
 import json
 import logging
-import struct
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from qmp_sdei.config import Config
-from qmp_sdei.errors import ConduitError, IncompatibleState, MigrationError, QemuError, SdeiError, VersionError
+from qmp_sdei.errors import ConduitError, IncompatibleState, MigrationError, QemuError, SdeiError
 from qmp_sdei.owner import NotificationKind, SdeiOwner
 from qmp_sdei.qemu import migration as qmig
 from qmp_sdei.qemu.facts import VmFacts, qemu_psci_version
 from qmp_sdei.qemu.qmp import QmpSession, VmEventKind
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import VmIdentity
-from qmp_sdei.versions import VersionPins, accept_incoming, format_version
+from qmp_sdei.versions import accept_incoming, format_version
 from qmp_sdei.vmstate.bus import PrivateBus
+from qmp_sdei.vmstate.payload import MigrationPayload, decode_payload, encode_payload
 from qmp_sdei.vmstate.service import VmstateService
 
 log = logging.getLogger("qmp_sdei.migration")
 
-ENVELOPE_MAGIC = b"QSDM"
-ENVELOPE_VERSION = 1
-_HEADER = struct.Struct(">4sHI")  # magic, envelope version, header length
-
 #: How long the conduit may take to settle once the switchover begins (it is downtime).
 PARK_TIMEOUT = 2.0
+#: Migration statuses of an outgoing migration that has not ended yet.
+IN_PROGRESS = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"})
+#: How long a sidecar that finds someone else's migration under way waits for its cancel to end.
+CANCEL_TIMEOUT = 30.0
+#: In the state directory while an outgoing migration runs: whether the guest was running, for a
+#: sidecar that restarts after this one died mid-migration.
+MARKER = "migration.json"
 
 
 class GatedConduit(Protocol):
@@ -68,54 +72,10 @@ class GatedConduit(Protocol):
     def close_gate(self) -> None: ...
     async def wait_parked(self, timeout: float) -> None: ...
     def switchover_safe(self) -> bool: ...
-    async def open_gate(self) -> None: ...
-
-
-# ---- the blob that rides in the migration stream ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IncomingState:
-    pins: VersionPins
-    identity: VmIdentity
-    snapshot: bytes
-    source_running: bool
-
-
-def encode_envelope(pins: VersionPins, identity: VmIdentity, snapshot: bytes, *, source_running: bool) -> bytes:
-    """``QSDM`` + version + a small JSON header (pins, VM identity, source runstate) + the snapshot."""
-    header = json.dumps(
-        {
-            "pins": pins.to_dict(),
-            "vm": {"uuid": identity.uuid, "name": identity.name},
-            "source_running": source_running,
-        },
-        separators=(",", ":"),
-    ).encode()
-    return _HEADER.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, len(header)) + header + snapshot
-
-
-def decode_envelope(blob: bytes) -> IncomingState:
-    """:raise IncompatibleState: not ours, another version, truncated, or a damaged header."""
-    if len(blob) < _HEADER.size:
-        raise IncompatibleState(f"incoming SDEI state is truncated ({len(blob)} bytes)")
-    magic, version, length = _HEADER.unpack_from(blob)
-    if magic != ENVELOPE_MAGIC:
-        raise IncompatibleState(f"incoming SDEI state is not a qmp-sdei migration blob (magic {magic!r})")
-    if version != ENVELOPE_VERSION:
-        raise IncompatibleState(f"incoming SDEI state has envelope version {version}; this sidecar reads 1")
-    end = _HEADER.size + length
-    if end > len(blob):
-        raise IncompatibleState("incoming SDEI state is truncated (header)")
-    try:
-        header = json.loads(blob[_HEADER.size : end])
-        pins = VersionPins.from_dict(header["pins"])
-        vm = header["vm"]
-        identity = VmIdentity(vm.get("uuid"), vm.get("name"))
-        source_running = bool(header["source_running"])
-    except (ValueError, KeyError, TypeError, AttributeError, VersionError) as err:
-        raise IncompatibleState(f"incoming SDEI state has a damaged header ({err})") from err
-    return IncomingState(pins, identity, blob[end:], source_running)
+    def stopped_by_migration(self) -> bool: ...
+    @property
+    def held(self) -> bool: ...
+    async def open_gate(self, *, vm_running: bool = False) -> None: ...
 
 
 # ---- reports -----------------------------------------------------------------------------------------
@@ -178,11 +138,16 @@ class MigrationAgent:
         self._conduit = conduit
         #: this QEMU waits for an incoming migration (runstate ``inmigrate`` at attach)
         self.incoming = incoming
-        self.loaded: IncomingState | None = None
+        self.loaded: MigrationPayload | None = None
         self.counters = MigrationCounters()
         self.phase = "idle"
         self.last_outcome: str | None = None
         self.ready = asyncio.Event()
+        #: set once start() has dealt with a migration found under way (or failed): the conduit
+        #: must not resume the VM before, or it would run the guest during a switchover
+        self.checked = asyncio.Event()
+        #: tests and benchmarks: awaited at the pre-switchover pause before the decision (downtime)
+        self.before_switchover: Callable[[], Awaitable[None]] | None = None
         #: an incoming migration completed with SDEI state: the guest is here (still stopped)
         self.arrived = asyncio.Event()
         #: an outgoing migration completed: the guest runs elsewhere now
@@ -191,11 +156,24 @@ class MigrationAgent:
         self._service: VmstateService | None = None
         self._status_changed: asyncio.Event = asyncio.Event()
         self._our_migration: asyncio.Future[str] | None = None
+        self._vm_running = False  # from STOP/RESUME, in event order (see follow())
+        self._running_at_active = False  # was the VM running when RAM started to move?
+        self._source_running = False  # what Save() tells the destination
+        self._moved_out = False  # an outgoing migration completed and nobody resumed the VM here
 
     # -- set-up ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """The private bus, the VMState1 service, QEMU's dbus-vmstate object, the capabilities."""
+        """The private bus, the VMState1 service, QEMU's dbus-vmstate object, the capabilities.
+
+        A source whose previous sidecar died mid-migration first cancels that migration (see
+        :meth:`_cancel_orphaned`).
+        """
+        try:
+            if not self.incoming:
+                await self._cancel_orphaned()
+        finally:
+            self.checked.set()
         address = await self._bus.start()
         self._service = VmstateService(address, save=self._save, load=self._load)
         await self._service.start()
@@ -206,6 +184,60 @@ class MigrationAgent:
         else:
             await qmig.prepare_source(self.session)
         self.ready.set()
+
+    async def _cancel_orphaned(self) -> None:
+        """Cancel an outgoing migration that no sidecar drives (ours died during it).
+
+        Nobody can answer its pre-switchover pause safely: the conduit of the sidecar that died
+        may have left the VM at a breakpoint (QEMU then recorded ``debug`` for the destination,
+        which aborts on it), and Save would find no service. So it is cancelled, whoever started
+        it; the orchestrator retries with this sidecar serving. A guest that was running before
+        the migration (the marker the previous sidecar left says so) runs again: QEMU itself only
+        resumes a VM that was running at the switchover, not one parked at a breakpoint.
+        """
+        marker = self.config.state_dir / MARKER
+        info = await qmig.query_migrate(self.session)
+        if info.status in IN_PROGRESS:
+            log.warning(
+                "found an outgoing migration in %s with no sidecar driving it (the previous one died): cancelling it",
+                info.status,
+            )
+            with self.session.subscribe({VmEventKind.MIGRATION}) as events:
+                with contextlib.suppress(QemuError):
+                    await qmig.migrate_cancel(self.session)
+                if (await qmig.query_migrate(self.session)).status in IN_PROGRESS:
+                    await qmig.wait_for_migration_end(events, CANCEL_TIMEOUT)
+            self.counters.switchovers_cancelled += 1
+            self.last_outcome = "cancelled"
+        was_running = self._read_marker(marker)
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+        if was_running and await self.session.refresh_runstate() == "postmigrate":
+            log.warning("the guest was running before the interrupted migration: resuming it")
+            await self.session.execute("cont")
+
+    @staticmethod
+    def _read_marker(marker: Path) -> bool:
+        try:
+            return bool(json.loads(marker.read_text()).get("vm_running"))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("ignoring a damaged %s: %s", marker, err)
+            return False
+
+    def _write_marker(self, vm_running: bool) -> None:
+        marker = self.config.state_dir / MARKER
+        try:
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"vm_running": vm_running, "pid": os.getpid()}))
+            tmp.replace(marker)
+        except OSError as err:
+            log.warning("could not write %s: %s", marker, err)
+
+    def _drop_marker(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / MARKER).unlink()
 
     async def close(self) -> None:
         if self._service is not None:
@@ -218,12 +250,12 @@ class MigrationAgent:
     async def _save(self) -> bytes:
         assert self.owner.pins is not None
         snapshot = await self.owner.snapshot()  # no stop is in flight: the conduit is parked
-        return encode_envelope(self.owner.pins, self.identity, snapshot, source_running=True)
+        return encode_payload(self.owner.pins, snapshot, source_running=self._source_running)
 
     async def _load(self, blob: bytes) -> None:
         if not self.incoming:
             raise IncompatibleState("this VM is not waiting for an incoming migration")
-        incoming = decode_envelope(blob)
+        incoming = decode_payload(blob)
         pins = accept_incoming(None, incoming.pins, qemu_psci=qemu_psci_version(self.facts))
         sdei = self.config.sdei
         dispatcher = Dispatcher(
@@ -238,24 +270,29 @@ class MigrationAgent:
         await self.owner.adopt(dispatcher, pins, cause="migration")
         self.loaded = incoming
         log.info(
-            "incoming SDEI state adopted from %s: SDEI %s, PSCI %s (the versions the guest saw at boot)",
-            incoming.identity,
+            "incoming SDEI state adopted: SDEI %s, PSCI %s (the versions the guest saw at boot); the guest %s",
             format_version(pins.sdei),
             format_version(pins.psci),
+            "ran on the source" if incoming.source_running else "was paused on the source",
         )
 
     # -- following migrations --------------------------------------------------------------------
 
     async def follow(self) -> None:
         """Drive every migration of this VM, outgoing or incoming, until QEMU goes away."""
-        kinds = {VmEventKind.MIGRATION, VmEventKind.RESUME}
+        kinds = {VmEventKind.MIGRATION, VmEventKind.RESUME, VmEventKind.STOP}
         with self.session.subscribe(kinds) as events:
+            self._vm_running = self.session.running
             async for event in events:
+                if event.kind is VmEventKind.STOP:
+                    self._vm_running = False
+                    continue
                 if event.kind is VmEventKind.DISCONNECTED:
                     if self.incoming and self.phase not in ("idle", "completed"):
                         log.error("QEMU went away during the incoming migration (%s)", self.phase)
                     return
                 if event.kind is VmEventKind.RESUME:
+                    self._vm_running = True
                     await self._resumed()
                     continue
                 status = event.status or "?"
@@ -272,7 +309,14 @@ class MigrationAgent:
         self._status_changed = asyncio.Event()
 
     async def _outgoing_status(self, status: str) -> None:
-        if status == qmig.PRE_SWITCHOVER:
+        if status == "active":
+            # QEMU stops the VM for the switchover after this event, not before.
+            self._running_at_active = self._vm_running
+            conduit = self._conduit()
+            self._write_marker(not conduit.held if conduit is not None else self._vm_running)
+        elif status == qmig.PRE_SWITCHOVER:
+            if self.before_switchover is not None:
+                await self.before_switchover()
             if await self._switchover_safe():
                 await self._continue()
             else:
@@ -285,6 +329,8 @@ class MigrationAgent:
             self.last_outcome = "completed"
             log.info("migrated out: the destination has the SDEI state; keeping ours until this QEMU goes")
             self.migrated_out.set()
+            self._moved_out = True
+            self._drop_marker()
             self._finish("completed")
         elif status in ("failed", "cancelled"):
             self.last_outcome = status
@@ -293,6 +339,7 @@ class MigrationAgent:
             reason = await self._error_desc()
             log.warning("migration %s%s; the VM keeps its SDEI state here", status, f": {reason}" if reason else "")
             await self._release_conduit()
+            self._drop_marker()
             self._finish(status)
 
     async def _incoming_status(self, status: str) -> None:
@@ -318,21 +365,27 @@ class MigrationAgent:
     async def _resumed(self) -> None:
         # A source whose outgoing migration completed is resumed by its owner (the destination
         # failed after all): the guest runs here again, with the state we kept.
-        if not self.incoming and self.last_outcome == "completed" and self.phase == "completed":
+        if self._moved_out:
             log.warning("the migrated-out VM was resumed here; serving it again")
+            self._moved_out = False
             self.phase = "idle"
             await self._release_conduit()
 
     async def _switchover_safe(self) -> bool:
         conduit = self._conduit()
         if conduit is None:
-            return True  # no breakpoints: the VM cannot be stopped at one
+            # No breakpoints: the VM cannot be stopped at one. STOP/RESUME are the owner's own.
+            self._source_running = self._running_at_active
+            return True
         conduit.close_gate()
         try:
             await conduit.wait_parked(PARK_TIMEOUT)
         except (ConduitError, TimeoutError) as err:
             log.warning("the conduit did not settle at the switchover: %s", err)
             return False
+        # With the conduit, STOP/RESUME pairs come from its breakpoints too; what tells a running
+        # VM from one its owner paused is the stop reply the conduit got: QEMU's migration stop.
+        self._source_running = conduit.stopped_by_migration()
         return conduit.switchover_safe()
 
     async def _continue(self) -> None:
@@ -347,7 +400,12 @@ class MigrationAgent:
         conduit = self._conduit()
         if conduit is not None:
             try:
-                await conduit.open_gate()
+                # A cancelled or failed migration resumes a VM that ran at the switchover itself.
+                running = await self.session.refresh_runstate() == "running"
+            except QemuError:
+                running = False
+            try:
+                await conduit.open_gate(vm_running=running)
             except ConduitError as err:
                 log.error("could not resume the guest after the migration ended: %s", err)
 
@@ -412,6 +470,11 @@ class MigrationAgent:
                         # follow() handles it too (resumes the guest on failure): wait for it
                         return await asyncio.shield(self._our_migration)
         return self._our_migration.result()
+
+    @property
+    def moved_out(self) -> bool:
+        """The guest migrated out and nobody resumed it here: this VM must not run again."""
+        return self._moved_out
 
     def status(self) -> dict[str, Any]:
         return {

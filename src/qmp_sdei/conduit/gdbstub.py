@@ -48,6 +48,7 @@ from qmp_sdei.abi.smccc import SVE_HINT, function_id, has_sve_hint, to_u64
 from qmp_sdei.conduit.rsp import (
     SIGNAL_QUIT,
     SIGNAL_TRAP,
+    SIGNAL_XCPU,
     CoreRegs,
     RegisterMap,
     RspClient,
@@ -218,6 +219,7 @@ class GdbstubConduit:
         # Set while run() waits for a stop: then (and with no stop queued) the loop sends nothing,
         # so owner_resumed() may talk to the stub.
         self._awaiting_stop = asyncio.Event()
+        self._held_signal: int | None = None  # the stop reply that made us hold the VM
         self._interrupt_sent = False  # a 0x03 of ours is outstanding: the next T02 is ours
         # A migration's switchover is under way: never resume the VM (see close_gate()).
         self._gate_closed = False
@@ -373,12 +375,15 @@ class GdbstubConduit:
             # once we are gone. Answering it could promise what nobody will keep: a SIGNAL's
             # event would never be entered. A handler's COMPLETE is still answered.
             trapped = False
-        if stop.signal != SIGNAL_TRAP and not ours:
+        # QEMU's migration stop (T18) is never the answer to our 0x03 (that is a T02), even when one
+        # of ours is outstanding: wait_parked() interrupts when the T18 is slow to come.
+        if stop.signal == SIGNAL_XCPU or (stop.signal != SIGNAL_TRAP and not ours):
             # Stopped by someone else (QMP stop, migration): serve what we can, but do not resume.
             # Even a vCPU paused right at a trap site is left there: it hits the breakpoint as
             # soon as its owner resumes it, and the call is served then.
             log.info("VM stopped by its owner (T%02x); waiting until it is resumed", stop.signal)
             self._held = True
+            self._held_signal = stop.signal
             await self._after_stop(thread, core, resume=False)
             # Its owner may have resumed it already, and that RESUME may have reached
             # owner_resumed() before this stop reached us.
@@ -813,15 +818,33 @@ class GdbstubConduit:
         """
         return self._settled.is_set() and self._held
 
-    async def open_gate(self) -> None:
+    def stopped_by_migration(self) -> bool:
+        """True when the VM is held at QEMU's own migration stop (``T18``): it was running until
+        the migration stopped it, so it should run again wherever the migration ends."""
+        return self._held and self._held_signal == SIGNAL_XCPU
+
+    async def open_gate(self, *, vm_running: bool = False) -> None:
         """The switchover is over (cancelled or failed): let the VM run again if it was ours to run.
 
-        A VM stopped by someone else stays theirs (QEMU resumes a cancelled source by itself); a VM
-        held at one of our own stops is resumed here, as it would have been without the gate.
+        A VM stopped by someone else stays theirs; a VM held at one of our own stops is resumed
+        here, as it would have been without the gate.
+
+        :param vm_running: QEMU already resumed the VM itself (it does for a VM that was running
+            at the switchover). Then nothing is resumed here: a ``c`` to a running VM would stop
+            it. The VM is interrupted once instead, so that the loop sees a stop of its own and
+            continues the VM itself (QEMU 8+ sends no stop replies after a resume it did not get
+            from the debugger).
         """
         self._gate_closed = False
         self._settled.clear()
-        if self._running or self._run_task is None or self._run_task.done():
+        if self._run_task is None or self._run_task.done():
+            return
+        if vm_running:
+            self._held = False
+            self._running = True
+            self._interrupt()
+            return
+        if self._running:
             return
         if self._held:
             # QEMU may have resumed it already (its RESUME came while the gate was closed): check.

@@ -49,6 +49,7 @@ __all__ = [
     "run_source_migration",
     "set_capabilities",
     "wait_for_migration",
+    "wait_for_migration_end",
 ]
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,21 @@ async def wait_for_migration(subscription: EventSubscription, statuses: Collecti
                 return event.status
             if event.status in FINAL_STATUSES:
                 raise MigrationError(f"migration {event.status} while waiting for {'/'.join(sorted(wanted))}")
+
+
+async def wait_for_migration_end(subscription: EventSubscription, timeout: float) -> str:
+    """Skip MIGRATION events until a final one (``completed``/``failed``/``cancelled``); return it.
+
+    :raise MigrationError: QEMU went away first.
+    :raise TimeoutError: no final status within ``timeout`` seconds.
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            event = await subscription.get()
+            if event.kind is VmEventKind.DISCONNECTED:
+                raise MigrationError(f"QEMU went away during the migration ({event.reason})")
+            if event.kind is VmEventKind.MIGRATION and event.status in FINAL_STATUSES:
+                return event.status
 
 
 async def run_source_migration(

@@ -79,6 +79,7 @@ class PrivateBus:
         self.directory = directory
         self.socket_path = directory / "bus.sock"
         self.config_path = directory / "bus.conf"
+        self.pid_path = directory / "bus.pid"
         self.allow_users = tuple(allow_users)
         self.start_timeout = start_timeout
         self._process: asyncio.subprocess.Process | None = None
@@ -110,6 +111,7 @@ class PrivateBus:
         if len(os.fsencode(self.socket_path)) > _UNIX_PATH_MAX:
             raise VmstateError(f"bus socket path is too long for a unix socket: {self.socket_path}")
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
         try:
             self.socket_path.unlink()  # a daemon killed earlier leaves its socket; bind would fail
         except FileNotFoundError:
@@ -137,8 +139,28 @@ class PrivateBus:
             await self.stop()
             raise VmstateError(f"{DBUS_DAEMON} failed to start: {why}")
         self._address = address
+        try:
+            self.pid_path.write_text(f"{self._process.pid}\n")
+        except OSError as err:
+            log.warning("could not record the bus daemon's pid in %s: %s", self.pid_path, err)
         log.info("private D-Bus daemon (pid %d) at %s", self._process.pid, address)
         return address
+
+    def _stop_orphan(self) -> None:
+        """Stop a daemon a killed sidecar left behind on this directory (it runs in its own session).
+
+        Only a process whose command line names this directory's config file is signalled, so a
+        recycled pid is left alone.
+        """
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if f"--config-file={self.config_path}".encode() in cmdline.split(b"\0"):
+            log.warning("stopping the private D-Bus daemon (pid %d) a previous sidecar left running", pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
 
     async def _stderr_text(self) -> str:
         if self._stderr is None:
@@ -164,7 +186,7 @@ class PrivateBus:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._stderr
             self._stderr = None
-        for path in (self.socket_path, self.config_path):
+        for path in (self.socket_path, self.config_path, self.pid_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
