@@ -56,7 +56,7 @@ async def test_a_guest_that_never_probes_sdei_is_reported(
     )
     spec.extra_args = qemu_args(kernel, dtb)
     seen = _Seen("no SDEI call")
-    logging.getLogger("qmp_sdei.conduit.el2").addHandler(seen)
+    logging.getLogger("qmp_sdei.conduit").addHandler(seen)
     vm = QemuProcess(spec, tmp_path / "vm")
     try:
         await vm.start()
@@ -77,10 +77,12 @@ async def test_a_guest_that_never_probes_sdei_is_reported(
             await asyncio.wait_for(asyncio.shield(task), TIMEOUT)
         waiter.cancel()
         assert seen.event.is_set(), f"no warning; sidecar: {sidecar.shutdown_reason!r}, log: {seen.messages}"
+        assert sidecar.owner is not None and sidecar.owner.problems, "the problem is not in the status"
+        assert "no SDEI call" in sidecar.status()["problems"][0]
         sidecar.request_shutdown("test finished")
         assert await asyncio.wait_for(task, TIMEOUT) == ExitCode.OK
     finally:
-        logging.getLogger("qmp_sdei.conduit.el2").removeHandler(seen)
+        logging.getLogger("qmp_sdei.conduit").removeHandler(seen)
         await vm.stop()
     assert "sdei:" not in vm.console  # the kernel never heard of SDEI
     assert any("/firmware/sdei" in m and when in m for m in seen.messages), seen.messages

@@ -10,6 +10,7 @@ import pytest
 from qmp_sdei.abi import psci
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, ThreadId
 from qmp_sdei.conduit.symbols import KernelCheckedConduit
+from qmp_sdei.owner import SdeiOwner
 from qmp_sdei.sdei import Dispatcher, EventSpec
 
 VECTORS = 0xFFFF_8000_0801_0800
@@ -23,11 +24,10 @@ class _NoStub:
 
 
 def _conduit() -> KernelCheckedConduit:
-    dispatcher = Dispatcher(events=[EventSpec(0)], mpidrs=[0], version=(1, 1))
+    owner = SdeiOwner(Dispatcher(events=[EventSpec(0)], mpidrs=[0], version=(1, 1)))  # PSCI left to QEMU
     vectors = [VECTORS, *(BHB_VECTORS + slot * 0x800 for slot in range(4))]
     return KernelCheckedConduit(
-        cast(RspClient, _NoStub()), dispatcher, [SITE], vectors=vectors, kernel_sites=[SITE],
-        psci_filter=lambda *args: None,
+        cast(RspClient, _NoStub()), owner, [SITE], vectors=vectors, kernel_sites=[SITE],
     )  # fmt: skip
 
 
