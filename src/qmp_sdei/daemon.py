@@ -324,8 +324,8 @@ class Sidecar:
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed: %s", task.get_name(), task.exception())
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("%s failed: %s", task.get_name(), error, exc_info=error)
 
     async def _status_writer(self, period: float = 2.0) -> None:
         """Refresh ``status.json`` now and then, so ``qmp-sdei status`` sees counters move."""
