@@ -355,6 +355,7 @@ async def migrate_until_completed(src: Vm, parent: Path, elf: Path, started: lis
         assert attempts < 50, "50 switchovers in a row were unsafe"
 
 
+@pytest.mark.slow  # 1.5 to 3 minutes: each cancelled switchover costs a new destination
 async def test_third_party_migrations_of_a_guest_making_1000_calls_per_second(
     tmp_path: Path, forever_elf: Path
 ) -> None:
