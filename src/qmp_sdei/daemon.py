@@ -342,6 +342,7 @@ class Sidecar:
                 self.metrics.tap_conduit(conduit.stats)
             sdnotify.status(f"{self._ready_text()}; conduit attached")
 
+        settings = self.config.conduit
         start_vm = False
         migration = self.migration
         if migration is not None and not migration.incoming:
@@ -352,8 +353,11 @@ class Sidecar:
             # A destination's guest arrives with the migration: arm the conduit once it is here and
             # before it runs (QEMU started with -S), then run it if it ran on the source.
             await migration.arrived.wait()
-            start_vm = bool(migration.loaded and migration.loaded.source_running and self.config.conduit.start_vm)
-        await serve_conduit(self.session, self.owner, self.config.conduit, on_attached=attached, start_vm=start_vm)
+            start_vm = bool(migration.loaded and migration.loaded.source_running and settings.start_vm)
+            # conduit.start_vm is about starting a -S VM at boot: here the source's runstate decides
+            # (a guest its owner had paused arrives paused).
+            settings = dataclasses.replace(settings, start_vm=False)
+        await serve_conduit(self.session, self.owner, settings, on_attached=attached, start_vm=start_vm)
 
     async def _serve_control(self) -> None:
         assert self.control_server is not None
