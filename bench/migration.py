@@ -23,7 +23,21 @@
   from ``migrate`` to the destination's ``completed``, medians and ranges; then the ratio of the
   helper cases' median downtime to the same setup without the helper, and to ``plain``.
 
-Usage: python bench/migration.py [--repeats N] [--dbus-repeats N]
+* ``sidecar``: the whole sidecar, with the call-forever test guest (``tests/guests/forever``) and
+  migrations started by a third party on QEMU's other monitor, as libvirt would:
+
+  - ``cost``: the same migration of an 8-vCPU VM (the guest at about 10 SDEI calls per second) with
+    a sidecar on each side and without any, interleaved, several repetitions. Both use the same
+    capabilities (``events``, ``pause-before-switchover``, ``return-path``; without a sidecar the
+    harness answers the pause itself), so the ratio is the sidecar's own cost: the dbus-vmstate
+    section (Save, Load) and its switchover decision. On loopback TCP the return path alone adds
+    about 40 ms of downtime to both.
+  - ``retries``: switchover attempts per completed migration with the guest at about 10, 100 and
+    1000 SDEI calls per second. An attempt is cancelled when the VM sat at one of the conduit's
+    breakpoints as QEMU began its switchover; each needs a new destination (QEMU 7.2's exits).
+
+Usage: python bench/migration.py [--repeats N] [--dbus-repeats N] [--sidecar-repeats N] [--migrations N]
+       [--only dbus,migration,sidecar]
 """
 
 from __future__ import annotations
@@ -52,7 +66,12 @@ from qmp_sdei.vmstate import PrivateBus, VmstateService
 from qmp_sdei.vmstate.service import INTERFACE, OBJECT_PATH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from dispatcher import EVENTS, busy_dispatcher, mpidrs  # a sibling script, not a package
+
+from qmp_sdei.config import parse
+from qmp_sdei.daemon import Sidecar
+from support.guests import GUEST_DIR, build_guest_dir  # the test guests' builder (cached)
 
 TIMEOUT = 60.0
 
@@ -206,20 +225,204 @@ async def migration_cost(workdir: Path, repeats: int) -> dict[str, Any]:
     return result
 
 
-async def main_async(repeats: int, dbus_repeats: int) -> dict[str, Any]:
+# -- the whole sidecar ----------------------------------------------------------------------------------
+
+FOREVER_NAME = "bench-migration"
+
+
+def forever_spec(elf: Path, smp: int, period_us: int, *extra: str) -> QemuSpec:
+    loader = f"loader,addr=0x4ff00000,data={period_us},data-len=4"  # the guest's call period
+    return QemuSpec(smp=smp, kernel=elf, paused=True, name=FOREVER_NAME, extra_args=("-device", loader, *extra))
+
+
+def sidecar_config(vm: QemuProcess, state_dir: Path, elf: Path) -> dict[str, Any]:
+    return {
+        "vm": {"name": FOREVER_NAME, "state_dir": str(state_dir)},
+        "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": TIMEOUT},
+        "sdei": {"version": "1.1", "events": [{"number": 1000}, {"number": 1001}]},
+        "psci": {"version": "1.0"},
+        "conduit": {"enabled": True, "elf": str(elf), "start_vm": True},
+        "log": {"level": "error", "format": "text"},
+    }
+
+
+class Side:
+    """One QEMU of a pair, its harness monitor and, optionally, its sidecar; all stopped by close()."""
+
+    def __init__(self, workdir: Path, spec: QemuSpec) -> None:
+        self.vm = QemuProcess(spec, workdir / "qemu")
+        self.workdir = workdir
+        self.harness: Any = None
+        self.sidecar: Sidecar | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    async def start(self, elf: Path | None) -> Side:
+        await asyncio.wait_for(self.vm.start(), TIMEOUT)
+        self.harness = await self.vm.connect_harness(TIMEOUT, f"bench-{self.workdir.name}")
+        if elf is not None:
+            self.sidecar = Sidecar(parse(sidecar_config(self.vm, self.workdir / "state", elf)))
+            self.task = asyncio.create_task(self.sidecar.run())
+            await asyncio.wait_for(self.sidecar.ready.wait(), TIMEOUT)
+            assert self.sidecar.migration is not None
+            await asyncio.wait_for(self.sidecar.migration.ready.wait(), TIMEOUT)
+        return self
+
+    async def close(self) -> None:
+        self.vm.kill()
+        if self.sidecar is not None and self.task is not None:
+            self.sidecar.request_shutdown("bench over")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, TIMEOUT)
+        if self.harness is not None:
+            with contextlib.suppress(Exception):
+                await self.harness.disconnect()
+        await self.vm.stop()
+
+
+async def harness_migration(src: Side, uri: str, *, answer_pause: bool) -> str:
+    """``migrate`` on the source's harness monitor; the final status. ``answer_pause``: no sidecar
+    drives the pause, so the harness continues at once (what the sidecar does when it is safe)."""
+    with src.harness.listener("MIGRATION") as listener:
+        await src.harness.execute("migrate", {"uri": uri})
+
+        async def follow() -> str:
+            async for event in listener:
+                status = str(event["data"]["status"])
+                if status == "pre-switchover" and answer_pause:
+                    await src.harness.execute("migrate-continue", {"state": "pre-switchover"})
+                if status in migration.FINAL_STATUSES:
+                    return status
+            raise RuntimeError("the harness monitor closed")
+
+        return await asyncio.wait_for(follow(), TIMEOUT * 2)
+
+
+async def settled_times(src: Side) -> tuple[float, float]:
+    """``total-time`` and ``downtime`` once QEMU has filled them in (see completed_info)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        info = await src.harness.execute("query-migrate")
+        if info.get("total-time") or time.monotonic() > deadline:
+            return float(info.get("total-time", 0)), float(info.get("downtime", 0))
+        await asyncio.sleep(0.002)  # QEMU gives no signal for "times computed"
+
+
+async def migrate_with_retries(
+    workdir: Path, elf: Path, *, smp: int, period_us: int, with_sidecar: bool
+) -> dict[str, float]:
+    """One source, fresh destinations until a migration completes; its times and the attempts."""
+    sides: list[Side] = []
+    try:
+        src = Side(workdir / "src", forever_spec(elf, smp, period_us))
+        sides.append(src)
+        await src.start(elf if with_sidecar else None)
+        if not with_sidecar:
+            caps = {"events": True, "pause-before-switchover": True, "return-path": True}
+            await src.harness.execute(
+                "migrate-set-capabilities", {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]}
+            )
+            await src.harness.execute("cont")
+        await src.vm.wait_for_console(r"READY version=", TIMEOUT)
+        attempts = 0
+        while True:
+            attempts += 1
+            if attempts > 200:
+                raise RuntimeError("200 switchovers in a row were cancelled")
+            port = free_port()
+            dst = Side(
+                workdir / f"dst{attempts}", forever_spec(elf, smp, period_us, "-incoming", f"tcp:127.0.0.1:{port}")
+            )
+            sides.append(dst)
+            await dst.start(elf if with_sidecar else None)
+            if not with_sidecar:
+                caps = {"events": True, "return-path": True}
+                await dst.harness.execute(
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+                )
+            outcome = await harness_migration(src, f"tcp:127.0.0.1:{port}", answer_pause=not with_sidecar)
+            if outcome == "completed":
+                total, downtime = await settled_times(src)
+                return {"total_ms": total, "downtime_ms": downtime, "attempts": float(attempts)}
+            await dst.close()
+    finally:
+        for side in sides:
+            await side.close()
+
+
+async def sidecar_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, float]]] = {"without_sidecar": [], "with_sidecar": []}
+    for repetition in range(repeats):
+        for name, samples in runs.items():  # interleaved, so load changes hit both alike
+            samples.append(
+                await migrate_with_retries(
+                    workdir / f"cost-{name}-{repetition}", elf, smp=smp, period_us=100_000,
+                    with_sidecar=name == "with_sidecar",
+                )
+            )  # fmt: skip
+    result: dict[str, Any] = {"vcpus": smp, "guest_calls_per_s": 10, "repeats": repeats}
+    for name, samples in runs.items():
+        result[name] = {key: spread([s[key] for s in samples]) for key in ("total_ms", "downtime_ms", "attempts")}
+    for key in ("downtime_ms", "total_ms"):
+        base = result["without_sidecar"][key]["median"]
+        result[f"{key.removesuffix('_ms')}_ratio"] = (
+            round(result["with_sidecar"][key]["median"] / base, 2) if base else None
+        )
+    return result
+
+
+async def retry_rounds(workdir: Path, elf: Path, migrations: int) -> list[dict[str, Any]]:
+    rows = []
+    for rate in (10, 100, 1000):
+        samples = [
+            await migrate_with_retries(
+                workdir / f"rate{rate}-{i}", elf, smp=1, period_us=1_000_000 // rate, with_sidecar=True
+            )
+            for i in range(migrations)
+        ]
+        attempts = [int(s["attempts"]) for s in samples]
+        rows.append(
+            {
+                "guest_calls_per_s": rate,
+                "migrations": migrations,
+                "attempts": attempts,
+                "cancelled_per_migration": round((sum(attempts) - migrations) / migrations, 2),
+                "downtime_ms": spread([s["downtime_ms"] for s in samples]),
+            }
+        )
+    return rows
+
+
+async def main_async(
+    repeats: int, dbus_repeats: int, sidecar_repeats: int, migrations: int, only: set[str]
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"benchmark": "migration"}
     with tempfile.TemporaryDirectory(prefix="qmp-sdei-bench-") as tmp:
         workdir = Path(tmp)
-        dbus = [await dbus_cost(n, workdir, dbus_repeats) for n in (1, 8, 64, 512)]
-        migrations = await migration_cost(workdir, repeats)
-    return {"benchmark": "migration", "dbus": dbus, "migration": migrations}
+        if "dbus" in only:
+            result["dbus"] = [await dbus_cost(n, workdir, dbus_repeats) for n in (1, 8, 64, 512)]
+        if "migration" in only:
+            result["migration"] = await migration_cost(workdir, repeats)
+        if "sidecar" in only:
+            elf = build_guest_dir(GUEST_DIR.parent / "forever", workdir / "guest")
+            result["sidecar"] = {
+                "cost": await sidecar_cost(workdir, elf, sidecar_repeats),
+                "retries": await retry_rounds(workdir, elf, migrations),
+            }
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="migrations per case")
     parser.add_argument("--dbus-repeats", type=int, default=20, help="Save/Load calls per size")
+    parser.add_argument("--sidecar-repeats", type=int, default=5, help="migrations with and without the sidecar")
+    parser.add_argument("--migrations", type=int, default=5, help="completed migrations per guest call rate")
+    parser.add_argument("--only", default="dbus,migration,sidecar", help="comma-separated parts to run")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main_async(args.repeats, args.dbus_repeats)), indent=2))
+    only = set(args.only.split(","))
+    result = asyncio.run(main_async(args.repeats, args.dbus_repeats, args.sidecar_repeats, args.migrations, only))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

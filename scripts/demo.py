@@ -186,6 +186,8 @@ async def demo(args: argparse.Namespace, work: Path) -> Numbers:
                 raise DemoFailed(f"migration: {reply}")
             numbers.migration = reply["result"]
             await asyncio.wait_for(destination.migration.arrived.wait(), TIMEOUT)
+            await asyncio.wait_for(destination.conduit_ready.wait(), TIMEOUT)  # then the guest is served
+            await asyncio.wait_for(destination.conduit.serving.wait(), TIMEOUT)
             await src.stop()  # the source QEMU quits, as its owner would after a migration
             source.request_shutdown("the VM migrated away")
         with steps.step(f"raise {args.events} events on the destination over MQTT"):

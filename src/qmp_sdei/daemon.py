@@ -348,6 +348,7 @@ class Sidecar:
                 self.metrics.tap_conduit(conduit.stats)
             sdnotify.status(f"{self._ready_text()}; conduit attached")
 
+        settings = self.config.conduit
         start_vm = False
         migration = self.migration
         if migration is not None and not migration.incoming:
@@ -358,13 +359,16 @@ class Sidecar:
             # A destination's guest arrives with the migration: arm the conduit once it is here and
             # before it runs (QEMU started with -S), then run it if it ran on the source.
             await migration.arrived.wait()
-            start_vm = bool(migration.loaded and migration.loaded.source_running and self.config.conduit.start_vm)
+            start_vm = bool(migration.loaded and migration.loaded.source_running and settings.start_vm)
+            # conduit.start_vm is about starting a -S VM at boot: here the source's runstate decides
+            # (a guest its owner had paused arrives paused).
+            settings = dataclasses.replace(settings, start_vm=False)
         assert self.facts is not None
         qemu = self.facts.qemu_version
         await serve_conduit(
             self.session,
             self.owner,
-            self.config.conduit,
+            settings,
             on_attached=attached,
             start_vm=start_vm,
             stops_need_our_resume=stub_reports_only_our_resumes(qemu.major, qemu.minor),
@@ -383,6 +387,10 @@ class Sidecar:
             # The VM's topics belong to the sidecar serving the VM: a destination takes them over
             # only once the guest has arrived (the source gives them up when it has left).
             await migration.arrived.wait()
+            if self.config.conduit.enabled:
+                # ...and once the conduit serves it: a raise before that could not be delivered.
+                await self.conduit_ready.wait()
+                await self.conduit.serving.wait()
         bridge = MqttBridge(self.control, self.config.mqtt, vm_name=self.vm_name, status=self.control.status_document)
         if self.metrics is not None:
             self.metrics.watch_broker(bridge.online.is_set, lambda: bridge.stats)

@@ -75,7 +75,7 @@ class GatedConduit(Protocol):
     def stopped_by_migration(self) -> bool: ...
     @property
     def held(self) -> bool: ...
-    async def open_gate(self, *, vm_running: bool = False) -> None: ...
+    async def open_gate(self) -> None: ...
 
 
 # ---- reports -----------------------------------------------------------------------------------------
@@ -400,12 +400,7 @@ class MigrationAgent:
         conduit = self._conduit()
         if conduit is not None:
             try:
-                # A cancelled or failed migration resumes a VM that ran at the switchover itself.
-                running = await self.session.refresh_runstate() == "running"
-            except QemuError:
-                running = False
-            try:
-                await conduit.open_gate(vm_running=running)
+                await conduit.open_gate()
             except ConduitError as err:
                 log.error("could not resume the guest after the migration ended: %s", err)
 

@@ -3,7 +3,9 @@
 Two real QEMUs on loopback, each with its own sidecar (and so its own private dbus-daemon and
 VMState1 service); the bare-metal guest runs on the source with events registered and unmasked,
 is migrated while it waits for a host event, and finishes its whole step table on the destination
-with the event raised through the destination sidecar's control socket.
+with the event raised through the destination sidecar's control socket. When the migration fails
+(the destination refuses the state, has no sidecar, or is SIGKILLed while RAM moves or at the
+pre-switchover pause) the source guest finishes its step table there, with its SDEI state.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +195,77 @@ async def test_a_destination_without_a_sidecar_fails_the_migration_cleanly(tmp_p
         finally:
             if not source.task.done():
                 await source.stop()
+
+
+async def kill_destination_and_check_the_source(tmp_path: Path, guest_elf: Path, *, when: str) -> None:
+    """Migrate with ``qmp-sdei migrate`` and SIGKILL the destination QEMU at ``when`` (``active``:
+    while RAM moves, slowed down to take seconds; ``pre-switchover``: inside the source sidecar's
+    pause, before it decides). The source guest then finishes its step table with its SDEI state."""
+    port = free_port()
+    async with (
+        vm(tmp_path / "src", guest_elf) as src,
+        vm(tmp_path / "dst", guest_elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
+    ):
+        src_state, dst_state = tmp_path / "src-state", tmp_path / "dst-state"
+        source = RunningSidecar(parse(config_doc(src, src_state, guest_elf, start_vm=True)))
+        destination = RunningSidecar(parse(config_doc(dst, dst_state, guest_elf, start_vm=True)))
+        harness = await src.connect_harness(TIMEOUT, "kill-destination-harness")
+        try:
+            await sidecar_ready(source)
+            await sidecar_ready(destination)
+            first, (event, _) = next(iter(HOST_EVENTS.items()))
+            await src.wait_for_console(rf"WAIT {first} {event}\r?\n", TIMEOUT)
+            killed = asyncio.get_running_loop().create_future()
+
+            async def kill() -> None:
+                dst.kill()
+                await dst.wait(TIMEOUT)
+                if not killed.done():
+                    killed.set_result(None)
+
+            if when == "active":
+                await harness.execute("migrate-set-parameters", {"max-bandwidth": 100_000})
+
+                async def on_event(status: str) -> None:
+                    if status == "active" and not killed.done():
+                        await kill()
+
+                watcher = asyncio.create_task(follow_migration(harness, on_event))
+            else:
+                assert source.sidecar.migration is not None
+                source.sidecar.migration.before_switchover = kill
+                watcher = None
+            code, report = await migrate_cli(tmp_path, src, src_state, guest_elf, f"tcp:127.0.0.1:{port}")
+            assert killed.done(), report
+            assert code == 1 and report["outcome"] == "failed", report
+            if watcher is not None:
+                watcher.cancel()
+            await source_keeps_serving(src, src_state, guest_elf)
+            assert dst.process is not None and dst.process.returncode == -9
+            assert "abort" not in src.stderr.lower() and "fatal" not in src.stderr.lower(), src.stderr
+        finally:
+            with contextlib.suppress(Exception):
+                await harness.disconnect()
+            for running in (source, destination):
+                if not running.task.done():
+                    with contextlib.suppress(Exception):
+                        await running.stop()
+
+
+async def follow_migration(harness: Any, on_status: Callable[[str], Awaitable[None]]) -> None:
+    """Call ``on_status`` with every MIGRATION status QEMU reports on the harness monitor."""
+    with harness.listener("MIGRATION") as listener:
+        async for event in listener:
+            await on_status(str(event["data"]["status"]))
+
+
+async def test_destination_killed_while_ram_moves_the_source_finishes_its_steps(
+    tmp_path: Path, guest_elf: Path
+) -> None:
+    await kill_destination_and_check_the_source(tmp_path, guest_elf, when="active")
+
+
+async def test_destination_killed_at_pre_switchover_the_source_finishes_its_steps(
+    tmp_path: Path, guest_elf: Path
+) -> None:
+    await kill_destination_and_check_the_source(tmp_path, guest_elf, when="pre-switchover")

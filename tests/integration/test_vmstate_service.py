@@ -231,3 +231,33 @@ async def test_private_bus_refuses_what_is_in_the_way_of_its_socket(tmp_path: Pa
     (tmp_path / "bus" / "bus.sock").mkdir(parents=True)
     with pytest.raises(VmstateError, match="cannot remove"):
         await PrivateBus(tmp_path / "bus").start()
+
+
+async def test_a_daemon_left_by_a_killed_sidecar_is_stopped_by_the_next_one(tmp_path: Path) -> None:
+    """The daemon runs in its own session, so a SIGKILLed sidecar leaves it behind; its pid file
+    lets the next sidecar on the same directory stop it before starting its own."""
+    first = PrivateBus(tmp_path / "bus")
+    await first.start()
+    orphan = first._process
+    assert orphan is not None and first.pid_path.read_text().strip() == str(orphan.pid)
+    first._process = None  # forget it, as a killed sidecar would
+    async with PrivateBus(tmp_path / "bus") as second:
+        assert await asyncio.wait_for(orphan.wait(), TIMEOUT) is not None
+        assert second.pid_path.read_text().strip() != str(orphan.pid)
+    assert not (tmp_path / "bus" / "bus.pid").exists()
+
+
+async def test_a_pid_file_naming_another_process_is_left_alone(tmp_path: Path) -> None:
+    directory = tmp_path / "bus"
+    directory.mkdir()
+    sleeper = await asyncio.create_subprocess_exec("sleep", "30")
+    try:
+        (directory / "bus.pid").write_text(f"{sleeper.pid}\n")
+        async with PrivateBus(directory):
+            assert sleeper.returncode is None
+        (directory / "bus.pid").write_text("not a pid\n")
+        async with PrivateBus(directory):
+            pass
+    finally:
+        sleeper.kill()
+        await sleeper.wait()

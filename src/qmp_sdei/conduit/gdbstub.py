@@ -225,6 +225,7 @@ class GdbstubConduit:
         self._gate_closed = False
         self._settled = asyncio.Event()  # gate closed, no stop being served, no resume of ours outstanding
         self._in_stop = False
+        self._resume_when_served = False  # the gate opened while a stop was being served
         self._waiters: list[_Waiter] = []
         self._vector_bps: set[int] = set()
         self._deferred: set[int] = set()  # vCPUs waiting for their next EL1h kernel entry
@@ -336,6 +337,7 @@ class GdbstubConduit:
                     self._fail_waiters(ConduitError("the VM shut down"))
                     return
                 await self._serve_stop(stop, ours=ours)
+                self._resume_if_gate_opened()
                 # A stop handled while detach() was asked for may already have resumed the VM; then
                 # detach's stop request is still coming and must be consumed here, or the VM is
                 # left stopped with nobody to detach it.
@@ -823,26 +825,21 @@ class GdbstubConduit:
         the migration stopped it, so it should run again wherever the migration ends."""
         return self._held and self._held_signal == SIGNAL_XCPU
 
-    async def open_gate(self, *, vm_running: bool = False) -> None:
+    async def open_gate(self) -> None:
         """The switchover is over (cancelled or failed): let the VM run again if it was ours to run.
 
-        A VM stopped by someone else stays theirs; a VM held at one of our own stops is resumed
-        here, as it would have been without the gate.
-
-        :param vm_running: QEMU already resumed the VM itself (it does for a VM that was running
-            at the switchover). Then nothing is resumed here: a ``c`` to a running VM would stop
-            it. The VM is interrupted once instead, so that the loop sees a stop of its own and
-            continues the VM itself (QEMU 8+ sends no stop replies after a resume it did not get
-            from the debugger).
+        Nothing to do if the gate was never closed (the migration failed before its switchover), or
+        if the VM is held at someone else's stop (QEMU's migration stop: QEMU resumes that VM itself
+        when the migration is cancelled, and the RESUME follower tells us). A VM held at one of our
+        own stops is resumed here, as it would have been without the gate; if that stop is still
+        being served, the loop resumes it when it is done.
         """
-        self._gate_closed = False
+        was_closed, self._gate_closed = self._gate_closed, False
         self._settled.clear()
-        if self._run_task is None or self._run_task.done():
+        if not was_closed or self._run_task is None or self._run_task.done():
             return
-        if vm_running:
-            self._held = False
-            self._running = True
-            self._interrupt()
+        if self._in_stop:
+            self._resume_when_served = True
             return
         if self._running:
             return
@@ -852,6 +849,14 @@ class GdbstubConduit:
             return
         self.rsp.resume()  # the loop is waiting for a stop: it consumes the next reply
         self._running = True
+
+    def _resume_if_gate_opened(self) -> None:
+        """The gate opened while a stop was served after the loop had decided not to resume."""
+        if self._resume_when_served:
+            self._resume_when_served = False
+            if not (self._running or self._held or self._gate_closed or self._stopping):
+                self.rsp.resume()
+                self._running = True
 
     @property
     def held(self) -> bool:

@@ -1,0 +1,142 @@
+"""A booted Linux guest migrates with its SDEI state and still takes events on the destination.
+
+The source is the guest of ``test_linux_events.py`` (stock Debian kernel, ``sdei_test.ko``
+registered and enabled event 1000 through the kernel's SDEI driver), booted with the sidecar's
+symbol conduit. Once its SDEI probe printed ``SDEIv1.x`` and an event has been handled, a third
+party migrates it (``migrate`` on QEMU's harness monitor) to a destination QEMU with its own
+sidecar. The kernel never probes again: the destination must present the same SDEI version and
+the registrations the kernel made at boot, and an event raised there must run the module's
+callback, with the count going on from the source's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib.util
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from qmp_sdei.config import parse
+from qmp_sdei.daemon import Sidecar
+from qmp_sdei.owner import RaiseResult
+from qmp_sdei.qemu.launch import QemuProcess
+from support.guests import free_port
+from support.linux_guest import (
+    DELIVERY_LINE,
+    LinuxEventGuest,
+    LinuxGuestUnavailable,
+    booted_linux,
+    prepare_linux_event_guest,
+    sidecar_config,
+)
+
+pytestmark = [
+    pytest.mark.linux,
+    pytest.mark.qemu,
+    pytest.mark.asyncio,
+    pytest.mark.skipif(shutil.which("apt-get") is None, reason="fetching the Debian kernel and headers needs apt"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("vmlinux_to_elf") is None,
+        reason="vmlinux-to-elf not installed (the 'linux' extra)",
+    ),
+]
+
+TIMEOUT = 60.0
+SDEI_PROBE = re.compile(r"sdei: SDEIv(?P<major>\d+)\.(?P<minor>\d+) \(0x(?P<vendor>[0-9a-f]+)\) detected in firmware")
+
+
+@pytest.fixture(scope="module")
+def guest() -> LinuxEventGuest:
+    try:
+        return prepare_linux_event_guest()
+    except LinuxGuestUnavailable as err:
+        pytest.skip(str(err))
+
+
+async def test_linux_guest_migrates_and_takes_events_on_the_destination(guest: LinuxEventGuest, tmp_path: Path) -> None:
+    async with booted_linux(guest, tmp_path / "src", smp=1, timeout=TIMEOUT) as linux:
+        probe = SDEI_PROBE.search(linux.vm.console)
+        assert probe is not None, "the kernel did not probe SDEI"
+        seen = (int(probe["major"]), int(probe["minor"]))
+        await linux.raise_event(0, TIMEOUT)  # one event on the source: the registration works here
+
+        harness = await linux.vm.connect_harness(TIMEOUT, "linux-migration-harness")
+        attempts = 0
+        dst: QemuProcess | None = None
+        sidecar: Sidecar | None = None
+        task: asyncio.Task[object] | None = None
+        try:
+            while True:  # a switchover the sidecar had to cancel is retried with a new destination
+                attempts += 1
+                assert attempts <= 10, "10 switchovers in a row were cancelled"
+                port = free_port()
+                spec = linux.vm.spec
+                incoming = [*spec.extra_args, "-incoming", f"tcp:127.0.0.1:{port}"]
+                dst_spec = dataclasses.replace(spec, extra_args=incoming)
+                dst = QemuProcess(dst_spec, tmp_path / f"dst{attempts}" / "vm")
+                await asyncio.wait_for(dst.start(), TIMEOUT)
+                config = sidecar_config(guest, dst, tmp_path / f"dst{attempts}" / "state", TIMEOUT)
+                sidecar = Sidecar(parse(config))
+                task = asyncio.create_task(sidecar.run(), name="linux-migration.destination")
+                await asyncio.wait_for(sidecar.ready.wait(), TIMEOUT)
+                assert sidecar.migration is not None
+                await asyncio.wait_for(sidecar.migration.ready.wait(), TIMEOUT)
+
+                with harness.listener("MIGRATION") as listener:
+                    await harness.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+
+                    async def final() -> str:
+                        async for event in listener:
+                            if event["data"]["status"] in ("completed", "failed", "cancelled"):
+                                return str(event["data"]["status"])
+                        raise AssertionError("the harness monitor closed")
+
+                    outcome = await asyncio.wait_for(final(), TIMEOUT * 2)
+                if outcome == "completed":
+                    break
+                assert outcome == "cancelled", outcome
+                await dst.wait(TIMEOUT)
+                sidecar.request_shutdown("retry")
+                await asyncio.wait_for(task, TIMEOUT)
+                await dst.stop()
+
+            assert sidecar is not None and sidecar.migration is not None and dst is not None
+            await asyncio.wait_for(sidecar.migration.arrived.wait(), TIMEOUT)
+            await asyncio.wait_for(sidecar.conduit_ready.wait(), TIMEOUT)
+            await asyncio.wait_for(sidecar.conduit.serving.wait(), TIMEOUT)
+            owner = sidecar.owner
+            assert owner is not None and owner.pins is not None
+            assert owner.pins.sdei == seen, f"the kernel saw SDEI {seen}, the destination presents {owner.pins.sdei}"
+            events = owner.dispatcher.describe()["vcpus"][0]["events"]
+            assert events[str(guest.event)]["status"] == 3, events  # registered and enabled, by the kernel
+
+            # Events on the destination run the module's callback; its count goes on from the source.
+            for n in (linux.raised + 1, linux.raised + 2):
+                result = await owner.raise_event(guest.event, 0, wait=TIMEOUT)
+                assert result.result is RaiseResult.DELIVERED, result
+                await dst.wait_for_console(re.compile(DELIVERY_LINE.format(n=n)), TIMEOUT)
+            beats = re.findall(r"sdei_test_init: alive (\d+)", linux.vm.console + dst.console)  # /init's count goes on
+            last = int(beats[-1]) if beats else -1
+            await dst.wait_for_console(re.compile(rf"sdei_test_init: alive {last + 1}\r?\n"), TIMEOUT)
+            trouble = [line for line in dst.console.splitlines() if re.search(r"Oops|\bBUG\b|WARNING:|panic", line)]
+            assert not trouble, trouble
+            assert "sdei: SDEIv" not in dst.console  # no second probe: the kernel kept what it saw
+            status = await harness.execute("query-status")
+            assert status["status"] == "postmigrate", status
+        finally:
+            with contextlib.suppress(Exception):
+                await harness.disconnect()
+            if sidecar is not None and task is not None and not task.done():
+                sidecar.request_shutdown("test over")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, TIMEOUT)
+            if dst is not None:
+                await dst.stop()
+                assert dst.process is not None and dst.process.returncode != -signal.SIGABRT, dst.stderr
+                assert "abort" not in dst.stderr.lower(), dst.stderr
