@@ -55,6 +55,7 @@ from qmp_sdei.stub import (
 log = logging.getLogger(__name__)
 
 SDEI_PROBE_GRACE = 60.0  # seconds after the guest's first PSCI call by which an SDEI client has probed
+STUB_RETRY = 0.002  # seconds; a vCPU stopped inside the stub's resume path leaves it in a few instructions
 KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
@@ -157,6 +158,11 @@ class El2Conduit(GdbstubConduit):
             "SDEI (a device tree without /firmware/sdei, or ACPI without the SDEI table: see qmp-sdei "
             "qemu-args and sdeitab.efi)"
         )
+
+    def _retry_delivery(self, vcpu: int) -> None:
+        """STUB_RETRY after finding ``vcpu`` inside the stub: stop the VM again if it still waits."""
+        if vcpu in self.dispatcher.deliverable() and self._running:
+            self._interrupt()
 
     def _check_kicked(self, vcpu: int) -> None:
         """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
@@ -323,7 +329,10 @@ class El2Conduit(GdbstubConduit):
             return False
         if core.pc != self.layout.resume:
             # Elsewhere in the stub, or a call still to be forwarded (trap_site + 4): entering a
-            # handler now would lose it. Deferred to the vCPU's next exception entry.
+            # handler now would lose it. Deferred to the vCPU's next exception entry; and since a
+            # guest may take none for long (a busy loop with no interrupts), stop it again shortly:
+            # by then it has left the stub's few instructions.
+            asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
             return None
         self._kicked.discard(vcpu)
         self._areas[vcpu] = self._area(core)
