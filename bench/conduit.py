@@ -39,7 +39,24 @@ printk to irq_work, so this is after the resume). Linux's SDEI entry makes 4 tra
 ``SDEI_EVENT_CONTEXT`` calls before the callback and then completes, so a Linux event costs one
 interrupt stop plus 5 breakpoint traps, each of which makes QEMU flush its translation cache.
 
-    python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist]
+Through the EL2 stub (``-M virt,virtualization=on``; ``docs/el2-stub.md``):
+
+* ``baremetal_el2`` (``--no-el2`` skips it): the same loop guest, linked where the stub enters a
+  kernel and loaded raw, served by ``El2Conduit``: every ``hvc`` traps to the stub's one site.
+  ``trapped_call_el2_vs_symbols`` puts the two conduits' median round trip and sidecar share side
+  by side (same run, same persistence). The stub answers the 1001 handler's ``EVENT_CONTEXT``
+  itself, so ``request_to_handler_running`` has no samples there.
+* ``linux_el2_boot`` (``--el2-boots N``, ``--uefi-boots N``): the Debian kernel booted through the
+  stub directly and through UEFI (edk2 from a disk image, ~7 s a boot), to the ``sdei:`` line with
+  the sidecar (``boot-test``) and without it (the stub forwards every call to QEMU's PSCI), one
+  after the other in the same run; ``ratio`` = median with / median without.
+* ``linux_events_el2`` (``--el2-events N``): as ``linux_events`` but through the stub (KASLR on,
+  WFI idle, events back to back).
+* ``idle_delivery`` (``--idle-events N``, ``--idle-gap S``): ``bench/idle_delivery.py``'s
+  measurement on smp 1 and 2: events raised into a guest idling in WFI (in the stub's idle loop).
+
+    python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist] [--no-el2]
+        [--el2-boots N] [--uefi-boots N] [--el2-events N] [--idle-events N] [--idle-gap S]
 """
 
 from __future__ import annotations
