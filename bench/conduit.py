@@ -39,7 +39,24 @@ printk to irq_work, so this is after the resume). Linux's SDEI entry makes 4 tra
 ``SDEI_EVENT_CONTEXT`` calls before the callback and then completes, so a Linux event costs one
 interrupt stop plus 5 breakpoint traps, each of which makes QEMU flush its translation cache.
 
-    python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist]
+Through the EL2 stub (``-M virt,virtualization=on``; ``docs/el2-stub.md``):
+
+* ``baremetal_el2`` (``--no-el2`` skips it): the same loop guest, linked where the stub enters a
+  kernel and loaded raw, served by ``El2Conduit``: every ``hvc`` traps to the stub's one site.
+  ``trapped_call_el2_vs_symbols`` puts the two conduits' median round trip and sidecar share side
+  by side (same run, same persistence). The stub answers the 1001 handler's ``EVENT_CONTEXT``
+  itself, so ``request_to_handler_running`` has no samples there.
+* ``linux_el2_boot`` (``--el2-boots N``, ``--uefi-boots N``): the Debian kernel booted through the
+  stub directly and through UEFI (edk2 from a disk image, ~7 s a boot), to the ``sdei:`` line with
+  the sidecar (``boot-test``) and without it (the stub forwards every call to QEMU's PSCI), one
+  after the other in the same run; ``ratio`` = median with / median without.
+* ``linux_events_el2`` (``--el2-events N``): as ``linux_events`` but through the stub (KASLR on,
+  WFI idle, events back to back).
+* ``idle_delivery`` (``--idle-events N``, ``--idle-gap S``): ``bench/idle_delivery.py``'s
+  measurement on smp 1 and 2: events raised into a guest idling in WFI (in the stub's idle loop).
+
+    python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist] [--no-el2]
+        [--el2-boots N] [--uefi-boots N] [--el2-events N] [--idle-events N] [--idle-gap S]
 """
 
 from __future__ import annotations
@@ -59,8 +76,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qmp_sdei import stub
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id
+from qmp_sdei.conduit.el2 import El2Conduit, probe_stub
 from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit
 from qmp_sdei.errors import QemuError
 from qmp_sdei.owner import RaiseResult, SdeiOwner
@@ -70,8 +89,9 @@ from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
 from qmp_sdei.versions import VersionPins
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))  # the guests and their builders live with the tests
-from support.guests import build_guest_dir, connect_gdbstub, elf_symbols, free_port  # noqa: E402
+from support.guests import CFLAGS, CROSS, build_guest_dir, connect_gdbstub, elf_symbols, free_port  # noqa: E402
 
 GUEST_DIR = REPO / "tests" / "guests" / "loop"
 ROUNDS, CALLS, EVENTS = 10, 200, 100  # as compiled into tests/guests/loop/loop.c
@@ -135,9 +155,50 @@ class TimingDispatcher:
         return getattr(self.inner, name)  # the rest of the owner's conduit side, unchanged
 
 
-async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[str, Any]:
+def build_loop_guest_el2(outdir: Path) -> Path:
+    """The same loop guest linked where the EL2 stub enters a kernel, as a raw image."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    script = (GUEST_DIR / "link.ld").read_text().replace("0x40080000", f"{stub.KERNEL_ADDR:#x}")
+    (outdir / "link-el2.ld").write_text(script)
+    elf, raw = outdir / "loop-el2.elf", outdir / "loop-el2.bin"
+    subprocess.run(
+        [f"{CROSS}gcc", *CFLAGS, "-T", str(outdir / "link-el2.ld"), "-o", str(elf),
+         *(str(GUEST_DIR / s) for s in ("start.S", "loop.c"))],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run([f"{CROSS}objcopy", "-O", "binary", str(elf), str(raw)], check=True)
+    return raw
+
+
+def console_tail(vm: QemuProcess, lines: int = 5) -> str:
+    return "\n".join(vm.console.splitlines()[-lines:])
+
+
+def baremetal_spec(elf: Path, port: int, el2_image: Path | None) -> QemuSpec:
+    if el2_image is None:
+        return QemuSpec(smp=1, kernel=elf, gdb=f"tcp:127.0.0.1:{port}", paused=True)
+    return QemuSpec(
+        smp=1, machine_options={"virtualization": "on"}, gdb=f"tcp:127.0.0.1:{port}", paused=True,
+        extra_args=["-kernel", str(stub.STUB_ELF),
+                    "-device", f"loader,file={el2_image},addr={stub.KERNEL_ADDR:#x},force-raw=on"],
+    )  # fmt: skip
+
+
+async def baremetal_conduit(port: int, timing: TimingDispatcher, elf: Path, *, el2: bool) -> GdbstubConduit:
+    rsp = await connect_gdbstub(port, TIMEOUT)
+    if not el2:
+        return GdbstubConduit(rsp, timing, [hvc_site(elf)], timeout=TIMEOUT)
+    layout = await probe_stub(rsp)
+    if layout is None:
+        raise RuntimeError("the EL2 stub was not found in guest memory")
+    return El2Conduit(rsp, timing, layout, timeout=TIMEOUT)
+
+
+async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool, el2_image: Path | None = None) -> dict[str, Any]:
+    """The loop guest on the symbol conduit (``elf``), or through the EL2 stub (``el2_image``:
+    the raw guest the stub enters at EL1; every ``hvc`` traps to the stub's one site)."""
     port = free_port()
-    spec = QemuSpec(smp=1, kernel=elf, gdb=f"tcp:127.0.0.1:{port}", paused=True)
+    spec = baremetal_spec(elf, port, el2_image)
     inner = Dispatcher(events=[EventSpec(1000), EventSpec(1001)], mpidrs=[0], version=(1, 1), profile="tf-a")
     store = StateStore(workdir / "state")
     identity, pins = VmIdentity(None, "bench"), VersionPins((1, 1), 0, (1, 1))
@@ -152,7 +213,7 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[st
     owner = SdeiOwner(inner, pins=pins, persist=save if persist else None)
     timing = TimingDispatcher(owner)
     async with QemuProcess(spec, workdir / "vm") as vm:
-        conduit = GdbstubConduit(await connect_gdbstub(port, TIMEOUT), timing, [hvc_site(elf)], timeout=TIMEOUT)
+        conduit = await baremetal_conduit(port, timing, elf, el2=el2_image is not None)
         await conduit.start()
         run = asyncio.create_task(conduit.run(), name="conduit.run")
         try:
@@ -172,13 +233,13 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[st
                 result = await owner.raise_event(event, 0, wait=TIMEOUT)
                 entered = time.perf_counter_ns()
                 if result.result is not RaiseResult.DELIVERED:
-                    raise RuntimeError(f"event {event} was not deliverable: {result}")
+                    raise RuntimeError(f"event {event} (#{i}) was not deliverable: {result}\n{console_tail(vm)}")
                 await asyncio.wait_for(timing.completed.wait(), TIMEOUT)
                 deliver_ns.append(entered - t0)
                 after = timing.calls[mark:]
                 resumed_ns.append(next(t for fid, t in after if fid == -1) - t0)
-                if event == 1001:
-                    running_ns.append(next(t for fid, t in after if fid == Function.EVENT_CONTEXT) - t0)
+                # Through the EL2 stub the handler's EVENT_CONTEXT is answered in the stub: no trap.
+                running_ns.extend(t - t0 for fid, t in after[:1] if event == 1001 and fid == Function.EVENT_CONTEXT)
             await vm.wait_for_console(rf"EVENTS {EVENTS}\r?\n", TIMEOUT)
             assert await vm.wait(TIMEOUT) == 0
             await asyncio.wait_for(run, TIMEOUT)
@@ -190,6 +251,7 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[st
         console = vm.console
 
     return baremetal_summary(
+        conduit="el2" if el2_image is not None else "symbols",
         persist=persist,
         saves=saves,
         version_times=version_times,
@@ -204,6 +266,7 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool) -> dict[st
 
 def baremetal_summary(
     *,
+    conduit: str,
     persist: bool,
     saves: int,
     version_times: list[int],
@@ -224,6 +287,7 @@ def baremetal_summary(
     handling = summary_us(loop_handling)
     round_trip = summary_us(intervals)
     return {
+        "conduit": conduit,
         "persist_state": persist,
         "state_saves": saves,
         "trapped_calls": {
@@ -313,7 +377,74 @@ async def bench_linux(boots: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-async def bench_linux_events(count: int, workdir: Path) -> dict[str, Any]:
+ANY_SDEI_LINE = re.compile(r"sdei: (?:SDEIv\d+\.\d+ .*detected in firmware\.|Failed to get SDEI version: -?\d+)")
+
+
+async def el2_boot_without_sidecar(kernel: Path, workdir: Path, firmware: str) -> float:
+    """Seconds from ``cont`` to the ``sdei:`` line through the EL2 stub with nobody at its trap
+    site: the stub forwards every call to QEMU's PSCI, so the kernel's SDEI probe fails (-95)."""
+    from qmp_sdei.boottest import APPEND, CPU, qemu_spec  # noqa: PLC0415
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = await qemu_spec(
+        workdir, kernel, initrd=None, cmdline=APPEND, smp=1, cpu=CPU, conduit="el2", psci_version=(1, 1),
+        firmware=firmware,
+    )  # fmt: skip
+    async with QemuProcess(spec, workdir / "vm") as vm:
+        client = await vm.connect_harness(TIMEOUT, "bench")
+        try:
+            await client.execute("cont")
+            started = time.perf_counter()
+            await vm.wait_for_console(ANY_SDEI_LINE, TIMEOUT)
+            return time.perf_counter() - started
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+
+async def bench_linux_el2(boots: dict[str, int], workdir: Path) -> dict[str, Any]:
+    """Boot to the ``sdei:`` line through the EL2 stub, with and without the sidecar, alternating
+    in one run, for each firmware (``direct``: the stub enters the kernel; ``uefi``: edk2 from a
+    disk image). ``ratio`` is the median with over the median without."""
+    from qmp_sdei.boottest import run_boot_test  # noqa: PLC0415
+    from qmp_sdei.linux_kernel import fetch_debian_kernel  # noqa: PLC0415
+
+    try:
+        kernel = await asyncio.to_thread(fetch_debian_kernel)
+    except Exception as err:
+        return {"skipped": f"no Debian kernel: {err}"}
+    result: dict[str, Any] = {"kernel": str(kernel)}
+    for firmware, count in boots.items():
+        if count <= 0:
+            continue
+        with_s: list[float] = []
+        without_s: list[float] = []
+        traps: list[int] = []
+        handling: list[float] = []
+        for n in range(count):
+            report = await run_boot_test(
+                kernel, expect_sdei="1.1", expect_psci="1.1", smp=1, timeout=TIMEOUT, firmware=firmware,
+                conduit="el2", workdir=workdir / f"{firmware}-with{n}",
+            )  # fmt: skip
+            if not report.passed:
+                raise RuntimeError(report.text())
+            line = report.lines["sdei"]
+            assert line.after_vm_start_s is not None
+            with_s.append(line.after_vm_start_s)
+            traps.append(report.conduit["traps"])
+            handling.append(report.conduit["trap_handling_median_us"])
+            without_s.append(await el2_boot_without_sidecar(kernel, workdir / f"{firmware}-without{n}", firmware))
+        result[firmware] = {
+            "with_sidecar": summary_s(with_s),
+            "without_sidecar": summary_s(without_s),
+            "ratio": round(statistics.median(with_s) / statistics.median(without_s), 3),
+            "traps_per_boot": traps,
+            "trap_handling_median_us_per_boot": handling,
+        }
+    return result
+
+
+async def bench_linux_events(count: int, workdir: Path, conduit: str = "symbols") -> dict[str, Any]:
     from support.linux_guest import (  # noqa: PLC0415 (test support, only for this section)
         LinuxGuestUnavailable,
         booted_linux,
@@ -324,9 +455,11 @@ async def bench_linux_events(count: int, workdir: Path) -> dict[str, Any]:
         guest = await asyncio.to_thread(prepare_linux_event_guest)
     except LinuxGuestUnavailable as err:
         return {"skipped": str(err)}
-    result: dict[str, Any] = {"kernel": f"{guest.kernel.package} {guest.kernel.version}", "event": guest.event}
+    result: dict[str, Any] = {
+        "kernel": f"{guest.kernel.package} {guest.kernel.version}", "event": guest.event, "conduit": conduit,
+    }  # fmt: skip
     for smp in (1, 2):
-        async with booted_linux(guest, workdir / f"smp{smp}", smp=smp, timeout=TIMEOUT) as linux:
+        async with booted_linux(guest, workdir / f"smp{smp}", smp=smp, timeout=TIMEOUT, conduit=conduit) as linux:
             handling_mark = len(linux.sidecar.conduit.stats.trap_handling_ns)
             deliveries = [await linux.raise_event(n % smp, TIMEOUT) for n in range(count)]
             await linux.wait_heartbeat_after(linux.heartbeat(), TIMEOUT)
@@ -367,6 +500,21 @@ async def bench_linux_events(count: int, workdir: Path) -> dict[str, Any]:
     return result
 
 
+def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median trapped SDEI_VERSION round trip and sidecar share, per conduit, same run and same
+    persistence setting (the first run of each: with the state file unless --no-persist)."""
+
+    def medians(run: dict[str, Any]) -> dict[str, float]:
+        calls = run["trapped_calls"]
+        return {
+            "round_trip_median_us": calls["round_trip"]["median_us"],
+            "sidecar_share_median_us": calls["sidecar_share"]["median_us"],
+            "qemu_and_guest_share_median_us": calls["qemu_and_guest_share_median_us"],
+        }
+
+    return {"persist_state": symbols[0]["persist_state"], "symbols": medians(symbols[0]), "el2": medians(el2[0])}
+
+
 def qemu_version() -> str:
     out = subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True, check=False)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -386,6 +534,30 @@ async def main(args: argparse.Namespace, qemu: str) -> dict[str, Any]:
             result["linux"] = await bench_linux(args.linux_boots, work / "linux")
         if args.linux_events > 0:
             result["linux_events"] = await bench_linux_events(args.linux_events, work / "linux-events")
+        if args.el2:
+            el2_image = build_loop_guest_el2(work / "guest-el2")
+            try:
+                result["baremetal_el2"] = [
+                    await bench_baremetal(elf, work / f"bm-el2-{persist}", persist=persist, el2_image=el2_image)
+                    for persist in runs
+                ]
+                result["trapped_call_el2_vs_symbols"] = compare_trapped_calls(
+                    result["baremetal"], result["baremetal_el2"]
+                )
+            except RuntimeError as err:  # say so in the JSON and go on with the other sections
+                result["baremetal_el2"] = {"failed": str(err)}
+        if args.el2_boots > 0 or args.uefi_boots > 0:
+            result["linux_el2_boot"] = await bench_linux_el2(
+                {"direct": args.el2_boots, "uefi": args.uefi_boots}, work / "linux-el2"
+            )
+        if args.el2_events > 0:
+            result["linux_events_el2"] = await bench_linux_events(args.el2_events, work / "linux-events-el2", "el2")
+        if args.idle_events > 0:
+            from idle_delivery import measure  # noqa: PLC0415 (bench/idle_delivery.py)
+
+            result["idle_delivery"] = [
+                await measure(events=args.idle_events, gap=args.idle_gap, smp=smp, cpu="cortex-a57") for smp in (1, 2)
+            ]
     return result
 
 
@@ -394,6 +566,12 @@ if __name__ == "__main__":
     parser.add_argument("--linux-boots", type=int, default=5, help="boots with and without the sidecar (0: skip)")
     parser.add_argument("--linux-events", type=int, default=50, help="events raised into Linux per smp (0: skip)")
     parser.add_argument("--no-persist", action="store_true", help="bare metal only without state-file writes")
+    parser.add_argument("--no-el2", dest="el2", action="store_false", help="no bare-metal run through the EL2 stub")
+    parser.add_argument("--el2-boots", type=int, default=3, help="direct boots through the EL2 stub, with and without")
+    parser.add_argument("--uefi-boots", type=int, default=1, help="UEFI boots through the EL2 stub (~7 s each), ditto")
+    parser.add_argument("--el2-events", type=int, default=30, help="events into Linux through the EL2 stub per smp")
+    parser.add_argument("--idle-events", type=int, default=10, help="events into an idle (WFI) guest per smp (0: skip)")
+    parser.add_argument("--idle-gap", type=float, default=0.5, help="seconds of idle before each idle-guest event")
     try:
         print(json.dumps(asyncio.run(main(parser.parse_args(), qemu_version())), indent=2))
     except QemuError as err:

@@ -6,6 +6,8 @@ Boots the Linux event guest (tests/support/linux_guest.py: stock Debian kernel, 
 milliseconds from the raise: handler entered (the dispatcher wrote the handler's registers) and
 the handler's COMPLETE answered (the interrupted context resumed), plus the stub's idle counters.
 
+bench/conduit.py runs it too (``--idle-events``).
+
 Usage: python bench/idle_delivery.py [--events 20] [--gap 0.5] [--smp 1] [--cpu cortex-a57]
 """
 
@@ -18,6 +20,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -35,6 +38,35 @@ def _summary(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
+async def measure(*, events: int, gap: float, smp: int, cpu: str) -> dict[str, Any]:
+    """Boot, raise ``events`` events ``gap`` seconds apart into the idle guest; the JSON document."""
+    guest = await asyncio.to_thread(prepare_linux_event_guest)
+    entered: list[int] = []
+    resumed: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-bench-idle-") as scratch:
+        async with booted_linux(guest, Path(scratch), smp=smp, timeout=TIMEOUT, conduit="el2", cpu=cpu) as linux:
+            for n in range(events):
+                await asyncio.sleep(gap)  # the guest idles: that is what is measured
+                d = await linux.raise_event(n % smp, TIMEOUT)
+                assert d.entered_ns is not None
+                entered.append(d.entered_ns)
+                resumed.append(d.resumed_ns)
+            stats = linux.sidecar.conduit.stats
+            idle = {"idle_kicks": getattr(stats, "idle_kicks", 0), "idle_wakes": getattr(stats, "idle_wakes", 0)}
+            deferred = stats.deferred_deliveries
+    return {
+        "bench": "idle_delivery",
+        "events": events,
+        "gap_s": gap,
+        "smp": smp,
+        "cpu": cpu,
+        "raise_to_handler_entry": _summary(entered),
+        "raise_to_resumed": _summary(resumed),
+        "deferred_deliveries": deferred,
+        **idle,
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20)
@@ -42,38 +74,8 @@ async def main() -> None:
     parser.add_argument("--smp", type=int, default=1)
     parser.add_argument("--cpu", default="cortex-a57")
     args = parser.parse_args()
-    guest = await asyncio.to_thread(prepare_linux_event_guest)
-    entered: list[int] = []
-    resumed: list[int] = []
-    with tempfile.TemporaryDirectory(prefix="qmp-sdei-bench-idle-") as scratch:
-        async with booted_linux(
-            guest, Path(scratch), smp=args.smp, timeout=TIMEOUT, conduit="el2", cpu=args.cpu
-        ) as linux:
-            for n in range(args.events):
-                await asyncio.sleep(args.gap)  # the guest idles: that is what is measured
-                d = await linux.raise_event(n % args.smp, TIMEOUT)
-                assert d.entered_ns is not None
-                entered.append(d.entered_ns)
-                resumed.append(d.resumed_ns)
-            stats = linux.sidecar.conduit.stats
-            idle = {"idle_kicks": stats.idle_kicks, "idle_wakes": stats.idle_wakes}
-            deferred = stats.deferred_deliveries
-    print(
-        json.dumps(
-            {
-                "bench": "idle_delivery",
-                "events": args.events,
-                "gap_s": args.gap,
-                "smp": args.smp,
-                "cpu": args.cpu,
-                "raise_to_handler_entry": _summary(entered),
-                "raise_to_resumed": _summary(resumed),
-                "deferred_deliveries": deferred,
-                **idle,
-            },
-            indent=2,
-        )
-    )
+    result = await measure(events=args.events, gap=args.gap, smp=args.smp, cpu=args.cpu)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

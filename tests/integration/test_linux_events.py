@@ -109,9 +109,11 @@ async def test_raised_events_run_the_linux_handler(
         # With KPTI (el2 boots keep KASLR, which forces it) an event may also interrupt the exception
         # trampoline, which is mapped at an alias outside the kernel image and has no symbol.
         assert d.entered_ns is not None and 0 < d.entered_ns <= d.resumed_ns
-        # Linux's entry asks for the interrupted x0..x3 with EVENT_CONTEXT, then completes.
+        # Linux's entry asks for the interrupted x0..x3 with EVENT_CONTEXT, then completes. Through
+        # the EL2 stub those EVENT_CONTEXT calls are answered in the stub (counted below), not trapped.
         assert d.handler_calls[-1] in ("EVENT_COMPLETE", "EVENT_COMPLETE_AND_RESUME"), d.handler_calls
-        assert "EVENT_CONTEXT" in d.handler_calls
+        if conduit == "symbols":
+            assert "EVENT_CONTEXT" in d.handler_calls
     assert stats.deliveries >= EVENTS
     if conduit == "el2":
         assert "KASLR enabled" in console or "KASLR" not in console, "the el2 boot must keep KASLR on"

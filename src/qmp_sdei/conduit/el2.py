@@ -38,10 +38,12 @@ from qmp_sdei.conduit.traps import linux_trap_sites, load_kallsyms
 from qmp_sdei.errors import ConduitError
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
+    A_CTX_VALID,
     A_KICK,
     A_RESUME_FLAGS,
     A_TRAP_ELR2,
     A_TRAP_ESR2,
+    CTX_REGS,
     HEADER_SIZE,
     MAGIC,
     RESUME_EL1,
@@ -53,11 +55,14 @@ from qmp_sdei.stub import (
 log = logging.getLogger(__name__)
 
 SDEI_PROBE_GRACE = 60.0  # seconds after the guest's first PSCI call by which an SDEI client has probed
+STUB_RETRY = 0.002  # seconds; a vCPU stopped inside the stub's resume path leaves it in a few instructions
 KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
 _RESUME_BLOCK = struct.Struct("<QQQQQ")  # flags, ELR_EL2, SPSR_EL2, ELR_EL1, SPSR_EL1
 _PAIR = struct.Struct("<QQ")
+_CONTEXT_BLOCK = struct.Struct(f"<Q{CTX_REGS}Q")  # A_CTX_VALID, then the interrupted x0..x17
+_NO_CONTEXT = (0).to_bytes(8, "little")
 _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME)
 
 
@@ -118,6 +123,10 @@ class El2Conduit(GdbstubConduit):
         # vCPU -> the exception return its next stub_resume will make, when we changed it this stop
         self._next_return: dict[int, tuple[int, int]] = {}
         self._kicked: set[int] = set()  # vCPUs told to leave the idle loop for the wake site
+        # vCPUs whose area holds no valid handler context (A_CTX_VALID = 0): all of them after
+        # start(), which clears every area's flag (a previous sidecar may have left one set).
+        self._context_clear: set[int] = set()
+        self._areas: dict[int, int] = {}  # vCPU -> its per-CPU area, learnt when it stops in the stub
         self._probe_watch: asyncio.TimerHandle | None = None
         self._probe_reported = False
 
@@ -150,6 +159,11 @@ class El2Conduit(GdbstubConduit):
             "qemu-args and sdeitab.efi)"
         )
 
+    def _retry_delivery(self, vcpu: int) -> None:
+        """STUB_RETRY after finding ``vcpu`` inside the stub: stop the VM again if it still waits."""
+        if vcpu in self.dispatcher.deliverable() and self._running:
+            self._interrupt()
+
     def _check_kicked(self, vcpu: int) -> None:
         """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
         if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
@@ -165,7 +179,16 @@ class El2Conduit(GdbstubConduit):
                     f"the EL2 stub's {name} site {site:#x} holds {word:#010x}, not a nop: the stub in guest "
                     "memory does not match its header (a damaged or foreign stub)"
                 )
+        # No handler context from before this attach stays valid: the stub would answer a later
+        # handler's EVENT_CONTEXT from it. One pipelined write per area; the VM is stopped.
+        areas = [self.layout.percpu + n * self.layout.percpu_size for n in range(self.layout.max_cpus)]
+        futures = self.rsp.send(*(f"M{area + A_CTX_VALID:x},8:{_NO_CONTEXT.hex()}" for area in areas))
+        for fut in futures:
+            reply = await self.rsp.reply(fut, "clearing the stub's handler contexts", self.timeout)
+            if reply != b"OK":
+                raise ConduitError(f"could not clear the EL2 stub's handler contexts: gdbstub replied {reply[:60]!r}")
         await super().start()
+        self._context_clear = set(range(len(self.threads)))
 
     async def read_system_register(self, name: str, vcpu: int = 0) -> int:
         """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the
@@ -203,7 +226,8 @@ class El2Conduit(GdbstubConduit):
         flags = RESUME_EL2 | (RESUME_EL1 if el1 is not None else 0)
         elr1, spsr1 = el1 if el1 is not None else (0, 0)
         block = _RESUME_BLOCK.pack(flags, to_u64(pc), pstate & 0xFFFF_FFFF, to_u64(elr1), spsr1 & 0xFFFF_FFFF)
-        await self.rsp.write_memory(self._area(core) + A_RESUME_FLAGS, block)
+        # Goes out with the register write-back and the resume (one write, no round trip).
+        self._memory_writes.append((self._area(core) + A_RESUME_FLAGS, block))
         self._next_return[vcpu] = (pc, pstate)
         core.pc = self.layout.resume
 
@@ -234,7 +258,14 @@ class El2Conduit(GdbstubConduit):
             return None
         self.stats.traps += 1
         vcpu = thread.vcpu
+        self._areas[vcpu] = self._area(core)
         fid = function_id(core.x[0])
+        if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
+            # Any other call may end or change the running handler: the stub stops answering
+            # EVENT_CONTEXT until the next handler entry (an out-of-range EVENT_CONTEXT changes
+            # nothing and keeps it).
+            self._memory_writes.append((self._area(core) + A_CTX_VALID, _NO_CONTEXT))
+            self._context_clear.add(vcpu)
         if sdei.is_sdei_range(fid):
             self.stats.sdei_calls += 1
             regs = VcpuRegs(list(core.x), self.layout.resume, core.cpsr)
@@ -268,6 +299,20 @@ class El2Conduit(GdbstubConduit):
         self._dirty[vcpu] = core
         return None
 
+    def _deliver_one(self, vcpu: int, regs: VcpuRegs) -> bool:
+        """Enter a handler, and leave its interrupted x0..x17 (what the dispatcher saved and its
+        EVENT_CONTEXT answers from) in the vCPU's area, so that the stub answers the handler's
+        EVENT_CONTEXT calls without a stop. Written with the stop's write-back, before the vCPU runs."""
+        interrupted = [to_u64(v) for v in regs.x[:CTX_REGS]]
+        if not super()._deliver_one(vcpu, regs):
+            return False
+        block = _CONTEXT_BLOCK.pack(1, *interrupted)
+        area = self._areas.get(vcpu)
+        if area is not None:  # else (not seen in the stub since attach) the stub traps its calls
+            self._memory_writes.append((area + A_CTX_VALID, block))
+            self._context_clear.discard(vcpu)
+        return True
+
     async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             return await super()._enter_handlers(vcpu, core)
@@ -284,13 +329,17 @@ class El2Conduit(GdbstubConduit):
             return False
         if core.pc != self.layout.resume:
             # Elsewhere in the stub, or a call still to be forwarded (trap_site + 4): entering a
-            # handler now would lose it. Deferred to the vCPU's next exception entry.
+            # handler now would lose it. Deferred to the vCPU's next exception entry; and since a
+            # guest may take none for long (a busy loop with no interrupts), stop it again shortly:
+            # by then it has left the stub's few instructions.
+            asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
             return None
         self._kicked.discard(vcpu)
+        self._areas[vcpu] = self._area(core)
         pc, pstate = await self._interrupted(vcpu, core)
         regs = VcpuRegs(list(core.x), pc, pstate)
         entered = False
-        while self.dispatcher.deliver(vcpu, regs):
+        while self._deliver_one(vcpu, regs):
             entered = True
             self.stats.deliveries += 1
             if vcpu not in self.dispatcher.deliverable():

@@ -232,6 +232,7 @@ class GdbstubConduit:
         self._run_task: asyncio.Task[None] | None = None
         self._g_thread: ThreadId | None = None  # which thread g/G/p/m act on (QEMU's g_cpu)
         self._dirty: dict[int, CoreRegs] = {}  # vCPU -> registers to write before resuming
+        self._memory_writes: list[tuple[int, bytes]] = []  # (address, bytes) to write with them
         self._last_write_ns = 0
         self._delivery_requested_ns = 0  # request_delivery() -> the stop that entered a handler
         self.exit_reason: str | None = None  # why run() returned by itself (VM exit)
@@ -560,7 +561,7 @@ class GdbstubConduit:
         regs = _to_vcpu_regs(core)
         entered = False
         # A critical event may be deliverable right on top of a normal one just entered.
-        while self.dispatcher.deliver(vcpu, regs):
+        while self._deliver_one(vcpu, regs):
             entered = True
             self.stats.deliveries += 1
             if vcpu not in self.dispatcher.deliverable():
@@ -568,6 +569,10 @@ class GdbstubConduit:
         if entered:
             _apply(core, regs)
         return entered
+
+    def _deliver_one(self, vcpu: int, regs: VcpuRegs) -> bool:
+        """Enter one handler on ``vcpu`` (``regs`` becomes its entry state); a subclass hook."""
+        return self.dispatcher.deliver(vcpu, regs)
 
     async def _update_vector_breakpoints(self) -> None:
         """Arm vector breakpoints while some vCPU waits for an EL1h entry; drop them after."""
@@ -601,6 +606,12 @@ class GdbstubConduit:
         dirty, self._dirty = self._dirty, {}
         packets: list[bytes | str] = []
         expect: list[bool] = []
+        # Guest memory the stop changed (the EL2 stub's per-CPU areas): before the registers, in
+        # the same write; QEMU applies packets in order, so the vCPU sees it when it runs.
+        for addr, data in self._memory_writes:
+            packets.append(f"M{addr:x},{len(data):x}:{data.hex()}")
+            expect.append(True)
+        self._memory_writes.clear()
         for vcpu, core in dirty.items():
             thread = self.threads[vcpu]
             if self._g_thread != thread:

@@ -40,6 +40,13 @@
 	/* per-CPU area: the stub's own */
 	.equ	A_GUEST_ENTRY, 0x70		/* PSCI CPU_ON: the guest's entry point and context id */
 	.equ	A_GUEST_CTX, 0x78
+	/* per-CPU area: the running SDEI handler's interrupted x0..x17, written by the sidecar when it
+	 * enters a handler and invalidated (A_CTX_VALID = 0) at the next trapped call other than
+	 * SDEI_EVENT_CONTEXT; while valid, the stub answers SDEI_EVENT_CONTEXT(0..17) itself */
+	.equ	A_CTX_VALID, 0x80
+	.equ	A_CTX_X, 0x88			/* 18 x 8 bytes */
+	.equ	A_CTX_ANSWERED, 0x118		/* how many EVENT_CONTEXT calls the stub answered */
+	.equ	CTX_REGS, 18
 
 	.equ	HCR_RW, (1 << 31)
 	.equ	HCR_TSC, (1 << 19)
@@ -62,6 +69,7 @@
 	.equ	EC_SMC64, 0x17
 
 	.equ	PSCI_CPU_ON_MASKED, 0x84000003	/* CPU_ON with the SMC64 bit cleared */
+	.equ	SDEI_EVENT_CONTEXT, 0xc4000024
 
 	.section .text.head, "ax"
 	.global	_start
@@ -107,6 +115,7 @@ el2_setup:
 	msr	tpidr_el2, x19
 	str	xzr, [x19, #A_RESUME_FLAGS]	/* RAM survives a guest reset: nothing stale */
 	str	xzr, [x19, #A_KICK]
+	str	xzr, [x19, #A_CTX_VALID]
 	add	x0, x19, #PERCPU_SIZE
 	mov	sp, x0
 	adr	x0, el2_vectors
@@ -257,7 +266,10 @@ lower_sync:
 	mrs	x19, elr_el2			/* a trapped smc returns to itself: step past it */
 	add	x19, x19, #4
 	msr	elr_el2, x19
-1:	mrs	x19, elr_el2
+1:	ldr	x19, [x18, #A_CTX_VALID]
+	cbnz	x19, event_context
+trap_call:
+	mrs	x19, elr_el2
 	str	x19, [x18, #A_TRAP_ELR2]
 	mrs	x19, spsr_el2
 	str	x19, [x18, #A_TRAP_SPSR2]
@@ -313,6 +325,23 @@ stub_resume:
 	msr	elr_el1, x16
 	msr	spsr_el1, x17
 9:	ldp	x16, x17, [sp], #16
+	ldp	x18, x19, [sp], #16
+	eret
+
+/* SDEI_EVENT_CONTEXT(n) inside a handler whose context the sidecar left in the area: answer it
+ * here, without a stop (the dispatcher's answer is the same saved register, read-only). Any other
+ * call, or n out of range, goes to the trap site as usual. x18 = area; x18/x19 on the stack. */
+event_context:
+	ldr	w19, =SDEI_EVENT_CONTEXT
+	cmp	w0, w19
+	b.ne	trap_call
+	cmp	x1, #(CTX_REGS - 1)
+	b.hi	trap_call
+	add	x19, x18, #A_CTX_X
+	ldr	x0, [x19, x1, lsl #3]
+	ldr	x19, [x18, #A_CTX_ANSWERED]
+	add	x19, x19, #1
+	str	x19, [x18, #A_CTX_ANSWERED]
 	ldp	x18, x19, [sp], #16
 	eret
 
