@@ -284,13 +284,17 @@ async def test_broker_killed_and_restarted_mid_run(broker: Mosquitto) -> None:
     sent = replied = 0
     progress = asyncio.Event()
     stop = asyncio.Event()
+    go = asyncio.Event()  # cleared while the test watches for the "lost" report, which must come first
+    go.set()
 
     async def orchestrator() -> None:
         nonlocal sent, replied
         while not stop.is_set():
+            await go.wait()
             try:
                 async with client_for(broker) as client:
                     while not stop.is_set():
+                        await go.wait()
                         sent += 1
                         reply = await client.request(raise_request(PRIVATE, sent % 2), timeout=2)
                         assert reply["ok"] and reply["result"]["result"] == "delivered", reply
@@ -318,6 +322,7 @@ async def test_broker_killed_and_restarted_mid_run(broker: Mosquitto) -> None:
             during = await asyncio.wait_for(owner.raise_event(SHARED, None), WAIT)
             assert during.result.value == "delivered"
             assert bridge.stats.notifications_lost >= 100
+            go.clear()  # no orchestrator traffic (and its notifications) until the watcher listens
             await asyncio.to_thread(broker.start)
             await asyncio.wait_for(bridge.online.wait(), WAIT)
             async with client_for(broker) as client:
@@ -330,10 +335,12 @@ async def test_broker_killed_and_restarted_mid_run(broker: Mosquitto) -> None:
                 lost = await asyncio.wait_for(first, WAIT)
                 assert lost["kind"] == "lost" and lost["count"] >= 100, lost
                 await notes.aclose()
+            go.set()
             before = replied
             await replies_reach(before + 20)
         finally:
             stop.set()
+            go.set()
             await asyncio.wait_for(traffic, WAIT)
     host_raises = 2
     assert replied >= 40
