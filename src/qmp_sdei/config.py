@@ -77,7 +77,7 @@ class ConduitSettings:
     gdb: str = ""
     #: bare-metal guest ELF whose hvc/smc sites are trapped
     elf: Path | None = None
-    #: Linux kernel Image whose SDEI/PSCI call sites are trapped (booted with nokaslr)
+    #: Linux kernel Image whose SDEI/PSCI call sites are trapped (its KASLR offset is followed at run time)
     kernel: Path | None = None
     #: extra guest addresses to trap
     trap_sites: tuple[int, ...] = ()
