@@ -75,7 +75,14 @@ def test_checked_in_elf_is_built_from_the_source(tmp_path: Path) -> None:
     for name in ("el2stub.S", "link.ld", "Makefile", "sdeitab.c", "efi.ld"):
         shutil.copy(STUB_DIR / name, tmp_path / name)
     subprocess.run(["make", "-s", "-C", str(tmp_path)], check=True, capture_output=True)
-    for name in ("el2stub.elf", "el2stub.bin", "sdeitab.efi"):
+    # The stub's raw image is what the guest runs: any toolchain must rebuild it byte for byte. The
+    # ELF's metadata and the C-built EFI app depend on the toolchain's release, so those are
+    # compared only with the reference toolchain (Debian 12's cross gcc 12, which built them).
+    version = subprocess.run(
+        ["aarch64-linux-gnu-gcc", "-dumpversion"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    names = ("el2stub.bin",) + (("el2stub.elf", "sdeitab.efi") if version.split(".")[0] == "12" else ())
+    for name in names:
         assert (tmp_path / name).read_bytes() == (STUB_DIR / name).read_bytes(), (
             f"src/qmp_sdei/stub/{name} is stale: run make -C src/qmp_sdei/stub and commit it"
         )
