@@ -14,7 +14,7 @@ APT_PACKAGES=(
     device-tree-compiler            # dtc: the DTB with /firmware/sdei
     qemu-efi-aarch64 dosfstools mtools   # UEFI boot tests: firmware, and the FAT disk holding the kernel
     dbus mosquitto                  # migration (dbus-vmstate) and orchestration tests
-    systemd                         # systemd-analyze verify/security on examples/qmp-sdei@.service
+    systemd procps                  # systemd-analyze verify/security on examples/qmp-sdei@.service (its ExecReload uses /bin/kill)
 )
 
 # What a release needs beyond APT_PACKAGES. Debian 12's Python 3.11 finds wheels for everything on
