@@ -53,10 +53,13 @@ def make_certs(directory: Path) -> Certs:
     directory.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     for name in ("ca", "other-ca"):
+        # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a CA needs keyUsage, a leaf an AKI.
         _openssl("req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "1",
-                 "-subj", f"/CN=qmp-sdei test {name}", cwd=directory)  # fmt: skip
-    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (directory / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+                 "-subj", f"/CN=qmp-sdei test {name}", "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)  # fmt: skip
+    leaf = "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n"
+    (directory / "server.ext").write_text(leaf + "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (directory / "client.ext").write_text(leaf + "extendedKeyUsage=clientAuth\n")
     for name in ("server", "client"):
         _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=directory)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
