@@ -405,9 +405,10 @@ async def test_requests_without_a_usable_response_topic_get_no_reply(broker: Mos
         raise_doc = json.dumps(raise_request(PRIVATE, 0)).encode()
         await eyes.publish_request(raise_doc)  # no ResponseTopic: served, not answered
         await eyes.publish_request(raise_doc, response_topic=other_vm, correlation=b"x")  # not onto a protocol topic
-        await eyes.publish_request(raise_doc, response_topic="bad/+/wildcard", correlation=b"y")
+        # (a ResponseTopic with wildcards is a protocol error that mosquitto 2.0.21 answers by
+        # disconnecting the sender; the bridge's own refusal of one is covered in test_mqtt_topics)
         raised = 0
-        while raised < 3:
+        while raised < 2:
             doc = await eyes.next_doc("qmp-sdei/v1/vm1/notifications")
             raised += doc["kind"] == "raised"
         await eyes.publish_request(b'{"v":1,"command":"catalogue"}', response_topic=REPLIES, correlation=b"z")
@@ -416,7 +417,7 @@ async def test_requests_without_a_usable_response_topic_get_no_reply(broker: Mos
             assert message.topic.value.endswith("/notifications"), message.topic.value
             message = await eyes.messages.get()
         assert getattr(message.properties, "CorrelationData", None) == b"z"
-        assert bridge.stats.unanswerable == 3 and service.owner.counters.raised == 3
+        assert bridge.stats.unanswerable == 2 and service.owner.counters.raised == 2
 
 
 async def test_a_repeated_request_is_answered_again_but_runs_once(broker: Mosquitto) -> None:
