@@ -283,18 +283,8 @@ class El2Conduit(GdbstubConduit):
             return None
         if psci.is_psci_range(fid):
             self._watch_for_sdei_probe()
-            answer = self.dispatcher.psci_call(vcpu, fid, core.x[1], core.x[2], core.x[3])
-            if answer is not None:
-                self.stats.psci_answered += 1
-                core.x[0] = to_u64(answer)
-                core.pc = self.layout.resume
-                self._dirty[vcpu] = core
-                return None
-        if psci.is_psci_range(fid):
-            self.stats.psci_passthrough += 1
-        else:
-            self.stats.other_passthrough += 1
-        self._strip_sve_hint(vcpu, core)
+        if self._filter_call(vcpu, fid, core, answered_pc=self.layout.resume):
+            return None
         core.pc = self.layout.trap_site + 4  # the stub forwards it to QEMU's firmware
         self._dirty[vcpu] = core
         return None

@@ -419,20 +419,27 @@ class GdbstubConduit:
                 await self._write_elr_spsr(thread, site, core, regs.elr_el1, regs.spsr_el1)
             self._dirty[vcpu] = core
             return None
+        if self._filter_call(vcpu, fid, core, answered_pc=core.pc + 4):
+            return None
+        return thread
+
+    def _filter_call(self, vcpu: int, fid: int, core: CoreRegs, *, answered_pc: int) -> bool:
+        """A trapped call that is not SDEI: True if the owner's PSCI policy answered it (x0 set,
+        execution goes on at ``answered_pc``); otherwise it is counted as passed through and any
+        SVE hint is stripped, for the caller to hand to QEMU."""
         if psci.is_psci_range(fid):
             answer = self.dispatcher.psci_call(vcpu, fid, core.x[1], core.x[2], core.x[3])
             if answer is not None:
                 self.stats.psci_answered += 1
                 core.x[0] = to_u64(answer)
-                core.pc += 4
+                core.pc = answered_pc
                 self._dirty[vcpu] = core
-                return None
-        if psci.is_psci_range(fid):
+                return True
             self.stats.psci_passthrough += 1
         else:
             self.stats.other_passthrough += 1
         self._strip_sve_hint(vcpu, core)
-        return thread
+        return False
 
     def _strip_sve_hint(self, vcpu: int, core: CoreRegs) -> None:
         """Pass a call on without the SMCCC v1.3 SVE hint: QEMU's PSCI (7.2) does not clear it and
