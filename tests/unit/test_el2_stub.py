@@ -11,7 +11,7 @@ import pytest
 
 from qmp_sdei import stub
 from qmp_sdei.conduit.traps import ElfImage
-from qmp_sdei.errors import ConduitError
+from qmp_sdei.errors import ConduitError, ConfigError
 from qmp_sdei.stub import STUB_BASE, STUB_ELF, StubLayout
 
 STUB_DIR = STUB_ELF.parent
@@ -105,15 +105,36 @@ def test_raw_binary_is_the_elf_text() -> None:
     assert stub.STUB_BIN.read_bytes() == bytes(image.region_bytes(text))
 
 
-def test_firmware_boot_places_the_stub_above_the_firmware_memory() -> None:
+def test_firmware_boot_places_the_stub_above_the_firmware_memory(tmp_path: Path) -> None:
     base = stub.firmware_stub_base(1024)
     assert base == 0x4000_0000 + (1 << 30) - stub.FIRMWARE_SLOT
     ram_base, size = stub.firmware_memory(1024)
     assert ram_base + size == base  # the firmware and the OS see RAM up to the stub, not beyond
-    args = stub.firmware_qemu_args(Path("/fw.fd"), Path("/g.dtb"), 1024)
+    dtb = tmp_path / "g.dtb"
+    dtb.write_bytes(b"\xd0\x0d\xfe\xed" + b"\0" * 60)
+    args = stub.firmware_qemu_args(Path("/fw.fd"), dtb, 1024)
+    assert args[args.index("-dtb") + 1] == str(dtb)
     assert f"loader,file={stub.STUB_BIN},addr={base:#x},force-raw=on" in args
+    # The copy the stub puts over QEMU's (whose /memory QEMU stretches over the stub) before the firmware.
+    assert f"loader,file={dtb},addr={base + stub.FIRMWARE_DTB_OFFSET:#x},force-raw=on" in args
+    assert stub.STUB_RESERVED <= stub.FIRMWARE_DTB_OFFSET
+    assert stub.FIRMWARE_DTB_OFFSET + stub.FIRMWARE_DTB_MAX <= stub.FIRMWARE_SLOT
     assert f"loader,addr={base + 4:#x},cpu-num=0" in args  # _start + 4: the firmware entry
     assert base in stub.probe_addresses() and stub.probe_addresses()[0] == stub.STUB_BASE
+
+
+def test_firmware_dtb_room_matches_the_stub() -> None:
+    symbols = {s.name: s.value for s in _image().symbols}
+    assert symbols["FW_DTB_OFFSET"] == stub.FIRMWARE_DTB_OFFSET
+    assert symbols["FW_DTB_MAX"] == stub.FIRMWARE_DTB_MAX
+    assert symbols["RAM_BASE"] == stub.RAM_BASE
+
+
+def test_firmware_boot_refuses_a_dtb_too_large_for_the_slot(tmp_path: Path) -> None:
+    dtb = tmp_path / "big.dtb"
+    dtb.write_bytes(b"\0" * (stub.FIRMWARE_DTB_MAX + 1))
+    with pytest.raises(ConfigError, match="does not fit"):
+        stub.firmware_qemu_args(Path("/fw.fd"), dtb, 1024)
 
 
 def test_acpi_app_is_a_relocatable_efi_application() -> None:

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmp_sdei.errors import ConduitError
+from qmp_sdei.errors import ConduitError, ConfigError
 
 STUB_ELF = Path(__file__).with_name("el2stub.elf")
 STUB_BIN = Path(__file__).with_name("el2stub.bin")  # the same code, raw: loaded anywhere (PIC)
@@ -22,6 +22,8 @@ STUB_BASE = 0x4010_0000  # link address (link.ld); EL2 runs with the MMU off, so
 RAM_BASE = 0x4000_0000  # virt's RAM
 FIRMWARE_SLOT = 0x20_0000  # firmware boot: the stub lives in the top 2 MiB, cut from the DT's memory
 FIRMWARE_ENTRY_OFFSET = 4  # _start + 4: enters the firmware in flash at EL1
+FIRMWARE_DTB_OFFSET = 0x10_0000  # firmware boot: the firmware's DTB, in the slot (el2stub.S FW_DTB_OFFSET)
+FIRMWARE_DTB_MAX = 0x10_0000  # a larger DTB is not copied (el2stub.S FW_DTB_MAX)
 STUB_RESERVED = 0x2_0000  # the stub's code, data, per-CPU areas and stacks: the guest must not use it
 KERNEL_ADDR = 0x4020_0000  # where the stub enters the kernel Image (header boot_kernel)
 DTB_ADDR = 0x4800_0000  # what the stub passes in x0 (header boot_dtb)
@@ -156,13 +158,26 @@ def firmware_memory(memory_mb: int) -> tuple[int, int]:
 
 def firmware_qemu_args(firmware: Path, dtb: Path, memory_mb: int) -> list[str]:
     """QEMU arguments for a firmware (UEFI) boot through the stub; the machine needs
-    ``virtualization=on``. QEMU puts ``dtb`` at the base of RAM for the firmware; the raw stub goes
-    to the top of RAM and vCPU 0 starts at its firmware entry, which enters ``firmware`` at EL1."""
+    ``virtualization=on``. The raw stub goes to the top of RAM and vCPU 0 starts at its firmware
+    entry, which enters ``firmware`` at EL1.
+
+    ``dtb`` (its ``/memory`` ending below the stub's slot: :func:`firmware_memory`) is loaded twice:
+    by ``-dtb`` at the base of RAM, where the firmware reads it, and into the slot. QEMU rewrites the
+    ``/memory`` of the first copy to cover all of RAM, the stub included (and edk2 2025.02 puts its
+    page tables at the very top), so the stub copies the second one over it before entering the
+    firmware.
+
+    :raise ConfigError: ``dtb`` is larger than the room for it in the slot.
+    """
+    size = dtb.stat().st_size
+    if size > FIRMWARE_DTB_MAX:
+        raise ConfigError(f"{dtb}: a {size}-byte DTB does not fit the EL2 stub's {FIRMWARE_DTB_MAX}-byte room for it")
     base = firmware_stub_base(memory_mb)
     return [
         "-bios", str(firmware),
         "-dtb", str(dtb),
         "-device", f"loader,file={STUB_BIN},addr={base:#x},force-raw=on",
+        "-device", f"loader,file={dtb},addr={base + FIRMWARE_DTB_OFFSET:#x},force-raw=on",
         "-device", f"loader,addr={base + FIRMWARE_ENTRY_OFFSET:#x},cpu-num=0",
     ]  # fmt: skip
 

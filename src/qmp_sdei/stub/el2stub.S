@@ -68,6 +68,11 @@
 	.equ	EC_HVC64, 0x16
 	.equ	EC_SMC64, 0x17
 
+	.equ	RAM_BASE, 0x40000000		/* virt's RAM: the firmware reads its DTB here */
+	.equ	FW_DTB_OFFSET, 0x100000		/* firmware boot: the DTB for the firmware, in our slot */
+	.equ	FW_DTB_MAX, 0x100000
+	.equ	FDT_MAGIC_LE, 0xedfe0dd0	/* 0xd00dfeed, big-endian in memory */
+
 	.equ	PSCI_CPU_ON_MASKED, 0x84000003	/* CPU_ON with the SMC64 bit cleared */
 	.equ	SDEI_EVENT_CONTEXT, 0xc4000024
 
@@ -192,14 +197,37 @@ primary_entry:
 	ldr	x0, [x0, #(boot_dtb - boot_kernel)]
 	b	enter_el1
 
-/* Firmware boot (UEFI in flash): the firmware runs at EL1 as it would under KVM, and finds its
- * DTB where QEMU put it. */
+/* Firmware boot (UEFI in flash): the firmware runs at EL1 as it would under KVM. It reads its
+ * DTB at the base of RAM, where QEMU puts it, but QEMU rewrites that tree's /memory to all of RAM,
+ * our slot included, and newer edk2 builds (2025.02) put their page tables at the top of it. So
+ * when a DTB was loaded at FW_DTB_OFFSET in our slot (one whose /memory ends below the slot), it
+ * replaces QEMU's before the firmware starts: the firmware, and the OS after it, then never see
+ * the slot as RAM. */
 firmware_entry:
 	mrs	x0, mpidr_el1
 	bl	area_of
 	mov	x19, x0
 	bl	el2_setup
-	adr	x0, boot_firmware
+	adr	x0, _start
+	add	x0, x0, #FW_DTB_OFFSET
+	ldr	w2, [x0]
+	ldr	w3, =FDT_MAGIC_LE
+	cmp	w2, w3
+	b.ne	2f
+	ldr	w2, [x0, #4]			/* totalsize, big-endian */
+	rev	w2, w2
+	cmp	x2, #FW_DTB_MAX
+	b.hi	2f
+	add	x2, x2, #7
+	lsr	x2, x2, #3			/* 8-byte words */
+	cbz	x2, 2f
+	ldr	x1, =RAM_BASE
+1:	ldr	x3, [x0], #8
+	str	x3, [x1], #8
+	subs	x2, x2, #1
+	b.ne	1b
+	dsb	sy
+2:	adr	x0, boot_firmware
 	ldr	x1, [x0]
 	mov	x0, xzr
 	b	enter_el1
