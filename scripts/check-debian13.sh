@@ -8,10 +8,19 @@
 # changes; its .venv is kept between runs), and runs the quick start there exactly as a new user on
 # Debian 13 would: `scripts/quickstart.sh demo` and `scripts/quickstart.sh test`, which install their own
 # packages inside the root. `all` also runs boot-test with the other pinned SDEI/PSCI versions. Delete the root directory to start from nothing.
+# Several checkouts can share one root: QMP_SDEI_TRIXIE_CHECKOUT=NAME copies this one to /root/NAME
+# instead of /root/qmp-sdei; `pytest` there uses /root/qmp-sdei's venv with NAME's src first on the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROOT="${QMP_SDEI_TRIXIE_ROOT:-/var/cache/qmp-sdei/trixie-root}"
+CHECKOUT="${QMP_SDEI_TRIXIE_CHECKOUT:-qmp-sdei}"
+case "$CHECKOUT" in
+    "" | *[!A-Za-z0-9._-]* | . | ..)
+        echo "check-debian13: QMP_SDEI_TRIXIE_CHECKOUT must be a plain directory name, not '$CHECKOUT'" >&2
+        exit 2
+        ;;
+esac
 WHAT="${1:-all}"
 case "$WHAT" in
     test | demo | all) ;;
@@ -70,7 +79,7 @@ mount_into_root() {
 }
 
 copy_checkout() {
-    local dest="$ROOT/root/qmp-sdei"
+    local dest="$ROOT/root/$CHECKOUT"
     mkdir -p "$dest"
     find "$dest" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
     git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$dest"
@@ -81,7 +90,7 @@ in_root() {
     # A clean environment: nothing from this host's shell (pip mirrors, venvs) leaks into the check.
     env -i HOME=/root LANG=C.UTF-8 TERM=dumb CI="${CI:-}" PIP_CERT="$PIP_CERT_IN_ROOT" \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        chroot "$ROOT" bash -c "cd /root/qmp-sdei && $1"
+        chroot "$ROOT" bash -c "cd /root/$CHECKOUT && $1"
 }
 
 # The demo already boots SDEI 1.1 / PSCI 1.0 on two vCPUs; these cover the other pinned versions.
@@ -96,11 +105,11 @@ mount_into_root
 copy_checkout
 in_root 'cat /etc/debian_version'
 if [ "$WHAT" = pytest ]; then
-    in_root 'test -x .venv/bin/pytest' || {
+    in_root 'test -x /root/qmp-sdei/.venv/bin/pytest' || {
         echo "check-debian13: no venv in the root yet; run 'bash scripts/check-debian13.sh test' once" >&2
         exit 2
     }
-    in_root ".venv/bin/pytest $(printf '%q ' "$@")"
+    in_root "PYTHONPATH=/root/$CHECKOUT/src /root/qmp-sdei/.venv/bin/pytest $(printf '%q ' "$@")"
     exit
 fi
 status=0
