@@ -233,8 +233,11 @@ def main() -> int:
     parser.add_argument("--smp", type=int, default=2)
     parser.add_argument("--mqtt", help="use this broker (mqtt://HOST:PORT) instead of a private mosquitto")
     parser.add_argument("--workdir", type=Path, help="keep the VMs' files here (default: a temporary directory)")
+    parser.add_argument(
+        "--log-level", default="error", help="the sidecars' log level on stderr (debug shows every stop)"
+    )
     args = parser.parse_args()
-    configure_logging("error", "text")
+    configure_logging(args.log_level, "text")
     print("qmp-sdei demo: a stock Linux guest takes SDEI events over MQTT, before and after a live migration\n")
     started = time.perf_counter()
     try:

@@ -69,6 +69,7 @@ MARKER = "migration.json"
 class GatedConduit(Protocol):
     """What the agent needs of the conduit: a gate that stops it resuming the VM."""
 
+    async def hold_vcpus_awake(self, awake: bool) -> None: ...
     def close_gate(self) -> None: ...
     async def wait_parked(self, timeout: float) -> None: ...
     def switchover_safe(self) -> bool: ...
@@ -314,6 +315,8 @@ class MigrationAgent:
             self._running_at_active = self._vm_running
             conduit = self._conduit()
             self._write_marker(not conduit.held if conduit is not None else self._vm_running)
+            if conduit is not None:
+                await self._hold_vcpus_awake(conduit, True)
         elif status == qmig.PRE_SWITCHOVER:
             if self.before_switchover is not None:
                 await self.before_switchover()
@@ -403,6 +406,16 @@ class MigrationAgent:
                 await conduit.open_gate()
             except ConduitError as err:
                 log.error("could not resume the guest after the migration ended: %s", err)
+            await self._hold_vcpus_awake(conduit, False)
+
+    @staticmethod
+    async def _hold_vcpus_awake(conduit: GatedConduit, awake: bool) -> None:
+        """See the conduit's ``hold_vcpus_awake``. A failure only costs that protection (or, when
+        releasing, host CPU while the guest idles): logged, the migration goes on."""
+        try:
+            await conduit.hold_vcpus_awake(awake)
+        except ConduitError as err:
+            log.warning("could not %s idle vCPUs for the migration: %s", "wake" if awake else "release", err)
 
     async def _error_desc(self) -> str | None:
         try:

@@ -21,6 +21,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import Sidecar
@@ -59,6 +60,66 @@ def guest() -> LinuxEventGuest:
         pytest.skip(str(err))
 
 
+@dataclasses.dataclass
+class Destination:
+    """A destination QEMU started with ``-incoming`` and its own sidecar, which the guest reached."""
+
+    vm: QemuProcess
+    sidecar: Sidecar
+    task: asyncio.Task[object]
+
+    async def close(self) -> None:
+        if not self.task.done():
+            self.sidecar.request_shutdown("test over")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, TIMEOUT)
+        await self.vm.stop()
+        assert self.vm.process is not None and self.vm.process.returncode != -signal.SIGABRT, self.vm.stderr
+        assert "abort" not in self.vm.stderr.lower(), self.vm.stderr
+
+
+async def migrate_to_new_destination(
+    guest: LinuxEventGuest, source: QemuProcess, harness: QMPClient, workdir: Path, *, conduit: str = "symbols"
+) -> Destination:
+    """Migrate the guest as a third party would (``migrate`` on the source's harness monitor) to a new
+    QEMU with its own sidecar, and return once that sidecar serves it. A switchover the source sidecar
+    had to cancel is retried with a new destination (a cancelled destination QEMU exits)."""
+    for attempt in range(1, 11):
+        port = free_port()
+        incoming = [*source.spec.extra_args, "-incoming", f"tcp:127.0.0.1:{port}"]
+        dst = QemuProcess(dataclasses.replace(source.spec, extra_args=incoming), workdir / f"try{attempt}" / "vm")
+        await asyncio.wait_for(dst.start(), TIMEOUT)
+        config = sidecar_config(guest, dst, workdir / f"try{attempt}" / "state", TIMEOUT, conduit=conduit)
+        sidecar = Sidecar(parse(config))
+        destination = Destination(dst, sidecar, asyncio.create_task(sidecar.run(), name="linux-migration.dst"))
+        try:
+            await asyncio.wait_for(sidecar.ready.wait(), TIMEOUT)
+            assert sidecar.migration is not None
+            await asyncio.wait_for(sidecar.migration.ready.wait(), TIMEOUT)
+            with harness.listener("MIGRATION") as listener:
+                await harness.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+
+                async def final() -> str:
+                    async for event in listener:
+                        if event["data"]["status"] in ("completed", "failed", "cancelled"):
+                            return str(event["data"]["status"])
+                    raise AssertionError("the harness monitor closed")
+
+                outcome = await asyncio.wait_for(final(), TIMEOUT * 2)
+            if outcome == "completed":
+                await asyncio.wait_for(sidecar.migration.arrived.wait(), TIMEOUT)
+                await asyncio.wait_for(sidecar.conduit_ready.wait(), TIMEOUT)
+                await asyncio.wait_for(sidecar.conduit.serving.wait(), TIMEOUT)
+                return destination
+            assert outcome == "cancelled", outcome
+            await dst.wait(TIMEOUT)
+        except BaseException:
+            await destination.close()
+            raise
+        await destination.close()
+    raise AssertionError("10 switchovers in a row were cancelled")
+
+
 async def test_linux_guest_migrates_and_takes_events_on_the_destination(guest: LinuxEventGuest, tmp_path: Path) -> None:
     async with booted_linux(guest, tmp_path / "src", smp=1, timeout=TIMEOUT) as linux:
         probe = SDEI_PROBE.search(linux.vm.console)
@@ -67,50 +128,10 @@ async def test_linux_guest_migrates_and_takes_events_on_the_destination(guest: L
         await linux.raise_event(0, TIMEOUT)  # one event on the source: the registration works here
 
         harness = await linux.vm.connect_harness(TIMEOUT, "linux-migration-harness")
-        attempts = 0
-        dst: QemuProcess | None = None
-        sidecar: Sidecar | None = None
-        task: asyncio.Task[object] | None = None
+        destination: Destination | None = None
         try:
-            while True:  # a switchover the sidecar had to cancel is retried with a new destination
-                attempts += 1
-                assert attempts <= 10, "10 switchovers in a row were cancelled"
-                port = free_port()
-                spec = linux.vm.spec
-                incoming = [*spec.extra_args, "-incoming", f"tcp:127.0.0.1:{port}"]
-                dst_spec = dataclasses.replace(spec, extra_args=incoming)
-                dst = QemuProcess(dst_spec, tmp_path / f"dst{attempts}" / "vm")
-                await asyncio.wait_for(dst.start(), TIMEOUT)
-                config = sidecar_config(guest, dst, tmp_path / f"dst{attempts}" / "state", TIMEOUT)
-                sidecar = Sidecar(parse(config))
-                task = asyncio.create_task(sidecar.run(), name="linux-migration.destination")
-                await asyncio.wait_for(sidecar.ready.wait(), TIMEOUT)
-                assert sidecar.migration is not None
-                await asyncio.wait_for(sidecar.migration.ready.wait(), TIMEOUT)
-
-                with harness.listener("MIGRATION") as listener:
-                    await harness.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-
-                    async def final() -> str:
-                        async for event in listener:
-                            if event["data"]["status"] in ("completed", "failed", "cancelled"):
-                                return str(event["data"]["status"])
-                        raise AssertionError("the harness monitor closed")
-
-                    outcome = await asyncio.wait_for(final(), TIMEOUT * 2)
-                if outcome == "completed":
-                    break
-                assert outcome == "cancelled", outcome
-                await dst.wait(TIMEOUT)
-                sidecar.request_shutdown("retry")
-                await asyncio.wait_for(task, TIMEOUT)
-                await dst.stop()
-
-            assert sidecar is not None and sidecar.migration is not None and dst is not None
-            await asyncio.wait_for(sidecar.migration.arrived.wait(), TIMEOUT)
-            await asyncio.wait_for(sidecar.conduit_ready.wait(), TIMEOUT)
-            await asyncio.wait_for(sidecar.conduit.serving.wait(), TIMEOUT)
-            owner = sidecar.owner
+            destination = await migrate_to_new_destination(guest, linux.vm, harness, tmp_path / "dst")
+            dst, owner = destination.vm, destination.sidecar.owner
             assert owner is not None and owner.pins is not None
             assert owner.pins.sdei == seen, f"the kernel saw SDEI {seen}, the destination presents {owner.pins.sdei}"
             events = owner.dispatcher.describe()["vcpus"][0]["events"]
@@ -132,11 +153,43 @@ async def test_linux_guest_migrates_and_takes_events_on_the_destination(guest: L
         finally:
             with contextlib.suppress(Exception):
                 await harness.disconnect()
-            if sidecar is not None and task is not None and not task.done():
-                sidecar.request_shutdown("test over")
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, TIMEOUT)
-            if dst is not None:
-                await dst.stop()
-                assert dst.process is not None and dst.process.returncode != -signal.SIGABRT, dst.stderr
-                assert "abort" not in dst.stderr.lower(), dst.stderr
+            if destination is not None:
+                await destination.close()
+
+
+HOPS = 6
+
+
+async def test_an_idle_el2_guest_takes_events_after_every_hop_of_a_migration_chain(
+    guest: LinuxEventGuest, tmp_path: Path
+) -> None:
+    """A KASLR kernel idling in the EL2 stub on both vCPUs, migrated again and again, takes an event
+    after every hop. Regression: QEMU does not carry a vCPU's pending-interrupt wake-up across a
+    migration; a vCPU whose timer had fired at the switchover went back into the stub's ``wfi`` on
+    the destination and, with every vCPU there, the guest hung (about one migration in ten)."""
+    async with booted_linux(guest, tmp_path / "src", smp=2, timeout=TIMEOUT, conduit="el2") as linux:
+        await linux.raise_event(0, TIMEOUT)
+        holder, delivered = linux.vm, linux.raised
+        previous: Destination | None = None
+        try:
+            for hop in range(1, HOPS + 1):
+                harness = await holder.connect_harness(TIMEOUT, f"linux-migration-hop{hop}")
+                try:
+                    destination = await migrate_to_new_destination(
+                        guest, holder, harness, tmp_path / f"hop{hop}", conduit="el2"
+                    )
+                finally:
+                    with contextlib.suppress(Exception):
+                        await harness.disconnect()
+                if previous is not None:
+                    await previous.close()  # the QEMU the guest left, as its owner would
+                previous, holder = destination, destination.vm
+                owner = destination.sidecar.owner
+                assert owner is not None
+                delivered += 1
+                result = await owner.raise_event(guest.event, hop % 2, wait=TIMEOUT)
+                assert result.result is RaiseResult.DELIVERED, f"hop {hop}: {result}"
+                await holder.wait_for_console(re.compile(DELIVERY_LINE.format(n=delivered)), TIMEOUT)
+        finally:
+            if previous is not None:
+                await previous.close()

@@ -40,6 +40,7 @@ from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
     A_CTX_VALID,
     A_KICK,
+    A_NO_HALT,
     A_RESUME_FLAGS,
     A_TRAP_ELR2,
     A_TRAP_ESR2,
@@ -62,7 +63,8 @@ PSTATE_EL2 = 0x8
 _RESUME_BLOCK = struct.Struct("<QQQQQ")  # flags, ELR_EL2, SPSR_EL2, ELR_EL1, SPSR_EL1
 _PAIR = struct.Struct("<QQ")
 _CONTEXT_BLOCK = struct.Struct(f"<Q{CTX_REGS}Q")  # A_CTX_VALID, then the interrupted x0..x17
-_NO_CONTEXT = (0).to_bytes(8, "little")
+_ZERO = (0).to_bytes(8, "little")
+_NO_CONTEXT = _ZERO
 _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME)
 
 
@@ -167,6 +169,7 @@ class El2Conduit(GdbstubConduit):
     def _check_kicked(self, vcpu: int) -> None:
         """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
         if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
+            log.debug("vCPU %d did not wake within %.3fs of its kick: stopping the VM again", vcpu, KICK_GRACE)
             self._interrupt()
 
     async def start(self) -> None:
@@ -181,14 +184,39 @@ class El2Conduit(GdbstubConduit):
                 )
         # No handler context from before this attach stays valid: the stub would answer a later
         # handler's EVENT_CONTEXT from it. One pipelined write per area; the VM is stopped.
+        # Nor a migration's "no halting" (a destination's guest arrives with it set).
         areas = [self.layout.percpu + n * self.layout.percpu_size for n in range(self.layout.max_cpus)]
-        futures = self.rsp.send(*(f"M{area + A_CTX_VALID:x},8:{_NO_CONTEXT.hex()}" for area in areas))
+        futures = self.rsp.send(
+            *(f"M{area + field:x},8:{_ZERO.hex()}" for area in areas for field in (A_CTX_VALID, A_NO_HALT))
+        )
         for fut in futures:
             reply = await self.rsp.reply(fut, "clearing the stub's handler contexts", self.timeout)
             if reply != b"OK":
                 raise ConduitError(f"could not clear the EL2 stub's handler contexts: gdbstub replied {reply[:60]!r}")
         await super().start()
         self._context_clear = set(range(len(self.threads)))
+
+    async def hold_vcpus_awake(self, awake: bool) -> None:
+        """While a migration runs, keep idle vCPUs polling in the stub instead of halting in ``wfi``.
+
+        Why: QEMU recomputes a vCPU's virtual timer while it loads the vCPU's registers on the
+        destination, before it loads the interrupt controller, whose state from the source then
+        hides the timer's interrupt. A vCPU halted in the stub's idle loop whose poll deadline had
+        just passed at the switchover would never wake again (measured: about one migration in ten
+        of an idle guest hung). A vCPU that runs rewrites its timer, which signals again. Takes
+        effect within one poll period, long before a switchover; costs host CPU only while set.
+        """
+        flag = (1 if awake else 0).to_bytes(8, "little")
+
+        async def write() -> None:
+            areas = [self.layout.percpu + n * self.layout.percpu_size for n in range(len(self.threads))]
+            for fut in self.rsp.send(*(f"M{area + A_NO_HALT:x},8:{flag.hex()}" for area in areas)):
+                reply = await self.rsp.reply(fut, "setting the stub's no-halt flags", self.timeout)
+                if reply != b"OK":
+                    raise ConduitError(f"could not set the EL2 stub's no-halt flags: gdbstub replied {reply[:60]!r}")
+
+        await self._at_next_stop(write)
+        log.info("idle vCPUs %s", "poll without halting until the migration ends" if awake else "halt again")
 
     async def read_system_register(self, name: str, vcpu: int = 0) -> int:
         """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the
@@ -250,6 +278,7 @@ class El2Conduit(GdbstubConduit):
             return thread
         if core.pc == self.layout.wake_site:
             self._kicked.discard(thread.vcpu)
+            log.debug("vCPU %d woke from the stub's idle loop", thread.vcpu)
             # An idle vCPU we kicked: back to the guest through stub_resume, entering a handler
             # on the way if one is deliverable (see _enter_handlers).
             self.stats.idle_wakes += 1
@@ -303,17 +332,32 @@ class El2Conduit(GdbstubConduit):
             self._context_clear.discard(vcpu)
         return True
 
+    async def _log_idle_state(self, vcpu: int, core: CoreRegs) -> None:
+        """Debug only: what a kicked vCPU that did not wake waits on (its virtual timer)."""
+        assert self.registers is not None
+        values = []
+        for name in ("CNTV_CTL_EL0", "CNTV_CVAL_EL0"):
+            info = self.registers.find(name)
+            values.append(f"{name}={await self.rsp.read_register(info.regnum):#x}" if info else f"{name}=?")
+        log.debug(
+            "vCPU %d still idle at %#x after its kick (%s): falling back to the vector breakpoints",
+            vcpu, core.pc, " ".join(values),
+        )  # fmt: skip
+
     async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             return await super()._enter_handlers(vcpu, core)
         if core.pc in self.layout.idle:
             if vcpu in self._kicked:
+                if log.isEnabledFor(logging.DEBUG):
+                    await self._log_idle_state(vcpu, core)
                 return None  # kicked before and still idle: fall back to the vector breakpoints
             # Halted in the stub's idle loop: kick it; it stops at the wake site within a poll
             # period, where the handler is entered. No vector breakpoints meanwhile (16 round
             # trips); if no wake-site stop comes in KICK_GRACE, a fresh stop tries again.
             await self.rsp.write_memory(self._area(core) + A_KICK, (1).to_bytes(8, "little"))
             self.stats.idle_kicks += 1
+            log.debug("vCPU %d idles in the stub: kicked", vcpu)
             self._kicked.add(vcpu)
             asyncio.get_running_loop().call_later(KICK_GRACE, self._check_kicked, vcpu)
             return False
@@ -322,6 +366,7 @@ class El2Conduit(GdbstubConduit):
             # handler now would lose it. Deferred to the vCPU's next exception entry; and since a
             # guest may take none for long (a busy loop with no interrupts), stop it again shortly:
             # by then it has left the stub's few instructions.
+            log.debug("vCPU %d is inside the stub at %#x: delivery retried in %.3fs", vcpu, core.pc, STUB_RETRY)
             asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
             return None
         self._kicked.discard(vcpu)

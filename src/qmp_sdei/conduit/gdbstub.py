@@ -799,6 +799,10 @@ class GdbstubConduit:
 
     # ---- the migration gate ------------------------------------------------------------------------
 
+    async def hold_vcpus_awake(self, awake: bool) -> None:
+        """A migration begins (True) or ended here (False). Conduits with an idle loop of their
+        own (the EL2 stub's) keep idle vCPUs from halting meanwhile; this one has none."""
+
     def close_gate(self) -> None:
         """A migration's switchover has begun: from now on never resume the VM.
 

@@ -41,6 +41,7 @@ A_TRAP_SPSR2 = 0x38
 A_TRAP_ESR2 = 0x40
 A_TRAP_COUNT = 0x48
 A_KICK = 0x50  # set by the sidecar: an idle vCPU stops at the wake site within one poll period
+A_NO_HALT = 0x68  # set by the sidecar while a migration runs: an idle vCPU polls without halting
 A_CTX_VALID = 0x80  # nonzero: the stub answers SDEI_EVENT_CONTEXT(0..17) from A_CTX_X itself
 A_CTX_X = 0x88  # the running handler's interrupted x0..x17 (followed by A_CTX_ANSWERED)
 A_CTX_ANSWERED = 0x118  # how many EVENT_CONTEXT calls the stub answered without a stop

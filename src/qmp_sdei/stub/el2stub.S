@@ -37,6 +37,7 @@
 	.equ	A_KICK, 0x50			/* the sidecar sets it to have an idle vCPU stop at stub_wake_site */
 	.equ	A_IDLE_CTL, 0x58		/* the guest's virtual timer while the stub borrows it */
 	.equ	A_IDLE_CVAL, 0x60
+	.equ	A_NO_HALT, 0x68			/* the sidecar sets it while a migration runs: idle without halting */
 	/* per-CPU area: the stub's own */
 	.equ	A_GUEST_ENTRY, 0x70		/* PSCI CPU_ON: the guest's entry point and context id */
 	.equ	A_GUEST_CTX, 0x78
@@ -380,6 +381,11 @@ event_context:
  * interrupt is pending for it. When the sidecar has set the area's kick flag it stops at
  * stub_wake_site first, where it can enter an event handler: an idle vCPU gets an event within
  * about one poll period, where a halted vCPU would wait for its next interrupt.
+ * While a migration runs the sidecar sets A_NO_HALT and the loop polls with wfe, which QEMU's TCG
+ * treats as a yield: no vCPU is halted when the guest switches over. QEMU (7.2 and 10) recomputes
+ * the virtual timer while it loads a vCPU's registers, before it loads the interrupt controller,
+ * whose older state then hides the timer's interrupt: a vCPU halted there with its poll deadline
+ * just passed would never wake on the destination. A vCPU that runs rewrites its timer and wakes.
  * Entered with x18 = area, x19 = scratch, both saved on the stack.
  */
 wfx:
@@ -412,8 +418,12 @@ stub_idle:
 	mov	x16, #1
 	msr	cntv_ctl_el0, x16
 	isb
+	ldr	x16, [x18, #A_NO_HALT]
+	cbnz	x16, 4f
 	wfi
-	ldr	x16, [x18, #A_IDLE_CVAL]	/* the guest's timer back before anything else */
+	b	5f
+4:	wfe					/* TCG yields here and never halts (see stub_idle's comment) */
+5:	ldr	x16, [x18, #A_IDLE_CVAL]	/* the guest's timer back before anything else */
 	msr	cntv_cval_el0, x16
 	ldr	x16, [x18, #A_IDLE_CTL]
 	msr	cntv_ctl_el0, x16
