@@ -23,10 +23,12 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
+from qmp_sdei.conduit.el2 import El2Conduit
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import Sidecar
 from qmp_sdei.owner import RaiseResult
 from qmp_sdei.qemu.launch import QemuProcess
+from qmp_sdei.stub import A_NO_HALT
 from support.guests import free_port
 from support.linux_guest import (
     DELIVERY_LINE,
@@ -193,3 +195,51 @@ async def test_an_idle_el2_guest_takes_events_after_every_hop_of_a_migration_cha
         finally:
             if previous is not None:
                 await previous.close()
+
+
+async def _no_halt_flags(conduit: El2Conduit) -> list[int]:
+    """Each vCPU's no-halt flag in the stub's per-CPU area, read at the conduit's next stop."""
+    flags: list[int] = []
+
+    async def read() -> None:
+        for vcpu in range(len(conduit.threads)):
+            area = conduit.layout.percpu + vcpu * conduit.layout.percpu_size
+            flags.append(int.from_bytes(await conduit.rsp.read_memory(area + A_NO_HALT, 8), "little"))
+
+    await conduit._at_next_stop(read)
+    return flags
+
+
+async def test_idle_vcpus_poll_without_halting_until_a_failed_migration_ends(
+    guest: LinuxEventGuest, tmp_path: Path
+) -> None:
+    """The source sets the stub's no-halt flags when a migration becomes active (so they are set by
+    the switchover) and clears them when it fails: an idle guest must not keep spinning after."""
+    async with booted_linux(guest, tmp_path / "src", smp=2, timeout=TIMEOUT, conduit="el2") as linux:
+        conduit, agent = linux.sidecar.conduit, linux.sidecar.migration
+        assert isinstance(conduit, El2Conduit) and agent is not None
+        assert await _no_halt_flags(conduit) == [0, 0]
+        at_switchover: list[list[int]] = []
+
+        async def look() -> None:
+            at_switchover.append(await _no_halt_flags(conduit))
+
+        agent.before_switchover = look
+        # A destination without a sidecar: QEMU fails the migration after the switchover began
+        # (its dbus-vmstate helper is missing), and the source runs on.
+        port = free_port()
+        incoming = [*linux.vm.spec.extra_args, "-incoming", f"tcp:127.0.0.1:{port}"]
+        dst = QemuProcess(dataclasses.replace(linux.vm.spec, extra_args=incoming), tmp_path / "dst" / "vm")
+        try:
+            await asyncio.wait_for(dst.start(), TIMEOUT)
+            # QEMU answers on a monitor only once its setup, the incoming listener included, is done.
+            dst_harness = await dst.connect_harness(TIMEOUT, "no-sidecar-destination")
+            await dst_harness.execute("query-status")
+            await dst_harness.disconnect()
+            report = await agent.migrate(f"tcp:127.0.0.1:{port}", timeout=TIMEOUT)
+        finally:
+            await dst.stop()
+        assert report.outcome == "failed", report
+        assert at_switchover == [[1, 1]]
+        assert await _no_halt_flags(conduit) == [0, 0]
+        await linux.raise_event(1, TIMEOUT)  # and the guest runs on, served
