@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 SDEI_PROBE_GRACE = 60.0  # seconds after the guest's first PSCI call by which an SDEI client has probed
 STUB_RETRY = 0.002  # seconds; a vCPU stopped inside the stub's resume path leaves it in a few instructions
 KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
+WFI = 0xD503207F
+NO_HALT_REGISTER = 17  # the idle loop keeps the no-halt flag it read in x17 until its wfi/wfe
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
 _RESUME_BLOCK = struct.Struct("<QQQQQ")  # flags, ELR_EL2, SPSR_EL2, ELR_EL1, SPSR_EL1
@@ -131,6 +133,8 @@ class El2Conduit(GdbstubConduit):
         self._areas: dict[int, int] = {}  # vCPU -> its per-CPU area, learnt when it stops in the stub
         self._probe_watch: asyncio.TimerHandle | None = None
         self._probe_reported = False
+        self._halted_at_switchover: list[int] = []
+        self._after_wfi = -1  # the address after the idle loop's wfi: a vCPU halted there shows it
 
     def _watch_for_sdei_probe(self) -> None:
         """The guest's firmware interface is up (a PSCI call came): if no SDEI call follows within
@@ -195,6 +199,11 @@ class El2Conduit(GdbstubConduit):
                 raise ConduitError(f"could not clear the EL2 stub's handler contexts: gdbstub replied {reply[:60]!r}")
         await super().start()
         self._context_clear = set(range(len(self.threads)))
+        idle = await self.rsp.read_memory(self.layout.idle.start, len(self.layout.idle))
+        words = [int.from_bytes(idle[i : i + 4], "little") for i in range(0, len(idle) - 3, 4)]
+        if WFI not in words:
+            raise ConduitError("the EL2 stub's idle loop holds no wfi: the stub in guest memory is not the one built")
+        self._after_wfi = self.layout.idle.start + 4 * words.index(WFI) + 4
 
     async def hold_vcpus_awake(self, awake: bool) -> None:
         """While a migration runs, keep idle vCPUs polling in the stub instead of halting in ``wfi``.
@@ -217,6 +226,42 @@ class El2Conduit(GdbstubConduit):
 
         await self._at_next_stop(write)
         log.info("idle vCPUs %s", "poll without halting until the migration ends" if awake else "halt again")
+
+    async def wait_parked(self, timeout: float) -> None:
+        """As the base class; then, with the VM held at QEMU's migration stop, note every vCPU that
+        could halt on the destination before it rewrites its timer (see :meth:`switchover_safe`):
+        one sitting right after the idle loop's ``wfi``, or one on its way there that read the
+        no-halt flag as clear (x17). A register read or two per vCPU, inside the downtime."""
+        await super().wait_parked(timeout)
+        self._halted_at_switchover = []
+        if not (self._held and GdbstubConduit.switchover_safe(self)):
+            return
+        pc_regnum = self._pc_regnum()
+        wfi = self._after_wfi - 4
+        for thread in self.threads:
+            await self._select(thread)
+            pc = await self.rsp.read_register(pc_regnum)
+            if pc == self._after_wfi or (
+                self.layout.idle.start < pc <= wfi and await self.rsp.read_register(NO_HALT_REGISTER) == 0
+            ):
+                self._halted_at_switchover.append(thread.vcpu)
+        if self._halted_at_switchover:
+            log.warning(
+                "vCPU(s) %s halted (or about to halt) in the stub's idle loop at the switchover although idle "
+                "vCPUs were told to poll: refusing it (QEMU could lose their timer interrupt on the destination)",
+                self._halted_at_switchover,
+            )
+
+    def switchover_safe(self) -> bool:
+        """As the base class, and no vCPU halted in the stub (see :meth:`hold_vcpus_awake`)."""
+        return super().switchover_safe() and not self._halted_at_switchover
+
+    def _pc_regnum(self) -> int:
+        assert self.registers is not None
+        info = self.registers.find("pc")
+        if info is None:
+            raise ConduitError("the gdbstub's register map has no pc")
+        return info.regnum
 
     async def read_system_register(self, name: str, vcpu: int = 0) -> int:
         """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the

@@ -403,6 +403,10 @@ wfx:
 	mrs	x16, cntv_cval_el0
 	str	x16, [x18, #A_IDLE_CVAL]
 stub_idle:
+	/* The no-halt flag is read before the timer is written: a vCPU that the switchover catches
+	 * anywhere between here and the wfi writes its timer again on the destination before it can
+	 * halt (the flag is cleared there when the sidecar attaches). */
+	ldr	x17, [x18, #A_NO_HALT]
 	mrs	x19, cntvct_el0
 	adr	x16, idle_poll_ticks
 	ldr	x16, [x16]
@@ -418,8 +422,7 @@ stub_idle:
 	mov	x16, #1
 	msr	cntv_ctl_el0, x16
 	isb
-	ldr	x16, [x18, #A_NO_HALT]
-	cbnz	x16, 4f
+	cbnz	x17, 4f
 	wfi
 	b	5f
 4:	wfe					/* TCG yields here and never halts (see stub_idle's comment) */
