@@ -24,7 +24,8 @@ One :class:`MigrationAgent` per sidecar, a component beside the conduit and the 
   intact, and the log, the status and the notifications say what happened.
 
 What it must not do: touch the dispatcher (it goes through the owner) or the stub (it asks the
-conduit to close and open its gate).
+conduit to close and open its gate; only a switchover our dead predecessor left is resumed through
+:func:`qmp_sdei.conduit.service.resume_from_switchover_stop`, before any conduit attaches).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ log = logging.getLogger("qmp_sdei.migration")
 
 #: How long the conduit may take to settle once the switchover begins (it is downtime).
 PARK_TIMEOUT = 2.0
+#: The runstate of a VM stopped by a migration's switchover.
+FINISH_MIGRATE = "finish-migrate"
 #: Migration statuses of an outgoing migration that has not ended yet.
 IN_PROGRESS = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active"})
 #: How long a sidecar that finds someone else's migration under way waits for its cancel to end.
@@ -197,12 +200,15 @@ class MigrationAgent:
         resumes a VM that was running at the switchover, not one parked at a breakpoint.
         """
         marker = self.config.state_dir / MARKER
+        was_running = self._read_marker(marker)
         info = await qmig.query_migrate(self.session)
         if info.status in IN_PROGRESS:
             log.warning(
                 "found an outgoing migration in %s with no sidecar driving it (the previous one died): cancelling it",
                 info.status,
             )
+            if was_running and self.config.conduit.enabled and await self.session.refresh_runstate() == FINISH_MIGRATE:
+                await self._run_orphaned_switchover_stop()
             with self.session.subscribe({VmEventKind.MIGRATION}) as events:
                 with contextlib.suppress(QemuError):
                     await qmig.migrate_cancel(self.session)
@@ -210,12 +216,43 @@ class MigrationAgent:
                     await qmig.wait_for_migration_end(events, CANCEL_TIMEOUT)
             self.counters.switchovers_cancelled += 1
             self.last_outcome = "cancelled"
-        was_running = self._read_marker(marker)
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
         if was_running and await self.session.refresh_runstate() == "postmigrate":
             log.warning("the guest was running before the interrupted migration: resuming it")
             await self.session.execute("cont")
+
+    async def _run_orphaned_switchover_stop(self) -> None:
+        """Run the guest again (through the gdbstub) before cancelling an orphaned switchover.
+
+        QEMU 8.1 and later give a cancelled migration's VM back the runstate it had when the
+        switchover stopped it; for a guest stopped at a breakpoint of the dead conduit that is
+        ``debug``, a transition from ``finish-migrate`` QEMU does not allow: it aborts. A VM that
+        runs again before the cancel is left alone. The marker says the guest was running at the
+        start of the migration, so running it is what the cancel would have done anyway.
+        """
+        from qmp_sdei.conduit.service import resume_from_switchover_stop  # noqa: PLC0415 (optional subsystem)
+
+        try:
+            resumed = await resume_from_switchover_stop(self.session, self.config.conduit, timeout=PARK_TIMEOUT)
+        except (ConduitError, QemuError) as err:
+            log.warning("could not run the VM before cancelling the orphaned migration: %s", err)
+            resumed = False
+        if not resumed:
+            log.warning("the VM is still stopped by the switchover: QEMU may abort on the cancel")
+
+    async def _run_conduit_stop_before_cancel(self) -> None:
+        """Let the conduit resume the stop of its own the switchover found, before the cancel.
+
+        Why: see :meth:`_run_orphaned_switchover_stop` (QEMU 8.1 and later abort when a migration
+        that stopped the VM in ``debug`` is cancelled while the VM is in ``finish-migrate``). The
+        conduit's gdbstub continue takes it out of ``finish-migrate`` (QMP ``cont`` cannot); QEMU
+        7.2 is fine either way. The guest was going to run on after the cancel in any case.
+        """
+        with self.session.subscribe({VmEventKind.RESUME}) as resumes:
+            await self._release_conduit()
+            if not await qmig.wait_left_finish_migrate(self.session, resumes, PARK_TIMEOUT):
+                log.warning("the conduit did not run the VM again before the cancel: QEMU may abort on it")
 
     @staticmethod
     def _read_marker(marker: Path) -> bool:
@@ -325,6 +362,8 @@ class MigrationAgent:
             else:
                 self.counters.switchovers_cancelled += 1
                 log.warning("switchover cancelled: the VM was stopped inside an SDEI call; it runs on")
+                with contextlib.suppress(QemuError):
+                    await self._run_conduit_stop_before_cancel()
                 with contextlib.suppress(QemuError):
                     await qmig.migrate_cancel(self.session)
         elif status == "completed":

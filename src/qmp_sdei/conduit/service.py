@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING
 
 from qmp_sdei.conduit.el2 import attach_conduit
 from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
+from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.config import parse_tcp
-from qmp_sdei.errors import ConfigError, GuestImageError, SdeiError
+from qmp_sdei.errors import ConduitError, ConfigError, GuestImageError, SdeiError
+from qmp_sdei.qemu.migration import wait_left_finish_migrate
 from qmp_sdei.qemu.qmp import EventSubscription, QmpSession, VmEventKind, gdbstub_address, start_gdbstub
 
 if TYPE_CHECKING:
@@ -93,3 +95,34 @@ async def _follow_resumes(session: QmpSession, conduit: GdbstubConduit, resumes:
     async for _event in resumes:
         if conduit.held:
             await conduit.owner_resumed()
+
+
+async def resume_from_switchover_stop(session: QmpSession, settings: ConduitSettings, *, timeout: float) -> bool:
+    """Run again, through the gdbstub, a VM that a migration's switchover stopped (``finish-migrate``)
+    while no conduit is attached; whether it left ``finish-migrate``.
+
+    For a sidecar that finds an orphaned migration at its pre-switchover pause (ours died during
+    it) and was running the guest: QEMU may have recorded ``debug`` for it (stopped at one of the
+    dead conduit's breakpoints), and then aborts when the migration is cancelled while the VM is
+    still in ``finish-migrate`` (QEMU 8.1 and later). QMP ``cont`` refuses that runstate; a gdbstub
+    continue does not. The guest may stop again at a breakpoint left by the dead conduit: that
+    ``debug`` is the conduit's to serve once it attaches.
+    """
+    if settings.gdb:
+        host, port = parse_tcp(settings.gdb, "conduit.gdb")
+    else:
+        address = await gdbstub_address(session)
+        if address is None:
+            return False  # no gdbstub: nobody can have left the VM at a breakpoint
+        host, port = address
+    with session.subscribe({VmEventKind.RESUME}) as resumes:
+        try:
+            client = await RspClient.connect(host, port, timeout=timeout)
+        except ConduitError as err:
+            log.warning("cannot reach the gdbstub to run the VM before the cancel: %s", err)
+            return False
+        try:
+            client.resume()
+            return await wait_left_finish_migrate(session, resumes, timeout)
+        finally:
+            await client.close()

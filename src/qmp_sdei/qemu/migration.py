@@ -137,6 +137,28 @@ async def migrate_cancel(session: QmpSession) -> None:
     await session.execute("migrate_cancel")  # QEMU's name for it has an underscore
 
 
+async def wait_left_finish_migrate(session: QmpSession, resumes: EventSubscription, timeout: float) -> bool:
+    """Whether the VM has left ``finish-migrate`` (the switchover's stop), waiting up to ``timeout``.
+
+    ``resumes`` must have been subscribed (RESUME) before whatever is to resume the VM was asked to.
+    Why it matters: QEMU 8.1 and later give a cancelled or failed migration's VM back the runstate it
+    had when the switchover stopped it, and abort on ``finish-migrate`` -> ``debug`` (a VM stopped at
+    a gdbstub breakpoint); a VM that runs again first is left alone.
+    """
+    if await session.refresh_runstate() != "finish-migrate":
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await resumes.get()
+                if event.kind is VmEventKind.DISCONNECTED:
+                    return False
+                if event.kind is VmEventKind.RESUME:
+                    return True
+    except TimeoutError:
+        return await session.refresh_runstate() != "finish-migrate"
+
+
 async def query_migrate(session: QmpSession) -> MigrationInfo:
     return MigrationInfo.from_reply(await session.execute("query-migrate"))
 
