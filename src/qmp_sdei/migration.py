@@ -42,7 +42,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -418,10 +418,10 @@ class MigrationAgent:
         if status == "completed":
             if self.loaded is None:
                 # id-list=sdei makes this a failed migration in QEMU; if it still happens, refuse.
+                self.last_outcome = "no-state"
                 log.error("incoming migration completed without SDEI state: keeping the guest stopped")
                 with contextlib.suppress(QemuError):
                     await self.session.execute("stop")
-                self.last_outcome = "no-state"
                 return
             self.counters.migrations_in += 1
             self.last_outcome = "completed"
@@ -637,6 +637,14 @@ class MigrationAgent:
                         # follow() handles it too (resumes the guest on failure): wait for it
                         return await asyncio.shield(self._our_migration)
         return self._our_migration.result()
+
+    async def wait_for_outcome(self, outcomes: Collection[str], timeout: float) -> str:
+        """Wait until the last migration's outcome is one of ``outcomes`` (for tests and tools)."""
+        async with asyncio.timeout(timeout):
+            while self.last_outcome not in outcomes:
+                await self._status_changed.wait()
+        assert self.last_outcome is not None
+        return self.last_outcome
 
     @property
     def moved_out(self) -> bool:
