@@ -469,6 +469,14 @@ class MigrationAgent:
 
     # -- the control transport ---------------------------------------------------------------------
 
+    def use_peer(self, peer: str | None) -> None:
+        """The destination sidecar of the next outgoing migration (until it ends), instead of
+        ``migration.peer``; ``None``: back to the config. :raise ConfigError, MigrationError:"""
+        override = parse_peer(peer, "peer") if peer else None
+        if override is not None and override.kind == "mqtt" and self.config.mqtt is None:
+            raise MigrationError("peer: an MQTT peer is reached through this sidecar's broker; configure [mqtt]")
+        self._peer_override = override
+
     def _peer(self) -> MigrationPeer | None:
         return self._peer_override or self.config.migration.peer
 
@@ -594,15 +602,12 @@ class MigrationAgent:
             raise MigrationError("this VM is itself waiting for an incoming migration")
         if self._our_migration is not None and not self._our_migration.done():
             raise MigrationError("a migration started by this sidecar is already running")
-        override = parse_peer(peer, "peer") if peer else None
-        if override is not None and override.kind == "mqtt" and self.config.mqtt is None:
-            raise MigrationError("peer: an MQTT peer is reached through this sidecar's broker; configure [mqtt]")
-        if self.transport == "control" and override is None and self.config.migration.peer is None:
+        self.use_peer(peer)
+        if self.transport == "control" and self._peer() is None:
             raise MigrationError(
                 "the SDEI state travels over the control API here (no dbus-vmstate): name the destination "
                 "sidecar with a peer (unix:PATH/control.sock, mqtt or mqtt:VM) or set migration.peer"
             )
-        self._peer_override = override
         report = MigrationReport(uri, attempts=1)
         started = time.perf_counter()
         self._our_migration = asyncio.get_running_loop().create_future()
