@@ -42,6 +42,7 @@ from integration.test_migration_failures import (  # noqa: F401 (forever_elf is 
 from integration.test_sidecar_migration import request, sidecar_ready, vm
 from qmp_sdei.config import parse
 from qmp_sdei.control.local import socket_path
+from qmp_sdei.errors import ConfigError, MigrationError
 from qmp_sdei.qemu import migration as qmig
 from support.guests import config_doc as baremetal_config
 from support.guests import elf_symbols, free_port
@@ -352,3 +353,9 @@ async def test_auto_picks_dbus_vmstate_and_control_removes_a_stale_object(
         assert sidecar.migration is not None and sidecar.migration.transport == "control"
         assert await qmig.dbus_vmstate_objects(harness) == []
         assert sidecar.status()["migration"]["transport"] == "control"
+        # With no peer known, a migration is refused before it starts, and so is a bad peer.
+        with pytest.raises(MigrationError, match="name the destination sidecar with a peer"):
+            await sidecar.migration.migrate("tcp:127.0.0.1:9")
+        with pytest.raises(ConfigError, match="peer: 'here' is not unix:/ABSOLUTE/PATH"):
+            await sidecar.migration.migrate("tcp:127.0.0.1:9", peer="here")
+        assert (await target.harness.execute("query-migrate")).get("status", "none") == "none"
