@@ -392,6 +392,11 @@ class GdbstubConduit:
             # owner_resumed() before this stop reached us.
             await self._follow_owner(in_loop=True)
             return
+        if self._held and stop.signal == SIGNAL_TRAP:
+            # A trap while we held the VM: its owner (or QEMU, cancelling a migration) resumed it
+            # and the guest hit one of our breakpoints at once. The VM is ours again: served here
+            # and resumed, or, with the migration gate still closed, resumed by open_gate().
+            self._held = False
         if trapped:
             # Also for our own T02: a vCPU interrupted exactly at the hvc was about to trap anyway.
             step_over = await self._trap(thread, core)
