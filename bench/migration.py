@@ -36,8 +36,15 @@
     1000 SDEI calls per second. An attempt is cancelled when the VM sat at one of the conduit's
     breakpoints as QEMU began its switchover; each needs a new destination (QEMU 7.2's exits).
 
+* ``fallback``: the same 8-vCPU migration as ``cost`` (guest at about 10 calls per second, third
+  party on QEMU's other monitor), interleaved: no sidecar; sidecars carrying the state in band
+  (``dbus-vmstate``); sidecars carrying it over the control API (``migration.transport =
+  "control"``), with the destination's local socket as the peer and, when ``mosquitto`` is
+  installed, through a private broker (peer ``mqtt``). Besides the times, the source sidecar's own
+  measure of the hand-over (snapshot, send, the destination's validation and adoption, the reply).
+
 Usage: python bench/migration.py [--repeats N] [--dbus-repeats N] [--sidecar-repeats N] [--migrations N]
-       [--only dbus,migration,sidecar]
+       [--only dbus,migration,sidecar,fallback]
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import statistics
 import sys
@@ -72,6 +80,7 @@ from dispatcher import EVENTS, busy_dispatcher, mpidrs  # a sibling script, not 
 from qmp_sdei.config import parse
 from qmp_sdei.daemon import Sidecar
 from support.guests import GUEST_DIR, build_guest_dir  # the test guests' builder (cached)
+from support.mosquitto import running_mosquitto
 
 TIMEOUT = 60.0
 
@@ -235,8 +244,16 @@ def forever_spec(elf: Path, smp: int, period_us: int, *extra: str) -> QemuSpec:
     return QemuSpec(smp=smp, kernel=elf, paused=True, name=FOREVER_NAME, extra_args=("-device", loader, *extra))
 
 
-def sidecar_config(vm: QemuProcess, state_dir: Path, elf: Path) -> dict[str, Any]:
-    return {
+def sidecar_config(
+    vm: QemuProcess, state_dir: Path, elf: Path, migration_table: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if migration_table:
+        table = dict(migration_table)
+        if "mqtt" in table:
+            extra["mqtt"] = {"url": table.pop("mqtt")}
+        extra["migration"] = table
+    return extra | {
         "vm": {"name": FOREVER_NAME, "state_dir": str(state_dir)},
         "qmp": {"socket": str(vm.sidecar_socket), "mode": "connect", "timeout": TIMEOUT},
         "sdei": {"version": "1.1", "events": [{"number": 1000}, {"number": 1001}]},
@@ -249,8 +266,10 @@ def sidecar_config(vm: QemuProcess, state_dir: Path, elf: Path) -> dict[str, Any
 class Side:
     """One QEMU of a pair, its harness monitor and, optionally, its sidecar; all stopped by close()."""
 
-    def __init__(self, workdir: Path, spec: QemuSpec) -> None:
+    def __init__(self, workdir: Path, spec: QemuSpec, migration_table: dict[str, Any] | None = None) -> None:
         self.vm = QemuProcess(spec, workdir / "qemu")
+        self.migration_table = migration_table
+        self.state_dir = workdir / "state"
         self.workdir = workdir
         self.harness: Any = None
         self.sidecar: Sidecar | None = None
@@ -260,7 +279,7 @@ class Side:
         await asyncio.wait_for(self.vm.start(), TIMEOUT)
         self.harness = await self.vm.connect_harness(TIMEOUT, f"bench-{self.workdir.name}")
         if elf is not None:
-            self.sidecar = Sidecar(parse(sidecar_config(self.vm, self.workdir / "state", elf)))
+            self.sidecar = Sidecar(parse(sidecar_config(self.vm, self.state_dir, elf, self.migration_table)))
             self.task = asyncio.create_task(self.sidecar.run())
             await asyncio.wait_for(self.sidecar.ready.wait(), TIMEOUT)
             assert self.sidecar.migration is not None
@@ -308,12 +327,25 @@ async def settled_times(src: Side) -> tuple[float, float]:
 
 
 async def migrate_with_retries(
-    workdir: Path, elf: Path, *, smp: int, period_us: int, with_sidecar: bool
+    workdir: Path,
+    elf: Path,
+    *,
+    smp: int,
+    period_us: int,
+    with_sidecar: bool,
+    transport: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """One source, fresh destinations until a migration completes; its times and the attempts."""
+    """One source, fresh destinations until a migration completes; its times and the attempts.
+
+    ``transport``: the sidecars' ``[migration]`` table (plus ``mqtt``: a broker URL for both); with
+    the control transport the source's peer is each new destination's local socket unless it is
+    ``mqtt``.
+    """
     sides: list[Side] = []
+    src_table = dict(transport) if transport else None
+    dst_table = {k: v for k, v in transport.items() if k != "peer"} if transport else None
     try:
-        src = Side(workdir / "src", forever_spec(elf, smp, period_us))
+        src = Side(workdir / "src", forever_spec(elf, smp, period_us), src_table)
         sides.append(src)
         await src.start(elf if with_sidecar else None)
         if not with_sidecar:
@@ -330,10 +362,15 @@ async def migrate_with_retries(
                 raise RuntimeError("200 switchovers in a row were cancelled")
             port = free_port()
             dst = Side(
-                workdir / f"dst{attempts}", forever_spec(elf, smp, period_us, "-incoming", f"tcp:127.0.0.1:{port}")
+                workdir / f"dst{attempts}",
+                forever_spec(elf, smp, period_us, "-incoming", f"tcp:127.0.0.1:{port}"),
+                dst_table,
             )
             sides.append(dst)
             await dst.start(elf if with_sidecar else None)
+            if src_table is not None and src_table.get("peer") != "mqtt" and src.sidecar is not None:
+                # The destination changes with each attempt: name its control socket as the peer.
+                src.sidecar.migration.use_peer(f"unix:{dst.state_dir / 'control.sock'}")  # type: ignore[union-attr]
             if not with_sidecar:
                 caps = {"events": True, "return-path": True}
                 await dst.harness.execute(
@@ -343,7 +380,12 @@ async def migrate_with_retries(
             outcome = await harness_migration(src, f"tcp:127.0.0.1:{port}", answer_pause=not with_sidecar)
             if outcome == "completed":
                 total, downtime = await settled_times(src)
-                return {"total_ms": total, "downtime_ms": downtime, "attempts": float(attempts)}
+                times = {"total_ms": total, "downtime_ms": downtime, "attempts": float(attempts)}
+                if src.sidecar is not None and src.sidecar.migration is not None:
+                    handover = src.sidecar.migration.last_state_ms
+                    if handover is not None and src.sidecar.migration.counters.states_sent:
+                        times["handover_ms"] = handover
+                return times
             await dst.close()
     finally:
         for side in sides:
@@ -368,6 +410,39 @@ async def sidecar_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8) -> 
         result[f"{key.removesuffix('_ms')}_ratio"] = (
             round(result["with_sidecar"][key]["median"] / base, 2) if base else None
         )
+    return result
+
+
+async def fallback_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8) -> dict[str, Any]:
+    """Downtime without a sidecar, with the in-band path, and with the control transport."""
+    cases: dict[str, dict[str, Any] | None] = {
+        "without_sidecar": None,
+        "dbus_vmstate": {"transport": "dbus-vmstate"},
+        "control_unix": {"transport": "control", "peer": "unix:/placeholder"},  # replaced per destination
+    }
+    with contextlib.ExitStack() as stack:
+        if shutil.which("mosquitto"):
+            broker = stack.enter_context(running_mosquitto(workdir / "broker"))
+            cases["control_mqtt"] = {"transport": "control", "peer": "mqtt", "mqtt": broker.url}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+        for repetition in range(repeats):
+            for name, table in cases.items():  # interleaved, so load changes hit every case alike
+                runs[name].append(
+                    await migrate_with_retries(
+                        workdir / f"fallback-{name}-{repetition}", elf, smp=smp, period_us=100_000,
+                        with_sidecar=table is not None, transport=table,
+                    )
+                )  # fmt: skip
+    result: dict[str, Any] = {"vcpus": smp, "guest_calls_per_s": 10, "repeats": repeats}
+    for name, samples in runs.items():
+        keys = ["total_ms", "downtime_ms", "attempts"] + (["handover_ms"] if name.startswith("control") else [])
+        result[name] = {key: spread([s[key] for s in samples if key in s]) for key in keys}
+    base = result["without_sidecar"]["downtime_ms"]["median"]
+    result["downtime_ratio"] = {
+        name: round(result[name]["downtime_ms"]["median"] / base, 2) if base else None
+        for name in cases
+        if name != "without_sidecar"
+    }
     return result
 
 
@@ -409,6 +484,9 @@ async def main_async(
                 "cost": await sidecar_cost(workdir, elf, sidecar_repeats),
                 "retries": await retry_rounds(workdir, elf, migrations),
             }
+        if "fallback" in only:
+            elf = build_guest_dir(GUEST_DIR.parent / "forever", workdir / "guest")
+            result["fallback"] = await fallback_cost(workdir, elf, sidecar_repeats)
     return result
 
 
@@ -418,7 +496,7 @@ def main() -> None:
     parser.add_argument("--dbus-repeats", type=int, default=20, help="Save/Load calls per size")
     parser.add_argument("--sidecar-repeats", type=int, default=5, help="migrations with and without the sidecar")
     parser.add_argument("--migrations", type=int, default=5, help="completed migrations per guest call rate")
-    parser.add_argument("--only", default="dbus,migration,sidecar", help="comma-separated parts to run")
+    parser.add_argument("--only", default="dbus,migration,sidecar,fallback", help="comma-separated parts to run")
     args = parser.parse_args()
     only = set(args.only.split(","))
     result = asyncio.run(main_async(args.repeats, args.dbus_repeats, args.sidecar_repeats, args.migrations, only))

@@ -6,7 +6,7 @@ Subcommands::
     qmp-sdei status (--config vm1.toml | --state-dir DIR | --mqtt URL --vm NAME) [--json]
     qmp-sdei raise (--config vm1.toml | --mqtt URL --vm NAME) --event N [--vcpu I] [--json]
     qmp-sdei watch (--config vm1.toml | --mqtt URL --vm NAME) [--json]
-    qmp-sdei migrate (--config vm1.toml | --mqtt URL --vm NAME) --uri tcp:HOST:PORT [--json]
+    qmp-sdei migrate (--config vm1.toml | --mqtt URL --vm NAME) --uri tcp:HOST:PORT [--peer PEER] [--json]
     qmp-sdei check-config vm1.toml
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
                        [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
@@ -129,6 +129,11 @@ def _add_control_commands(sub: Any) -> None:
     migrate = sub.add_parser("migrate", help="live-migrate the VM, SDEI state included, to a listening destination")
     _add_target(migrate)
     migrate.add_argument("--uri", required=True, help="where the destination QEMU listens, e.g. tcp:HOST:PORT")
+    migrate.add_argument(
+        "--peer",
+        help="the destination sidecar's control endpoint when the state travels over the control API "
+        "(no dbus-vmstate): unix:/STATE_DIR/control.sock, mqtt or mqtt:VM (default: migration.peer)",
+    )
     migrate.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the outcome")
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -218,6 +223,8 @@ def _raise_text(result: dict[str, Any]) -> str:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     request = {"v": PROTOCOL_VERSION, "command": "migrate", "uri": args.uri}
+    if args.peer:
+        request["peer"] = args.peer
 
     async def ask() -> dict[str, Any]:
         async with _control_client(args) as client:

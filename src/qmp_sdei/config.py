@@ -20,6 +20,11 @@ a typo must not silently fall back to a default. Example (``examples/vm1.toml`` 
     [psci]
     version = "auto"                    # "0.2" | "1.0" | "1.1" | "auto" (what QEMU implements)
 
+    [migration]
+    transport = "auto"                  # "dbus-vmstate" | "control" | "auto" (dbus-vmstate if QEMU has it)
+    peer = "unix:/var/lib/qmp-sdei/vm1-dst/control.sock"   # or "mqtt" / "mqtt:NAME" (control transport)
+    peer_timeout = 3.0                  # seconds the destination has to acknowledge the state
+
 No I/O beyond reading the file.
 """
 
@@ -130,6 +135,55 @@ def _valid_topic_prefix(value: str) -> str | None:
     return None
 
 
+#: How a migration carries the SDEI state: inside QEMU's stream, over the control API, or the first
+#: when this QEMU can (it has the ``dbus-vmstate`` object type), else the second.
+MIGRATION_TRANSPORTS = ("auto", "dbus-vmstate", "control")
+
+
+@dataclass(frozen=True)
+class MigrationPeer:
+    """Where the destination sidecar of a control-transport migration takes the state.
+
+    ``unix``: its local control socket (same host). ``mqtt``: its ``incoming`` topic on this
+    sidecar's own broker (``[mqtt]``), under the destination VM's name (``vm``; ``None``: ours).
+    """
+
+    kind: str  # "unix" | "mqtt"
+    path: Path | None = None
+    vm: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"mqtt:{self.vm}" if self.vm else "mqtt"
+
+
+def parse_peer(text: str, key: str = "migration.peer") -> MigrationPeer:
+    """``unix:PATH`` (or an absolute PATH), ``mqtt`` or ``mqtt:VM NAME``. :raise ConfigError:"""
+    if text == "mqtt" or text.startswith("mqtt:"):
+        vm = text[5:] or None
+        if vm is not None and any(c in vm for c in "/+#\0"):
+            raise ConfigError(f"{key}: {vm!r} cannot be an MQTT topic level (no '/', '+', '#', NUL)")
+        return MigrationPeer("mqtt", vm=vm)
+    path = text.removeprefix("unix:")
+    if not path.startswith("/"):
+        raise ConfigError(f"{key}: {text!r} is not unix:/ABSOLUTE/PATH, mqtt or mqtt:VM")
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise ConfigError(f"{key}: {path!r} is longer than a unix socket path may be ({UNIX_PATH_MAX} bytes)")
+    return MigrationPeer("unix", path=Path(path))
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    """How the SDEI state travels with a live migration (``docs/migration.md``)."""
+
+    transport: str = "auto"
+    #: the destination's control endpoint (control transport; a ``migrate`` request may name another)
+    peer: MigrationPeer | None = None
+    #: seconds the destination sidecar has to acknowledge the state (the guest is stopped meanwhile)
+    peer_timeout: float = 3.0
+
+
 @dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
@@ -147,6 +201,7 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     mqtt: MqttSettings | None = None
     metrics: MetricsSettings | None = None
+    migration: MigrationSettings = field(default_factory=MigrationSettings)
     source: Path | None = None
 
     def runtime_changes(self, new: Config) -> tuple[list[str], list[str]]:
@@ -154,7 +209,7 @@ class Config:
         allowed, refused = [], []
         if new.log != self.log:
             allowed.append("log")
-        for key in ("qmp", "state_dir", "name", "versions", "sdei", "conduit", "mqtt", "metrics"):
+        for key in ("qmp", "state_dir", "name", "versions", "sdei", "conduit", "mqtt", "metrics", "migration"):
             if getattr(new, key) != getattr(self, key):
                 refused.append(key)
         return allowed, refused
@@ -309,6 +364,26 @@ def _parse_mqtt(mqtt: _Table) -> MqttSettings | None:
     return mqtt_settings
 
 
+def _parse_log(log: _Table) -> LogSettings:
+    settings = LogSettings(
+        level=log.get("level", str, "info", _one_of(*LOG_LEVELS)),
+        format=log.get("format", str, "text", _one_of(*LOG_FORMATS)),
+    )
+    log.done()
+    return settings
+
+
+def _parse_migration(table: _Table, *, has_mqtt: bool) -> MigrationSettings:
+    transport = table.get("transport", str, "auto", _one_of(*MIGRATION_TRANSPORTS))
+    peer_text = table.get("peer", str, "")
+    peer = parse_peer(peer_text) if peer_text else None
+    if peer is not None and peer.kind == "mqtt" and not has_mqtt:
+        raise ConfigError("migration.peer: an MQTT peer is reached through this sidecar's broker; configure [mqtt]")
+    timeout = float(table.get("peer_timeout", (int, float), 3.0, _positive_seconds))
+    table.done()
+    return MigrationSettings(transport=transport, peer=peer, peer_timeout=timeout)
+
+
 def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     """Validate an already-decoded TOML document. :raise ConfigError:"""
     root = _Table(data, "")
@@ -390,13 +465,8 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
 
     mqtt_settings = _parse_mqtt(root.table("mqtt"))
     metrics_settings = parse_metrics_table(root.table("metrics").data)
-
-    log = root.table("log")
-    log_settings = LogSettings(
-        level=log.get("level", str, "info", _one_of(*LOG_LEVELS)),
-        format=log.get("format", str, "text", _one_of(*LOG_FORMATS)),
-    )
-    log.done()
+    migration_settings = _parse_migration(root.table("migration"), has_mqtt=mqtt_settings is not None)
+    log_settings = _parse_log(root.table("log"))
     root.done()
 
     if not state_dir_text and name and ("/" in name or name in (".", "..")):
@@ -412,6 +482,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
         log=log_settings,
         mqtt=mqtt_settings,
         metrics=metrics_settings,
+        migration=migration_settings,
         source=source,
     )
 

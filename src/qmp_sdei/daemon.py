@@ -69,6 +69,7 @@ class Sidecar:
         self.control_server: LocalControlServer | None = None
         self.migration: MigrationAgent | None = None
         self.migration_error = ""
+        self.incoming_listener: Any = None  # IncomingStateListener while a destination waits (MQTT)
         self.started = time.time()
         self.attach_seconds = 0.0
         self.shutdown = asyncio.Event()
@@ -135,7 +136,13 @@ class Sidecar:
         self.migration = MigrationAgent(
             self.session, self.owner, self.config, facts, identity, conduit=lambda: self.conduit, incoming=incoming
         )
-        self.control = ControlService(self.owner, self.status, vm_name=self.vm_name, migrate=self._migrate_command)
+        self.control = ControlService(
+            self.owner,
+            self.status,
+            vm_name=self.vm_name,
+            migrate=self._migrate_command,
+            receive_state=self.migration.receive_state,
+        )
         self.control_server = LocalControlServer(self.control, socket_path(self.config.state_dir))
         if self.config.metrics is not None:
             await self._start_metrics(self.config.metrics)
@@ -172,9 +179,9 @@ class Sidecar:
         self.pins = self.owner.pins  # a migration destination adopts the incoming pins
         self.store.save(StoredState(self.identity, self.owner.pins, snapshot))
 
-    async def _migrate_command(self, uri: str) -> dict[str, Any]:
+    async def _migrate_command(self, uri: str, peer: str | None) -> dict[str, Any]:
         assert self.migration is not None
-        report = await self.migration.migrate(uri)
+        report = await self.migration.migrate(uri, peer=peer)
         return report.to_dict()
 
     async def _start_metrics(self, settings: MetricsSettings) -> None:
@@ -385,8 +392,9 @@ class Sidecar:
         migration = self.migration
         if migration is not None and migration.incoming:
             # The VM's topics belong to the sidecar serving the VM: a destination takes them over
-            # only once the guest has arrived (the source gives them up when it has left).
-            await migration.arrived.wait()
+            # only once the guest has arrived (the source gives them up when it has left). Until
+            # then it listens on the VM's incoming topic only, for a state sent over the control API.
+            await self._take_incoming_state_over_mqtt(migration)
             if self.config.conduit.enabled:
                 # ...and once the conduit serves it: a raise before that could not be delivered.
                 await self.conduit_ready.wait()
@@ -414,6 +422,21 @@ class Sidecar:
                 serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await serving
+
+    async def _take_incoming_state_over_mqtt(self, migration: MigrationAgent) -> None:
+        """Serve the VM's MQTT ``incoming`` topic until the guest has arrived."""
+        from qmp_sdei.control.mqtt import IncomingStateListener  # noqa: PLC0415 (optional transport)
+
+        assert self.control is not None and self.config.mqtt is not None
+        listener = IncomingStateListener(self.control, self.config.mqtt, vm_name=self.vm_name)
+        self.incoming_listener = listener
+        listening = asyncio.create_task(listener.run(), name="control.mqtt.incoming")
+        try:
+            await migration.arrived.wait()
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
 
     def _install_signals(self) -> list[int]:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,13 @@ One :class:`MigrationAgent` per sidecar, a component beside the conduit and the 
   vCPUs and MPIDRs) and adopts it, or raises, and QEMU then fails the migration. A migration that
   completes without SDEI state leaves the guest stopped and says so: the guest never runs with
   versions or state other than those it saw.
+* **Fallback: the control transport.** For a QEMU without the ``dbus-vmstate`` object type
+  (``[migration] transport``: ``auto`` picks it then, ``control`` forces it), the state travels
+  beside the stream: at ``pre-switchover``, once the switchover is safe, the source sends the same
+  payload to the destination sidecar's control API (its peer: a local socket or the destination's
+  MQTT ``incoming`` topic) and continues only when the destination has validated and adopted it;
+  a refusal, an unreachable peer or no answer within ``peer_timeout`` cancels the migration. The
+  link is opened while RAM moves, so the pause pays for one request and its reply.
 * **Nothing lost.** A source keeps its state (and its state file) after ``completed``; when a
   migration fails or is cancelled the source VM is resumed if it was running, with its SDEI state
   intact, and the log, the status and the notifications say what happened.
@@ -36,12 +43,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from qmp_sdei.config import Config
+from qmp_sdei.config import Config, MigrationPeer, parse_peer
+from qmp_sdei.control.peer import PeerLink, StateRefused
 from qmp_sdei.errors import ConduitError, IncompatibleState, MigrationError, QemuError, SdeiError
 from qmp_sdei.owner import NotificationKind, SdeiOwner
 from qmp_sdei.qemu import migration as qmig
@@ -115,6 +123,10 @@ class MigrationCounters:
     migrations_in: int = 0
     switchovers_cancelled: int = 0
     migrations_failed: int = 0
+    #: control transport: states sent to / refused by the destination, and sends that failed
+    states_sent: int = 0
+    states_refused: int = 0
+    state_sends_failed: int = 0
 
 
 # ---- the agent -------------------------------------------------------------------------------------
@@ -164,6 +176,14 @@ class MigrationAgent:
         self._running_at_active = False  # was the VM running when RAM started to move?
         self._source_running = False  # what Save() tells the destination
         self._moved_out = False  # an outgoing migration completed and nobody resumed the VM here
+        #: "dbus-vmstate" or "control", decided in start() from [migration] transport and QEMU
+        self.transport = config.migration.transport
+        #: the destination sidecar of the next outgoing migration (control transport)
+        self._peer_override: MigrationPeer | None = None
+        self._link: PeerLink | None = None
+        self._link_opening: asyncio.Task[None] | None = None
+        self._cancel_reason: str | None = None  # why this sidecar cancelled the last switchover
+        self.last_state_ms: float | None = None  # control transport: payload sent and acknowledged
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -178,16 +198,45 @@ class MigrationAgent:
                 await self._cancel_orphaned()
         finally:
             self.checked.set()
-        address = await self._bus.start()
-        self._service = VmstateService(address, save=self._save, load=self._load)
-        await self._service.start()
-        await qmig.add_dbus_vmstate(self.session, address)
+        self.transport = await self._choose_transport()
+        if self.transport == "dbus-vmstate":
+            address = await self._bus.start()
+            self._service = VmstateService(address, save=self._save, load=self._load)
+            await self._service.start()
+            await qmig.add_dbus_vmstate(self.session, address)
+        else:
+            await self._drop_stale_vmstate_object()
+            log.info(
+                "the SDEI state travels over the control API at the switchover (migration.transport = control)%s",
+                "" if self.incoming or self.config.migration.peer else "; no migration.peer: give one per migration",
+            )
         if self.incoming:
             await qmig.prepare_destination(self.session)
             log.info("destination of an incoming migration: the SDEI and PSCI versions come with the guest's state")
         else:
             await qmig.prepare_source(self.session)
         self.ready.set()
+
+    async def _choose_transport(self) -> str:
+        """``[migration] transport``, with ``auto`` resolved: dbus-vmstate when QEMU has the type."""
+        wanted = self.config.migration.transport
+        if wanted != "auto":
+            return wanted
+        if await qmig.has_dbus_vmstate(self.session):
+            return "dbus-vmstate"
+        log.warning(
+            "this QEMU has no dbus-vmstate object type: the SDEI state will travel over the control API "
+            "(migration.transport = control)"
+        )
+        return "control"
+
+    async def _drop_stale_vmstate_object(self) -> None:
+        """A dbus-vmstate object an earlier sidecar of ours added points at a dead bus, and would
+        fail every migration ("pre-save failed"): the control transport has no use for it."""
+        with contextlib.suppress(QemuError):
+            if qmig.DEFAULT_VMSTATE_OBJECT in await qmig.dbus_vmstate_objects(self.session):
+                await qmig.remove_dbus_vmstate(self.session)
+                log.info("removed the dbus-vmstate object an earlier sidecar left in QEMU")
 
     async def _cancel_orphaned(self) -> None:
         """Cancel an outgoing migration that no sidecar drives (ours died during it).
@@ -278,6 +327,7 @@ class MigrationAgent:
             (self.config.state_dir / MARKER).unlink()
 
     async def close(self) -> None:
+        await self._close_link()
         if self._service is not None:
             with contextlib.suppress(SdeiError, OSError):
                 await self._service.close()
@@ -289,6 +339,20 @@ class MigrationAgent:
         assert self.owner.pins is not None
         snapshot = await self.owner.snapshot()  # no stop is in flight: the conduit is parked
         return encode_payload(self.owner.pins, snapshot, source_running=self._source_running)
+
+    async def receive_state(self, blob: bytes, source: str | None) -> dict[str, Any]:
+        """The control API's ``incoming-state``: validate and adopt, exactly as ``Load`` does.
+
+        :raise IncompatibleState, VersionError: refused (nothing changed); the source cancels.
+        """
+        started = time.perf_counter()
+        await self._load(blob)
+        assert self.owner.pins is not None
+        elapsed = (time.perf_counter() - started) * 1e3
+        log.info(
+            "took the SDEI state from %s over the control API (%d bytes, %.2f ms)", source or "?", len(blob), elapsed
+        )
+        return {"accepted": True, "bytes": len(blob), "pins": self.owner.pins.to_dict(), "load_ms": round(elapsed, 3)}
 
     async def _load(self, blob: bytes) -> None:
         if not self.incoming:
@@ -347,7 +411,11 @@ class MigrationAgent:
         self._status_changed = asyncio.Event()
 
     async def _outgoing_status(self, status: str) -> None:
-        if status == "active":
+        if status == "setup":
+            self._cancel_reason = None
+            if self.transport == "control":
+                self._start_link()
+        elif status == "active":
             # QEMU stops the VM for the switchover after this event, not before.
             self._running_at_active = self._vm_running
             conduit = self._conduit()
@@ -357,15 +425,21 @@ class MigrationAgent:
         elif status == qmig.PRE_SWITCHOVER:
             if self.before_switchover is not None:
                 await self.before_switchover()
-            if await self._switchover_safe():
-                await self._continue()
+            if not await self._switchover_safe():
+                conduit = self._conduit()
+                if conduit is not None and not conduit.held:
+                    # Stopped at one of our breakpoints, not (only) by QEMU: run it out of that stop
+                    # first, or QEMU 8.1 and later abort on the cancel.
+                    with contextlib.suppress(QemuError):
+                        await self._run_conduit_stop_before_cancel()
+                await self._cancel_switchover(
+                    "the VM could not be handed over safely (stopped inside an SDEI call, or a vCPU halted in "
+                    "the EL2 stub's idle loop); the guest runs on here; start the destination again and retry"
+                )
+            elif self.transport == "control" and (problem := await self._hand_over_state()) is not None:
+                await self._cancel_switchover(problem)
             else:
-                self.counters.switchovers_cancelled += 1
-                log.warning("switchover cancelled: the VM was stopped inside an SDEI call; it runs on")
-                with contextlib.suppress(QemuError):
-                    await self._run_conduit_stop_before_cancel()
-                with contextlib.suppress(QemuError):
-                    await qmig.migrate_cancel(self.session)
+                await self._continue()
         elif status == "completed":
             self.counters.migrations_out += 1
             self.last_outcome = "completed"
@@ -373,6 +447,7 @@ class MigrationAgent:
             self.migrated_out.set()
             self._moved_out = True
             self._drop_marker()
+            await self._close_link()
             self._finish("completed")
         elif status in ("failed", "cancelled"):
             self.last_outcome = status
@@ -382,16 +457,17 @@ class MigrationAgent:
             log.warning("migration %s%s; the VM keeps its SDEI state here", status, f": {reason}" if reason else "")
             await self._release_conduit()
             self._drop_marker()
+            await self._close_link()
             self._finish(status)
 
     async def _incoming_status(self, status: str) -> None:
         if status == "completed":
             if self.loaded is None:
                 # id-list=sdei makes this a failed migration in QEMU; if it still happens, refuse.
+                self.last_outcome = "no-state"
                 log.error("incoming migration completed without SDEI state: keeping the guest stopped")
                 with contextlib.suppress(QemuError):
                     await self.session.execute("stop")
-                self.last_outcome = "no-state"
                 return
             self.counters.migrations_in += 1
             self.last_outcome = "completed"
@@ -429,6 +505,104 @@ class MigrationAgent:
         # VM from one its owner paused is the stop reply the conduit got: QEMU's migration stop.
         self._source_running = conduit.stopped_by_migration()
         return conduit.switchover_safe()
+
+    async def _cancel_switchover(self, why: str) -> None:
+        self.counters.switchovers_cancelled += 1
+        self._cancel_reason = f"cancelled at the switchover: {why}"
+        log.warning("switchover cancelled: %s", why)
+        with contextlib.suppress(QemuError):
+            await qmig.migrate_cancel(self.session)
+
+    # -- the control transport ---------------------------------------------------------------------
+
+    def use_peer(self, peer: str | None) -> None:
+        """The destination sidecar of the next outgoing migration (until it ends), instead of
+        ``migration.peer``; ``None``: back to the config. :raise ConfigError, MigrationError:"""
+        override = parse_peer(peer, "peer") if peer else None
+        if override is not None and override.kind == "mqtt" and self.config.mqtt is None:
+            raise MigrationError("peer: an MQTT peer is reached through this sidecar's broker; configure [mqtt]")
+        self._peer_override = override
+
+    def _peer(self) -> MigrationPeer | None:
+        return self._peer_override or self.config.migration.peer
+
+    def _start_link(self) -> None:
+        """Connect to the destination sidecar while RAM moves (the pause must not pay for it)."""
+        peer = self._peer()
+        if peer is None or self._link is not None:
+            return
+        try:
+            self._link = PeerLink(
+                peer, mqtt=self.config.mqtt, vm_name=self.identity.name or self.config.name or "default"
+            )
+        except SdeiError as err:
+            log.error("%s", err)
+            return
+        self._link_opening = asyncio.create_task(self._link.open(), name="migration.peer-link")
+        # Its failure is reported at the switchover (send_state opens again, and says why).
+        self._link_opening.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _hand_over_state(self) -> str | None:
+        """Send the state to the destination sidecar and wait for its acceptance; why not, or None.
+
+        The VM is stopped and the conduit parked: the snapshot is final. Every millisecond here is
+        downtime; the link was opened while RAM moved.
+        """
+        peer = self._peer()
+        if peer is None:
+            self.counters.state_sends_failed += 1
+            return (
+                "the SDEI state travels over the control API (no dbus-vmstate) but no destination sidecar is known: "
+                "set migration.peer or give a peer with the migrate request"
+            )
+        if self._link is None:
+            self._start_link()
+        if self._link is None:
+            self.counters.state_sends_failed += 1
+            return f"cannot reach the destination sidecar at {peer}"
+        if self._link_opening is not None:
+            with contextlib.suppress(Exception):
+                await self._link_opening  # its error, if any, comes back from send_state below
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.config.migration.peer_timeout):
+                assert self.owner.pins is not None
+                snapshot = await self.owner.snapshot()  # no stop is in flight: the conduit is parked
+                payload = encode_payload(self.owner.pins, snapshot, source_running=self._source_running)
+                await self._link.send_state(payload, self.config.migration.peer_timeout)
+        except StateRefused as err:
+            self.counters.states_refused += 1
+            return str(err)
+        except TimeoutError:
+            self.counters.state_sends_failed += 1
+            timeout = self.config.migration.peer_timeout
+            return f"the destination sidecar at {peer} did not acknowledge the state within {timeout:g}s"
+        except SdeiError as err:
+            self.counters.state_sends_failed += 1
+            return str(err)
+        self.last_state_ms = (time.perf_counter() - started) * 1e3
+        self.counters.states_sent += 1
+        log.info(
+            "the destination sidecar at %s accepted the SDEI state (%d bytes, %.2f ms): continuing the migration",
+            peer,
+            len(payload),
+            self.last_state_ms,
+        )
+        self.owner.notify(
+            NotificationKind.SIDECAR, event=None, what="migration", phase="state-accepted", peer=str(peer)
+        )
+        return None
+
+    async def _close_link(self) -> None:
+        link, self._link = self._link, None
+        opening, self._link_opening = self._link_opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await opening
+        if link is not None:
+            await link.close()
+        self._peer_override = None
 
     async def _continue(self) -> None:
         try:
@@ -468,7 +642,7 @@ class MigrationAgent:
 
     # -- migrations this sidecar starts ------------------------------------------------------------
 
-    async def migrate(self, uri: str, *, timeout: float = 300.0) -> MigrationReport:
+    async def migrate(self, uri: str, *, peer: str | None = None, timeout: float = 300.0) -> MigrationReport:
         """Migrate this VM to ``uri`` (the destination QEMU listens there, its sidecar runs).
 
         The report's outcome is ``completed`` only when the destination confirmed: with
@@ -476,11 +650,20 @@ class MigrationAgent:
         included. A switchover this sidecar had to cancel (the VM was at one of its breakpoints)
         ends the attempt: QEMU 7.2's destination exits on a cancelled stream, so a retry needs a
         new destination, which only the caller can start.
+
+        :param peer: the destination sidecar's control endpoint (``unix:PATH``, ``mqtt``,
+            ``mqtt:VM``) when the state travels over the control API; default ``migration.peer``.
         """
         if self.incoming:
             raise MigrationError("this VM is itself waiting for an incoming migration")
         if self._our_migration is not None and not self._our_migration.done():
             raise MigrationError("a migration started by this sidecar is already running")
+        self.use_peer(peer)
+        if self.transport == "control" and self._peer() is None:
+            raise MigrationError(
+                "the SDEI state travels over the control API here (no dbus-vmstate): name the destination "
+                "sidecar with a peer (unix:PATH/control.sock, mqtt or mqtt:VM) or set migration.peer"
+            )
         report = MigrationReport(uri, attempts=1)
         started = time.perf_counter()
         self._our_migration = asyncio.get_running_loop().create_future()
@@ -491,17 +674,15 @@ class MigrationAgent:
             except QemuError as err:
                 report.outcome, report.error = "failed", str(err)
                 self._our_migration.cancel()
+                self._peer_override = None
                 return report
             report.outcome = await self._await_outcome(events, report, started, timeout)
         info = await qmig.query_migrate(self.session)
         report.total_ms, report.downtime_ms = info.total_time_ms, info.downtime_ms
         if report.outcome != "completed":
             report.error = info.error
-            if self.counters.switchovers_cancelled > cancelled_before:
-                report.error = (
-                    "cancelled at the switchover: the VM was stopped inside an SDEI call; the guest runs on "
-                    "here; start the destination again and retry"
-                )
+            if self.counters.switchovers_cancelled > cancelled_before and self._cancel_reason:
+                report.error = self._cancel_reason
         return report
 
     async def _await_outcome(self, events: Any, report: MigrationReport, started: float, timeout: float) -> str:
@@ -518,14 +699,27 @@ class MigrationAgent:
                         return await asyncio.shield(self._our_migration)
         return self._our_migration.result()
 
+    async def wait_for_outcome(self, outcomes: Collection[str], timeout: float) -> str:
+        """Wait until the last migration's outcome is one of ``outcomes`` (for tests and tools)."""
+        async with asyncio.timeout(timeout):
+            while self.last_outcome not in outcomes:
+                await self._status_changed.wait()
+        assert self.last_outcome is not None
+        return self.last_outcome
+
     @property
     def moved_out(self) -> bool:
         """The guest migrated out and nobody resumed it here: this VM must not run again."""
         return self._moved_out
 
     def status(self) -> dict[str, Any]:
+        peer = self._peer()
         return {
             "role": "destination" if self.incoming else "source",
+            "transport": self.transport,
+            "peer": str(peer) if peer is not None else None,
+            "last_cancel_reason": self._cancel_reason,
+            "last_state_ms": round(self.last_state_ms, 3) if self.last_state_ms is not None else None,
             "phase": self.phase,
             "last_outcome": self.last_outcome,
             "state_received": self.loaded is not None,

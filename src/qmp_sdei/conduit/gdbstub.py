@@ -220,6 +220,7 @@ class GdbstubConduit:
         # so owner_resumed() may talk to the stub.
         self._awaiting_stop = asyncio.Event()
         self._held_signal: int | None = None  # the stop reply that made us hold the VM
+        self._trapped_while_held = False  # a breakpoint stop came (and was served) while held
         self._interrupt_sent = False  # a 0x03 of ours is outstanding: the next T02 is ours
         # A migration's switchover is under way: never resume the VM (see close_gate()).
         self._gate_closed = False
@@ -387,11 +388,17 @@ class GdbstubConduit:
             log.info("VM stopped by its owner (T%02x); waiting until it is resumed", stop.signal)
             self._held = True
             self._held_signal = stop.signal
+            self._trapped_while_held = False
             await self._after_stop(thread, core, resume=False)
             # Its owner may have resumed it already, and that RESUME may have reached
             # owner_resumed() before this stop reached us.
             await self._follow_owner(in_loop=True)
             return
+        if self._held and stop.signal == SIGNAL_TRAP:
+            # A trap while we hold the VM: its owner (or QEMU, cancelling a migration) resumed it
+            # and the guest hit a breakpoint at once, maybe while the migration gate kept us from
+            # resuming it. _follow_owner() must not wait for a stop reply that has come already.
+            self._trapped_while_held = True
         if trapped:
             # Also for our own T02: a vCPU interrupted exactly at the hvc was about to trap anyway.
             step_over = await self._trap(thread, core)
@@ -638,6 +645,7 @@ class GdbstubConduit:
         if resume_always:
             self._running = True
             self._held = False  # we resumed it: whoever stopped it before has let it go
+            self._trapped_while_held = False
             if self._waiters:
                 # A request arrived while this stop was being handled, too late to be served in it.
                 self._interrupt()
@@ -734,6 +742,15 @@ class GdbstubConduit:
             if state not in ("running", "debug"):
                 return  # still, or again, the owner's
             if not self.stops_need_our_resume:
+                if state == "debug" and self._trapped_while_held:
+                    # That trap was reported and served while the gate was closed, so nobody
+                    # resumed the VM after it: do it now (a switchover cancelled after a long pause,
+                    # the guest trapping as soon as QEMU resumed it).
+                    self._held = False
+                    self._trapped_while_held = False
+                    self._running = True
+                    self.rsp.resume()
+                    return
                 # Every stop is reported: the guest's next trap arrives by itself, and a trap it
                 # made already is on its way (the loop resumes the VM after serving it).
                 if state == "running":

@@ -12,9 +12,14 @@ Commands (version 1):
 * ``status`` -> the sidecar's status document (VM, pins, per-vCPU state, counters).
 * ``event {number}`` -> one event's state, per vCPU for a private event.
 * ``catalogue`` -> the fixed event set. No command adds or removes events.
-* ``migrate {uri}`` -> migrate the VM there (its destination QEMU listens, its sidecar runs) and
-  report the phases, total time and downtime; ``outcome`` is ``completed`` only when the
-  destination confirmed.
+* ``migrate {uri, peer?}`` -> migrate the VM there (its destination QEMU listens, its sidecar runs)
+  and report the phases, total time and downtime; ``outcome`` is ``completed`` only when the
+  destination confirmed. ``peer`` names the destination sidecar's control endpoint when the state
+  travels over the control API (the fallback for a QEMU without ``dbus-vmstate``).
+* ``incoming-state {state}`` -> a destination sidecar takes the SDEI state of the VM migrating to
+  it (base64 of the migration payload) and validates it exactly as QEMU's ``Load`` would: it is
+  adopted (``accepted``) or refused (``state_refused``, with why), changing nothing. It is the one
+  request allowed to be larger than ``MAX_REQUEST_BYTES`` (up to ``MAX_STATE_REQUEST_BYTES``).
 
 It must not know about sockets or brokers, and it never touches the dispatcher itself: everything
 goes through the :class:`~qmp_sdei.owner.SdeiOwner`.
@@ -23,9 +28,11 @@ goes through the :class:`~qmp_sdei.owner.SdeiOwner`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -42,11 +49,17 @@ log = logging.getLogger("qmp_sdei.control")
 PROTOCOL_VERSION = 1
 #: Largest request accepted on any transport, in bytes.
 MAX_REQUEST_BYTES = 64 * 1024
+#: Largest ``incoming-state`` request: a migration payload of up to 1 MiB (QEMU's dbus-vmstate
+#: limit, kept for the control transport too) in base64, with room for the JSON around it.
+MAX_STATE_REQUEST_BYTES = 1_500_000 + 4096
+#: The command that carries a migration's state (and may be up to MAX_STATE_REQUEST_BYTES).
+STATE_COMMAND = "incoming-state"
 #: Requests being served at once across all clients; more are answered ``busy`` at once.
 MAX_IN_FLIGHT = 64
 
 StatusProvider = Callable[[], dict[str, Any]]
-MigrateFn = Callable[[str], Awaitable[dict[str, Any]]]
+MigrateFn = Callable[[str, str | None], Awaitable[dict[str, Any]]]
+ReceiveStateFn = Callable[[bytes, str | None], Awaitable[dict[str, Any]]]
 
 
 class CommandError(Exception):
@@ -71,16 +84,25 @@ def _request_validator() -> jsonschema.Draft202012Validator:
 
 
 def parse_request(raw: bytes | str) -> dict[str, Any]:
-    """Decode and validate one request. :raise CommandError: with the reply's error code."""
-    if len(raw) > MAX_REQUEST_BYTES:
-        raise CommandError("too_large", f"request of {len(raw)} bytes; the limit is {MAX_REQUEST_BYTES}")
+    """Decode and validate one request. :raise CommandError: with the reply's error code.
+
+    Only ``incoming-state`` may be larger than ``MAX_REQUEST_BYTES``; the transports read up to
+    ``MAX_STATE_REQUEST_BYTES`` and leave the rest of the check to this function.
+    """
+    if len(raw) > MAX_STATE_REQUEST_BYTES:
+        limit = f"the limit is {MAX_REQUEST_BYTES} ({MAX_STATE_REQUEST_BYTES} for {STATE_COMMAND})"
+        raise CommandError("too_large", f"request of {len(raw)} bytes; {limit}")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise CommandError("bad_json", f"not JSON: {err}") from None
+    except RecursionError:
+        raise CommandError("bad_json", "not JSON: nested too deeply") from None
+    command = doc.get("command") if isinstance(doc, dict) else None
+    if len(raw) > MAX_REQUEST_BYTES and command != STATE_COMMAND:
+        raise CommandError("too_large", f"request of {len(raw)} bytes; the limit is {MAX_REQUEST_BYTES}")
     if not isinstance(doc, dict):
         raise CommandError("bad_request", "a request is a JSON object")
-    command = doc.get("command")
     if isinstance(command, str) and command not in schema("request")["properties"]["command"]["enum"]:
         raise CommandError("unknown_command", f"unknown command {command!r}")
     error = jsonschema.exceptions.best_match(_request_validator().iter_errors(doc))
@@ -126,17 +148,28 @@ class ControlService:
     """
 
     def __init__(
-        self, owner: SdeiOwner, status: StatusProvider, *, vm_name: str, migrate: MigrateFn | None = None
+        self,
+        owner: SdeiOwner,
+        status: StatusProvider,
+        *,
+        vm_name: str,
+        migrate: MigrateFn | None = None,
+        receive_state: ReceiveStateFn | None = None,
     ) -> None:
         self.owner = owner
         self._status = status
         self._migrate = migrate
+        self._receive_state = receive_state
         self.vm_name = vm_name
         self.stats = ControlStats()
         self._in_flight = 0
 
-    async def handle(self, raw: bytes | str) -> dict[str, Any]:
-        """One request to one reply document; never raises for bad input."""
+    async def handle(self, raw: bytes | str, *, only: Collection[str] | None = None) -> dict[str, Any]:
+        """One request to one reply document; never raises for bad input.
+
+        :param only: the commands this transport serves (all when ``None``); any other gets
+            ``unknown_command``.
+        """
         self.stats.requests += 1
         if self._in_flight >= MAX_IN_FLIGHT:
             self.stats.busy += 1
@@ -149,6 +182,10 @@ class ControlService:
                 self.stats.errors += 1
                 return error_reply(_request_id(raw), err.code, str(err))
             request_id = request.get("id")
+            if only is not None and request["command"] not in only:
+                self.stats.errors += 1
+                served = ", ".join(sorted(only))
+                return error_reply(request_id, "unknown_command", f"only {served} is served here")
             try:
                 return reply(request_id, await self.execute(request))
             except CommandError as err:
@@ -184,9 +221,20 @@ class ControlService:
             if self._migrate is None:
                 raise CommandError("unavailable", "this sidecar cannot drive migrations")
             try:
-                return await self._migrate(request["uri"])
+                return await self._migrate(request["uri"], request.get("peer"))
             except SdeiError as err:
                 raise CommandError("migration_refused", str(err)) from err
+        if command == STATE_COMMAND:
+            if self._receive_state is None:
+                raise CommandError("unavailable", "this sidecar cannot take a migration's state")
+            try:
+                blob = base64.b64decode(request["state"], validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise CommandError("bad_request", f"state: not base64: {err}") from None
+            try:
+                return await self._receive_state(blob, request.get("source"))
+            except SdeiError as err:
+                raise CommandError("state_refused", str(err)) from err
         raise CommandError("unknown_command", f"{command!r} is not served here")
 
     def status_document(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from qmp_sdei.control.commands import (
     MAX_REQUEST_BYTES,
+    MAX_STATE_REQUEST_BYTES,
     PROTOCOL_VERSION,
     ControlService,
     encode,
@@ -118,10 +119,12 @@ class LocalControlServer:
                     continue
                 if await self._serve_one(line, reader, writer):
                     return  # the connection became a watch stream and has ended
-            if len(buf) > MAX_REQUEST_BYTES and not skipping:
+            # A line may be as long as a migration's state; the command layer holds every other
+            # request to MAX_REQUEST_BYTES once the line is complete.
+            if len(buf) > MAX_STATE_REQUEST_BYTES and not skipping:
                 skipping = True
                 buf.clear()
-                doc = error_reply(None, "too_large", f"request line over {MAX_REQUEST_BYTES} bytes")
+                doc = error_reply(None, "too_large", f"request line over {MAX_STATE_REQUEST_BYTES} bytes")
                 writer.write(encode(doc) + b"\n")
                 await writer.drain()
             elif skipping:

@@ -13,6 +13,9 @@ Topic tree, per VM, under ``<prefix>/<vm name>/`` (the prefix defaults to ``qmp-
   :class:`~qmp_sdei.owner.SdeiOwner`; ``{"kind": "lost", "count": N}`` says how many were dropped
   while the broker was away (they are counted, never buffered without bound).
 * ``reply/<client id>`` -- where :class:`MqttControlClient` asks for its replies.
+* ``incoming`` -- while the VM waits for an incoming live migration, its destination sidecar takes
+  the SDEI state here (``incoming-state`` only, :class:`IncomingStateListener`): the VM's other
+  topics still belong to the source's sidecar until the guest has arrived.
 
 What it must not do: decide anything a request means (that is the command layer's job), or make the
 guest wait. The owner's notification queue drops its oldest entries rather than block, and nothing
@@ -51,7 +54,9 @@ from qmp_sdei.config import MqttSettings, parse_mqtt_url
 from qmp_sdei.control.commands import (
     MAX_IN_FLIGHT,
     MAX_REQUEST_BYTES,
+    MAX_STATE_REQUEST_BYTES,
     PROTOCOL_VERSION,
+    STATE_COMMAND,
     ControlService,
     encode,
     error_reply,
@@ -83,7 +88,7 @@ BACKOFF_CAP_S = 30.0
 SHUTDOWN_PUBLISH_S = 2.0
 #: The topic levels below ``<prefix>/<vm>/`` that belong to the protocol; never a reply target.
 NOTIFICATION_QOS = 0
-PROTOCOL_TOPICS = frozenset({"request", "status", "notifications"})
+PROTOCOL_TOPICS = frozenset({"request", "status", "notifications", "incoming"})
 
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -110,6 +115,10 @@ class Topics:
     @property
     def notifications(self) -> str:
         return f"{self.base}/notifications"
+
+    @property
+    def incoming(self) -> str:
+        return f"{self.base}/incoming"
 
     def reply(self, client_id: str) -> str:
         return f"{self.base}/reply/{client_id}"
@@ -502,6 +511,80 @@ class MqttBridge:
         self.stats.replies += 1
 
 
+class IncomingStateListener:
+    """A migration destination's MQTT ear: takes the VM's SDEI state on ``<prefix>/<vm>/incoming``.
+
+    It runs while the VM waits for an incoming migration whose state travels over the control API
+    (the fallback for a QEMU without ``dbus-vmstate``). The VM's ``request``, ``status`` and
+    ``notifications`` topics still belong to the source's sidecar then, so this publishes nothing of
+    its own (no status, no will): it answers ``incoming-state`` requests on its one topic, up to
+    ``MAX_STATE_REQUEST_BYTES``, and refuses every other command. Broker outages are retried with
+    backoff; cancel it once the guest has arrived (the :class:`MqttBridge` takes over).
+    """
+
+    def __init__(self, service: ControlService, settings: MqttSettings, *, vm_name: str) -> None:
+        if not valid_topic_level(vm_name):
+            raise ConfigError(f"vm.name: {vm_name!r} cannot be an MQTT topic level (no '/', '+', '#', NUL)")
+        self.service = service
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix, vm_name)
+        self.client_id = f"qmp-sdei-{vm_name}-incoming-{socket.gethostname()}-{os.getpid()}"
+        self._tls = tls_context(settings.ca, settings.cert, settings.key) if settings.tls else None
+        self.backoff = Backoff()
+        #: set while subscribed to the incoming topic
+        self.ready = asyncio.Event()
+        self.requests = 0
+
+    def _new_client(self) -> aiomqtt.Client:
+        s = self.settings
+        connect_props = _properties(PacketTypes.CONNECT)
+        connect_props.MaximumPacketSize = MAX_STATE_REQUEST_BYTES + 4096  # the packet's own header too
+        return aiomqtt.Client(
+            s.host, s.port, username=s.username, password=s.password, identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=KEEPALIVE_S,
+            properties=connect_props, tls_context=self._tls, socket_options=[_NODELAY],
+            logger=logging.getLogger("qmp_sdei.control.mqtt.paho"),
+        )  # fmt: skip
+
+    async def run(self) -> None:
+        url = self.settings.url
+        while True:
+            try:
+                async with self._new_client() as client:
+                    self.backoff.reset()
+                    reasons = await client.subscribe(self.topics.incoming, qos=1)
+                    refused = [r for r in reasons if isinstance(r, ReasonCode) and r.is_failure]
+                    if refused:
+                        log.error("MQTT broker refused our subscription to %s: %s", self.topics.incoming, refused[0])
+                    else:
+                        log.info("MQTT: waiting for the incoming SDEI state on %s", self.topics.incoming)
+                    self.ready.set()
+                    async for message in client.messages:
+                        await self._serve(client, message)
+            except aiomqtt.MqttError as err:
+                log.warning("MQTT broker %s (incoming state): %s", url, err)
+            finally:
+                self.ready.clear()
+            await asyncio.sleep(self.backoff.next())
+
+    async def _serve(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        if not message.topic.matches(self.topics.incoming):
+            return
+        self.requests += 1
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        doc = await self.service.handle(payload, only={STATE_COMMAND})
+        if response_topic is None or not self.topics.is_reply_target(response_topic):
+            log.warning("incoming-state request without a usable ResponseTopic (%r): not answered", response_topic)
+            return
+        try:
+            await client.publish(response_topic, encode(doc), qos=1, properties=_reply_properties(correlation))
+        except (aiomqtt.MqttError, ValueError) as err:
+            log.warning("MQTT reply to %s not published: %s", response_topic, err)
+
+
 async def serve_mqtt(
     service: ControlService,
     settings: MqttSettings,
@@ -650,8 +733,13 @@ class MqttControlClient:
             why = client.refusals[-1] if client.refusals else "refused"
             raise ControlError(f"the MQTT broker at {self.url} refused our publish to {topic}: {why}")
 
-    async def request(self, doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send one request to the VM's sidecar and wait for its reply. :raise ControlError:"""
+    async def request(
+        self, doc: dict[str, Any], timeout: float | None = None, *, topic: str | None = None
+    ) -> dict[str, Any]:
+        """Send one request to the VM's sidecar and wait for its reply. :raise ControlError:
+
+        :param topic: where to publish it (default: the VM's ``request`` topic).
+        """
         timeout = self.timeout if timeout is None else timeout
         correlation = uuid.uuid4().bytes
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -660,7 +748,7 @@ class MqttControlClient:
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = correlation
         try:
-            await self._publish(self.topics.request, encode(doc), props, timeout)
+            await self._publish(topic or self.topics.request, encode(doc), props, timeout)
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError as err:
             raise ControlError(

@@ -38,6 +38,7 @@ __all__ = [
     "add_dbus_vmstate",
     "completed_info",
     "dbus_vmstate_objects",
+    "has_dbus_vmstate",
     "migrate",
     "migrate_cancel",
     "migrate_continue",
@@ -164,6 +165,18 @@ async def query_migrate(session: QmpSession) -> MigrationInfo:
 
 
 # -- the dbus-vmstate object ------------------------------------------------------------------------
+
+
+async def has_dbus_vmstate(session: QmpSession) -> bool:
+    """Does this QEMU build have the ``dbus-vmstate`` object type (``qom-list-types``)?
+
+    A QEMU built without D-Bus support (``--disable-dbus`` or no gio) lacks it: the SDEI state
+    must then travel beside the migration stream (the control transport).
+    """
+    reply = await session.execute("qom-list-types", {"abstract": False})
+    if not isinstance(reply, list):
+        raise QemuError(f"qom-list-types returned {reply!r}, not a list")
+    return any(isinstance(entry, Mapping) and entry.get("name") == DBUS_VMSTATE_TYPE for entry in reply)
 
 
 async def dbus_vmstate_objects(session: QmpSession) -> list[str]:

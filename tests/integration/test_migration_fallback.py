@@ -1,0 +1,361 @@
+"""Live migration without dbus-vmstate: the SDEI state travels over the control API at the switchover.
+
+``[migration] transport = "control"`` forces the fallback on a QEMU that has dbus-vmstate (7.2 and
+10.0 here both do), so the same real QEMUs serve both paths. At the source's pre-switchover pause
+its sidecar sends the state to the destination sidecar (its local socket, or its MQTT ``incoming``
+topic on a real mosquitto), which validates and adopts it, and only then continues; a refusal, an
+unreachable destination sidecar or one that never answers cancels the migration, and the source
+guest runs on with its state.
+
+Guests: the bare-metal step-table guest (registrations, masks and host events, finishing its steps on
+the destination) and the call-forever guest of ``test_migration_failures`` (registrations, unmask,
+a pending event, a handler entered after the migration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integration.test_baremetal_guest import HOST_EVENTS, check_all_steps
+from integration.test_migration_failures import (  # noqa: F401 (forever_elf is a fixture)
+    TIMEOUT,
+    Vm,
+    arrived,
+    assert_state_whole,
+    config_doc,
+    forever_elf,
+    guest_ready,
+    guest_spec,
+    harness_migrate,
+    migration_ready,
+    vms,
+)
+from integration.test_sidecar_migration import request, sidecar_ready, vm
+from qmp_sdei.config import parse
+from qmp_sdei.control.local import socket_path
+from qmp_sdei.errors import ConfigError, MigrationError
+from qmp_sdei.qemu import migration as qmig
+from support.guests import config_doc as baremetal_config
+from support.guests import elf_symbols, free_port
+from support.mosquitto import Mosquitto, requires_mosquitto, running_mosquitto
+from support.sidecar import RunningSidecar, to_toml
+
+pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
+
+#: About 50 SDEI calls per second: few switchovers land on a breakpoint (those are cancelled and
+#: retried by the same code as on the in-band path, covered in test_migration_failures).
+PERIOD_US = 20_000
+
+
+def with_fallback(doc: dict[str, Any], **migration: Any) -> dict[str, Any]:
+    doc["migration"] = {"transport": "control", **migration}
+    return doc
+
+
+def start_sidecar(target: Vm, elf: Path, *, mqtt: str | None = None, **migration: Any) -> RunningSidecar:
+    doc = with_fallback(config_doc(target.qemu, target.state_dir, elf), **migration)
+    if mqtt is not None:
+        doc["mqtt"] = {"url": mqtt}
+    target.sidecar = RunningSidecar(parse(doc))
+    return target.sidecar
+
+
+async def source_and_destination(
+    tmp_path: Path, elf: Path, started: list[Vm], *, dst_doc: dict[str, Any] | None = None, **src_migration: Any
+) -> tuple[Vm, Vm, str]:
+    """A source guest with its state in place (1001 pending) and a listening destination."""
+    src = Vm(tmp_path / "src", guest_spec(elf, period_us=PERIOD_US))
+    started.append(src)
+    await src.start()
+    port = free_port()
+    dst = Vm(tmp_path / "dst", guest_spec(elf, "-incoming", f"tcp:127.0.0.1:{port}", period_us=PERIOD_US))
+    started.append(dst)
+    await dst.start()
+    src_migration.setdefault("peer", f"unix:{socket_path(dst.state_dir)}")
+    mqtt = src_migration.pop("mqtt", None)
+    await migration_ready(start_sidecar(src, elf, mqtt=mqtt, **src_migration))
+    if dst_doc is not None:
+        dst.sidecar = RunningSidecar(parse(dst_doc))
+        await migration_ready(dst.sidecar)
+    await guest_ready(src)
+    return src, dst, f"tcp:127.0.0.1:{port}"
+
+
+def source_migration(target: Vm) -> Any:
+    assert target.sidecar is not None and target.sidecar.sidecar.migration is not None
+    return target.sidecar.sidecar.migration
+
+
+async def cancelled_and_source_runs_on(src: Vm, dst: Vm, words: str) -> None:
+    migration = source_migration(src)
+    assert await migration.wait_for_outcome({"cancelled", "failed", "completed"}, TIMEOUT) == "cancelled"
+    assert words in (migration.status()["last_cancel_reason"] or ""), migration.status()
+    assert await dst.qemu.wait(TIMEOUT) != 0  # QEMU's destination exits on a cancelled stream
+    status = await src.harness.execute("query-status")  # type: ignore[union-attr]
+    assert status["status"] in ("running", "debug"), status
+    await assert_state_whole(src)
+
+
+# -- it works ------------------------------------------------------------------------------------------
+
+
+async def test_the_bare_metal_guest_migrates_over_the_local_socket_and_finishes_there(
+    tmp_path: Path, guest_elf: Path
+) -> None:
+    """``qmp-sdei migrate --peer unix:...``: the destination takes the state over its control socket."""
+    port = free_port()
+    tags = list(HOST_EVENTS)
+    async with (
+        vm(tmp_path / "src", guest_elf) as src,
+        vm(tmp_path / "dst", guest_elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
+    ):
+        src_state, dst_state = tmp_path / "src-state", tmp_path / "dst-state"
+        src_doc = with_fallback(baremetal_config(src, src_state, guest_elf, start_vm=True))
+        source = RunningSidecar(parse(src_doc))
+        destination = RunningSidecar(parse(with_fallback(baremetal_config(dst, dst_state, guest_elf, start_vm=True))))
+        try:
+            await sidecar_ready(source)
+            await sidecar_ready(destination)
+            assert destination.sidecar.migration is not None and destination.sidecar.migration.incoming
+            harness = await src.connect_harness(TIMEOUT, "fallback-harness")
+            try:
+                # The fallback adds no dbus-vmstate object to QEMU.
+                assert await qmig.dbus_vmstate_objects(_Harness(harness)) == []
+            finally:
+                await harness.disconnect()
+
+            first = tags[0]
+            event, _ = HOST_EVENTS[first]
+            await src.wait_for_console(rf"WAIT {first} {event}\r?\n", TIMEOUT)
+            before = (await request(src_state, {"v": 1, "command": "status"}))["result"]
+            config_file = tmp_path / "src.toml"
+            config_file.write_text(to_toml(src_doc))
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "qmp_sdei", "migrate", "--config", str(config_file),
+                 "--uri", f"tcp:127.0.0.1:{port}", "--peer", f"unix:{socket_path(dst_state)}", "--json"],
+                capture_output=True, text=True, timeout=TIMEOUT * 2,
+            )  # fmt: skip
+            assert result.returncode == 0, (result.stdout, result.stderr)
+            report = json.loads(result.stdout)
+            assert report["outcome"] == "completed", report
+
+            status = (await request(dst_state, {"v": 1, "command": "status"}))["result"]
+            assert status["migration"]["transport"] == "control"
+            assert status["migration"]["state_received"] is True
+            assert status["pins"] == {"sdei": "1.1", "sdei_vendor": 0, "psci": "1.0"}
+            assert status["registered"] == before["registered"]
+            assert status["vcpu_state"] == before["vcpu_state"]
+            assert status["sdei"]["pending"] == before["sdei"]["pending"]
+            src_status = (await request(src_state, {"v": 1, "command": "status"}))["result"]["migration"]
+            assert src_status["states_sent"] == 1 and src_status["migrations_out"] == 1, src_status
+            assert src_status["last_state_ms"] is not None
+
+            for tag in tags:
+                event, vcpu = HOST_EVENTS[tag]
+                if tag != first:
+                    await dst.wait_for_console(rf"WAIT {tag} {event}\r?\n", TIMEOUT)
+                reply = await request(dst_state, {"v": 1, "command": "raise", "event": event, "vcpu": vcpu})
+                assert reply["ok"], reply
+                assert reply["result"]["result"] == "delivered" or reply["result"].get("code") == "busy", reply
+            await dst.wait_for_console(r"DONE\r?\n", TIMEOUT)
+            check_all_steps(src.console + dst.console, elf_symbols(guest_elf))
+            assert "WAIT" not in src.console.split(f"WAIT {first}")[1], "the source ran on after the migration"
+        finally:
+            print("---- source stderr\n" + src.stderr[-2000:] + "\n---- destination stderr\n" + dst.stderr[-2000:])
+            for running in (source, destination):
+                if not running.task.done():
+                    with contextlib.suppress(Exception):
+                        await running.stop()
+
+
+class _Harness:
+    """Just enough of a QmpSession over the harness monitor for the qemu.migration helpers."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self.client.execute(command, arguments)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with running_mosquitto(tmp_path / "broker") as running:
+        yield running
+
+
+@requires_mosquitto
+async def test_a_third_party_migration_carries_the_state_over_mqtt(
+    tmp_path: Path,
+    forever_elf: Path,  # noqa: F811
+    broker: Mosquitto,
+) -> None:
+    """Both sidecars on one broker; the migration is started on QEMU's other monitor (as libvirt
+    would); the destination takes the state on its ``incoming`` topic."""
+    async with vms() as started:
+        src, dst, uri = await source_and_destination(tmp_path, forever_elf, started, peer="mqtt", mqtt=broker.url)
+        await migration_ready(start_sidecar(dst, forever_elf, mqtt=broker.url))
+        listener = dst.sidecar.sidecar  # type: ignore[union-attr]
+        await wait_for(lambda: listener.incoming_listener is not None, "the incoming listener")
+        await asyncio.wait_for(listener.incoming_listener.ready.wait(), TIMEOUT)
+        outcome = await harness_migrate(src, uri)
+        assert outcome == "completed", source_migration(src).status()
+        await arrived(dst)
+        assert listener.incoming_listener.requests == 1
+        dst_migration = source_migration(dst)
+        assert dst_migration.loaded is not None and dst_migration.loaded.source_running
+        assert source_migration(src).counters.states_sent == 1
+        await assert_state_whole(dst)
+
+
+async def wait_for(predicate: Any, what: str) -> None:
+    async def poll() -> None:
+        while not predicate():  # noqa: ASYNC110 (the sidecar builds it in its own task; no event for it)
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(poll(), TIMEOUT)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within {TIMEOUT}s") from None
+
+
+# -- it fails, and the source runs on --------------------------------------------------------------
+
+
+async def test_a_destination_that_refuses_the_state_makes_the_source_cancel(
+    tmp_path: Path,
+    forever_elf: Path,  # noqa: F811
+) -> None:
+    """The destination's catalogue has one more event: it refuses as Load would; nothing migrates."""
+    async with vms() as started:
+        src, dst, uri = await source_and_destination(tmp_path, forever_elf, started)
+        other = with_fallback(config_doc(dst.qemu, dst.state_dir, forever_elf))
+        other["sdei"]["events"].append({"number": 3000})
+        dst.sidecar = RunningSidecar(parse(other))
+        await migration_ready(dst.sidecar)
+        outcome = await harness_migrate(src, uri)
+        assert outcome == "cancelled"
+        migration = source_migration(src)
+        assert migration.counters.states_refused == 1
+        assert source_migration(dst).loaded is None  # the refusal changed nothing there
+        await cancelled_and_source_runs_on(src, dst, "refused the SDEI state")
+        assert (
+            "catalogue" in migration.status()["last_cancel_reason"]
+            or "event" in migration.status()["last_cancel_reason"]
+        ), migration.status()
+
+
+async def test_an_unreachable_destination_sidecar_makes_the_source_cancel(
+    tmp_path: Path,
+    forever_elf: Path,  # noqa: F811
+) -> None:
+    """No sidecar listens at the peer: the switchover is cancelled at once, not after a timeout."""
+    async with vms() as started:
+        src, dst, uri = await source_and_destination(tmp_path, forever_elf, started)
+        outcome = await harness_migrate(src, uri)
+        assert outcome == "cancelled"
+        assert source_migration(src).counters.state_sends_failed == 1
+        await cancelled_and_source_runs_on(src, dst, "unreachable")
+
+
+async def test_a_destination_sidecar_that_never_answers_makes_the_source_cancel(
+    tmp_path: Path,
+    forever_elf: Path,  # noqa: F811
+) -> None:
+    """Something listens at the peer and reads the state but never acknowledges it: after
+    ``peer_timeout`` the source cancels; the downtime was that timeout, no more."""
+    silent = tmp_path / "silent.sock"
+    received = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while await reader.read(65536):
+            received.set()
+
+    server = await asyncio.start_unix_server(swallow, path=str(silent))
+    try:
+        async with vms() as started:
+            src, dst, uri = await source_and_destination(
+                tmp_path, forever_elf, started, peer=f"unix:{silent}", peer_timeout=1.0
+            )
+            outcome = await harness_migrate(src, uri)
+            assert outcome == "cancelled"
+            assert received.is_set()
+            assert source_migration(src).counters.state_sends_failed == 1
+            await cancelled_and_source_runs_on(src, dst, "within 1s")
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_destination_that_gets_no_state_keeps_the_guest_stopped(
+    tmp_path: Path,
+    forever_elf: Path,  # noqa: F811
+) -> None:
+    """A source without a sidecar migrates the VM; the destination sidecar (control transport, so
+    QEMU itself cannot refuse the stream) never got the SDEI state: the guest does not run there."""
+    async with vms() as started:
+        src = Vm(tmp_path / "src", guest_spec(forever_elf, period_us=PERIOD_US))
+        started.append(src)
+        await src.start()
+        assert src.harness is not None
+        await src.harness.execute("cont")  # it runs, its SDEI calls unanswered
+        capabilities = [{"capability": c, "state": True} for c in ("events", "return-path")]
+        await src.harness.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        port = free_port()
+        dst = Vm(tmp_path / "dst", guest_spec(forever_elf, "-incoming", f"tcp:127.0.0.1:{port}", period_us=PERIOD_US))
+        started.append(dst)
+        await dst.start()
+        await migration_ready(start_sidecar(dst, forever_elf))
+        assert await harness_migrate(src, f"tcp:127.0.0.1:{port}") == "completed"
+        assert await source_migration(dst).wait_for_outcome({"no-state", "completed", "failed"}, TIMEOUT) == "no-state"
+        assert not source_migration(dst).arrived.is_set()
+        assert dst.harness is not None
+        status = await dst.harness.execute("query-status")
+        assert status["status"] != "running", status
+        console = dst.qemu.console
+        assert "TICK" not in console, "the guest ran on the destination without its SDEI state"
+
+
+async def test_auto_picks_dbus_vmstate_and_control_removes_a_stale_object(
+    tmp_path: Path,
+    forever_elf: Path,  # noqa: F811
+) -> None:
+    """``auto`` on a QEMU with the type uses the in-band path; a later sidecar forced to ``control``
+    removes the dbus-vmstate object the first one left (it would fail every migration)."""
+    async with vms() as started:
+        target = Vm(tmp_path / "vm", guest_spec(forever_elf, period_us=PERIOD_US))
+        started.append(target)
+        await target.start()
+        doc = config_doc(target.qemu, target.state_dir, forever_elf)
+        target.sidecar = RunningSidecar(parse(doc))
+        sidecar = await migration_ready(target.sidecar)
+        assert sidecar.migration is not None and sidecar.migration.transport == "dbus-vmstate"
+        harness = _Harness(target.harness)
+        assert await qmig.dbus_vmstate_objects(harness) == [qmig.DEFAULT_VMSTATE_OBJECT]
+        await target.sidecar.stop()
+        assert await qmig.dbus_vmstate_objects(harness) == [qmig.DEFAULT_VMSTATE_OBJECT]
+
+        sidecar = await migration_ready(start_sidecar(target, forever_elf))
+        assert sidecar.migration is not None and sidecar.migration.transport == "control"
+        assert await qmig.dbus_vmstate_objects(harness) == []
+        assert sidecar.status()["migration"]["transport"] == "control"
+        # With no peer known, a migration is refused before it starts, and so is a bad peer.
+        with pytest.raises(MigrationError, match="name the destination sidecar with a peer"):
+            await sidecar.migration.migrate("tcp:127.0.0.1:9")
+        with pytest.raises(ConfigError, match="peer: 'here' is not unix:/ABSOLUTE/PATH"):
+            await sidecar.migration.migrate("tcp:127.0.0.1:9", peer="here")
+        assert (await target.harness.execute("query-migrate")).get("status", "none") == "none"
