@@ -55,8 +55,15 @@ Through the EL2 stub (``-M virt,virtualization=on``; ``docs/el2-stub.md``):
 * ``idle_delivery`` (``--idle-events N``, ``--idle-gap S``): ``bench/idle_delivery.py``'s
   measurement on smp 1 and 2: events raised into a guest idling in WFI (in the stub's idle loop).
 
+Before/after in one run (``--compare REF [--reps N]``): the chosen sections run N times, alternating
+between the tree of git revision REF (extracted with ``git archive``: its own bench, sources and stub)
+and this working tree (``--compare A..B``: revisions A and B); the JSON then holds, for every median
+in the results, both sides' values per run and their median. A busy host drifts; alternating spreads
+the drift over both sides.
+
     python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist] [--no-el2]
         [--el2-boots N] [--uefi-boots N] [--el2-events N] [--idle-events N] [--idle-gap S]
+        [--compare REF [--reps N]]
 """
 
 from __future__ import annotations
@@ -515,6 +522,58 @@ def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any
     return {"persist_state": symbols[0]["persist_state"], "symbols": medians(symbols[0]), "el2": medians(el2[0])}
 
 
+MEDIAN_KEYS = ("median_us", "median_s", "median", "ratio", "qemu_and_guest_share_median_us")
+
+
+def medians_of(doc: Any, path: str = "") -> dict[str, float]:
+    """Every median-like number in a bench result, by its path (``baremetal_el2.0.trapped_calls...``)."""
+    found: dict[str, float] = {}
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in MEDIAN_KEYS and isinstance(value, int | float):
+                found[where] = float(value)
+            else:
+                found.update(medians_of(value, where))
+    elif isinstance(doc, list):
+        for index, value in enumerate(doc):
+            found.update(medians_of(value, f"{path}.{index}"))
+    return found
+
+
+def compare(ref: str, reps: int, argv: list[str]) -> dict[str, Any]:
+    """Run this bench with ``argv`` ``reps`` times for git revision ``ref`` and for this tree (or
+    for the two revisions of ``ref`` = ``A..B``), alternating (and swapping the order every
+    repetition), and pair up their medians."""
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-bench-ref-") as scratch:
+        revisions = ref.split("..", 1)
+        trees = [("before", Path(scratch) / "before"), ("after", REPO)]
+        if len(revisions) == 2:
+            trees[1] = ("after", Path(scratch) / "after")
+        for revision, (_side, tree) in zip(revisions, trees, strict=False):
+            tree.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True, capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+        for rep in range(reps):
+            for side, tree in trees if rep % 2 == 0 else trees[::-1]:
+                env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+                run = subprocess.run(
+                    [sys.executable, str(tree / "bench" / "conduit.py"), *argv],
+                    env=env, capture_output=True, text=True, check=False,
+                )  # fmt: skip
+                if run.returncode != 0:
+                    raise RuntimeError(f"{side} run {rep} failed:\n{run.stderr[-3000:]}")
+                results[side].append(medians_of(json.loads(run.stdout)))
+    paired: dict[str, Any] = {}
+    for key in sorted(set.intersection(*(set(r) for r in results["before"] + results["after"]))):
+        b = [r[key] for r in results["before"]]
+        a = [r[key] for r in results["after"]]
+        paired[key] = {"before": round(statistics.median(b), 3), "after": round(statistics.median(a), 3),
+                       "before_runs": b, "after_runs": a}  # fmt: skip
+    return {"compare": ref, "reps": reps, "args": argv, "medians": paired}
+
+
 def qemu_version() -> str:
     out = subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True, check=False)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -572,7 +631,20 @@ if __name__ == "__main__":
     parser.add_argument("--el2-events", type=int, default=30, help="events into Linux through the EL2 stub per smp")
     parser.add_argument("--idle-events", type=int, default=10, help="events into an idle (WFI) guest per smp (0: skip)")
     parser.add_argument("--idle-gap", type=float, default=0.5, help="seconds of idle before each idle-guest event")
+    parser.add_argument("--compare", metavar="REF", help="before/after: alternate git revision REF's tree and this one")
+    parser.add_argument("--reps", type=int, default=3, help="with --compare: runs per side")
+    args = parser.parse_args()
+    if args.compare:
+        argv: list[str] = []  # the same sections for both sides: everything but --compare/--reps
+        given = iter(sys.argv[1:])
+        for arg in given:
+            if arg in ("--compare", "--reps"):
+                next(given, None)
+            elif not arg.startswith(("--compare=", "--reps=")):
+                argv.append(arg)
+        print(json.dumps(compare(args.compare, args.reps, argv), indent=2))
+        sys.exit(0)
     try:
-        print(json.dumps(asyncio.run(main(parser.parse_args(), qemu_version())), indent=2))
+        print(json.dumps(asyncio.run(main(args, qemu_version())), indent=2))
     except QemuError as err:
         sys.exit(f"bench: {err}")
