@@ -39,11 +39,13 @@ from qmp_sdei.errors import ConduitError
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
     A_CTX_VALID,
+    A_DOORBELL,
     A_KICK,
     A_RESUME_FLAGS,
     A_TRAP_ELR2,
     A_TRAP_ESR2,
     CTX_REGS,
+    DOORBELL_STORE,
     HEADER_SIZE,
     MAGIC,
     RESUME_EL1,
@@ -104,6 +106,7 @@ class El2Stats(ConduitStats):
 
     idle_kicks: int = 0  # deliveries to a vCPU idling in the stub: kick flag written
     idle_wakes: int = 0  # stops at the wake site
+    doorbell_stops: int = 0  # calls stopped by the doorbell watchpoint (no translation-cache flush)
 
 
 class El2Conduit(GdbstubConduit):
@@ -127,6 +130,8 @@ class El2Conduit(GdbstubConduit):
         # start(), which clears every area's flag (a previous sidecar may have left one set).
         self._context_clear: set[int] = set()
         self._areas: dict[int, int] = {}  # vCPU -> its per-CPU area, learnt when it stops in the stub
+        self._doorbell = False  # the stub stores to a doorbell before its trap site (start() checks)
+        self._watched: set[int] = set()  # doorbell addresses with a watchpoint
         self._probe_watch: asyncio.TimerHandle | None = None
         self._probe_reported = False
 
@@ -172,6 +177,9 @@ class El2Conduit(GdbstubConduit):
     async def start(self) -> None:
         """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
         the breakpoints expect (a stub of another build would trap nowhere, silently)."""
+        before_trap = int.from_bytes(await self.rsp.read_memory(self.layout.trap_site - 4, 4), "little")
+        # A stub built before the doorbell has other code there: its calls stop at the breakpoint.
+        self._doorbell = before_trap == DOORBELL_STORE
         for name, site in (("trap", self.layout.trap_site), ("wake", self.layout.wake_site)):
             word = int.from_bytes(await self.rsp.read_memory(site, 4), "little")
             if word != NOP:
@@ -189,6 +197,39 @@ class El2Conduit(GdbstubConduit):
                 raise ConduitError(f"could not clear the EL2 stub's handler contexts: gdbstub replied {reply[:60]!r}")
         await super().start()
         self._context_clear = set(range(len(self.threads)))
+
+    async def _arm(self) -> None:
+        await super()._arm()
+        for doorbell in sorted(self._watched):
+            await self.rsp.insert_watchpoint(doorbell)
+
+    async def _disarm_extra(self) -> None:
+        for doorbell in sorted(self._watched):
+            await self.rsp.remove_watchpoint(doorbell)
+
+    def _at_call_site(self, pc: int) -> bool:
+        # QEMU stops an aarch64 vCPU *before* the store a watchpoint catches: at the doorbell
+        # store, the instruction before the trap site, with the guest's registers in place. The
+        # call is served there like at the trap site; the vCPU goes on at stub_resume (answered)
+        # or trap_site + 4 (passed on), so the store never runs.
+        return pc in self.trap_sites or (self._doorbell and pc == self.layout.trap_site - 4)
+
+    async def _learn_area(self, vcpu: int, core: CoreRegs) -> None:
+        """Note the per-CPU area of a vCPU stopped in the stub, and watch its doorbell from now on.
+
+        A breakpoint stop makes QEMU (7.2, 10.0) flush its whole translation cache, and the guest
+        then retranslates all the code it runs; a watchpoint stop does not (it drops only the one
+        translated block of the store). So every call after a vCPU's first stops at the store to
+        its doorbell, right before the trap site, with the guest's registers in place. The trap
+        site's breakpoint stays as the backstop: when two vCPUs hit their watchpoints at once
+        QEMU reports one, and the other stops after its store, at the trap site.
+        """
+        area = self._area(core)
+        self._areas[vcpu] = area
+        doorbell = area + A_DOORBELL
+        if self._doorbell and doorbell not in self._watched:
+            await self.rsp.insert_watchpoint(doorbell)
+            self._watched.add(doorbell)
 
     async def read_system_register(self, name: str, vcpu: int = 0) -> int:
         """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the
@@ -232,6 +273,8 @@ class El2Conduit(GdbstubConduit):
         core.pc = self.layout.resume
 
     async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
+        if "watch" in stop.info:
+            self.stats.doorbell_stops += 1
         self._next_return.clear()
         try:
             await super()._handle_stop(stop, ours=ours)
@@ -258,7 +301,7 @@ class El2Conduit(GdbstubConduit):
             return None
         self.stats.traps += 1
         vcpu = thread.vcpu
-        self._areas[vcpu] = self._area(core)
+        await self._learn_area(vcpu, core)
         fid = function_id(core.x[0])
         if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
             # Any other call may end or change the running handler: the stub stops answering

@@ -658,6 +658,14 @@ class RspClient:
     async def remove_breakpoint(self, addr: int, kind: int = 4) -> None:
         _check_ok(await self.request(f"z0,{addr:x},{kind:x}"), f"z0 at {addr:#x}")
 
+    async def insert_watchpoint(self, addr: int, length: int = 8) -> None:
+        """``Z2``: a write watchpoint on every vCPU. QEMU stops the VM *after* the store, and
+        reports it as ``T05...;watch:<addr>;``."""
+        _check_ok(await self.request(f"Z2,{addr:x},{length:x}"), f"Z2 at {addr:#x}")
+
+    async def remove_watchpoint(self, addr: int, length: int = 8) -> None:
+        _check_ok(await self.request(f"z2,{addr:x},{length:x}"), f"z2 at {addr:#x}")
+
     def resume(self, *, step: ThreadId | None = None, others_continue: bool = True) -> None:
         """Resume the VM (no reply until it stops again; see :meth:`wait_stop`).
 
