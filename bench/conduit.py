@@ -214,7 +214,7 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool, el2_image:
 
     def save(snapshot: bytes) -> None:
         nonlocal saves
-        store.save(StoredState(identity, pins, snapshot))
+        store.record(StoredState(identity, pins, snapshot))  # as qmp-sdei run persists
         saves += 1
 
     owner = SdeiOwner(inner, pins=pins, persist=save if persist else None)
