@@ -504,8 +504,13 @@ class RspClient:
 
     async def reply(self, fut: asyncio.Future[bytes], what: str, timeout: float | None = None) -> bytes:
         """Wait for a reply future from :meth:`send`, with a timeout and a clear error."""
+        if fut.done():  # pipelined packets: later replies have usually arrived with the first
+            return fut.result()
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout or self.timeout)
+            # Shielded: a request given up on keeps its slot in _pending (replies stay aligned).
+            # asyncio.timeout costs less per call than wait_for, which wraps the future again.
+            async with asyncio.timeout(timeout or self.timeout):
+                return await asyncio.shield(fut)
         except TimeoutError as err:
             raise ConduitError(f"no reply to {what} within {timeout or self.timeout}s") from err
 
