@@ -130,6 +130,8 @@ class El2Conduit(GdbstubConduit):
         # start(), which clears every area's flag (a previous sidecar may have left one set).
         self._context_clear: set[int] = set()
         self._areas: dict[int, int] = {}  # vCPU -> its per-CPU area, learnt when it stops in the stub
+        # vCPU -> (ELR_EL2, SPSR_EL2) the stub recorded at its trap, read with this stop's registers
+        self._recorded: dict[int, tuple[int, int]] = {}
         self._doorbell = False  # the stub stores to a doorbell before its trap site (start() checks)
         self._watched: set[int] = set()  # doorbell addresses with a watchpoint
         self._probe_watch: asyncio.TimerHandle | None = None
@@ -256,10 +258,22 @@ class El2Conduit(GdbstubConduit):
 
     async def _interrupted(self, vcpu: int, core: CoreRegs) -> tuple[int, int]:
         """Where the guest returns to from this stop (PC, PSTATE), as the stub will eret."""
-        planned = self._next_return.get(vcpu)
+        planned = self._next_return.get(vcpu) or self._recorded.get(vcpu)
         if planned is not None:
             return planned
         return await self._read_pair(self._area(core) + A_TRAP_ELR2)
+
+    async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
+        vcpu = thread.vcpu
+        area = self._areas.get(vcpu)
+        if area is None or vcpu in self._context_clear:
+            return await super()._read_stopped(thread)
+        # A handler runs on this vCPU, so its next call is most likely its COMPLETE, which needs
+        # the return state the stub recorded at the trap: read it in the same round trip.
+        core, record = await self.rsp.read_core_and_memory(area + A_TRAP_ELR2, _PAIR.size)
+        if self._area(core) == area:  # stopped in the stub (else the record is an older trap's)
+            self._recorded[vcpu] = _PAIR.unpack(record)
+        return core
 
     async def _set_return(
         self, vcpu: int, core: CoreRegs, pc: int, pstate: int, el1: tuple[int, int] | None = None
@@ -276,6 +290,7 @@ class El2Conduit(GdbstubConduit):
         if "watch" in stop.info:
             self.stats.doorbell_stops += 1
         self._next_return.clear()
+        self._recorded.clear()
         try:
             await super()._handle_stop(stop, ours=ours)
         finally:

@@ -374,7 +374,7 @@ class GdbstubConduit:
     async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
         thread = stop.thread or self.threads[0]
         self._g_thread = thread  # QEMU points g/G at the vCPU that stopped
-        core = await self.rsp.read_core()
+        core = await self._read_stopped(thread)
         step_over: ThreadId | None = None
         trapped = self._at_call_site(core.pc)
         if trapped and self._stopping and not _answer_when_leaving(core.x[0]):
@@ -406,6 +406,11 @@ class GdbstubConduit:
         resumed_ns = await self._after_stop(thread, core, step_over=step_over)
         if trapped and stop.received_ns:
             self.stats.trap_handling_ns.append(resumed_ns - stop.received_ns)
+
+    async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
+        """The registers of the vCPU a stop reply named (``g`` acts on it); a subclass may read
+        more in the same round trip."""
+        return await self.rsp.read_core()
 
     def _at_call_site(self, pc: int) -> bool:
         """Whether a vCPU stopped at ``pc`` is making a call (a subclass may stop calls elsewhere)."""
@@ -546,8 +551,11 @@ class GdbstubConduit:
             thread = self.threads[vcpu]
             core = self._dirty.get(vcpu) or known.get(vcpu)
             if core is None:
-                await self._select(thread)
-                core = await self.rsp.read_core()
+                if self._g_thread == thread:
+                    core = await self.rsp.read_core()
+                else:
+                    core = await self.rsp.read_core_of(thread)  # Hg + g, one round trip
+                    self._g_thread = thread
                 known[vcpu] = core
             entered = await self._enter_handlers(vcpu, core)
             if entered is None:

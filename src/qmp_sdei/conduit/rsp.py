@@ -629,6 +629,18 @@ class RspClient:
     async def read_core(self) -> CoreRegs:
         return CoreRegs.unpack(_hex_bytes(await self.request("g"), "'g' reply"))
 
+    async def read_core_of(self, thread: ThreadId) -> CoreRegs:
+        """``Hg<thread>`` and ``g`` in one write: another vCPU's registers in one round trip."""
+        select, read = self.send(f"Hg{thread}", "g")
+        _check_ok(await self.reply(select, f"Hg{thread}"), f"Hg{thread}")
+        return CoreRegs.unpack(_hex_bytes(await self.reply(read, "'g'"), "'g' reply"))
+
+    async def read_core_and_memory(self, addr: int, length: int) -> tuple[CoreRegs, bytes]:
+        """``g`` and ``m`` in one write: the registers and a piece of memory in one round trip."""
+        read, fetch = self.send("g", f"m{addr:x},{length:x}")
+        core = CoreRegs.unpack(_hex_bytes(await self.reply(read, "'g'"), "'g' reply"))
+        return core, self._memory_reply(await self.reply(fetch, f"'m{addr:x}'"), addr, length)
+
     @staticmethod
     def core_packet(regs: CoreRegs) -> bytes:
         return b"G" + regs.pack().hex().encode("ascii")
@@ -645,7 +657,10 @@ class RspClient:
         _check_ok(await self.request(f"P{regnum:x}={value.to_bytes(size, 'little').hex()}"), f"P{regnum:x}")
 
     async def read_memory(self, addr: int, length: int) -> bytes:
-        reply = await self.request(f"m{addr:x},{length:x}")
+        return self._memory_reply(await self.request(f"m{addr:x},{length:x}"), addr, length)
+
+    @staticmethod
+    def _memory_reply(reply: bytes, addr: int, length: int) -> bytes:
         if reply.startswith(b"E") and len(reply) == 3:
             raise ConduitError(f"cannot read {length} bytes at {addr:#x}: {reply.decode()}")
         data = _hex_bytes(reply, f"'m{addr:x}' reply")
