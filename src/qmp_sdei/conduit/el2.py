@@ -370,7 +370,8 @@ class El2Conduit(GdbstubConduit):
             # Halted in the stub's idle loop: kick it; it stops at the wake site within a poll
             # period, where the handler is entered. No vector breakpoints meanwhile (16 round
             # trips); if no wake-site stop comes in KICK_GRACE, a fresh stop tries again.
-            await self.rsp.write_memory(self._area(core) + A_KICK, (1).to_bytes(8, "little"))
+            # Goes out with the stop's write-back and resume (one write, no round trip of its own).
+            self._memory_writes.append((self._area(core) + A_KICK, (1).to_bytes(8, "little")))
             self.stats.idle_kicks += 1
             self._kicked.add(vcpu)
             asyncio.get_running_loop().call_later(KICK_GRACE, self._check_kicked, vcpu)
