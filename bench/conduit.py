@@ -57,13 +57,14 @@ Through the EL2 stub (``-M virt,virtualization=on``; ``docs/el2-stub.md``):
 
 Before/after in one run (``--compare REF [--reps N]``): the chosen sections run N times, alternating
 between the tree of git revision REF (extracted with ``git archive``: its own bench, sources and stub)
-and this working tree (``--compare A..B``: revisions A and B); the JSON then holds, for every median
-in the results, both sides' values per run and their median. A busy host drifts; alternating spreads
-the drift over both sides.
+and this working tree (``--compare A..B..C``: each revision next to the one before, one change's
+before/after per step); the JSON then holds, for every median in the results, each tree's values per
+run and their median, and any section that failed. A busy host drifts; rotating the order spreads
+the drift over all trees.
 
     python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist] [--no-el2]
         [--el2-boots N] [--uefi-boots N] [--el2-events N] [--idle-events N] [--idle-gap S]
-        [--compare REF [--reps N]]
+        [--compare REF|A..B[..C...] [--reps N]]
 """
 
 from __future__ import annotations
@@ -522,7 +523,7 @@ def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any
     return {"persist_state": symbols[0]["persist_state"], "symbols": medians(symbols[0]), "el2": medians(el2[0])}
 
 
-MEDIAN_KEYS = ("median_us", "median_s", "median", "ratio", "qemu_and_guest_share_median_us")
+MEDIAN_KEYS = ("median_us", "median_ms", "median_s", "median", "ratio", "qemu_and_guest_share_median_us")
 
 
 def medians_of(doc: Any, path: str = "") -> dict[str, float]:
@@ -541,37 +542,60 @@ def medians_of(doc: Any, path: str = "") -> dict[str, float]:
     return found
 
 
+def failures_of(doc: Any, path: str = "") -> dict[str, str]:
+    """Sections that reported ``failed`` instead of numbers (the bench goes on past them)."""
+    if isinstance(doc, dict):
+        if isinstance(doc.get("failed"), str):
+            return {path: doc["failed"][-500:]}
+        return {k: v for key, value in doc.items() for k, v in failures_of(value, f"{path}.{key}".strip(".")).items()}
+    return {}
+
+
 def compare(ref: str, reps: int, argv: list[str]) -> dict[str, Any]:
-    """Run this bench with ``argv`` ``reps`` times for git revision ``ref`` and for this tree (or
-    for the two revisions of ``ref`` = ``A..B``), alternating (and swapping the order every
-    repetition), and pair up their medians."""
+    """Run this bench with ``argv`` ``reps`` times for each tree and pair up their medians.
+
+    ``ref`` is one git revision (compared with this working tree) or a chain ``A..B[..C...]`` of
+    revisions (each next to the one before: one change's before/after per step). Every repetition
+    runs every tree once, in a rotated order, so a host that gets busier hurts no side more.
+    """
     with tempfile.TemporaryDirectory(prefix="qmp-sdei-bench-ref-") as scratch:
-        revisions = ref.split("..", 1)
-        trees = [("before", Path(scratch) / "before"), ("after", REPO)]
-        if len(revisions) == 2:
-            trees[1] = ("after", Path(scratch) / "after")
-        for revision, (_side, tree) in zip(revisions, trees, strict=False):
+        revisions = ref.split("..")
+        trees: list[tuple[str, Path]] = []
+        for n, revision in enumerate(revisions):
+            tree = Path(scratch) / f"tree{n}"
             tree.mkdir()
             archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True, capture_output=True)
             subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-        results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+            trees.append((revision, tree))
+        if len(revisions) == 1:
+            trees.append(("working tree", REPO))
+        results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in trees}
+        failed: dict[str, list[dict[str, str]]] = {label: [] for label, _ in trees}
         for rep in range(reps):
-            for side, tree in trees if rep % 2 == 0 else trees[::-1]:
+            shift = rep % len(trees)
+            for label, tree in trees[shift:] + trees[:shift]:
                 env = dict(os.environ, PYTHONPATH=str(tree / "src"))
                 run = subprocess.run(
                     [sys.executable, str(tree / "bench" / "conduit.py"), *argv],
                     env=env, capture_output=True, text=True, check=False,
                 )  # fmt: skip
                 if run.returncode != 0:
-                    raise RuntimeError(f"{side} run {rep} failed:\n{run.stderr[-3000:]}")
-                results[side].append(medians_of(json.loads(run.stdout)))
-    paired: dict[str, Any] = {}
-    for key in sorted(set.intersection(*(set(r) for r in results["before"] + results["after"]))):
-        b = [r[key] for r in results["before"]]
-        a = [r[key] for r in results["after"]]
-        paired[key] = {"before": round(statistics.median(b), 3), "after": round(statistics.median(a), 3),
-                       "before_runs": b, "after_runs": a}  # fmt: skip
-    return {"compare": ref, "reps": reps, "args": argv, "medians": paired}
+                    failed[label].append({"run": str(rep), "stderr": run.stderr[-1500:]})
+                    continue
+                doc = json.loads(run.stdout)
+                results[label].append(medians_of(doc))
+                if failures_of(doc):
+                    failed[label].append({"run": str(rep), **failures_of(doc)})
+    keys = sorted({key for runs in results.values() for run in runs for key in run})
+    table: dict[str, Any] = {}
+    for key in keys:
+        row: dict[str, Any] = {}
+        for label, runs in results.items():
+            values = [run[key] for run in runs if key in run]
+            row[label] = round(statistics.median(values), 3) if values else None
+            row[f"{label} runs"] = values
+        table[key] = row
+    return {"compare": [label for label, _ in trees], "reps": reps, "args": argv, "medians": table, "failed": failed}
 
 
 def qemu_version() -> str:
@@ -631,7 +655,7 @@ if __name__ == "__main__":
     parser.add_argument("--el2-events", type=int, default=30, help="events into Linux through the EL2 stub per smp")
     parser.add_argument("--idle-events", type=int, default=10, help="events into an idle (WFI) guest per smp (0: skip)")
     parser.add_argument("--idle-gap", type=float, default=0.5, help="seconds of idle before each idle-guest event")
-    parser.add_argument("--compare", metavar="REF", help="before/after: alternate git revision REF's tree and this one")
+    parser.add_argument("--compare", metavar="REF", help="REF vs this tree, or a chain A..B..C of revisions")
     parser.add_argument("--reps", type=int, default=3, help="with --compare: runs per side")
     args = parser.parse_args()
     if args.compare:
