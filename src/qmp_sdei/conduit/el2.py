@@ -3,8 +3,10 @@
 When QEMU runs ``-M virt,virtualization=on`` and boots the guest through the stub shipped in
 :mod:`qmp_sdei.stub`, every guest ``hvc``/``smc`` traps to EL2 and passes ``stub_trap_site`` with
 the guest's registers untouched. This conduit keeps one breakpoint there (plus one on the stub's
-"unexpected exception" loop, which it reports) and reuses :class:`GdbstubConduit`'s loop, with
-three differences, each a hook of the base class:
+"unexpected exception" loop, which it reports) and, once it knows a vCPU's per-CPU area, a write
+watchpoint on that vCPU's doorbell, which the stub stores to right before the trap site: a
+watchpoint stop spares QEMU the translation-cache flush every breakpoint stop costs. It reuses
+:class:`GdbstubConduit`'s loop, with three differences, each a hook of the base class:
 
 * Answering a call writes x0..x3 and sets the PC to ``stub_resume``, whose ``eret`` returns to the
   guest past its call; passing a call on sets the PC to ``trap_site + 4``, where the stub forwards
@@ -133,6 +135,7 @@ class El2Conduit(GdbstubConduit):
         # vCPU -> (ELR_EL2, SPSR_EL2) the stub recorded at its trap, read with this stop's registers
         self._recorded: dict[int, tuple[int, int]] = {}
         self._doorbell = False  # the stub stores to a doorbell before its trap site (start() checks)
+        self._wake_doorbell = False  # ... and before its wake site
         self._watched: set[int] = set()  # doorbell addresses with a watchpoint
         self._probe_watch: asyncio.TimerHandle | None = None
         self._probe_reported = False
@@ -179,9 +182,11 @@ class El2Conduit(GdbstubConduit):
     async def start(self) -> None:
         """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
         the breakpoints expect (a stub of another build would trap nowhere, silently)."""
+        # A stub built before the doorbell has other code there: its calls stop at the breakpoints.
         before_trap = int.from_bytes(await self.rsp.read_memory(self.layout.trap_site - 4, 4), "little")
-        # A stub built before the doorbell has other code there: its calls stop at the breakpoint.
+        before_wake = int.from_bytes(await self.rsp.read_memory(self.layout.wake_site - 4, 4), "little")
         self._doorbell = before_trap == DOORBELL_STORE
+        self._wake_doorbell = self._doorbell and before_wake == DOORBELL_STORE
         for name, site in (("trap", self.layout.trap_site), ("wake", self.layout.wake_site)):
             word = int.from_bytes(await self.rsp.read_memory(site, 4), "little")
             if word != NOP:
@@ -213,8 +218,13 @@ class El2Conduit(GdbstubConduit):
         # QEMU stops an aarch64 vCPU *before* the store a watchpoint catches: at the doorbell
         # store, the instruction before the trap site, with the guest's registers in place. The
         # call is served there like at the trap site; the vCPU goes on at stub_resume (answered)
-        # or trap_site + 4 (passed on), so the store never runs.
-        return pc in self.trap_sites or (self._doorbell and pc == self.layout.trap_site - 4)
+        # or trap_site + 4 (passed on), so the store never runs. The same store comes before the
+        # wake site, where a kicked idle vCPU stops on its way back to the guest.
+        return (
+            pc in self.trap_sites
+            or (self._doorbell and pc == self.layout.trap_site - 4)
+            or (self._wake_doorbell and pc == self.layout.wake_site - 4)
+        )
 
     async def _learn_area(self, vcpu: int, core: CoreRegs) -> None:
         """Note the per-CPU area of a vCPU stopped in the stub, and watch its doorbell from now on.
@@ -306,7 +316,7 @@ class El2Conduit(GdbstubConduit):
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             # Guest code at EL0/EL1 that happens to run at the stub's address: not a call.
             return thread
-        if core.pc == self.layout.wake_site:
+        if core.pc in (self.layout.wake_site, self.layout.wake_site - 4):  # its breakpoint, or its doorbell
             self._kicked.discard(thread.vcpu)
             # An idle vCPU we kicked: back to the guest through stub_resume, entering a handler
             # on the way if one is deliverable (see _enter_handlers).

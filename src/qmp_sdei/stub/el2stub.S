@@ -404,6 +404,7 @@ stub_idle:
 	str	xzr, [x18, #A_KICK]
 	ldp	x16, x17, [sp], #16
 	ldp	x18, x19, [sp], #16
+	stur	xzr, [sp, #(A_DOORBELL - PERCPU_SIZE)]	/* the doorbell again: the watchpoint stops here */
 	.global	stub_wake_site
 stub_wake_site:
 	nop					/* the sidecar's breakpoint: as at stub_trap_site, no call */
