@@ -54,6 +54,9 @@ Through the EL2 stub (``-M virt,virtualization=on``; ``docs/el2-stub.md``):
   WFI idle, events back to back).
 * ``idle_delivery`` (``--idle-events N``, ``--idle-gap S``): ``bench/idle_delivery.py``'s
   measurement on smp 1 and 2: events raised into a guest idling in WFI (in the stub's idle loop).
+* ``doorbell_ab`` (``--doorbell-ab N [--ab-reps R]``): the stub's doorbell watchpoints on and off in
+  the same run, same code: N events into the Linux guest per boot, R boots per side, alternating;
+  with QEMU's CPU time per event.
 
 Before/after in one run (``--compare REF [--reps N]``): the chosen sections run N times, alternating
 between the tree of git revision REF (extracted with ``git archive``: its own bench, sources and stub)
@@ -508,6 +511,86 @@ async def bench_linux_events(count: int, workdir: Path, conduit: str = "symbols"
     return result
 
 
+def qemu_cpu_seconds(pid: int) -> float:
+    """User + system CPU time QEMU has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_doorbell_ab(count: int, reps: int, workdir: Path) -> dict[str, Any]:
+    """The EL2 stub's doorbell watchpoints on and off, same code, same run (``--doorbell-ab N``).
+
+    ``reps`` times, alternating which goes first: boot the Linux event guest through the stub
+    (smp 1) and raise ``count`` events, once as the conduit does (calls stop at the doorbell
+    watchpoint) and once with the watchpoints left out (calls stop at the trap site's breakpoint,
+    and QEMU flushes its translation cache at each). Reports the medians over all events and QEMU's
+    CPU time per event (user + system: less sensitive to a busy host than latencies).
+    """
+    from support.linux_guest import (  # noqa: PLC0415 (test support, only for this section)
+        LinuxGuestUnavailable,
+        booted_linux,
+        prepare_linux_event_guest,
+    )
+
+    try:
+        guest = await asyncio.to_thread(prepare_linux_event_guest)
+    except LinuxGuestUnavailable as err:
+        return {"skipped": str(err)}
+    original_start = El2Conduit.start
+
+    async def start_without_doorbell(self: El2Conduit) -> None:
+        await original_start(self)
+        self._doorbell = self._wake_doorbell = False
+
+    samples: dict[str, dict[str, list[float]]] = {
+        side: {"entered": [], "resumed": [], "handler_trap": [], "qemu_cpu_ms_per_event": [], "doorbell_stops": []}
+        for side in ("doorbell", "breakpoint")
+    }
+    failures: dict[str, list[str]] = {"doorbell": [], "breakpoint": []}
+    try:
+        for rep in range(reps):
+            sides = ("doorbell", "breakpoint") if rep % 2 == 0 else ("breakpoint", "doorbell")
+            for side in sides:
+                El2Conduit.start = original_start if side == "doorbell" else start_without_doorbell  # type: ignore[method-assign]
+                work = workdir / f"{side}{rep}"
+                try:
+                    async with booted_linux(guest, work, smp=1, timeout=TIMEOUT, conduit="el2") as linux:
+                        assert linux.vm.process is not None
+                        cpu0 = qemu_cpu_seconds(linux.vm.process.pid)
+                        stops0 = linux.sidecar.conduit.stats.doorbell_stops  # type: ignore[attr-defined]
+                        deliveries = [await linux.raise_event(0, TIMEOUT) for _ in range(count)]
+                        cpu1 = qemu_cpu_seconds(linux.vm.process.pid)
+                        stops1 = linux.sidecar.conduit.stats.doorbell_stops  # type: ignore[attr-defined]
+                except AssertionError as err:  # an event not delivered: counted, and the next boot
+                    failures[side].append(str(err)[:300])
+                    continue
+                got = samples[side]
+                got["entered"] += [d.entered_ns for d in deliveries if d.entered_ns is not None]
+                got["resumed"] += [d.resumed_ns for d in deliveries]
+                for d in deliveries:
+                    assert d.entered_ns is not None
+                    marks = [d.entered_ns, *d.handler_call_ns]
+                    got["handler_trap"] += [b - a for a, b in itertools.pairwise(marks)]
+                got["qemu_cpu_ms_per_event"].append((cpu1 - cpu0) * 1e3 / count)
+                got["doorbell_stops"].append(stops1 - stops0)
+    finally:
+        El2Conduit.start = original_start  # type: ignore[method-assign]
+    return {
+        side: {
+            "request_to_entered": summary_us([int(v) for v in got["entered"]]),
+            "request_to_resumed": summary_us([int(v) for v in got["resumed"]]),
+            "handler_trap_round_trip": summary_us([int(v) for v in got["handler_trap"]]),
+            "qemu_cpu_ms_per_event": {
+                "median": round(statistics.median(got["qemu_cpu_ms_per_event"]), 3),
+                "per_boot": [round(v, 3) for v in got["qemu_cpu_ms_per_event"]],
+            },
+            "doorbell_stops_per_boot": got["doorbell_stops"],
+            "failed_boots": failures[side],
+        }
+        for side, got in samples.items()
+    }
+
+
 def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any]]) -> dict[str, Any]:
     """Median trapped SDEI_VERSION round trip and sidecar share, per conduit, same run and same
     persistence setting (the first run of each: with the state file unless --no-persist)."""
@@ -635,6 +718,8 @@ async def main(args: argparse.Namespace, qemu: str) -> dict[str, Any]:
             )
         if args.el2_events > 0:
             result["linux_events_el2"] = await bench_linux_events(args.el2_events, work / "linux-events-el2", "el2")
+        if args.doorbell_ab > 0:
+            result["doorbell_ab"] = await bench_doorbell_ab(args.doorbell_ab, args.ab_reps, work / "doorbell-ab")
         if args.idle_events > 0:
             from idle_delivery import measure  # noqa: PLC0415 (bench/idle_delivery.py)
 
@@ -655,6 +740,8 @@ if __name__ == "__main__":
     parser.add_argument("--el2-events", type=int, default=30, help="events into Linux through the EL2 stub per smp")
     parser.add_argument("--idle-events", type=int, default=10, help="events into an idle (WFI) guest per smp (0: skip)")
     parser.add_argument("--idle-gap", type=float, default=0.5, help="seconds of idle before each idle-guest event")
+    parser.add_argument("--doorbell-ab", type=int, default=0, help="events per boot: doorbell on/off, same run")
+    parser.add_argument("--ab-reps", type=int, default=3, help="with --doorbell-ab: boots per side")
     parser.add_argument("--compare", metavar="REF", help="REF vs this tree, or a chain A..B..C of revisions")
     parser.add_argument("--reps", type=int, default=3, help="with --compare: runs per side")
     args = parser.parse_args()
