@@ -54,9 +54,20 @@ Through the EL2 stub (``-M virt,virtualization=on``; ``docs/el2-stub.md``):
   WFI idle, events back to back).
 * ``idle_delivery`` (``--idle-events N``, ``--idle-gap S``): ``bench/idle_delivery.py``'s
   measurement on smp 1 and 2: events raised into a guest idling in WFI (in the stub's idle loop).
+* ``doorbell_ab`` (``--doorbell-ab N [--ab-reps R]``): the stub's doorbell watchpoints on and off in
+  the same run, same code: N events into the Linux guest per boot, R boots per side, alternating;
+  with QEMU's CPU time per event.
+
+Before/after in one run (``--compare REF [--reps N]``): the chosen sections run N times, alternating
+between the tree of git revision REF (extracted with ``git archive``: its own bench, sources and stub)
+and this working tree (``--compare A..B..C``: each revision next to the one before, one change's
+before/after per step); the JSON then holds, for every median in the results, each tree's values per
+run and their median, and any section that failed. A busy host drifts; rotating the order spreads
+the drift over all trees.
 
     python bench/conduit.py [--linux-boots N] [--linux-events N] [--no-persist] [--no-el2]
         [--el2-boots N] [--uefi-boots N] [--el2-events N] [--idle-events N] [--idle-gap S]
+        [--compare REF|A..B[..C...] [--reps N]]
 """
 
 from __future__ import annotations
@@ -207,7 +218,7 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool, el2_image:
 
     def save(snapshot: bytes) -> None:
         nonlocal saves
-        store.save(StoredState(identity, pins, snapshot))
+        store.record(StoredState(identity, pins, snapshot))  # as qmp-sdei run persists
         saves += 1
 
     owner = SdeiOwner(inner, pins=pins, persist=save if persist else None)
@@ -500,6 +511,86 @@ async def bench_linux_events(count: int, workdir: Path, conduit: str = "symbols"
     return result
 
 
+def qemu_cpu_seconds(pid: int) -> float:
+    """User + system CPU time QEMU has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_doorbell_ab(count: int, reps: int, workdir: Path) -> dict[str, Any]:
+    """The EL2 stub's doorbell watchpoints on and off, same code, same run (``--doorbell-ab N``).
+
+    ``reps`` times, alternating which goes first: boot the Linux event guest through the stub
+    (smp 1) and raise ``count`` events, once as the conduit does (calls stop at the doorbell
+    watchpoint) and once with the watchpoints left out (calls stop at the trap site's breakpoint,
+    and QEMU flushes its translation cache at each). Reports the medians over all events and QEMU's
+    CPU time per event (user + system: less sensitive to a busy host than latencies).
+    """
+    from support.linux_guest import (  # noqa: PLC0415 (test support, only for this section)
+        LinuxGuestUnavailable,
+        booted_linux,
+        prepare_linux_event_guest,
+    )
+
+    try:
+        guest = await asyncio.to_thread(prepare_linux_event_guest)
+    except LinuxGuestUnavailable as err:
+        return {"skipped": str(err)}
+    original_start = El2Conduit.start
+
+    async def start_without_doorbell(self: El2Conduit) -> None:
+        await original_start(self)
+        self._doorbell = self._wake_doorbell = False
+
+    samples: dict[str, dict[str, list[float]]] = {
+        side: {"entered": [], "resumed": [], "handler_trap": [], "qemu_cpu_ms_per_event": [], "doorbell_stops": []}
+        for side in ("doorbell", "breakpoint")
+    }
+    failures: dict[str, list[str]] = {"doorbell": [], "breakpoint": []}
+    try:
+        for rep in range(reps):
+            sides = ("doorbell", "breakpoint") if rep % 2 == 0 else ("breakpoint", "doorbell")
+            for side in sides:
+                El2Conduit.start = original_start if side == "doorbell" else start_without_doorbell  # type: ignore[method-assign]
+                work = workdir / f"{side}{rep}"
+                try:
+                    async with booted_linux(guest, work, smp=1, timeout=TIMEOUT, conduit="el2") as linux:
+                        assert linux.vm.process is not None
+                        cpu0 = qemu_cpu_seconds(linux.vm.process.pid)
+                        stops0 = linux.sidecar.conduit.stats.doorbell_stops  # type: ignore[attr-defined]
+                        deliveries = [await linux.raise_event(0, TIMEOUT) for _ in range(count)]
+                        cpu1 = qemu_cpu_seconds(linux.vm.process.pid)
+                        stops1 = linux.sidecar.conduit.stats.doorbell_stops  # type: ignore[attr-defined]
+                except AssertionError as err:  # an event not delivered: counted, and the next boot
+                    failures[side].append(str(err)[:300])
+                    continue
+                got = samples[side]
+                got["entered"] += [d.entered_ns for d in deliveries if d.entered_ns is not None]
+                got["resumed"] += [d.resumed_ns for d in deliveries]
+                for d in deliveries:
+                    assert d.entered_ns is not None
+                    marks = [d.entered_ns, *d.handler_call_ns]
+                    got["handler_trap"] += [b - a for a, b in itertools.pairwise(marks)]
+                got["qemu_cpu_ms_per_event"].append((cpu1 - cpu0) * 1e3 / count)
+                got["doorbell_stops"].append(stops1 - stops0)
+    finally:
+        El2Conduit.start = original_start  # type: ignore[method-assign]
+    return {
+        side: {
+            "request_to_entered": summary_us([int(v) for v in got["entered"]]),
+            "request_to_resumed": summary_us([int(v) for v in got["resumed"]]),
+            "handler_trap_round_trip": summary_us([int(v) for v in got["handler_trap"]]),
+            "qemu_cpu_ms_per_event": {
+                "median": round(statistics.median(got["qemu_cpu_ms_per_event"]), 3),
+                "per_boot": [round(v, 3) for v in got["qemu_cpu_ms_per_event"]],
+            },
+            "doorbell_stops_per_boot": got["doorbell_stops"],
+            "failed_boots": failures[side],
+        }
+        for side, got in samples.items()
+    }
+
+
 def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any]]) -> dict[str, Any]:
     """Median trapped SDEI_VERSION round trip and sidecar share, per conduit, same run and same
     persistence setting (the first run of each: with the state file unless --no-persist)."""
@@ -513,6 +604,81 @@ def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any
         }
 
     return {"persist_state": symbols[0]["persist_state"], "symbols": medians(symbols[0]), "el2": medians(el2[0])}
+
+
+MEDIAN_KEYS = ("median_us", "median_ms", "median_s", "median", "ratio", "qemu_and_guest_share_median_us")
+
+
+def medians_of(doc: Any, path: str = "") -> dict[str, float]:
+    """Every median-like number in a bench result, by its path (``baremetal_el2.0.trapped_calls...``)."""
+    found: dict[str, float] = {}
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in MEDIAN_KEYS and isinstance(value, int | float):
+                found[where] = float(value)
+            else:
+                found.update(medians_of(value, where))
+    elif isinstance(doc, list):
+        for index, value in enumerate(doc):
+            found.update(medians_of(value, f"{path}.{index}"))
+    return found
+
+
+def failures_of(doc: Any, path: str = "") -> dict[str, str]:
+    """Sections that reported ``failed`` instead of numbers (the bench goes on past them)."""
+    if isinstance(doc, dict):
+        if isinstance(doc.get("failed"), str):
+            return {path: doc["failed"][-500:]}
+        return {k: v for key, value in doc.items() for k, v in failures_of(value, f"{path}.{key}".strip(".")).items()}
+    return {}
+
+
+def compare(ref: str, reps: int, argv: list[str]) -> dict[str, Any]:
+    """Run this bench with ``argv`` ``reps`` times for each tree and pair up their medians.
+
+    ``ref`` is one git revision (compared with this working tree) or a chain ``A..B[..C...]`` of
+    revisions (each next to the one before: one change's before/after per step). Every repetition
+    runs every tree once, in a rotated order, so a host that gets busier hurts no side more.
+    """
+    with tempfile.TemporaryDirectory(prefix="qmp-sdei-bench-ref-") as scratch:
+        revisions = ref.split("..")
+        trees: list[tuple[str, Path]] = []
+        for n, revision in enumerate(revisions):
+            tree = Path(scratch) / f"tree{n}"
+            tree.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True, capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+            trees.append((revision, tree))
+        if len(revisions) == 1:
+            trees.append(("working tree", REPO))
+        results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in trees}
+        failed: dict[str, list[dict[str, str]]] = {label: [] for label, _ in trees}
+        for rep in range(reps):
+            shift = rep % len(trees)
+            for label, tree in trees[shift:] + trees[:shift]:
+                env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+                run = subprocess.run(
+                    [sys.executable, str(tree / "bench" / "conduit.py"), *argv],
+                    env=env, capture_output=True, text=True, check=False,
+                )  # fmt: skip
+                if run.returncode != 0:
+                    failed[label].append({"run": str(rep), "stderr": run.stderr[-1500:]})
+                    continue
+                doc = json.loads(run.stdout)
+                results[label].append(medians_of(doc))
+                if failures_of(doc):
+                    failed[label].append({"run": str(rep), **failures_of(doc)})
+    keys = sorted({key for runs in results.values() for run in runs for key in run})
+    table: dict[str, Any] = {}
+    for key in keys:
+        row: dict[str, Any] = {}
+        for label, runs in results.items():
+            values = [run[key] for run in runs if key in run]
+            row[label] = round(statistics.median(values), 3) if values else None
+            row[f"{label} runs"] = values
+        table[key] = row
+    return {"compare": [label for label, _ in trees], "reps": reps, "args": argv, "medians": table, "failed": failed}
 
 
 def qemu_version() -> str:
@@ -552,6 +718,8 @@ async def main(args: argparse.Namespace, qemu: str) -> dict[str, Any]:
             )
         if args.el2_events > 0:
             result["linux_events_el2"] = await bench_linux_events(args.el2_events, work / "linux-events-el2", "el2")
+        if args.doorbell_ab > 0:
+            result["doorbell_ab"] = await bench_doorbell_ab(args.doorbell_ab, args.ab_reps, work / "doorbell-ab")
         if args.idle_events > 0:
             from idle_delivery import measure  # noqa: PLC0415 (bench/idle_delivery.py)
 
@@ -572,7 +740,22 @@ if __name__ == "__main__":
     parser.add_argument("--el2-events", type=int, default=30, help="events into Linux through the EL2 stub per smp")
     parser.add_argument("--idle-events", type=int, default=10, help="events into an idle (WFI) guest per smp (0: skip)")
     parser.add_argument("--idle-gap", type=float, default=0.5, help="seconds of idle before each idle-guest event")
+    parser.add_argument("--doorbell-ab", type=int, default=0, help="events per boot: doorbell on/off, same run")
+    parser.add_argument("--ab-reps", type=int, default=3, help="with --doorbell-ab: boots per side")
+    parser.add_argument("--compare", metavar="REF", help="REF vs this tree, or a chain A..B..C of revisions")
+    parser.add_argument("--reps", type=int, default=3, help="with --compare: runs per side")
+    args = parser.parse_args()
+    if args.compare:
+        argv: list[str] = []  # the same sections for both sides: everything but --compare/--reps
+        given = iter(sys.argv[1:])
+        for arg in given:
+            if arg in ("--compare", "--reps"):
+                next(given, None)
+            elif not arg.startswith(("--compare=", "--reps=")):
+                argv.append(arg)
+        print(json.dumps(compare(args.compare, args.reps, argv), indent=2))
+        sys.exit(0)
     try:
-        print(json.dumps(asyncio.run(main(parser.parse_args(), qemu_version())), indent=2))
+        print(json.dumps(asyncio.run(main(args, qemu_version())), indent=2))
     except QemuError as err:
         sys.exit(f"bench: {err}")

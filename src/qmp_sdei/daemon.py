@@ -174,10 +174,11 @@ class Sidecar:
     # -- state ------------------------------------------------------------------------------------
 
     def _persist(self, snapshot: bytes) -> None:
-        """Write the state file (atomic); the owner calls it before the guest sees a change."""
+        """Make the state durable (a journal record; see statefile); the owner calls it before the
+        guest sees a change."""
         assert self.owner is not None and self.owner.pins is not None
         self.pins = self.owner.pins  # a migration destination adopts the incoming pins
-        self.store.save(StoredState(self.identity, self.owner.pins, snapshot))
+        self.store.record(StoredState(self.identity, self.owner.pins, snapshot))
 
     async def _migrate_command(self, uri: str, peer: str | None) -> dict[str, Any]:
         assert self.migration is not None

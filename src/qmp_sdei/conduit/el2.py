@@ -3,8 +3,10 @@
 When QEMU runs ``-M virt,virtualization=on`` and boots the guest through the stub shipped in
 :mod:`qmp_sdei.stub`, every guest ``hvc``/``smc`` traps to EL2 and passes ``stub_trap_site`` with
 the guest's registers untouched. This conduit keeps one breakpoint there (plus one on the stub's
-"unexpected exception" loop, which it reports) and reuses :class:`GdbstubConduit`'s loop, with
-three differences, each a hook of the base class:
+"unexpected exception" loop, which it reports) and, once it knows a vCPU's per-CPU area, a write
+watchpoint on that vCPU's doorbell, which the stub stores to right before the trap site: a
+watchpoint stop spares QEMU the translation-cache flush every breakpoint stop costs. It reuses
+:class:`GdbstubConduit`'s loop, with three differences, each a hook of the base class:
 
 * Answering a call writes x0..x3 and sets the PC to ``stub_resume``, whose ``eret`` returns to the
   guest past its call; passing a call on sets the PC to ``trap_site + 4``, where the stub forwards
@@ -39,12 +41,14 @@ from qmp_sdei.errors import ConduitError
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
     A_CTX_VALID,
+    A_DOORBELL,
     A_KICK,
     A_NO_HALT,
     A_RESUME_FLAGS,
     A_TRAP_ELR2,
     A_TRAP_ESR2,
     CTX_REGS,
+    DOORBELL_STORE,
     HEADER_SIZE,
     MAGIC,
     RESUME_EL1,
@@ -108,6 +112,7 @@ class El2Stats(ConduitStats):
 
     idle_kicks: int = 0  # deliveries to a vCPU idling in the stub: kick flag written
     idle_wakes: int = 0  # stops at the wake site
+    doorbell_stops: int = 0  # calls stopped by the doorbell watchpoint (no translation-cache flush)
 
 
 class El2Conduit(GdbstubConduit):
@@ -131,6 +136,11 @@ class El2Conduit(GdbstubConduit):
         # start(), which clears every area's flag (a previous sidecar may have left one set).
         self._context_clear: set[int] = set()
         self._areas: dict[int, int] = {}  # vCPU -> its per-CPU area, learnt when it stops in the stub
+        # vCPU -> (ELR_EL2, SPSR_EL2) the stub recorded at its trap, read with this stop's registers
+        self._recorded: dict[int, tuple[int, int]] = {}
+        self._doorbell = False  # the stub stores to a doorbell before its trap site (start() checks)
+        self._wake_doorbell = False  # ... and before its wake site
+        self._watched: set[int] = set()  # doorbell addresses with a watchpoint
         self._probe_watch: asyncio.TimerHandle | None = None
         self._probe_reported = False
         self._halted_at_switchover: list[int] = []
@@ -179,6 +189,11 @@ class El2Conduit(GdbstubConduit):
     async def start(self) -> None:
         """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
         the breakpoints expect (a stub of another build would trap nowhere, silently)."""
+        # A stub built before the doorbell has other code there: its calls stop at the breakpoints.
+        before_trap = int.from_bytes(await self.rsp.read_memory(self.layout.trap_site - 4, 4), "little")
+        before_wake = int.from_bytes(await self.rsp.read_memory(self.layout.wake_site - 4, 4), "little")
+        self._doorbell = before_trap == DOORBELL_STORE
+        self._wake_doorbell = self._doorbell and before_wake == DOORBELL_STORE
         for name, site in (("trap", self.layout.trap_site), ("wake", self.layout.wake_site)):
             word = int.from_bytes(await self.rsp.read_memory(site, 4), "little")
             if word != NOP:
@@ -263,6 +278,44 @@ class El2Conduit(GdbstubConduit):
             raise ConduitError("the gdbstub's register map has no pc")
         return info.regnum
 
+    async def _arm(self) -> None:
+        await super()._arm()
+        for doorbell in sorted(self._watched):
+            await self.rsp.insert_watchpoint(doorbell)
+
+    async def _disarm_extra(self) -> None:
+        for doorbell in sorted(self._watched):
+            await self.rsp.remove_watchpoint(doorbell)
+
+    def _at_call_site(self, pc: int) -> bool:
+        # QEMU stops an aarch64 vCPU *before* the store a watchpoint catches: at the doorbell
+        # store, the instruction before the trap site, with the guest's registers in place. The
+        # call is served there like at the trap site; the vCPU goes on at stub_resume (answered)
+        # or trap_site + 4 (passed on), so the store never runs. The same store comes before the
+        # wake site, where a kicked idle vCPU stops on its way back to the guest.
+        return (
+            pc in self.trap_sites
+            or (self._doorbell and pc == self.layout.trap_site - 4)
+            or (self._wake_doorbell and pc == self.layout.wake_site - 4)
+        )
+
+    async def _learn_area(self, vcpu: int, core: CoreRegs) -> None:
+        """Note the per-CPU area of a vCPU stopped in the stub, and watch its doorbell from now on.
+
+        A breakpoint stop makes QEMU (7.2, 10.0) flush its whole translation cache, and the guest
+        then retranslates all the code it runs; a watchpoint stop does not (it drops only the one
+        translated block of the store). So every call after a vCPU's first stops at the store to
+        its doorbell, right before the trap site, with the guest's registers in place. The trap
+        site's breakpoint stays as the backstop: when two vCPUs hit their watchpoints at once
+        QEMU reports one, and the other stops after its store, at the trap site.
+        """
+        area = self._area(core)
+        self._areas[vcpu] = area
+        doorbell = area + A_DOORBELL
+        if self._doorbell and doorbell not in self._watched:
+            await self.rsp.insert_watchpoint(doorbell)
+            self._watched.add(doorbell)
+
     async def read_system_register(self, name: str, vcpu: int = 0) -> int:
         """Read one of the guest's system registers (e.g. ``VBAR_EL1``, whose distance from the
         kernel's link-time ``vectors`` is the KASLR offset) at the next stop."""
@@ -288,10 +341,22 @@ class El2Conduit(GdbstubConduit):
 
     async def _interrupted(self, vcpu: int, core: CoreRegs) -> tuple[int, int]:
         """Where the guest returns to from this stop (PC, PSTATE), as the stub will eret."""
-        planned = self._next_return.get(vcpu)
+        planned = self._next_return.get(vcpu) or self._recorded.get(vcpu)
         if planned is not None:
             return planned
         return await self._read_pair(self._area(core) + A_TRAP_ELR2)
+
+    async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
+        vcpu = thread.vcpu
+        area = self._areas.get(vcpu)
+        if area is None or vcpu in self._context_clear:
+            return await super()._read_stopped(thread)
+        # A handler runs on this vCPU, so its next call is most likely its COMPLETE, which needs
+        # the return state the stub recorded at the trap: read it in the same round trip.
+        core, record = await self.rsp.read_core_and_memory(area + A_TRAP_ELR2, _PAIR.size)
+        if self._area(core) == area:  # stopped in the stub (else the record is an older trap's)
+            self._recorded[vcpu] = _PAIR.unpack(record)
+        return core
 
     async def _set_return(
         self, vcpu: int, core: CoreRegs, pc: int, pstate: int, el1: tuple[int, int] | None = None
@@ -305,7 +370,10 @@ class El2Conduit(GdbstubConduit):
         core.pc = self.layout.resume
 
     async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
+        if "watch" in stop.info:
+            self.stats.doorbell_stops += 1
         self._next_return.clear()
+        self._recorded.clear()
         try:
             await super()._handle_stop(stop, ours=ours)
         finally:
@@ -321,7 +389,7 @@ class El2Conduit(GdbstubConduit):
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             # Guest code at EL0/EL1 that happens to run at the stub's address: not a call.
             return thread
-        if core.pc == self.layout.wake_site:
+        if core.pc in (self.layout.wake_site, self.layout.wake_site - 4):  # its breakpoint, or its doorbell
             self._kicked.discard(thread.vcpu)
             log.debug("vCPU %d woke from the stub's idle loop", thread.vcpu)
             # An idle vCPU we kicked: back to the guest through stub_resume, entering a handler
@@ -332,7 +400,7 @@ class El2Conduit(GdbstubConduit):
             return None
         self.stats.traps += 1
         vcpu = thread.vcpu
-        self._areas[vcpu] = self._area(core)
+        await self._learn_area(vcpu, core)
         fid = function_id(core.x[0])
         if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
             # Any other call may end or change the running handler: the stub stops answering
@@ -400,7 +468,8 @@ class El2Conduit(GdbstubConduit):
             # Halted in the stub's idle loop: kick it; it stops at the wake site within a poll
             # period, where the handler is entered. No vector breakpoints meanwhile (16 round
             # trips); if no wake-site stop comes in KICK_GRACE, a fresh stop tries again.
-            await self.rsp.write_memory(self._area(core) + A_KICK, (1).to_bytes(8, "little"))
+            # Goes out with the stop's write-back and resume (one write, no round trip of its own).
+            self._memory_writes.append((self._area(core) + A_KICK, (1).to_bytes(8, "little")))
             self.stats.idle_kicks += 1
             log.debug("vCPU %d idles in the stub: kicked", vcpu)
             self._kicked.add(vcpu)

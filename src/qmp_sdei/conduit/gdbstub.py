@@ -286,6 +286,10 @@ class GdbstubConduit:
         for addr in sorted(self._vector_bps):
             await self.rsp.insert_breakpoint(addr)
 
+    async def _disarm_extra(self) -> None:
+        """Remove what a subclass armed besides the breakpoints, when leaving a held VM one by one
+        (``D;1`` removes everything at once)."""
+
     async def rearm(self) -> None:
         """Insert the breakpoints again (after a VM reset, or on a migration destination).
 
@@ -371,9 +375,9 @@ class GdbstubConduit:
     async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
         thread = stop.thread or self.threads[0]
         self._g_thread = thread  # QEMU points g/G at the vCPU that stopped
-        core = await self.rsp.read_core()
+        core = await self._read_stopped(thread)
         step_over: ThreadId | None = None
-        trapped = core.pc in self.trap_sites
+        trapped = self._at_call_site(core.pc)
         if trapped and self._stopping and not _answer_when_leaving(core.x[0]):
             # The last stop before a detach: the call is left for QEMU to answer (NOT_SUPPORTED)
             # once we are gone. Answering it could promise what nobody will keep: a SIGNAL's
@@ -409,6 +413,15 @@ class GdbstubConduit:
         resumed_ns = await self._after_stop(thread, core, step_over=step_over)
         if trapped and stop.received_ns:
             self.stats.trap_handling_ns.append(resumed_ns - stop.received_ns)
+
+    async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
+        """The registers of the vCPU a stop reply named (``g`` acts on it); a subclass may read
+        more in the same round trip."""
+        return await self.rsp.read_core()
+
+    def _at_call_site(self, pc: int) -> bool:
+        """Whether a vCPU stopped at ``pc`` is making a call (a subclass may stop calls elsewhere)."""
+        return pc in self.trap_sites
 
     async def _trap(self, thread: ThreadId, core: CoreRegs) -> ThreadId | None:
         """Handle a call at a trap site. Returns the thread to single-step, if it passes through."""
@@ -545,8 +558,11 @@ class GdbstubConduit:
             thread = self.threads[vcpu]
             core = self._dirty.get(vcpu) or known.get(vcpu)
             if core is None:
-                await self._select(thread)
-                core = await self.rsp.read_core()
+                if self._g_thread == thread:
+                    core = await self.rsp.read_core()
+                else:
+                    core = await self.rsp.read_core_of(thread)  # Hg + g, one round trip
+                    self._g_thread = thread
                 known[vcpu] = core
             entered = await self._enter_handlers(vcpu, core)
             if entered is None:
@@ -945,6 +961,7 @@ class GdbstubConduit:
         if self._held:
             for addr in sorted(self.trap_sites | self._vector_bps):
                 await self.rsp.remove_breakpoint(addr)
+            await self._disarm_extra()
         else:
             await self.rsp.detach()
         self._released = True

@@ -504,8 +504,13 @@ class RspClient:
 
     async def reply(self, fut: asyncio.Future[bytes], what: str, timeout: float | None = None) -> bytes:
         """Wait for a reply future from :meth:`send`, with a timeout and a clear error."""
+        if fut.done():  # pipelined packets: later replies have usually arrived with the first
+            return fut.result()
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout or self.timeout)
+            # Shielded: a request given up on keeps its slot in _pending (replies stay aligned).
+            # asyncio.timeout costs less per call than wait_for, which wraps the future again.
+            async with asyncio.timeout(timeout or self.timeout):
+                return await asyncio.shield(fut)
         except TimeoutError as err:
             raise ConduitError(f"no reply to {what} within {timeout or self.timeout}s") from err
 
@@ -624,6 +629,18 @@ class RspClient:
     async def read_core(self) -> CoreRegs:
         return CoreRegs.unpack(_hex_bytes(await self.request("g"), "'g' reply"))
 
+    async def read_core_of(self, thread: ThreadId) -> CoreRegs:
+        """``Hg<thread>`` and ``g`` in one write: another vCPU's registers in one round trip."""
+        select, read = self.send(f"Hg{thread}", "g")
+        _check_ok(await self.reply(select, f"Hg{thread}"), f"Hg{thread}")
+        return CoreRegs.unpack(_hex_bytes(await self.reply(read, "'g'"), "'g' reply"))
+
+    async def read_core_and_memory(self, addr: int, length: int) -> tuple[CoreRegs, bytes]:
+        """``g`` and ``m`` in one write: the registers and a piece of memory in one round trip."""
+        read, fetch = self.send("g", f"m{addr:x},{length:x}")
+        core = CoreRegs.unpack(_hex_bytes(await self.reply(read, "'g'"), "'g' reply"))
+        return core, self._memory_reply(await self.reply(fetch, f"'m{addr:x}'"), addr, length)
+
     @staticmethod
     def core_packet(regs: CoreRegs) -> bytes:
         return b"G" + regs.pack().hex().encode("ascii")
@@ -640,7 +657,10 @@ class RspClient:
         _check_ok(await self.request(f"P{regnum:x}={value.to_bytes(size, 'little').hex()}"), f"P{regnum:x}")
 
     async def read_memory(self, addr: int, length: int) -> bytes:
-        reply = await self.request(f"m{addr:x},{length:x}")
+        return self._memory_reply(await self.request(f"m{addr:x},{length:x}"), addr, length)
+
+    @staticmethod
+    def _memory_reply(reply: bytes, addr: int, length: int) -> bytes:
         if reply.startswith(b"E") and len(reply) == 3:
             raise ConduitError(f"cannot read {length} bytes at {addr:#x}: {reply.decode()}")
         data = _hex_bytes(reply, f"'m{addr:x}' reply")
@@ -657,6 +677,14 @@ class RspClient:
 
     async def remove_breakpoint(self, addr: int, kind: int = 4) -> None:
         _check_ok(await self.request(f"z0,{addr:x},{kind:x}"), f"z0 at {addr:#x}")
+
+    async def insert_watchpoint(self, addr: int, length: int = 8) -> None:
+        """``Z2``: a write watchpoint on every vCPU. QEMU stops the VM *after* the store, and
+        reports it as ``T05...;watch:<addr>;``."""
+        _check_ok(await self.request(f"Z2,{addr:x},{length:x}"), f"Z2 at {addr:#x}")
+
+    async def remove_watchpoint(self, addr: int, length: int = 8) -> None:
+        _check_ok(await self.request(f"z2,{addr:x},{length:x}"), f"z2 at {addr:#x}")
 
     def resume(self, *, step: ThreadId | None = None, others_continue: bool = True) -> None:
         """Resume the VM (no reply until it stops again; see :meth:`wait_stop`).

@@ -46,6 +46,8 @@ A_CTX_VALID = 0x80  # nonzero: the stub answers SDEI_EVENT_CONTEXT(0..17) from A
 A_CTX_X = 0x88  # the running handler's interrupted x0..x17 (followed by A_CTX_ANSWERED)
 A_CTX_ANSWERED = 0x118  # how many EVENT_CONTEXT calls the stub answered without a stop
 CTX_REGS = 18
+A_DOORBELL = 0x300  # the stub stores to it right before the trap site: the sidecar's watchpoint
+DOORBELL_STORE = 0xF81003FF  # stur xzr, [sp, #-256]: the instruction before the trap site that does
 RESUME_EL2 = 1  # stub_resume loads ELR_EL2/SPSR_EL2 from the area
 RESUME_EL1 = 2  # ... and ELR_EL1/SPSR_EL1
 

@@ -4,7 +4,8 @@
  * QEMU (-M virt,virtualization=on, TCG) enters this ELF at EL2. The stub sets up EL2 so that the
  * guest runs at EL1 untouched, except that its `hvc` and `smc` (and, with TWI, `wfi`) trap here.
  * Every call then passes `stub_trap_site`, a `nop` where the sidecar keeps a gdbstub breakpoint,
- * with the guest's x0..x30 untouched. The sidecar answers by writing registers and jumping to
+ * with the guest's x0..x30 untouched; the store to the vCPU's doorbell just before it is where the
+ * sidecar's watchpoint stops the call first (cheaper for QEMU than a breakpoint stop). The sidecar answers by writing registers and jumping to
  * `stub_resume`; it passes a call on by jumping to `stub_trap_site + 4`. Without a sidecar the
  * stub forwards every call to QEMU's PSCI with `smc #0` from EL2: the guest boots normally and
  * finds no SDEI.
@@ -48,6 +49,11 @@
 	.equ	A_CTX_X, 0x88			/* 18 x 8 bytes */
 	.equ	A_CTX_ANSWERED, 0x118		/* how many EVENT_CONTEXT calls the stub answered */
 	.equ	CTX_REGS, 18
+	/* per-CPU area: the doorbell, deep in the stack's part, which the stub never uses more than
+	 * 48 bytes of. Every trapped call stores to it right before stub_trap_site, with the guest's
+	 * registers already back: the sidecar keeps a gdbstub write watchpoint on it. A watchpoint
+	 * stop costs QEMU no translation-cache flush, where a breakpoint stop flushes it all. */
+	.equ	A_DOORBELL, 0x300
 
 	.equ	HCR_RW, (1 << 31)
 	.equ	HCR_TSC, (1 << 19)
@@ -306,6 +312,7 @@ trap_call:
 	add	x19, x19, #1
 	str	x19, [x18, #A_TRAP_COUNT]
 	ldp	x18, x19, [sp], #16
+	stur	xzr, [sp, #(A_DOORBELL - PERCPU_SIZE)]	/* the sidecar's watchpoint: stops at stub_trap_site */
 	.global	stub_trap_site
 stub_trap_site:
 	nop					/* the sidecar's breakpoint: x0..x30 are the guest's */
@@ -438,6 +445,7 @@ stub_idle:
 	str	xzr, [x18, #A_KICK]
 	ldp	x16, x17, [sp], #16
 	ldp	x18, x19, [sp], #16
+	stur	xzr, [sp, #(A_DOORBELL - PERCPU_SIZE)]	/* the doorbell again: the watchpoint stops here */
 	.global	stub_wake_site
 stub_wake_site:
 	nop					/* the sidecar's breakpoint: as at stub_trap_site, no call */
