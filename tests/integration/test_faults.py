@@ -99,6 +99,22 @@ async def runstate(vm: QemuProcess) -> str:
     return status
 
 
+async def sigterm_sidecar_at(tmp_path: Path, vm: QemuProcess, guest: Path, marker: str, *, start_vm: bool) -> str:
+    """Run the sidecar CLI (debug log) on ``vm``, SIGTERM it as soon as its log shows ``marker``,
+    check it exits OK with no traceback, and return its whole log."""
+    path = write_config(tmp_path, conduit_config(tmp_path, vm, guest, start_vm=start_vm))
+    proc = await start_cli("run", "--config", str(path), "--log-level", "debug")
+    assert proc.stderr is not None
+    seen: list[str] = []
+    await read_until(proc.stderr, marker, seen)
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(proc.wait(), SLOW)
+    log = "".join(seen) + (await proc.stderr.read()).decode()
+    assert code == ExitCode.OK, log
+    no_traceback(log)
+    return log
+
+
 #: Log lines at which SIGTERM is sent: during attach, before the conduit, and (twice, it was the
 #: racy one) the moment the conduit has attached and is starting the VM.
 SIGTERM_POINTS = ["QMP attached", "attached to QEMU", "conduit attached", "conduit attached"]
@@ -112,16 +128,7 @@ SIGTERM_POINTS = ["QMP attached", "attached to QEMU", "conduit attached", "condu
 async def test_sigterm_during_boot_leaves_the_vm_running(tmp_path: Path, loop_guest: Path, point: int) -> None:
     """-S VM, start_vm = true: whenever SIGTERM comes, the VM ends up running, free of breakpoints."""
     async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
-        path = write_config(tmp_path, conduit_config(tmp_path, vm, loop_guest, start_vm=True))
-        proc = await start_cli("run", "--config", str(path), "--log-level", "debug")
-        assert proc.stderr is not None
-        seen: list[str] = []
-        await read_until(proc.stderr, SIGTERM_POINTS[point], seen)
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), SLOW)
-        log = "".join(seen) + (await proc.stderr.read()).decode()
-        assert code == ExitCode.OK, log
-        no_traceback(log)
+        log = await sigterm_sidecar_at(tmp_path, vm, loop_guest, SIGTERM_POINTS[point], start_vm=True)
         assert "could not" not in log, log
         assert await runstate(vm) == "running", log
         # Its calls now reach QEMU (which answers NOT_SUPPORTED) and nothing stops it: it finishes
@@ -138,16 +145,7 @@ async def test_sigterm_before_reaching_qemu_says_the_vm_was_not_started(tmp_path
     """SIGTERM the moment ``run`` starts (before the event loop's own handlers): exit 0, and a
     start_vm VM left stopped is reported (the sidecar used to die of the signal, silently)."""
     async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
-        path = write_config(tmp_path, conduit_config(tmp_path, vm, loop_guest, start_vm=True))
-        proc = await start_cli("run", "--config", str(path), "--log-level", "debug")
-        assert proc.stderr is not None
-        seen: list[str] = []
-        await read_until(proc.stderr, "run: ", seen)
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), SLOW)
-        log = "".join(seen) + (await proc.stderr.read()).decode()
-        assert code == ExitCode.OK, log
-        no_traceback(log)
+        log = await sigterm_sidecar_at(tmp_path, vm, loop_guest, "run: ", start_vm=True)
         # Usually the signal beats the attach; if the sidecar got further, it must have started the VM.
         left_stopped = "conduit.start_vm: the VM was not started" in log
         assert await runstate(vm) == ("prelaunch" if left_stopped else "running"), log
@@ -161,15 +159,7 @@ async def test_sigterm_leaves_a_held_vm_held(tmp_path: Path, loop_guest: Path) -
     """-S VM, start_vm = false: the sidecar leaves it stopped (D;1 would have started it), without
     breakpoints, so the owner's later cont runs the guest freely."""
     async with running_qemu(tmp_path, QemuSpec(kernel=loop_guest)) as vm:
-        path = write_config(tmp_path, conduit_config(tmp_path, vm, loop_guest, start_vm=False))
-        proc = await start_cli("run", "--config", str(path))
-        assert proc.stderr is not None
-        seen: list[str] = []
-        await read_until(proc.stderr, "conduit attached", seen)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), SLOW) == ExitCode.OK
-        log = "".join(seen) + (await proc.stderr.read()).decode()
-        no_traceback(log)
+        log = await sigterm_sidecar_at(tmp_path, vm, loop_guest, "conduit attached", start_vm=False)
         assert await runstate(vm) == "prelaunch", log
         assert vm.console == ""
         async with harness_client(vm) as host:

@@ -121,4 +121,23 @@ static inline uint64_t read_mpidr(void)
 
 static inline void cpu_relax(void) { __asm__ volatile("yield" ::: "memory"); }
 
+/* The virtual counter (isb first: not read early) and its frequency. */
+static inline uint64_t cntvct(void)
+{
+    uint64_t v;
+    __asm__ volatile("isb; mrs %0, cntvct_el0" : "=r"(v)::"memory");
+    return v;
+}
+
+static inline uint64_t cntfrq(void)
+{
+    uint64_t v;
+    __asm__ volatile("mrs %0, cntfrq_el0" : "=r"(v));
+    return v;
+}
+
+/* For guests built with sdei_entry_completing and a call site named smccc (boot.inc). */
+extern uint64_t smccc(uint64_t fid, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
+extern char sdei_entry[];
+
 #endif

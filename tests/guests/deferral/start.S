@@ -12,29 +12,13 @@
 
 #include "../common/boot.inc"
 
-#define SDEI_EVENT_COMPLETE 0xC4000025
-
     boot_primary __stack_top0
 
     boot_secondary __stack_top1
 
     smccc_call_site sdei_call, sdei_hvc_insn
 
-/*
- * The registered SDEI entry point. COMPLETE restores only x0-x17, pc and pstate, so x18-x30
- * and sp must hold the interrupted values when the hvc executes: x19-x29 are callee-saved in
- * C, x18 and x30 are saved around the call, and the COMPLETE is a tail branch.
- */
-    .global sdei_entry
-    .type   sdei_entry, %function
-sdei_entry:
-    stp     x18, x30, [sp, #-16]!
-    bl      sdei_handler_c
-    ldp     x18, x30, [sp], #16
-    mov     x1, #0                  /* SDEI_EV_HANDLED */
-    ldr     x0, =SDEI_EVENT_COMPLETE
-    b       sdei_call
-    .size   sdei_entry, . - sdei_entry
+    sdei_entry_completing sdei_handler_c, sdei_call
 
 /*
  * void run_el1t(void (*fn)(void), void *sp_el0): call fn in EL1t (SPSel = 0) on the given

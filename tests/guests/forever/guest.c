@@ -15,24 +15,8 @@
 
 #define PERIOD_ADDR 0x4ff00000UL
 
-extern uint64_t smccc(uint64_t fid, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
-extern char sdei_entry[];
 
 static volatile uint64_t handled;
-
-static inline uint64_t cntvct(void)
-{
-    uint64_t v;
-    __asm__ volatile("isb; mrs %0, cntvct_el0" : "=r"(v)::"memory");
-    return v;
-}
-
-static inline uint64_t cntfrq(void)
-{
-    uint64_t v;
-    __asm__ volatile("mrs %0, cntfrq_el0" : "=r"(v));
-    return v;
-}
 
 uint64_t handler_c(uint64_t ev, uint64_t arg, uint64_t pc, uint64_t pstate)
 {

@@ -5,23 +5,7 @@
 
 #include "../common/boot.inc"
 
-#define SDEI_EVENT_COMPLETE 0xC4000025
-
     boot_primary __stack_top
-
     smccc_call_site smccc, smccc_hvc_insn
-
-/* The SDEI entry point: call the C handler, then SDEI_EVENT_COMPLETE with the interrupted x18/x30. */
-    .global sdei_entry
-    .type   sdei_entry, %function
-sdei_entry:
-    stp     x18, x30, [sp, #-16]!
-    bl      handler_c
-    ldp     x18, x30, [sp], #16
-    mov     x1, #0
-    ldr     x0, =SDEI_EVENT_COMPLETE
-    b       smccc
-    .size   sdei_entry, . - sdei_entry
-
-/* Unexpected exceptions: report the vector and stop. */
+    sdei_entry_completing handler_c, smccc
     unexpected_vectors
