@@ -271,7 +271,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sidecar = Sidecar(config)
 
     def early_shutdown(signum: int, _frame: object) -> None:
-        sidecar.request_shutdown(signal.Signals(signum).name)
+        sidecar.request_shutdown_from_signal(signal.Signals(signum).name)  # it must not log
 
     # Until the sidecar's event loop handles them, a shutdown signal is recorded (and the sidecar
     # leaves at once, saying what it left undone) rather than killing the process silently.

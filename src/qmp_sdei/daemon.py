@@ -73,6 +73,7 @@ class Sidecar:
         self.started = time.time()
         self.attach_seconds = 0.0
         self.shutdown = asyncio.Event()
+        self._shutdown_unsaid = False  # a signal asked for the shutdown before it could be logged
         self.shutdown_reason = ""
         self.exit_code = ExitCode.OK
         #: set once attached, negotiated and serving; tests and ``boot-test`` wait on it
@@ -287,6 +288,23 @@ class Sidecar:
             sdnotify.stopping(f"shutting down: {reason}")
             self.shutdown.set()
 
+    def request_shutdown_from_signal(self, reason: str) -> None:
+        """:meth:`request_shutdown` for a plain signal handler (before the event loop handles the
+        signal). Such a handler can interrupt a log line being written to stderr, and a second write
+        there raises ("reentrant call"), which used to lose the signal: the sidecar ran on. So
+        nothing is written here; :meth:`run` says it once it can."""
+        if not self.shutdown.is_set():
+            self.shutdown_reason = reason
+            self.exit_code = ExitCode.OK
+            self._shutdown_unsaid = True
+            self.shutdown.set()
+
+    def _say_signalled_shutdown(self) -> None:
+        if self._shutdown_unsaid:
+            self._shutdown_unsaid = False
+            log.info("shutting down: %s", self.shutdown_reason)
+            sdnotify.stopping(f"shutting down: {self.shutdown_reason}")
+
     async def _follow_lifecycle(self) -> None:
         assert self.session is not None and self.dispatcher is not None
         # Not STOP/RESUME: with the conduit every trapped call makes a pair; runstate is tracked
@@ -482,6 +500,7 @@ class Sidecar:
             stopping = asyncio.create_task(self.shutdown.wait(), name="sidecar.shutdown-wait")
             try:
                 await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                self._say_signalled_shutdown()
             finally:
                 stopping.cancel()
                 if not starting.done():
@@ -506,6 +525,7 @@ class Sidecar:
                 self.ready.set()
                 sdnotify.ready(self._ready_text())
                 await self.shutdown.wait()
+                self._say_signalled_shutdown()
                 await self._stop_tasks(tasks)
         except* SdeiError as group:
             err = _first_leaf(group)
@@ -514,6 +534,7 @@ class Sidecar:
             if self.config.conduit.enabled and self.config.conduit.start_vm and self.conduit is None:
                 log.warning("conduit.start_vm: the VM was not started, as the sidecar could not serve it")
         finally:
+            self._say_signalled_shutdown()
             await self._cleanup()
             loop = asyncio.get_running_loop()
             for sig in signals:

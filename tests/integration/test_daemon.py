@@ -108,6 +108,22 @@ async def test_listen_mode(tmp_path: Path) -> None:
     assert await asyncio.wait_for(task, SLOW) == ExitCode.OK
 
 
+@pytest.mark.asyncio
+async def test_a_signal_before_the_loop_handles_it_logs_nothing_then_shuts_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The early (plain) signal handler may interrupt a log line on stderr, where a second write
+    raises and used to lose the signal: it records the shutdown silently, and run() says it."""
+    sidecar = Sidecar(parse(config_for(tmp_path, tmp_path / "listen.sock", qmp={"mode": "listen"})))
+    with caplog.at_level(logging.DEBUG):
+        sidecar.request_shutdown_from_signal("SIGTERM")
+        assert caplog.records == []
+        assert sidecar.shutdown.is_set() and sidecar.shutdown_reason == "SIGTERM"
+        assert await asyncio.wait_for(sidecar.run(), SLOW) == ExitCode.OK
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shutting down")]
+    assert said == ["shutting down: SIGTERM"]
+
+
 # -- versions and resets ----------------------------------------------------------------------------
 
 
