@@ -346,6 +346,11 @@ class El2Conduit(GdbstubConduit):
             return planned
         return await self._read_pair(self._area(core) + A_TRAP_ELR2)
 
+    async def _resume_pending(self, core: CoreRegs) -> bool:
+        """Whether the area of a vCPU stopped in the stub holds a resume request stub_resume has not
+        consumed yet."""
+        return any(await self.rsp.read_memory(self._area(core) + A_RESUME_FLAGS, 8))
+
     async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
         vcpu = thread.vcpu
         area = self._areas.get(vcpu)
@@ -481,6 +486,13 @@ class El2Conduit(GdbstubConduit):
             # guest may take none for long (a busy loop with no interrupts), stop it again shortly:
             # by then it has left the stub's few instructions.
             log.debug("vCPU %d is inside the stub at %#x: delivery retried in %.3fs", vcpu, core.pc, STUB_RETRY)
+            asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
+            return None
+        if vcpu not in self._dirty and vcpu not in self._next_return and await self._resume_pending(core):
+            # Stopped by an interrupt at stub_resume before running it, with the resume request
+            # an earlier stop left (a COMPLETE's return, a handler entry) still in its area: a
+            # handler entered now would replace that request, and the guest would later return
+            # into the code that made it. It leaves the stub in a few instructions: stop it again.
             asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
             return None
         self._kicked.discard(vcpu)
