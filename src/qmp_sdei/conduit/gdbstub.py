@@ -909,6 +909,14 @@ class GdbstubConduit:
         """The gate opened while a stop was served after the loop had decided not to resume."""
         if self._resume_when_served:
             self._resume_when_served = False
+            if self._held and self._trapped_while_held and not self.stops_need_our_resume:
+                # The stop just served was a trap after QEMU (ending a failed migration) or the
+                # owner resumed the VM we held: it sits at our breakpoint now, ours to resume, as
+                # _follow_owner() decides when the gate opens between stops. Without this, a gate
+                # that opened during that very stop left the guest in "debug" for good.
+                log.info("the VM was resumed by its owner and trapped while the gate opened: resuming it")
+                self._held = False
+                self._trapped_while_held = False
             if not (self._running or self._held or self._gate_closed or self._stopping):
                 self.rsp.resume()
                 self._running = True
