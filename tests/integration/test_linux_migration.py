@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib.util
 import re
-import shutil
 import signal
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from qmp_sdei.owner import RaiseResult
 from qmp_sdei.qemu.launch import QemuProcess
 from qmp_sdei.stub import A_NO_HALT
 from support.guests import free_port
+from support.linux import LINUX_MARKS
 from support.linux_guest import (
     DELIVERY_LINE,
     LinuxEventGuest,
@@ -39,16 +38,7 @@ from support.linux_guest import (
     sidecar_config,
 )
 
-pytestmark = [
-    pytest.mark.linux,
-    pytest.mark.qemu,
-    pytest.mark.asyncio,
-    pytest.mark.skipif(shutil.which("apt-get") is None, reason="fetching the Debian kernel and headers needs apt"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("vmlinux_to_elf") is None,
-        reason="vmlinux-to-elf not installed (the 'linux' extra)",
-    ),
-]
+pytestmark = [*LINUX_MARKS, pytest.mark.qemu, pytest.mark.asyncio]
 
 TIMEOUT = 60.0
 SDEI_PROBE = re.compile(r"sdei: SDEIv(?P<major>\d+)\.(?P<minor>\d+) \(0x(?P<vendor>[0-9a-f]+)\) detected in firmware")
@@ -203,7 +193,7 @@ async def _no_halt_flags(conduit: El2Conduit) -> list[int]:
 
     async def read() -> None:
         for vcpu in range(len(conduit.threads)):
-            area = conduit.layout.percpu + vcpu * conduit.layout.percpu_size
+            area = conduit.layout.area_of(vcpu)  # vCPU index = MPIDR on this 2-vCPU machine
             flags.append(int.from_bytes(await conduit.rsp.read_memory(area + A_NO_HALT, 8), "little"))
 
     await conduit._at_next_stop(read)

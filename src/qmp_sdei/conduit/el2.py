@@ -202,16 +202,9 @@ class El2Conduit(GdbstubConduit):
                     "memory does not match its header (a damaged or foreign stub)"
                 )
         # No handler context from before this attach stays valid: the stub would answer a later
-        # handler's EVENT_CONTEXT from it. One pipelined write per area; the VM is stopped.
-        # Nor a migration's "no halting" (a destination's guest arrives with it set).
-        areas = [self.layout.percpu + n * self.layout.percpu_size for n in range(self.layout.max_cpus)]
-        futures = self.rsp.send(
-            *(f"M{area + field:x},8:{_ZERO.hex()}" for area in areas for field in (A_CTX_VALID, A_NO_HALT))
-        )
-        for fut in futures:
-            reply = await self.rsp.reply(fut, "clearing the stub's handler contexts", self.timeout)
-            if reply != b"OK":
-                raise ConduitError(f"could not clear the EL2 stub's handler contexts: gdbstub replied {reply[:60]!r}")
+        # handler's EVENT_CONTEXT from it. Nor a migration's "no halting" (a destination's guest
+        # arrives with it set). The VM is stopped.
+        await self._write_every_area((A_CTX_VALID, A_NO_HALT), _ZERO, "clearing the stub's handler contexts")
         await super().start()
         self._context_clear = set(range(len(self.threads)))
         idle = await self.rsp.read_memory(self.layout.idle.start, len(self.layout.idle))
@@ -219,6 +212,18 @@ class El2Conduit(GdbstubConduit):
         if WFI not in words:
             raise ConduitError("the EL2 stub's idle loop holds no wfi: the stub in guest memory is not the one built")
         self._after_wfi = self.layout.idle.start + 4 * words.index(WFI) + 4
+
+    async def _write_every_area(self, fields: tuple[int, ...], value: bytes, what: str) -> None:
+        """Write ``value`` at each of ``fields`` in every per-CPU area the stub has, in one pipelined
+        batch (the VM must be stopped). Every area, not one per vCPU: the stub picks a vCPU's area
+        from its MPIDR, which is not its index beyond the first cluster."""
+        areas = [self.layout.percpu + n * self.layout.percpu_size for n in range(self.layout.max_cpus)]
+        for fut in self.rsp.send(
+            *(f"M{area + field:x},{len(value):x}:{value.hex()}" for area in areas for field in fields)
+        ):
+            reply = await self.rsp.reply(fut, what, self.timeout)
+            if reply != b"OK":
+                raise ConduitError(f"could not finish {what}: gdbstub replied {reply[:60]!r}")
 
     async def hold_vcpus_awake(self, awake: bool) -> None:
         """While a migration runs, keep idle vCPUs polling in the stub instead of halting in ``wfi``.
@@ -233,11 +238,7 @@ class El2Conduit(GdbstubConduit):
         flag = (1 if awake else 0).to_bytes(8, "little")
 
         async def write() -> None:
-            areas = [self.layout.percpu + n * self.layout.percpu_size for n in range(len(self.threads))]
-            for fut in self.rsp.send(*(f"M{area + A_NO_HALT:x},8:{flag.hex()}" for area in areas)):
-                reply = await self.rsp.reply(fut, "setting the stub's no-halt flags", self.timeout)
-                if reply != b"OK":
-                    raise ConduitError(f"could not set the EL2 stub's no-halt flags: gdbstub replied {reply[:60]!r}")
+            await self._write_every_area((A_NO_HALT,), flag, "setting the stub's no-halt flags")
 
         await self._at_next_stop(write)
         log.info("idle vCPUs %s", "poll without halting until the migration ends" if awake else "halt again")
@@ -249,7 +250,7 @@ class El2Conduit(GdbstubConduit):
         no-halt flag as clear (x17). A register read or two per vCPU, inside the downtime."""
         await super().wait_parked(timeout)
         self._halted_at_switchover = []
-        if not (self._held and GdbstubConduit.switchover_safe(self)):
+        if not (self._held and super().switchover_safe()):
             return
         pc_regnum = self._pc_regnum()
         wfi = self._after_wfi - 4
@@ -450,25 +451,14 @@ class El2Conduit(GdbstubConduit):
             self._context_clear.discard(vcpu)
         return True
 
-    async def _log_idle_state(self, vcpu: int, core: CoreRegs) -> None:
-        """Debug only: what a kicked vCPU that did not wake waits on (its virtual timer)."""
-        assert self.registers is not None
-        values = []
-        for name in ("CNTV_CTL_EL0", "CNTV_CVAL_EL0"):
-            info = self.registers.find(name)
-            values.append(f"{name}={await self.rsp.read_register(info.regnum):#x}" if info else f"{name}=?")
-        log.debug(
-            "vCPU %d still idle at %#x after its kick (%s): falling back to the vector breakpoints",
-            vcpu, core.pc, " ".join(values),
-        )  # fmt: skip
-
     async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             return await super()._enter_handlers(vcpu, core)
         if core.pc in self.layout.idle:
             if vcpu in self._kicked:
-                if log.isEnabledFor(logging.DEBUG):
-                    await self._log_idle_state(vcpu, core)
+                log.debug(
+                    "vCPU %d still idle at %#x after its kick: falling back to the vector breakpoints", vcpu, core.pc
+                )
                 return None  # kicked before and still idle: fall back to the vector breakpoints
             # Halted in the stub's idle loop: kick it; it stops at the wake site within a poll
             # period, where the handler is entered. No vector breakpoints meanwhile (16 round

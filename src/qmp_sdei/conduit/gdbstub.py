@@ -758,12 +758,10 @@ class GdbstubConduit:
             if state not in ("running", "debug"):
                 return  # still, or again, the owner's
             if not self.stops_need_our_resume:
-                if state == "debug" and self._trapped_while_held:
+                if state == "debug" and self._claim_trapped_hold():
                     # That trap was reported and served while the gate was closed, so nobody
                     # resumed the VM after it: do it now (a switchover cancelled after a long pause,
                     # the guest trapping as soon as QEMU resumed it).
-                    self._held = False
-                    self._trapped_while_held = False
                     self._running = True
                     self.rsp.resume()
                     return
@@ -905,18 +903,25 @@ class GdbstubConduit:
         self.rsp.resume()  # the loop is waiting for a stop: it consumes the next reply
         self._running = True
 
+    def _claim_trapped_hold(self) -> bool:
+        """If the VM we hold has trapped since its owner resumed it (that stop was reported while
+        held), it sits at our breakpoint: it is ours to resume again. Returns whether it was."""
+        if not (self._held and self._trapped_while_held):
+            return False
+        self._held = False
+        self._trapped_while_held = False
+        return True
+
     def _resume_if_gate_opened(self) -> None:
         """The gate opened while a stop was served after the loop had decided not to resume."""
         if self._resume_when_served:
             self._resume_when_served = False
-            if self._held and self._trapped_while_held and not self.stops_need_our_resume:
+            if not self.stops_need_our_resume and self._claim_trapped_hold():
                 # The stop just served was a trap after QEMU (ending a failed migration) or the
                 # owner resumed the VM we held: it sits at our breakpoint now, ours to resume, as
                 # _follow_owner() decides when the gate opens between stops. Without this, a gate
                 # that opened during that very stop left the guest in "debug" for good.
                 log.info("the VM was resumed by its owner and trapped while the gate opened: resuming it")
-                self._held = False
-                self._trapped_while_held = False
             if not (self._running or self._held or self._gate_closed or self._stopping):
                 self.rsp.resume()
                 self._running = True
