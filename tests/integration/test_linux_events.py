@@ -15,12 +15,11 @@ Each boot takes ~2 s to ``sdei_test: ready`` here; an event ~10-30 ms.
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
 
+from support.linux import LINUX_MARKS
 from support.linux_guest import (
     DELIVERY_ANY,
     READY_LINE,
@@ -30,15 +29,7 @@ from support.linux_guest import (
     prepare_linux_event_guest,
 )
 
-pytestmark = [
-    pytest.mark.linux,
-    pytest.mark.qemu,
-    pytest.mark.skipif(shutil.which("apt-get") is None, reason="fetching the Debian kernel and headers needs apt"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("vmlinux_to_elf") is None,
-        reason="vmlinux-to-elf not installed (the 'linux' extra)",
-    ),
-]
+pytestmark = [*LINUX_MARKS, pytest.mark.qemu]
 
 TIMEOUT = 60.0  # per wait: TCG on a busy 2-core host
 EVENTS = 20
