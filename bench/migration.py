@@ -298,22 +298,73 @@ class Side:
         await self.vm.stop()
 
 
-async def harness_migration(src: Side, uri: str, *, answer_pause: bool) -> str:
-    """``migrate`` on the source's harness monitor; the final status. ``answer_pause``: no sidecar
-    drives the pause, so the harness continues at once (what the sidecar does when it is safe)."""
-    with src.harness.listener("MIGRATION") as listener:
+def event_time(event: Any) -> float:
+    """A QMP event's own timestamp (QEMU's host clock, so comparable between two QEMUs here)."""
+    stamp = event["timestamp"]
+    return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+
+
+async def harness_migration(
+    src: Side, dst: Side, uri: str, *, answer_pause: bool, nodelay: bool = False
+) -> tuple[str, float | None]:
+    """``migrate`` on the source's harness monitor; the final status and the downtime the guest saw.
+
+    ``answer_pause``: no sidecar drives the pause, so the harness continues at once (what the sidecar
+    does when it is safe). The guest's downtime runs from the source's last ``STOP`` (the switchover's)
+    to the destination's first ``RESUME``, from the events' own timestamps. QEMU's ``downtime`` cannot
+    tell it: it ends when the source is done, which without a return path is before the destination
+    has the whole stream, and it never covers what happens on the destination between ``completed``
+    and running the guest. Without a sidecar the harness resumes the destination at its ``completed``,
+    as libvirt resumes a destination started paused. ``nodelay``: the harness connects to the
+    destination with ``TCP_NODELAY`` and hands QEMU the socket, as the sidecar's own ``migrate``
+    does (``qmp_sdei.qemu.migration.migrate``).
+    """
+    with (
+        src.harness.listener(("MIGRATION", "STOP")) as listener,
+        dst.harness.listener(("MIGRATION", "RESUME")) as arrivals,
+    ):
+        target = migration.plain_tcp_target(uri) if nodelay else None
+        if target is not None:
+            sock = await migration.connect_nodelay(*target, TIMEOUT)
+            try:
+                src.harness.send_fd_scm(sock.fileno())
+                await src.harness.execute("getfd", {"fdname": "bench-migration"})
+            finally:
+                sock.close()
+            uri = "fd:bench-migration"
         await src.harness.execute("migrate", {"uri": uri})
 
-        async def follow() -> str:
+        async def follow() -> tuple[str, float | None]:
+            last_stop: float | None = None
             async for event in listener:
+                if event["event"] == "STOP":
+                    last_stop = event_time(event)
+                    continue
                 status = str(event["data"]["status"])
                 if status == "pre-switchover" and answer_pause:
                     await src.harness.execute("migrate-continue", {"state": "pre-switchover"})
                 if status in migration.FINAL_STATUSES:
-                    return status
+                    return status, last_stop
             raise RuntimeError("the harness monitor closed")
 
-        return await asyncio.wait_for(follow(), TIMEOUT * 2)
+        async def resumed() -> float:
+            async for event in arrivals:
+                if event["event"] == "RESUME":
+                    return event_time(event)
+                if event["data"]["status"] == "completed" and dst.sidecar is None:
+                    await dst.harness.execute("cont")
+            raise RuntimeError("the destination's harness monitor closed")
+
+        arrival = asyncio.create_task(resumed())
+        try:
+            status, stopped = await asyncio.wait_for(follow(), TIMEOUT * 2)
+            if status != "completed" or stopped is None:
+                return status, None
+            return status, round((await asyncio.wait_for(arrival, TIMEOUT) - stopped) * 1000, 1)
+        finally:
+            arrival.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await arrival
 
 
 async def settled_times(src: Side) -> tuple[float, float]:
@@ -333,9 +384,13 @@ async def migrate_with_retries(
     smp: int,
     period_us: int,
     with_sidecar: bool,
+    plain: bool = False,
+    nodelay: bool = False,
     transport: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """One source, fresh destinations until a migration completes; its times and the attempts.
+
+    ``plain`` (without a sidecar): QEMU's defaults, no ``pause-before-switchover`` and no return path.
 
     ``transport``: the sidecars' ``[migration]`` table (plus ``mqtt``: a broker URL for both); with
     the control transport the source's peer is each new destination's local socket unless it is
@@ -349,7 +404,7 @@ async def migrate_with_retries(
         sides.append(src)
         await src.start(elf if with_sidecar else None)
         if not with_sidecar:
-            caps = {"events": True, "pause-before-switchover": True, "return-path": True}
+            caps = {"events": True, "pause-before-switchover": not plain, "return-path": not plain}
             await src.harness.execute(
                 "migrate-set-capabilities", {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]}
             )
@@ -372,15 +427,20 @@ async def migrate_with_retries(
                 # The destination changes with each attempt: name its control socket as the peer.
                 src.sidecar.migration.use_peer(f"unix:{dst.state_dir / 'control.sock'}")  # type: ignore[union-attr]
             if not with_sidecar:
-                caps = {"events": True, "return-path": True}
+                caps = {"events": True, "return-path": not plain}
                 await dst.harness.execute(
                     "migrate-set-capabilities",
                     {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
                 )
-            outcome = await harness_migration(src, f"tcp:127.0.0.1:{port}", answer_pause=not with_sidecar)
+            uri = f"tcp:127.0.0.1:{port}"
+            outcome, guest_downtime = await harness_migration(
+                src, dst, uri, answer_pause=not with_sidecar, nodelay=nodelay
+            )
             if outcome == "completed":
                 total, downtime = await settled_times(src)
                 times = {"total_ms": total, "downtime_ms": downtime, "attempts": float(attempts)}
+                if guest_downtime is not None:
+                    times["guest_downtime_ms"] = guest_downtime
                 if src.sidecar is not None and src.sidecar.migration is not None:
                     handover = src.sidecar.migration.last_state_ms
                     if handover is not None and src.sidecar.migration.counters.states_sent:
@@ -393,23 +453,36 @@ async def migrate_with_retries(
 
 
 async def sidecar_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, float]]] = {"without_sidecar": [], "with_sidecar": []}
+    """One 8-vCPU migration three ways, interleaved: QEMU's defaults without a sidecar (``plain``),
+    the sidecar's capabilities without a sidecar (``without_sidecar``: the harness answers the
+    pause), and a sidecar on each side; each over QEMU's own TCP connection and over one connected
+    with ``TCP_NODELAY`` (``_nodelay``, what ``qmp-sdei migrate`` uses)."""
+    cases: dict[str, dict[str, Any]] = {}
+    for suffix, nodelay in (("", False), ("_nodelay", True)):
+        cases[f"plain{suffix}"] = {"with_sidecar": False, "plain": True, "nodelay": nodelay}
+        cases[f"without_sidecar{suffix}"] = {"with_sidecar": False, "nodelay": nodelay}
+        cases[f"with_sidecar{suffix}"] = {"with_sidecar": True, "nodelay": nodelay}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     for repetition in range(repeats):
-        for name, samples in runs.items():  # interleaved, so load changes hit both alike
-            samples.append(
+        for name, kwargs in cases.items():  # interleaved, so load changes hit every case alike
+            runs[name].append(
                 await migrate_with_retries(
-                    workdir / f"cost-{name}-{repetition}", elf, smp=smp, period_us=100_000,
-                    with_sidecar=name == "with_sidecar",
+                    workdir / f"cost-{name}-{repetition}", elf, smp=smp, period_us=100_000, **kwargs
                 )
-            )  # fmt: skip
+            )
     result: dict[str, Any] = {"vcpus": smp, "guest_calls_per_s": 10, "repeats": repeats}
+    keys = ("total_ms", "downtime_ms", "guest_downtime_ms", "attempts")
     for name, samples in runs.items():
-        result[name] = {key: spread([s[key] for s in samples]) for key in ("total_ms", "downtime_ms", "attempts")}
-    for key in ("downtime_ms", "total_ms"):
-        base = result["without_sidecar"][key]["median"]
-        result[f"{key.removesuffix('_ms')}_ratio"] = (
-            round(result["with_sidecar"][key]["median"] / base, 2) if base else None
-        )
+        result[name] = {key: spread([s[key] for s in samples if key in s]) for key in keys}
+    ratios: dict[str, float | None] = {}
+    for suffix in ("", "_nodelay"):
+        for key in keys[:3]:
+            for base in ("without_sidecar", "plain"):
+                base_median = result[base + suffix][key]["median"]
+                with_median = result["with_sidecar" + suffix][key]["median"]
+                label = f"with_sidecar{suffix}/{base}{suffix}:{key.removesuffix('_ms')}"
+                ratios[label] = round(with_median / base_median, 2) if base_median else None
+    result["ratios"] = ratios
     return result
 
 

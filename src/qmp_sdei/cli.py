@@ -243,6 +243,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         for phase in report["phases"]:
             print(f"{phase['at_ms']:>9.1f} ms  {phase['phase']}")
         print(f"outcome   {report['outcome']}  total {report['total_ms']} ms, downtime {report['downtime_ms']} ms")
+        if report.get("connection"):
+            print(f"stream    {report['connection']}")
         if report.get("error"):
             print(f"error     {report['error']}")
     return 0 if report["outcome"] == "completed" else 1

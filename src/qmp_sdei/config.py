@@ -24,6 +24,7 @@ a typo must not silently fall back to a default. Example (``examples/vm1.toml`` 
     transport = "auto"                  # "dbus-vmstate" | "control" | "auto" (dbus-vmstate if QEMU has it)
     peer = "unix:/var/lib/qmp-sdei/vm1-dst/control.sock"   # or "mqtt" / "mqtt:NAME" (control transport)
     peer_timeout = 3.0                  # seconds the destination has to acknowledge the state
+    tcp_nodelay = true                  # migrations this sidecar starts to tcp: connect without Nagle
 
 No I/O beyond reading the file.
 """
@@ -182,6 +183,9 @@ class MigrationSettings:
     peer: MigrationPeer | None = None
     #: seconds the destination sidecar has to acknowledge the state (the guest is stopped meanwhile)
     peer_timeout: float = 3.0
+    #: migrations this sidecar starts to a ``tcp:`` URI go over a socket it connects with
+    #: ``TCP_NODELAY`` and hands to QEMU (``docs/migration.md``, "Downtime")
+    tcp_nodelay: bool = True
 
 
 @dataclass(frozen=True)
@@ -380,8 +384,9 @@ def _parse_migration(table: _Table, *, has_mqtt: bool) -> MigrationSettings:
     if peer is not None and peer.kind == "mqtt" and not has_mqtt:
         raise ConfigError("migration.peer: an MQTT peer is reached through this sidecar's broker; configure [mqtt]")
     timeout = float(table.get("peer_timeout", (int, float), 3.0, _positive_seconds))
+    nodelay = table.get("tcp_nodelay", bool, True)
     table.done()
-    return MigrationSettings(transport=transport, peer=peer, peer_timeout=timeout)
+    return MigrationSettings(transport=transport, peer=peer, peer_timeout=timeout, tcp_nodelay=nodelay)
 
 
 def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from qmp_sdei import __version__, sdnotify
@@ -375,8 +375,8 @@ class Sidecar:
             sdnotify.status(f"{self._ready_text()}; conduit attached")
 
         settings = self.config.conduit
-        start_vm = False
         migration = self.migration
+        arrival: Callable[[], Awaitable[bool]] | None = None
         if migration is not None and not migration.incoming:
             # A migration our predecessor left under way is cancelled first: resuming the VM
             # before would run the guest during its switchover.
@@ -384,8 +384,12 @@ class Sidecar:
         if migration is not None and migration.incoming:
             # A destination's guest arrives with the migration: arm the conduit once it is here and
             # before it runs (QEMU started with -S), then run it if it ran on the source.
-            await migration.arrived.wait()
-            start_vm = bool(migration.loaded and migration.loaded.source_running and settings.start_vm)
+            incoming, run_at_boot = migration, settings.start_vm
+
+            async def arrival() -> bool:
+                await incoming.arrived.wait()
+                return bool(incoming.loaded and incoming.loaded.source_running and run_at_boot)
+
             # conduit.start_vm is about starting a -S VM at boot: here the source's runstate decides
             # (a guest its owner had paused arrives paused).
             settings = dataclasses.replace(settings, start_vm=False)
@@ -396,8 +400,8 @@ class Sidecar:
             self.owner,
             settings,
             on_attached=attached,
-            start_vm=start_vm,
             stops_need_our_resume=stub_reports_only_our_resumes(qemu.major, qemu.minor),
+            guest_arrival=arrival,
         )
 
     async def _serve_control(self) -> None:
@@ -598,6 +602,8 @@ class Sidecar:
             waiter = asyncio.create_task(conduit_serving(), name="shutdown.conduit-serving")
             await asyncio.wait({waiter, conduit_task}, timeout=SHUTDOWN_GRACE, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter  # a cancelled task left pending is reported when the loop closes
         if self.conduit is not None:
             # Only a conduit still serving a VM that is still there can make progress worth waiting for.
             session_up = self.session is not None and self.session.connected

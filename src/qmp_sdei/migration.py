@@ -104,6 +104,8 @@ class MigrationReport:
     total_ms: int | None = None
     downtime_ms: int | None = None
     error: str | None = None
+    #: what carries the stream: "tcp-nodelay" (a socket this sidecar connected) or "qemu"
+    connection: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +116,7 @@ class MigrationReport:
             "total_ms": self.total_ms,
             "downtime_ms": self.downtime_ms,
             "error": self.error,
+            "connection": self.connection,
         }
 
 
@@ -472,10 +475,12 @@ class MigrationAgent:
             self.counters.migrations_in += 1
             self.last_outcome = "completed"
             self.incoming = False  # from now on this VM is a possible source
+            log.info("incoming migration completed with the guest's SDEI state")
+            # The conduit arms and runs the guest on this signal: that is downtime, so the
+            # capabilities a later outgoing migration needs are set after it, not before.
+            self.arrived.set()
             with contextlib.suppress(QemuError):
                 await qmig.prepare_source(self.session)
-            log.info("incoming migration completed with the guest's SDEI state")
-            self.arrived.set()
         elif status == "failed":
             self.last_outcome = "failed"
             log.error("incoming migration failed; QEMU will exit")
@@ -670,8 +675,8 @@ class MigrationAgent:
         cancelled_before = self.counters.switchovers_cancelled
         with self.session.subscribe({VmEventKind.MIGRATION}) as events:
             try:
-                await qmig.migrate(self.session, uri)
-            except QemuError as err:
+                report.connection = await qmig.migrate(self.session, uri, tcp_nodelay=self.config.migration.tcp_nodelay)
+            except (QemuError, MigrationError) as err:
                 report.outcome, report.error = "failed", str(err)
                 self._our_migration.cancel()
                 self._peer_override = None

@@ -420,3 +420,36 @@ async def test_auto_picks_dbus_vmstate_and_control_removes_a_stale_object(
         with pytest.raises(ConfigError, match="peer: 'here' is not unix:/ABSOLUTE/PATH"):
             await sidecar.migration.migrate("tcp:127.0.0.1:9", peer="here")
         assert (await target.harness.execute("query-migrate")).get("status", "none") == "none"
+
+
+@pytest.mark.parametrize("nodelay", [True, False], ids=["our-connection", "qemu-connection"])
+async def test_a_destination_nobody_listens_at_fails_the_migration_and_the_guest_runs_on(
+    tmp_path: Path,
+    forever_elf: Path,  # noqa: F811
+    nodelay: bool,
+) -> None:
+    """With ``tcp_nodelay`` the sidecar connects to the destination itself: nobody listening there
+    fails the migration before QEMU starts one, and says why. Without, QEMU's own connection fails
+    it. Either way the guest runs on with its state."""
+    async with vms() as started:
+        target = Vm(tmp_path / "vm", guest_spec(forever_elf))
+        started.append(target)
+        await target.start()
+        doc = config_doc(target.qemu, target.state_dir, forever_elf)
+        doc["migration"] = {"tcp_nodelay": nodelay}
+        target.sidecar = RunningSidecar(parse(doc))
+        sidecar = await migration_ready(target.sidecar)
+        await guest_ready(target)
+        assert sidecar.migration is not None
+        report = await sidecar.migration.migrate(f"tcp:127.0.0.1:{free_port()}", timeout=TIMEOUT)
+        assert report.outcome == "failed", report
+        assert target.harness is not None
+        status = (await target.harness.execute("query-migrate")).get("status", "none")
+        if nodelay:
+            assert report.error is not None and "cannot connect to the migration destination" in report.error
+            assert report.connection is None
+            assert status == "none"
+        else:
+            assert report.connection == "qemu"
+            assert status == "failed"
+        await assert_state_whole(target)

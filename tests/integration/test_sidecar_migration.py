@@ -89,6 +89,7 @@ async def test_guest_migrates_with_its_sdei_state_and_finishes_on_the_destinatio
             assert report["outcome"] == "completed", report
             assert [p["phase"] for p in report["phases"]][-1] == "completed"
             assert report["downtime_ms"] is not None
+            assert report["connection"] == "tcp-nodelay"  # the stream ran on a socket the sidecar connected
 
             # The destination took the source's versions and registrations with the state.
             status = (await request(dst_state, {"v": 1, "command": "status"}))["result"]

@@ -20,6 +20,7 @@ from qmp_sdei.control.commands import (
 from qmp_sdei.control.mqtt import Topics
 from qmp_sdei.control.peer import PeerLink
 from qmp_sdei.errors import ConfigError, IncompatibleState, MigrationError
+from qmp_sdei.qemu.migration import plain_tcp_target
 from support.standin import serving_owner
 
 BASE: dict[str, Any] = {"qmp": {"socket": "/s"}}
@@ -35,6 +36,8 @@ def with_migration(**table: Any) -> dict[str, Any]:
 def test_migration_defaults_to_auto_with_no_peer() -> None:
     settings = parse(BASE).migration
     assert (settings.transport, settings.peer, settings.peer_timeout) == ("auto", None, 3.0)
+    assert settings.tcp_nodelay is True
+    assert parse(with_migration(tcp_nodelay=False)).migration.tcp_nodelay is False
 
 
 def test_migration_table_parses() -> None:
@@ -56,11 +59,32 @@ def test_migration_table_parses() -> None:
         ({"peer_timeout": 0}, "migration.peer_timeout: must be positive"),
         ({"peer_timeout": float("inf")}, "migration.peer_timeout: must be a finite number"),
         ({"peers": "x"}, "migration.peers: unknown key"),
+        ({"tcp_nodelay": "yes"}, "migration.tcp_nodelay: "),
     ],
 )
 def test_bad_migration_settings_are_named(table: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigError, match="^" + words.replace("(", r"\(").replace(".", r"\.")):
         parse(with_migration(**table))
+
+
+@pytest.mark.parametrize(
+    ("uri", "target"),
+    [
+        ("tcp:127.0.0.1:4444", ("127.0.0.1", 4444)),
+        ("tcp:dst.example:4444", ("dst.example", 4444)),
+        ("tcp:[::1]:4444", ("::1", 4444)),
+        ("tcp:127.0.0.1:4444,ipv4", None),  # options: QEMU's own connection, as written
+        ("tcp::4444", None),
+        ("tcp:host:0", None),
+        ("tcp:host:99999", None),
+        ("tcp:host:port", None),
+        ("tcp:host", None),
+        ("unix:/run/mig.sock", None),
+        ("exec:cat", None),
+    ],
+)
+def test_only_a_plain_tcp_uri_gets_a_connection_of_ours(uri: str, target: tuple[str, int] | None) -> None:
+    assert plain_tcp_target(uri) == target
 
 
 def test_peer_names() -> None:

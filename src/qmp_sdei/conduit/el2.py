@@ -95,12 +95,12 @@ async def probe_stub(rsp: RspClient) -> StubLayout | None:
     """
     if not await use_physical_memory(rsp):
         log.warning("the gdbstub has no physical-memory mode; looking for the EL2 stub through vCPU addresses")
-    for base in probe_addresses():
-        try:
-            header = await rsp.read_memory(base, HEADER_SIZE)
-        except ConduitError:
-            continue
-        if header[8:16] == MAGIC:
+    bases = probe_addresses()
+    # All candidates in one round trip: this runs between a migration's arrival and the guest
+    # running on the destination, where a read per candidate cost several milliseconds.
+    headers = await rsp.read_memory_regions([(base, HEADER_SIZE) for base in bases])
+    for base, header in zip(bases, headers, strict=True):
+        if header is not None and header[8:16] == MAGIC:
             return StubLayout.parse(base, header)
     await use_physical_memory(rsp, physical=False)
     return None

@@ -281,10 +281,7 @@ class GdbstubConduit:
         await self._arm()
 
     async def _arm(self) -> None:
-        for site in sorted(self.trap_sites):
-            await self.rsp.insert_breakpoint(site)
-        for addr in sorted(self._vector_bps):
-            await self.rsp.insert_breakpoint(addr)
+        await self.rsp.insert_breakpoints([*sorted(self.trap_sites), *sorted(self._vector_bps)])
 
     async def _disarm_extra(self) -> None:
         """Remove what a subclass armed besides the breakpoints, when leaving a held VM one by one

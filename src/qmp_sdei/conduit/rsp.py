@@ -39,7 +39,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -360,6 +360,11 @@ def _hex_bytes(payload: bytes, what: str) -> bytes:
         raise ConduitError(f"{what}: expected hex, got {payload[:60]!r}") from err
 
 
+def _is_error(reply: bytes) -> bool:
+    """``Exx``: the gdbstub's error reply."""
+    return reply.startswith(b"E") and len(reply) == 3
+
+
 def _check_ok(reply: bytes, what: str) -> None:
     if reply != b"OK":
         raise ConduitError(f"{what} failed: gdbstub replied {reply[:60]!r}")
@@ -659,9 +664,20 @@ class RspClient:
     async def read_memory(self, addr: int, length: int) -> bytes:
         return self._memory_reply(await self.request(f"m{addr:x},{length:x}"), addr, length)
 
+    async def read_memory_regions(self, regions: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """Several ``m`` reads in one write (one round trip instead of one each); ``None`` for a
+        region the gdbstub would not read (an error reply: nothing mapped there). Other bad
+        replies raise :class:`ConduitError`, as :meth:`read_memory` does."""
+        futures = self.send(*(f"m{addr:x},{length:x}" for addr, length in regions))
+        found: list[bytes | None] = []
+        for (addr, length), fut in zip(regions, futures, strict=True):
+            reply = await self.reply(fut, f"'m{addr:x}'")
+            found.append(None if _is_error(reply) else self._memory_reply(reply, addr, length))
+        return found
+
     @staticmethod
     def _memory_reply(reply: bytes, addr: int, length: int) -> bytes:
-        if reply.startswith(b"E") and len(reply) == 3:
+        if _is_error(reply):
             raise ConduitError(f"cannot read {length} bytes at {addr:#x}: {reply.decode()}")
         data = _hex_bytes(reply, f"'m{addr:x}' reply")
         if len(data) != length:
@@ -674,6 +690,13 @@ class RspClient:
     async def insert_breakpoint(self, addr: int, kind: int = 4) -> None:
         """``Z0``: a breakpoint on every vCPU, hit *before* the instruction executes."""
         _check_ok(await self.request(f"Z0,{addr:x},{kind:x}"), f"Z0 at {addr:#x}")
+
+    async def insert_breakpoints(self, addrs: Iterable[int], kind: int = 4) -> None:
+        """:meth:`insert_breakpoint` for each address, all in one write (one round trip)."""
+        ordered = list(addrs)
+        futures = self.send(*(f"Z0,{addr:x},{kind:x}" for addr in ordered))
+        for addr, fut in zip(ordered, futures, strict=True):
+            _check_ok(await self.reply(fut, f"Z0 at {addr:#x}"), f"Z0 at {addr:#x}")
 
     async def remove_breakpoint(self, addr: int, kind: int = 4) -> None:
         _check_ok(await self.request(f"z0,{addr:x},{kind:x}"), f"z0 at {addr:#x}")

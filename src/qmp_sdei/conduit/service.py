@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from qmp_sdei.conduit.el2 import attach_conduit
@@ -58,10 +58,15 @@ async def serve_conduit(
     on_attached: Callable[[GdbstubConduit], None],
     start_vm: bool = False,
     stops_need_our_resume: bool = True,
+    guest_arrival: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
     """Attach the conduit and serve until the VM exits or the task is cancelled.
 
     :param on_attached: told the conduit once it is attached, before the VM is resumed.
+    :param guest_arrival: on a migration destination, waits until the guest has arrived (the
+        gdbstub must not be attached before) and says whether to run it. What needs no guest (the
+        gdbstub's address, the trap sites in the ELF) is done before, as the time between the
+        arrival and the guest running is downtime.
     :param stops_need_our_resume: the stub reports a stop only after a resume of the debugger's
         (QEMU 8.1 and later; see :func:`~qmp_sdei.conduit.gdbstub.stub_reports_only_our_resumes`).
     """
@@ -70,12 +75,27 @@ async def serve_conduit(
     else:
         existing = await gdbstub_address(session)
         host, port = existing if existing is not None else await start_gdbstub(session)
-    # "debug" means a gdbstub stop: a sidecar before us died holding it. Ours to resume, unlike a
-    # VM its owner paused or started with -S.
-    was_running = await session.refresh_runstate() in ("running", "debug")
-    conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
-        host, port, owner, lambda: find_trap_sites(settings), kernel=settings.kernel, timeout=30.0
-    )
+    early_sites: asyncio.Task[list[int]] | None = None
+    if guest_arrival is not None:
+        early_sites = asyncio.create_task(find_trap_sites(settings), name="conduit.trap-sites")
+        # Unused when the guest booted through the EL2 stub: its outcome must still be taken.
+        early_sites.add_done_callback(lambda task: task.cancelled() or task.exception())
+    try:
+        if guest_arrival is not None:
+            start_vm = await guest_arrival()
+
+        async def trap_sites() -> list[int]:
+            return await (early_sites if early_sites is not None else find_trap_sites(settings))
+
+        # "debug" means a gdbstub stop: a sidecar before us died holding it. Ours to resume, unlike
+        # a VM its owner paused or started with -S.
+        was_running = await session.refresh_runstate() in ("running", "debug")
+        conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
+            host, port, owner, trap_sites, kernel=settings.kernel, timeout=30.0
+        )
+    finally:
+        if early_sites is not None:
+            early_sites.cancel()
     conduit.follow_owner(session.refresh_runstate, stops_need_our_resume=stops_need_our_resume)
     on_attached(conduit)
     log.info("conduit attached to %s:%d with %d trap site(s)", host, port, len(conduit.trap_sites))

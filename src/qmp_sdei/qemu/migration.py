@@ -22,7 +22,9 @@ or decide policy (whether to cancel, when to resume a failed source): callers do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -118,9 +120,111 @@ async def prepare_destination(session: QmpSession, *, return_path: bool = True) 
     await set_capabilities(session, {"events": True, "return-path": return_path})
 
 
-async def migrate(session: QmpSession, uri: str) -> None:
-    """Start migrating to ``uri`` (``tcp:HOST:PORT``, ``unix:PATH``...); returns at once."""
-    await session.execute("migrate", {"uri": uri})
+#: the name under which the socket of a ``tcp_nodelay`` migration is handed to QEMU (``getfd``)
+MIGRATION_FD_NAME: Final = "qmp-sdei-migration"
+
+#: statuses in which QEMU refuses a new ``migrate`` (checked before connecting to a destination)
+BUSY_STATUSES: Final = frozenset(
+    {"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug", "postcopy-active",
+     "postcopy-paused", "postcopy-recover"}
+)  # fmt: skip
+
+
+async def migrate(session: QmpSession, uri: str, *, tcp_nodelay: bool = False, connect_timeout: float = 10.0) -> str:
+    """Start migrating to ``uri`` (``tcp:HOST:PORT``, ``unix:PATH``...); returns at once, saying
+    which connection carries the stream: ``"tcp-nodelay"`` (ours, see below) or ``"qemu"``.
+
+    ``tcp_nodelay``: for a plain ``tcp:HOST:PORT``, connect to the destination here, with
+    ``TCP_NODELAY``, and hand QEMU that socket (``getfd``, ``migrate fd:``). QEMU leaves Nagle's
+    algorithm on for its own connection, and with the return path on, the stream's last small
+    write then waits for the destination's delayed acknowledgement: about 40 ms of downtime on
+    loopback in QEMU 7.2 and 10, which the sidecar's migrations would otherwise always pay. Falls
+    back to the URI as given where a socket cannot be handed over (QMP over TCP) or QEMU needs the
+    address itself (``multifd``, TLS, URI options), and when a migration already runs (QEMU refuses
+    it before it would touch the destination).
+
+    :raise MigrationError: the destination could not be reached (nothing was started).
+    :raise QemuError: QEMU refused the command.
+    """
+    target = plain_tcp_target(uri) if tcp_nodelay else None
+    if target is None or not session.can_pass_fds or (why := await _needs_qemu_to_connect(session)) is not None:
+        if target is not None:
+            log.debug("migrating to %s over QEMU's own connection (%s)", uri, why or "QMP is not a unix socket")
+        await session.execute("migrate", {"uri": uri})
+        return "qemu"
+    sock = await connect_nodelay(*target, connect_timeout)
+    try:
+        await session.pass_fd(sock.fileno(), MIGRATION_FD_NAME)
+    finally:
+        sock.close()  # QEMU holds its own duplicate now
+    try:
+        await session.execute("migrate", {"uri": f"fd:{MIGRATION_FD_NAME}"})
+    except QemuError:
+        with contextlib.suppress(QemuError):
+            await session.execute("closefd", {"fdname": MIGRATION_FD_NAME})
+        raise
+    log.debug("migrating to %s over a connection without Nagle's delay", uri)
+    return "tcp-nodelay"
+
+
+def plain_tcp_target(uri: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``tcp:HOST:PORT`` or ``tcp:[V6]:PORT`` without options, else None."""
+    if not uri.startswith("tcp:") or "," in uri:
+        return None
+    host, sep, port = uri.removeprefix("tcp:").rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+async def _needs_qemu_to_connect(session: QmpSession) -> str | None:
+    """Why the migration must use QEMU's own connection, or None."""
+    status, capabilities, parameters = await asyncio.gather(
+        session.execute("query-migrate"),
+        session.execute("query-migrate-capabilities"),
+        session.execute("query-migrate-parameters"),
+    )
+    if isinstance(status, dict) and status.get("status") in BUSY_STATUSES:
+        return f"a migration is {status['status']}"
+    enabled = set()
+    if isinstance(capabilities, list):
+        enabled = {c.get("capability") for c in capabilities if isinstance(c, dict) and c.get("state")}
+    if "multifd" in enabled:
+        return "multifd opens its own connections"
+    if isinstance(parameters, dict) and parameters.get("tls-creds"):
+        return "TLS checks the destination's host name"
+    return None
+
+
+async def connect_nodelay(host: str, port: int, timeout: float) -> socket.socket:
+    """A blocking TCP socket connected to the destination, with ``TCP_NODELAY``."""
+    loop = asyncio.get_running_loop()
+    problem = f"no address for {host}"
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            for family, kind, proto, _, address in infos:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, address)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.setblocking(True)  # QEMU's migration thread writes it blocking
+                except OSError as err:
+                    sock.close()
+                    problem = str(err)
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+    except TimeoutError:
+        problem = f"no connection within {timeout}s"
+    except OSError as err:  # getaddrinfo
+        problem = str(err)
+    raise MigrationError(f"cannot connect to the migration destination {host}:{port}: {problem}")
 
 
 async def migrate_incoming(session: QmpSession, uri: str) -> None:

@@ -397,6 +397,25 @@ class QmpSession:
         except TimeoutError as err:
             raise QemuError(f"QMP {command}: no reply from QEMU within {limit}s") from err
 
+    @property
+    def can_pass_fds(self) -> bool:
+        """True on a unix socket: only there can a file descriptor travel to QEMU (SCM_RIGHTS)."""
+        return not isinstance(self.address, tuple)
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a duplicate of ``fd`` under ``name`` (``getfd``), for commands that take
+        ``fd:NAME``. The caller keeps (and closes) its own ``fd``.
+
+        :raise QemuError: not a unix socket, the descriptor could not be sent, or QEMU refused it.
+        """
+        if not self.can_pass_fds:
+            raise QemuError(f"cannot pass a file descriptor to QEMU over {_describe_address(self.address)}")
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as err:
+            raise QemuError(f"could not pass a file descriptor to QEMU: {err}") from err
+        await self.execute("getfd", {"fdname": name})
+
     async def refresh_runstate(self) -> str:
         """Ask QEMU for the exact runstate (``query-status``), record and return it."""
         reply = await self.execute("query-status")
