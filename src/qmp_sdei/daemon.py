@@ -402,6 +402,7 @@ class Sidecar:
             on_attached=attached,
             stops_need_our_resume=stub_reports_only_our_resumes(qemu.major, qemu.minor),
             guest_arrival=arrival,
+            vcpus=len(self.facts.vcpus),
         )
 
     async def _serve_control(self) -> None:

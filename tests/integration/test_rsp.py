@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from qmp_sdei.conduit.gdbstub import stub_reports_only_our_resumes
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, ThreadId
+from qmp_sdei.errors import ConduitError
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from support.guests import connect_gdbstub, start_qemu_with_gdbstub
 from support.qemu import harness_client, qemu_release
@@ -67,6 +68,35 @@ async def test_handshake_threads_and_register_map(stub: RspClient) -> None:
     assert regs["cpsr"].regnum == 33 and regs["cpsr"].bitsize == 32
     for name in ("ELR_EL1", "SPSR_EL1", "ESR_EL1", "VBAR_EL1"):
         assert regs[name].regnum > 67, name  # after core (0-33) and fpu (34-67)
+
+
+@pytest.mark.parametrize("expected", [0, 1, 2, 5])
+async def test_the_thread_list_is_the_same_whatever_the_vcpu_count_guessed(stub: RspClient, expected: int) -> None:
+    """A guess sends that many ``qsThreadInfo`` at once: too few costs round trips, too many gets
+    ``l`` replies that are ignored; the list and the replies after it stay aligned."""
+    assert await stub.threads(expected) == [ThreadId(1, 1), ThreadId(1, 2)]
+    assert await stub.read_memory(RAM, 4) is not None  # the next reply is still this request's
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 8, 64])
+async def test_a_feature_document_reads_the_same_however_many_chunks_go_at_once(stub: RspClient, ahead: int) -> None:
+    one_by_one = await stub.read_xfer("features", "target.xml", ahead=1)
+    assert b"<target" in one_by_one
+    for href in ("aarch64-core.xml", "system-registers.xml"):
+        whole = await stub.read_xfer("features", href, ahead=1)
+        assert whole.rstrip().endswith(b">"), whole[-80:]
+        assert await stub.read_xfer("features", href, ahead=ahead) == whole
+    with pytest.raises(ConduitError, match="qXfer features/no-such.xml failed"):
+        await stub.read_xfer("features", "no-such.xml", ahead=ahead)
+
+
+async def test_memory_regions_in_one_write_say_which_could_not_be_read(stub: RspClient) -> None:
+    await load_loop(stub)
+    code = await stub.read_memory(RAM, 12)
+    beyond = 0x7_0000_0000  # far above the VM's RAM: the gdbstub answers with an error
+    found = await stub.read_memory_regions([(RAM, 4), (beyond, 16), (RAM + 4, 8)])
+    assert found == [code[:4], None, code[4:]]
+    assert await stub.read_memory_regions([]) == []
 
 
 async def test_breakpoint_pipelined_write_and_continue(stub: RspClient) -> None:

@@ -190,12 +190,18 @@ class El2Conduit(GdbstubConduit):
         """As the base class, after checking that the stub's trap and wake sites hold the ``nop``
         the breakpoints expect (a stub of another build would trap nowhere, silently)."""
         # A stub built before the doorbell has other code there: its calls stop at the breakpoints.
-        before_trap = int.from_bytes(await self.rsp.read_memory(self.layout.trap_site - 4, 4), "little")
-        before_wake = int.from_bytes(await self.rsp.read_memory(self.layout.wake_site - 4, 4), "little")
+        trap, wake = self.layout.trap_site, self.layout.wake_site
+        # One round trip for the four words (this is downtime on a migration destination).
+        regions = [(trap - 4, 4), (wake - 4, 4), (trap, 4), (wake, 4)]
+        words: list[int] = []
+        for (addr, _), data in zip(regions, await self.rsp.read_memory_regions(regions), strict=True):
+            if data is None:
+                raise ConduitError(f"cannot read the EL2 stub's code at {addr:#x}")
+            words.append(int.from_bytes(data, "little"))
+        before_trap, before_wake, at_trap, at_wake = words
         self._doorbell = before_trap == DOORBELL_STORE
         self._wake_doorbell = self._doorbell and before_wake == DOORBELL_STORE
-        for name, site in (("trap", self.layout.trap_site), ("wake", self.layout.wake_site)):
-            word = int.from_bytes(await self.rsp.read_memory(site, 4), "little")
+        for name, site, word in (("trap", trap, at_trap), ("wake", wake, at_wake)):
             if word != NOP:
                 raise ConduitError(
                     f"the EL2 stub's {name} site {site:#x} holds {word:#010x}, not a nop: the stub in guest "
@@ -509,6 +515,7 @@ async def attach_conduit(
     *,
     kernel: Path | None = None,
     timeout: float = 10.0,
+    vcpus: int = 0,
 ) -> GdbstubConduit:
     """Connect to the gdbstub and pick the conduit, started, with the VM stopped:
 
@@ -516,6 +523,8 @@ async def attach_conduit(
     * for a Linux ``kernel`` image, the symbol conduit that checks at run time that the kernel
       runs at its link addresses and its trap sites hold calls (:mod:`qmp_sdei.conduit.symbols`);
     * otherwise the plain symbol/ELF conduit on ``find_sites()``.
+
+    ``vcpus``: how many the VM has, when known (the thread list is then read in one round trip).
     """
     client = await RspClient.connect(host, port, timeout=timeout)
     try:
@@ -534,6 +543,7 @@ async def attach_conduit(
                 )
             else:
                 conduit = GdbstubConduit(client, dispatcher, sites, timeout=timeout)
+        conduit.expected_vcpus = vcpus
         await conduit.start()
     except BaseException:
         await client.close()

@@ -229,6 +229,8 @@ class GdbstubConduit:
         self._resume_when_served = False  # the gate opened while a stop was being served
         self._waiters: list[_Waiter] = []
         self._vector_bps: set[int] = set()
+        #: the VM's vCPU count when the caller knows it: start() reads the thread list in one go
+        self.expected_vcpus = 0
         self._deferred: set[int] = set()  # vCPUs waiting for their next EL1h kernel entry
         self._run_task: asyncio.Task[None] | None = None
         self._g_thread: ThreadId | None = None  # which thread g/G/p/m act on (QEMU's g_cpu)
@@ -272,7 +274,7 @@ class GdbstubConduit:
 
     async def start(self) -> None:
         """Learn the vCPUs and registers, and arm the trap breakpoints. The VM must be stopped."""
-        self.threads = await self.rsp.threads()
+        self.threads = await self.rsp.threads(self.expected_vcpus)
         if not self.threads:
             raise ConduitError("the gdbstub lists no vCPUs")
         self.registers = await self.rsp.read_register_map()

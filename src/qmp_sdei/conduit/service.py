@@ -59,6 +59,7 @@ async def serve_conduit(
     start_vm: bool = False,
     stops_need_our_resume: bool = True,
     guest_arrival: Callable[[], Awaitable[bool]] | None = None,
+    vcpus: int = 0,
 ) -> None:
     """Attach the conduit and serve until the VM exits or the task is cancelled.
 
@@ -67,6 +68,7 @@ async def serve_conduit(
         gdbstub must not be attached before) and says whether to run it. What needs no guest (the
         gdbstub's address, the trap sites in the ELF) is done before, as the time between the
         arrival and the guest running is downtime.
+    :param vcpus: the VM's vCPU count, if known (saves round trips while attaching).
     :param stops_need_our_resume: the stub reports a stop only after a resume of the debugger's
         (QEMU 8.1 and later; see :func:`~qmp_sdei.conduit.gdbstub.stub_reports_only_our_resumes`).
     """
@@ -88,10 +90,11 @@ async def serve_conduit(
             return await (early_sites if early_sites is not None else find_trap_sites(settings))
 
         # "debug" means a gdbstub stop: a sidecar before us died holding it. Ours to resume, unlike
-        # a VM its owner paused or started with -S.
-        was_running = await session.refresh_runstate() in ("running", "debug")
+        # a VM its owner paused or started with -S. An arrived guest runs as its source did (the
+        # query is skipped there: QEMU answers it late, right after the incoming migration).
+        was_running = guest_arrival is None and await session.refresh_runstate() in ("running", "debug")
         conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
-            host, port, owner, trap_sites, kernel=settings.kernel, timeout=30.0
+            host, port, owner, trap_sites, kernel=settings.kernel, timeout=30.0, vcpus=vcpus
         )
     finally:
         if early_sites is not None:
