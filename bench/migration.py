@@ -26,12 +26,14 @@
 * ``sidecar``: the whole sidecar, with the call-forever test guest (``tests/guests/forever``) and
   migrations started by a third party on QEMU's other monitor, as libvirt would:
 
-  - ``cost``: the same migration of an 8-vCPU VM (the guest at about 10 SDEI calls per second) with
-    a sidecar on each side and without any, interleaved, several repetitions. Both use the same
-    capabilities (``events``, ``pause-before-switchover``, ``return-path``; without a sidecar the
-    harness answers the pause itself), so the ratio is the sidecar's own cost: the dbus-vmstate
-    section (Save, Load) and its switchover decision. On loopback TCP the return path alone adds
-    about 40 ms of downtime to both.
+  - ``cost``: the same migration of an 8-vCPU VM (the guest at about 10 SDEI calls per second)
+    with QEMU's defaults and no sidecar (``plain``), with the sidecar's capabilities (``events``,
+    ``pause-before-switchover``, ``return-path``) and no sidecar (the harness answers the pause
+    itself), and with a sidecar on each side; each over QEMU's own TCP connection and over one the
+    harness connects with ``TCP_NODELAY`` (``_nodelay``: what ``qmp-sdei migrate`` does), all
+    interleaved. Each gives QEMU's ``downtime`` and the guest's own (source ``STOP`` to destination
+    ``RESUME``, from the events' timestamps). On QEMU's TCP connection the return path adds about
+    40 ms (``docs/migration.md``).
   - ``retries``: switchover attempts per completed migration with the guest at about 10, 100 and
     1000 SDEI calls per second. An attempt is cancelled when the VM sat at one of the conduit's
     breakpoints as QEMU began its switchover; each needs a new destination (QEMU 7.2's exits).
