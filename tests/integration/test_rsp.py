@@ -86,7 +86,7 @@ async def test_a_feature_document_reads_the_same_however_many_chunks_go_at_once(
         whole = await stub.read_xfer("features", href, ahead=1)
         assert whole.rstrip().endswith(b">"), whole[-80:]
         assert await stub.read_xfer("features", href, ahead=ahead) == whole
-    with pytest.raises(ConduitError, match="qXfer features/no-such.xml failed"):
+    with pytest.raises(ConduitError, match=r"qXfer features/no-such\.xml failed"):
         await stub.read_xfer("features", "no-such.xml", ahead=ahead)
 
 
