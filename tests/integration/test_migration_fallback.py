@@ -15,17 +15,12 @@ a pending event, a handler entered after the migration).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from integration.test_baremetal_guest import HOST_EVENTS, check_all_steps
 from integration.test_migration_failures import (  # noqa: F401 (forever_elf is a fixture)
     TIMEOUT,
     Vm,
@@ -39,16 +34,16 @@ from integration.test_migration_failures import (  # noqa: F401 (forever_elf is 
     migration_ready,
     vms,
 )
-from integration.test_sidecar_migration import request, sidecar_ready, source_keeps_serving, vm
+from integration.test_sidecar_migration import migrate_cli, migration_pair, request, source_keeps_serving
 from qmp_sdei.config import parse
 from qmp_sdei.control.local import socket_path
 from qmp_sdei.errors import ConfigError, MigrationError
 from qmp_sdei.qemu import migration as qmig
 from qmp_sdei.qemu.launch import QemuProcess
 from support.guests import config_doc as baremetal_config
-from support.guests import elf_symbols, free_port
+from support.guests import free_port
 from support.mosquitto import Mosquitto, requires_mosquitto, running_mosquitto
-from support.sidecar import RunningSidecar, to_toml
+from support.sidecar import RunningSidecar
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.asyncio]
 
@@ -127,73 +122,42 @@ async def test_the_bare_metal_guest_migrates_over_the_local_socket_and_finishes_
     tmp_path: Path, guest_elf: Path
 ) -> None:
     """``qmp-sdei migrate --peer unix:...``: the destination takes the state over its control socket."""
-    port = free_port()
-    tags = list(HOST_EVENTS)
-    async with (
-        vm(tmp_path / "src", guest_elf) as src,
-        vm(tmp_path / "dst", guest_elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
-    ):
-        src_state, dst_state = tmp_path / "src-state", tmp_path / "dst-state"
-        src_doc = with_fallback(baremetal_config(src, src_state, guest_elf, start_vm=True))
-        source = RunningSidecar(parse(src_doc))
-        destination = RunningSidecar(parse(with_fallback(baremetal_config(dst, dst_state, guest_elf, start_vm=True))))
+
+    def fallback(qemu: QemuProcess, state: Path) -> dict[str, Any]:
+        return with_fallback(baremetal_config(qemu, state, guest_elf, start_vm=True))
+
+    async with migration_pair(tmp_path, guest_elf, source_config=fallback, show_stderr=True) as pair:
+        src, src_state, dst_state = pair.src, pair.src_state, pair.dst_state
+        assert pair.destination is not None and pair.destination.sidecar.migration is not None
+        assert pair.destination.sidecar.migration.incoming
+        harness = await src.connect_harness(TIMEOUT, "fallback-harness")
         try:
-            await sidecar_ready(source)
-            await sidecar_ready(destination)
-            assert destination.sidecar.migration is not None and destination.sidecar.migration.incoming
-            harness = await src.connect_harness(TIMEOUT, "fallback-harness")
-            try:
-                # The fallback adds no dbus-vmstate object to QEMU.
-                assert await qmig.dbus_vmstate_objects(_Harness(harness)) == []
-            finally:
-                await harness.disconnect()
-
-            first = tags[0]
-            event, _ = HOST_EVENTS[first]
-            await src.wait_for_console(rf"WAIT {first} {event}\r?\n", TIMEOUT)
-            before = (await request(src_state, {"v": 1, "command": "status"}))["result"]
-            config_file = tmp_path / "src.toml"
-            config_file.write_text(to_toml(src_doc))
-            result = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "qmp_sdei", "migrate", "--config", str(config_file),
-                 "--uri", f"tcp:127.0.0.1:{port}", "--peer", f"unix:{socket_path(dst_state)}", "--json"],
-                capture_output=True, text=True, timeout=TIMEOUT * 2,
-            )  # fmt: skip
-            assert result.returncode == 0, (result.stdout, result.stderr)
-            report = json.loads(result.stdout)
-            assert report["outcome"] == "completed", report
-            await destination.conduit_attached()  # it arms once the guest has arrived
-
-            status = (await request(dst_state, {"v": 1, "command": "status"}))["result"]
-            assert status["migration"]["transport"] == "control"
-            assert status["migration"]["state_received"] is True
-            assert status["pins"] == {"sdei": "1.1", "sdei_vendor": 0, "psci": "1.0"}
-            # What the source kept is what it sent (the guest may have moved on since, there).
-            kept = (await request(src_state, {"v": 1, "command": "status"}))["result"]
-            assert status["registered"] == kept["registered"] == before["registered"]
-            assert [v["masked"] for v in status["vcpu_state"]] == [v["masked"] for v in kept["vcpu_state"]]
-            assert status["sdei"]["pending"] == kept["sdei"]["pending"]
-            src_status = (await request(src_state, {"v": 1, "command": "status"}))["result"]["migration"]
-            assert src_status["states_sent"] == 1 and src_status["migrations_out"] == 1, src_status
-            assert src_status["last_state_ms"] is not None
-
-            for tag in tags:
-                event, vcpu = HOST_EVENTS[tag]
-                if tag != first:
-                    await dst.wait_for_console(rf"WAIT {tag} {event}\r?\n", TIMEOUT)
-                reply = await request(dst_state, {"v": 1, "command": "raise", "event": event, "vcpu": vcpu})
-                assert reply["ok"], reply
-                assert reply["result"]["result"] == "delivered" or reply["result"].get("code") == "busy", reply
-            await dst.wait_for_console(r"DONE\r?\n", TIMEOUT)
-            check_all_steps(src.console + dst.console, elf_symbols(guest_elf))
-            assert "WAIT" not in src.console.split(f"WAIT {first}")[1], "the source ran on after the migration"
+            # The fallback adds no dbus-vmstate object to QEMU.
+            assert await qmig.dbus_vmstate_objects(_Harness(harness)) == []
         finally:
-            print("---- source stderr\n" + src.stderr[-2000:] + "\n---- destination stderr\n" + dst.stderr[-2000:])
-            for running in (source, destination):
-                if not running.task.done():
-                    with contextlib.suppress(Exception):
-                        await running.stop()
+            await harness.disconnect()
+
+        first = await pair.guest_waits_for_its_first_event()
+        before = (await request(src_state, {"v": 1, "command": "status"}))["result"]
+        code, report = await migrate_cli(tmp_path, pair, "--peer", f"unix:{socket_path(dst_state)}")
+        assert code == 0, report
+        assert report["outcome"] == "completed", report
+        await pair.destination.conduit_attached()  # it arms once the guest has arrived
+
+        status = (await request(dst_state, {"v": 1, "command": "status"}))["result"]
+        assert status["migration"]["transport"] == "control"
+        assert status["migration"]["state_received"] is True
+        assert status["pins"] == {"sdei": "1.1", "sdei_vendor": 0, "psci": "1.0"}
+        # What the source kept is what it sent (the guest may have moved on since, there).
+        kept = (await request(src_state, {"v": 1, "command": "status"}))["result"]
+        assert status["registered"] == kept["registered"] == before["registered"]
+        assert [v["masked"] for v in status["vcpu_state"]] == [v["masked"] for v in kept["vcpu_state"]]
+        assert status["sdei"]["pending"] == kept["sdei"]["pending"]
+        src_status = (await request(src_state, {"v": 1, "command": "status"}))["result"]["migration"]
+        assert src_status["states_sent"] == 1 and src_status["migrations_out"] == 1, src_status
+        assert src_status["last_state_ms"] is not None
+
+        await pair.guest_finishes_on_the_destination(first, guest_elf)
 
 
 class _Harness:
@@ -272,39 +236,28 @@ async def cancel_at_the_hand_over(
     """Migrate with ``peer(destination state dir)``; the switchover must be cancelled, the
     destination QEMU exit, and the source guest keep its state and finish its steps. Returns the
     migration report and the source's migration agent."""
-    port = free_port()
-    async with (
-        vm(tmp_path / "src", elf) as src,
-        vm(tmp_path / "dst", elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
-    ):
-        src_state, dst_state = tmp_path / "src-state", tmp_path / "dst-state"
-        source = RunningSidecar(parse(with_fallback(baremetal_config(src, src_state, elf, start_vm=True), **migration)))
-        sidecars = [source]
-        if destination is not None:
-            sidecars.append(RunningSidecar(parse(destination(dst, dst_state))))
-        try:
-            for running in sidecars:
-                await sidecar_ready(running)
-            first, (event, _) = next(iter(HOST_EVENTS.items()))
-            await src.wait_for_console(rf"WAIT {first} {event}\r?\n", TIMEOUT)
-            before = (await request(src_state, {"v": 1, "command": "status"}))["result"]
-            agent = source.sidecar.migration
-            assert agent is not None
-            report = (await agent.migrate(f"tcp:127.0.0.1:{port}", peer=peer(dst_state))).to_dict()
-            assert report["outcome"] == "cancelled", report
-            assert await dst.wait(TIMEOUT) != 0  # QEMU's destination exits on a cancelled stream
-            after = (await request(src_state, {"v": 1, "command": "status"}))["result"]
-            assert after["migration"]["last_outcome"] == "cancelled"
-            assert after["registered"] == before["registered"]
-            assert [v["masked"] for v in after["vcpu_state"]] == [v["masked"] for v in before["vcpu_state"]]
-            await source_keeps_serving(src, src_state, elf)
-            assert "abort" not in src.stderr.lower(), src.stderr
-            return report, agent
-        finally:
-            for running in sidecars:
-                if not running.task.done():
-                    with contextlib.suppress(Exception):
-                        await running.stop()
+
+    def source(qemu: QemuProcess, state: Path) -> dict[str, Any]:
+        return with_fallback(baremetal_config(qemu, state, elf, start_vm=True), **migration)
+
+    async with migration_pair(
+        tmp_path, elf, source_config=source, destination_config=destination, destination_sidecar=destination is not None
+    ) as pair:
+        src, src_state = pair.src, pair.src_state
+        await pair.guest_waits_for_its_first_event()
+        before = (await request(src_state, {"v": 1, "command": "status"}))["result"]
+        agent = pair.source.sidecar.migration
+        assert agent is not None
+        report = (await agent.migrate(pair.uri, peer=peer(pair.dst_state))).to_dict()
+        assert report["outcome"] == "cancelled", report
+        assert await pair.dst.wait(TIMEOUT) != 0  # QEMU's destination exits on a cancelled stream
+        after = (await request(src_state, {"v": 1, "command": "status"}))["result"]
+        assert after["migration"]["last_outcome"] == "cancelled"
+        assert after["registered"] == before["registered"]
+        assert [v["masked"] for v in after["vcpu_state"]] == [v["masked"] for v in before["vcpu_state"]]
+        await source_keeps_serving(src, src_state, elf)
+        assert "abort" not in src.stderr.lower(), src.stderr
+        return report, agent
 
 
 async def test_a_destination_that_refuses_the_state_makes_the_source_cancel(tmp_path: Path, guest_elf: Path) -> None:
