@@ -44,6 +44,7 @@
   "control"``), with the destination's local socket as the peer and, when ``mosquitto`` is
   installed, through a private broker (peer ``mqtt``). Besides the times, the source sidecar's own
   measure of the hand-over (snapshot, send, the destination's validation and adoption, the reply).
+  Over a connection the harness makes with ``TCP_NODELAY``, as ``qmp-sdei migrate`` does.
 
 Usage: python bench/migration.py [--repeats N] [--dbus-repeats N] [--sidecar-repeats N] [--migrations N]
        [--only dbus,migration,sidecar,fallback]
@@ -488,8 +489,9 @@ async def sidecar_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8) -> 
     return result
 
 
-async def fallback_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8) -> dict[str, Any]:
-    """Downtime without a sidecar, with the in-band path, and with the control transport."""
+async def fallback_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8, nodelay: bool = True) -> dict[str, Any]:
+    """Downtime without a sidecar, with the in-band path, and with the control transport; by
+    default over a connection with ``TCP_NODELAY``, as ``qmp-sdei migrate`` makes it."""
     cases: dict[str, dict[str, Any] | None] = {
         "without_sidecar": None,
         "dbus_vmstate": {"transport": "dbus-vmstate"},
@@ -505,12 +507,13 @@ async def fallback_cost(workdir: Path, elf: Path, repeats: int, smp: int = 8) ->
                 runs[name].append(
                     await migrate_with_retries(
                         workdir / f"fallback-{name}-{repetition}", elf, smp=smp, period_us=100_000,
-                        with_sidecar=table is not None, transport=table,
+                        with_sidecar=table is not None, transport=table, nodelay=nodelay,
                     )
                 )  # fmt: skip
-    result: dict[str, Any] = {"vcpus": smp, "guest_calls_per_s": 10, "repeats": repeats}
+    result: dict[str, Any] = {"vcpus": smp, "guest_calls_per_s": 10, "repeats": repeats, "nodelay": nodelay}
     for name, samples in runs.items():
-        keys = ["total_ms", "downtime_ms", "attempts"] + (["handover_ms"] if name.startswith("control") else [])
+        keys = ["total_ms", "downtime_ms", "guest_downtime_ms", "attempts"]
+        keys += ["handover_ms"] if name.startswith("control") else []
         result[name] = {key: spread([s[key] for s in samples if key in s]) for key in keys}
     base = result["without_sidecar"]["downtime_ms"]["median"]
     result["downtime_ratio"] = {
