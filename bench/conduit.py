@@ -455,17 +455,26 @@ async def bench_linux_el2(boots: dict[str, int], workdir: Path) -> dict[str, Any
     return result
 
 
-async def bench_linux_events(count: int, workdir: Path, conduit: str = "symbols") -> dict[str, Any]:
-    from support.linux_guest import (  # noqa: PLC0415 (test support, only for this section)
+async def linux_event_guest() -> Any:
+    """The Linux event test guest (built, or from the cache), or ``{"skipped": why}`` when this
+    machine cannot have it (no network for the kernel package, no cross compiler)."""
+    from support.linux_guest import (  # noqa: PLC0415 (test support, only for the Linux sections)
         LinuxGuestUnavailable,
-        booted_linux,
         prepare_linux_event_guest,
     )
 
     try:
-        guest = await asyncio.to_thread(prepare_linux_event_guest)
+        return await asyncio.to_thread(prepare_linux_event_guest)
     except LinuxGuestUnavailable as err:
         return {"skipped": str(err)}
+
+
+async def bench_linux_events(count: int, workdir: Path, conduit: str = "symbols") -> dict[str, Any]:
+    from support.linux_guest import booted_linux  # noqa: PLC0415 (test support, only for this section)
+
+    guest = await linux_event_guest()
+    if isinstance(guest, dict):
+        return guest
     result: dict[str, Any] = {
         "kernel": f"{guest.kernel.package} {guest.kernel.version}", "event": guest.event, "conduit": conduit,
     }  # fmt: skip
@@ -526,16 +535,11 @@ async def bench_doorbell_ab(count: int, reps: int, workdir: Path) -> dict[str, A
     and QEMU flushes its translation cache at each). Reports the medians over all events and QEMU's
     CPU time per event (user + system: less sensitive to a busy host than latencies).
     """
-    from support.linux_guest import (  # noqa: PLC0415 (test support, only for this section)
-        LinuxGuestUnavailable,
-        booted_linux,
-        prepare_linux_event_guest,
-    )
+    from support.linux_guest import booted_linux  # noqa: PLC0415 (test support, only for this section)
 
-    try:
-        guest = await asyncio.to_thread(prepare_linux_event_guest)
-    except LinuxGuestUnavailable as err:
-        return {"skipped": str(err)}
+    guest = await linux_event_guest()
+    if isinstance(guest, dict):
+        return guest
     original_start = El2Conduit.start
 
     async def start_without_doorbell(self: El2Conduit) -> None:

@@ -126,16 +126,14 @@ async def test_the_bare_metal_guest_migrates_over_the_local_socket_and_finishes_
     def fallback(qemu: QemuProcess, state: Path) -> dict[str, Any]:
         return with_fallback(baremetal_config(qemu, state, guest_elf, start_vm=True))
 
-    async with migration_pair(tmp_path, guest_elf, source_config=fallback, show_stderr=True) as pair:
-        src, src_state, dst_state = pair.src, pair.src_state, pair.dst_state
+    async with migration_pair(
+        tmp_path, guest_elf, source_config=fallback, harness="fallback-harness", show_stderr=True
+    ) as pair:
+        src_state, dst_state = pair.src_state, pair.dst_state
         assert pair.destination is not None and pair.destination.sidecar.migration is not None
         assert pair.destination.sidecar.migration.incoming
-        harness = await src.connect_harness(TIMEOUT, "fallback-harness")
-        try:
-            # The fallback adds no dbus-vmstate object to QEMU.
-            assert await qmig.dbus_vmstate_objects(_Harness(harness)) == []
-        finally:
-            await harness.disconnect()
+        # The fallback adds no dbus-vmstate object to QEMU.
+        assert await qmig.dbus_vmstate_objects(_Harness(pair.harness)) == []
 
         first = await pair.guest_waits_for_its_first_event()
         before = (await request(src_state, {"v": 1, "command": "status"}))["result"]

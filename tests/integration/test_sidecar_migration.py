@@ -73,6 +73,7 @@ class MigrationPair:
     source_doc: dict[str, Any]
     source: RunningSidecar
     destination: RunningSidecar | None
+    harness: Any = None  # a qemu.qmp client on the source's other monitor, if asked for
 
     async def guest_waits_for_its_first_event(self) -> str:
         """Wait until the source guest registered, unmasked and waits for its first host event
@@ -103,11 +104,17 @@ async def migration_pair(
     source_config: ConfigFor | None = None,
     destination_config: ConfigFor | None = None,
     destination_sidecar: bool = True,
+    harness: str | None = None,
     show_stderr: bool = False,
 ) -> AsyncIterator[MigrationPair]:
     """Two QEMUs and their sidecars (``config_doc`` unless given; the destination's config
     defaults to the source's recipe), all stopped afterwards; ``show_stderr`` prints both QEMUs'
-    stderr tails at the end, for a failure's report."""
+    stderr tails at the end, for a failure's report.
+
+    ``harness``: also connect a client of that name to the source's other monitor, before the
+    sidecars start: once the conduit runs the guest, QEMU sends STOP/RESUME events all the time,
+    and one that slips in ahead of the capabilities reply fails qemu.qmp's negotiation.
+    """
     port = free_port()
     source_config = source_config or (lambda qemu, state: config_doc(qemu, state, elf, start_vm=True))
     destination_config = destination_config or source_config
@@ -116,6 +123,7 @@ async def migration_pair(
         vm(tmp_path / "dst", elf, "-incoming", f"tcp:127.0.0.1:{port}") as dst,
     ):
         src_state, dst_state = tmp_path / "src-state", tmp_path / "dst-state"
+        client = await src.connect_harness(TIMEOUT, harness) if harness is not None else None
         source_doc = source_config(src, src_state)
         source = RunningSidecar(parse(source_doc))
         destination = RunningSidecar(parse(destination_config(dst, dst_state))) if destination_sidecar else None
@@ -124,8 +132,11 @@ async def migration_pair(
             for running in sidecars:
                 await sidecar_ready(running)
             uri = f"tcp:127.0.0.1:{port}"
-            yield MigrationPair(src, dst, uri, src_state, dst_state, source_doc, source, destination)
+            yield MigrationPair(src, dst, uri, src_state, dst_state, source_doc, source, destination, client)
         finally:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
             if show_stderr:
                 print("---- source stderr\n" + src.stderr[-2000:] + "\n---- destination stderr\n" + dst.stderr[-2000:])
             for running in sidecars:
@@ -222,42 +233,37 @@ async def kill_destination_and_check_the_source(tmp_path: Path, guest_elf: Path,
     """Migrate with ``qmp-sdei migrate`` and SIGKILL the destination QEMU at ``when`` (``active``:
     while RAM moves, slowed down to take seconds; ``pre-switchover``: inside the source sidecar's
     pause, before it decides). The source guest then finishes its step table with its SDEI state."""
-    async with migration_pair(tmp_path, guest_elf) as pair:
-        src, dst = pair.src, pair.dst
-        harness = await src.connect_harness(TIMEOUT, "kill-destination-harness")
-        try:
-            await pair.guest_waits_for_its_first_event()
-            killed = asyncio.get_running_loop().create_future()
+    async with migration_pair(tmp_path, guest_elf, harness="kill-destination-harness") as pair:
+        src, dst, harness = pair.src, pair.dst, pair.harness
+        await pair.guest_waits_for_its_first_event()
+        killed = asyncio.get_running_loop().create_future()
 
-            async def kill() -> None:
-                dst.kill()
-                await dst.wait(TIMEOUT)
-                if not killed.done():
-                    killed.set_result(None)
+        async def kill() -> None:
+            dst.kill()
+            await dst.wait(TIMEOUT)
+            if not killed.done():
+                killed.set_result(None)
 
-            if when == "active":
-                await harness.execute("migrate-set-parameters", {"max-bandwidth": 100_000})
+        if when == "active":
+            await harness.execute("migrate-set-parameters", {"max-bandwidth": 100_000})
 
-                async def on_event(status: str) -> None:
-                    if status == "active" and not killed.done():
-                        await kill()
+            async def on_event(status: str) -> None:
+                if status == "active" and not killed.done():
+                    await kill()
 
-                watcher = asyncio.create_task(follow_migration(harness, on_event))
-            else:
-                assert pair.source.sidecar.migration is not None
-                pair.source.sidecar.migration.before_switchover = kill
-                watcher = None
-            code, report = await migrate_cli(tmp_path, pair)
-            assert killed.done(), report
-            assert code == 1 and report["outcome"] == "failed", report
-            if watcher is not None:
-                watcher.cancel()
-            await source_keeps_serving(src, pair.src_state, guest_elf)
-            assert dst.process is not None and dst.process.returncode == -9
-            assert "abort" not in src.stderr.lower() and "fatal" not in src.stderr.lower(), src.stderr
-        finally:
-            with contextlib.suppress(Exception):
-                await harness.disconnect()
+            watcher = asyncio.create_task(follow_migration(harness, on_event))
+        else:
+            assert pair.source.sidecar.migration is not None
+            pair.source.sidecar.migration.before_switchover = kill
+            watcher = None
+        code, report = await migrate_cli(tmp_path, pair)
+        assert killed.done(), report
+        assert code == 1 and report["outcome"] == "failed", report
+        if watcher is not None:
+            watcher.cancel()
+        await source_keeps_serving(src, pair.src_state, guest_elf)
+        assert dst.process is not None and dst.process.returncode == -9
+        assert "abort" not in src.stderr.lower() and "fatal" not in src.stderr.lower(), src.stderr
 
 
 async def follow_migration(harness: Any, on_status: Callable[[str], Awaitable[None]]) -> None:
