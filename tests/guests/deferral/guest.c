@@ -57,6 +57,7 @@ static struct svc_seen svc_seen;
 static volatile uint32_t go;          /* raised by vCPU 1's handler: how far vCPU 0 may go */
 static volatile uint32_t cpu1_ready;
 static volatile uint64_t cpu1_handled;
+static volatile uint64_t cpu1_laps; /* vCPU 1's main loop, outside any handler */
 static volatile uint64_t resumed_marks; /* callee-saved marks survived the whole detour */
 
 __attribute__((noreturn)) void unexpected_exception(uint64_t vector, uint64_t esr, uint64_t elr)
@@ -207,8 +208,10 @@ void secondary_main(void)
     sdei_call(SDEI_PE_UNMASK, 0, 0, 0, 0, 0);
     __asm__ volatile("msr daifclr, #0xf" ::: "memory");
     cpu1_ready = 1;
-    for (;;)
+    for (;;) {
+        cpu1_laps++;
         cpu_relax(); /* EL1h: the host's events here are entered at once */
+    }
 }
 
 void main(void)
@@ -243,7 +246,12 @@ void main(void)
     report("el0", 0x400, before);
 
     /* No event pending any more: the vectors must not stop the VM. The two PSCI_VERSION calls
-     * are markers the host counts stops between. */
+     * are markers the host counts stops between. vCPU 1's releasing handler may not have made
+     * its COMPLETE yet (a vCPU that the stops of another keep interrupting hardly runs): wait
+     * until it loops in its main flow again, or its COMPLETE would be a stop between them. */
+    uint64_t laps = cpu1_laps;
+    while (cpu1_laps < laps + 2)
+        cpu_relax();
     uint64_t a = sdei_call(PSCI_VERSION, 0, 0, 0, 0, 0);
     before = svc_seen.count;
     run_el1t(quiet_el1t, __stack_top_el1t);
