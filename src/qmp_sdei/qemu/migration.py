@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from qmp_sdei.errors import MigrationError, QemuError
-from qmp_sdei.qemu.qmp import EventSubscription, QmpCommandError, QmpSession, VmEventKind
+from qmp_sdei.qemu.qmp import EventSubscription, QmpCommandError, QmpSession, VmEventKind, open_tcp_socket
 
 __all__ = [
     "DBUS_VMSTATE_TYPE",
@@ -39,12 +39,14 @@ __all__ = [
     "MigrationInfo",
     "add_dbus_vmstate",
     "completed_info",
+    "connect_nodelay",
     "dbus_vmstate_objects",
     "has_dbus_vmstate",
     "migrate",
     "migrate_cancel",
     "migrate_continue",
     "migrate_incoming",
+    "plain_tcp_target",
     "prepare_destination",
     "prepare_source",
     "query_migrate",
@@ -199,31 +201,25 @@ async def _needs_qemu_to_connect(session: QmpSession) -> str | None:
 
 
 async def connect_nodelay(host: str, port: int, timeout: float) -> socket.socket:
-    """A blocking TCP socket connected to the destination, with ``TCP_NODELAY``."""
-    loop = asyncio.get_running_loop()
-    problem = f"no address for {host}"
+    """A blocking TCP socket connected to the destination, with ``TCP_NODELAY``.
+
+    :raise MigrationError: no connection (refused, unresolvable, or not within ``timeout``).
+    """
     try:
         async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            for family, kind, proto, _, address in infos:
-                sock = socket.socket(family, kind, proto)
-                try:
-                    sock.setblocking(False)
-                    await loop.sock_connect(sock, address)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sock.setblocking(True)  # QEMU's migration thread writes it blocking
-                except OSError as err:
-                    sock.close()
-                    problem = str(err)
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
+            sock = await open_tcp_socket(host, port)
     except TimeoutError:
         problem = f"no connection within {timeout}s"
-    except OSError as err:  # getaddrinfo
+    except OSError as err:
         problem = str(err)
+    else:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(True)  # QEMU's migration thread writes it blocking
+        except BaseException:
+            sock.close()
+            raise
+        return sock
     raise MigrationError(f"cannot connect to the migration destination {host}:{port}: {problem}")
 
 

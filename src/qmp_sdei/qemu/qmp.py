@@ -73,6 +73,7 @@ __all__ = [
     "VmEventKind",
     "attach",
     "gdbstub_address",
+    "open_tcp_socket",
     "start_gdbstub",
 ]
 
@@ -555,27 +556,33 @@ def _unlink_socket(path: Path, identity: tuple[int, int] | None) -> None:
 _RETRYABLE: Final = frozenset({errno.ENOENT, errno.ECONNREFUSED})
 
 
+async def open_tcp_socket(host: str, port: int) -> socket.socket:
+    """One connection attempt to each address ``host`` resolves to, in order; the first that
+    connects, as a non-blocking socket. :raise OSError: the last attempt's error."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(errno.EADDRNOTAVAIL, f"no address for {host}")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as err:
+            sock.close()
+            last = err
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise last
+
+
 async def _open_transport(address: QmpAddress) -> socket.socket:
     """One connection attempt; returns a connected non-blocking socket or raises ``OSError``."""
-    loop = asyncio.get_running_loop()
     if isinstance(address, tuple):
-        host, port = address
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        last: OSError = OSError(errno.EADDRNOTAVAIL, f"no address for {host}")
-        for family, kind, proto, _, sockaddr in infos:
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, sockaddr)
-            except OSError as err:
-                sock.close()
-                last = err
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        raise last
+        return await open_tcp_socket(*address)
+    loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
