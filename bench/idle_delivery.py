@@ -52,7 +52,7 @@ async def measure(*, events: int, gap: float, smp: int, cpu: str) -> dict[str, A
                 entered.append(d.entered_ns)
                 resumed.append(d.resumed_ns)
             stats = linux.sidecar.conduit.stats
-            idle = {"idle_kicks": getattr(stats, "idle_kicks", 0), "idle_wakes": getattr(stats, "idle_wakes", 0)}
+            idle = {name: getattr(stats, name, 0) for name in ("idle_kicks", "idle_wakes", "idle_gic_wakes")}
             deferred = stats.deferred_deliveries
     return {
         "bench": "idle_delivery",

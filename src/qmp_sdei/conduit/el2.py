@@ -34,6 +34,7 @@ from qmp_sdei.abi import psci, sdei
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id, to_u64
 from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit, SdeiPort
+from qmp_sdei.conduit.gicwake import PENDING_CLEAR, PENDING_SET, VTIMER_BIT, find_redistributors
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
 from qmp_sdei.conduit.symbols import NOP, KernelCheckedConduit
 from qmp_sdei.conduit.traps import linux_trap_sites, load_kallsyms
@@ -47,9 +48,12 @@ from qmp_sdei.stub import (
     A_RESUME_FLAGS,
     A_TRAP_ELR2,
     A_TRAP_ESR2,
+    A_UNPEND,
     CTX_REGS,
     DOORBELL_STORE,
     HEADER_SIZE,
+    KICK_ENTER,
+    KICK_STOP,
     MAGIC,
     RESUME_EL1,
     RESUME_EL2,
@@ -63,6 +67,13 @@ SDEI_PROBE_GRACE = 60.0  # seconds after the guest's first PSCI call by which an
 STUB_RETRY = 0.002  # seconds; a vCPU stopped inside the stub's resume path leaves it in a few instructions
 KICK_GRACE = 0.05  # seconds; a kicked vCPU wakes within the stub's poll period (1 ms guest time)
 WFI = 0xD503207F
+# A stub that leaves its idle loop for a kick before it looks for the guest's interrupts, and
+# takes KICK_ENTER straight to stub_resume, has these in its idle loop, the kick's load first.
+LOAD_KICK = 0xF9402A50  # ldr x16, [x18, #A_KICK]
+MRS_ISR = 0xD538C110  # mrs x16, isr_el1
+CMP_KICK_ENTER = 0xF1000A1F  # cmp x16, #KICK_ENTER
+_STUB_SCRATCH = struct.Struct("<4Q")  # x16..x19 as the idle loop keeps them on its stack
+_IDLE_HEAD = A_KICK + 8  # a per-CPU area up to its kick: resume request, trap record, kick
 NO_HALT_REGISTER = 17  # the idle loop keeps the no-halt flag it read in x17 until its wfi/wfe
 PSTATE_EL_MASK = 0xC
 PSTATE_EL2 = 0x8
@@ -112,6 +123,8 @@ class El2Stats(ConduitStats):
 
     idle_kicks: int = 0  # deliveries to a vCPU idling in the stub: kick flag written
     idle_wakes: int = 0  # stops at the wake site
+    idle_gic_wakes: int = 0  # kicks sent with a wake-up through the vCPU's redistributor
+    idle_entries: int = 0  # handlers entered from the stop that found their vCPU halted in the stub
     doorbell_stops: int = 0  # calls stopped by the doorbell watchpoint (no translation-cache flush)
 
 
@@ -145,6 +158,16 @@ class El2Conduit(GdbstubConduit):
         self._probe_reported = False
         self._halted_at_switchover: list[int] = []
         self._after_wfi = -1  # the address after the idle loop's wfi: a vCPU halted there shows it
+        # With a stub that takes a kick before a pending interrupt and knows KICK_ENTER (start()
+        # checks), a vCPU halted in the idle loop gets its handler from the stop that finds it, and
+        # kicks wake it through its GIC redistributor (gicwake.py). Public so that a benchmark can
+        # compare with the older way (kick, wait for the poll, stop at the wake site).
+        self.enter_from_idle = True
+        self._kick_enters = False
+        self._redistributors: dict[int, int] | None = None  # vCPU -> frame; None: not looked up yet
+        # vCPU -> (its area's first _IDLE_HEAD bytes, the stub's x16..x19 atop its stack), read this
+        # stop with its registers because an event waits for it
+        self._idle_views: dict[int, tuple[bytes, bytes]] = {}
 
     def _watch_for_sdei_probe(self) -> None:
         """The guest's firmware interface is up (a PSCI call came): if no SDEI call follows within
@@ -218,6 +241,14 @@ class El2Conduit(GdbstubConduit):
         if WFI not in words:
             raise ConduitError("the EL2 stub's idle loop holds no wfi: the stub in guest memory is not the one built")
         self._after_wfi = self.layout.idle.start + 4 * words.index(WFI) + 4
+        # A stub built before would go back to the guest for our wake-up interrupt and stop at
+        # the wake site for any kick: for it, kicks wait for the poll.
+        self._kick_enters = (
+            CMP_KICK_ENTER in words
+            and LOAD_KICK in words
+            and MRS_ISR in words
+            and words.index(LOAD_KICK) < words.index(MRS_ISR)
+        )
 
     async def _write_every_area(self, fields: tuple[int, ...], value: bytes, what: str) -> None:
         """Write ``value`` at each of ``fields`` in every per-CPU area the stub has, in one pipelined
@@ -361,13 +392,35 @@ class El2Conduit(GdbstubConduit):
     async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
         vcpu = thread.vcpu
         area = self._areas.get(vcpu)
+        if area is not None and vcpu in self.dispatcher.deliverable():
+            return await self._read_with_idle_view(thread, area, select=False)
         if area is None or vcpu in self._context_clear:
             return await super()._read_stopped(thread)
         # A handler runs on this vCPU, so its next call is most likely its COMPLETE, which needs
         # the return state the stub recorded at the trap: read it in the same round trip.
-        core, record = await self.rsp.read_core_and_memory(area + A_TRAP_ELR2, _PAIR.size)
+        core, (record,) = await self.rsp.read_core_and_memory((area + A_TRAP_ELR2, _PAIR.size))
         if self._area(core) == area:  # stopped in the stub (else the record is an older trap's)
             self._recorded[vcpu] = _PAIR.unpack(record)
+        return core
+
+    async def _read_for_delivery(self, thread: ThreadId) -> CoreRegs:
+        area = self._areas.get(thread.vcpu)
+        if area is None:
+            return await super()._read_for_delivery(thread)
+        return await self._read_with_idle_view(thread, area, select=self._g_thread != thread)
+
+    async def _read_with_idle_view(self, thread: ThreadId, area: int, *, select: bool) -> CoreRegs:
+        """The registers of a vCPU about to take an event, with what :meth:`_enter_from_idle`
+        needs should it be halted in the idle loop (its area's head and the stub's saved
+        registers at the top of its stack), in the same round trip."""
+        top = area + self.layout.percpu_size
+        core, (head, stack) = await self.rsp.read_core_and_memory(
+            (area, _IDLE_HEAD), (top - _STUB_SCRATCH.size, _STUB_SCRATCH.size), thread=thread if select else None
+        )
+        self._g_thread = thread
+        if self._area(core) == area:  # in the stub: the record is this stop's (see _read_stopped)
+            self._idle_views[thread.vcpu] = (head, stack)
+            self._recorded[thread.vcpu] = _PAIR.unpack(head[A_TRAP_ELR2 : A_TRAP_ELR2 + _PAIR.size])
         return core
 
     async def _set_return(
@@ -386,10 +439,12 @@ class El2Conduit(GdbstubConduit):
             self.stats.doorbell_stops += 1
         self._next_return.clear()
         self._recorded.clear()
+        self._idle_views.clear()
         try:
             await super()._handle_stop(stop, ours=ours)
         finally:
             self._next_return.clear()
+            self._idle_views.clear()
 
     async def _trap(self, thread: ThreadId, core: CoreRegs) -> ThreadId | None:
         if core.pc == self.layout.unexpected:
@@ -457,10 +512,89 @@ class El2Conduit(GdbstubConduit):
             self._context_clear.discard(vcpu)
         return True
 
+    async def _wake_through_gic(self, vcpu: int, area: int) -> None:
+        """With a kick, make the vCPU's timer interrupt pending in its redistributor: a halted vCPU
+        then wakes as soon as the VM runs, instead of at the stub's next poll (up to 1 ms later).
+        The stub takes the interrupt back (A_UNPEND) when it leaves the idle loop, before the
+        guest runs. Sent with the kick (no round trip of its own; the first time, two to find the
+        frames)."""
+        if not (self.enter_from_idle and self._kick_enters):
+            return
+        if self._redistributors is None:
+            self._redistributors = await find_redistributors(self.rsp, len(self.threads))
+            log.info(
+                "idle vCPUs wake through their GIC redistributors (%d found)"
+                if self._redistributors
+                else "no GICv3/v4 redistributors at -M virt's address: idle vCPUs wake at the stub's poll",
+                len(self._redistributors),
+            )
+        frame = self._redistributors.get(vcpu)
+        if frame is not None:
+            self._memory_writes.append((area + A_UNPEND, (frame + PENDING_CLEAR).to_bytes(8, "little")))
+            self._memory_writes.append((frame + PENDING_SET, VTIMER_BIT))
+            self.stats.idle_gic_wakes += 1
+
+    async def _enter_from_idle(self, vcpu: int, core: CoreRegs) -> bool | None:
+        """Enter the handlers deliverable on a vCPU halted in the stub's idle loop (right after its
+        ``wfi``) from this stop, instead of kicking it to the wake site and entering them at that
+        second stop.
+
+        The guest's x16..x19 are on the stub's stack, its return state is the area's trap record.
+        The handler's entry goes into the area as a resume request and the kick is KICK_ENTER:
+        when the vCPU wakes (at once, through its redistributor, or at the stub's poll), the stub
+        puts the guest's timer back, pops those registers and goes through ``stub_resume`` into
+        the handler. x0..x15 are written in place; the stub never touches them on that path.
+        """
+        area = self._area(core)
+        view = self._idle_views.get(vcpu)
+        if view is not None and core.sp == area + self.layout.percpu_size - _STUB_SCRATCH.size:
+            head, stack = view
+        else:  # not read with its registers (its area was not known yet): one more round trip
+            read = await self.rsp.read_memory_regions([(area, _IDLE_HEAD), (core.sp, _STUB_SCRATCH.size)])
+            if read[0] is None or read[1] is None:
+                raise ConduitError(f"cannot read vCPU {vcpu}'s stack or per-CPU area in the EL2 stub at {area:#x}")
+            head, stack = read[0], read[1]
+        resume_flags = head[A_RESUME_FLAGS : A_RESUME_FLAGS + 8]
+        kick = head[A_KICK : A_KICK + 8]
+        record = head[A_TRAP_ELR2 : A_TRAP_ELR2 + _PAIR.size]
+        if any(resume_flags) or any(kick):
+            # An earlier stop's entry or kick still waits for this vCPU to wake: what it enters
+            # must run first. The vCPU wakes within a poll period: stop it again then.
+            asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
+            return None
+        guest = list(core.x)
+        guest[16:20] = _STUB_SCRATCH.unpack(stack)
+        pc, pstate = _PAIR.unpack(record)
+        regs = VcpuRegs(guest, pc, pstate)
+        self._areas[vcpu] = area
+        self._kicked.discard(vcpu)
+        entered = False
+        while self._deliver_one(vcpu, regs):
+            entered = True
+            self.stats.deliveries += 1
+            if vcpu not in self.dispatcher.deliverable():
+                break
+        if not entered:
+            return False
+        handler = [to_u64(v) for v in regs.x]
+        core.x[:16] = handler[:16]  # x16..x19 stay the stub's (x18: the area); it pops the guest's
+        if handler[16:20] != guest[16:20]:  # the entry changed x16/x17 (a profile zeroing them)
+            self._memory_writes.append((core.sp, _STUB_SCRATCH.pack(*handler[16:20])))
+        entry = _RESUME_BLOCK.pack(RESUME_EL2, to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF, 0, 0)
+        self._memory_writes.append((area + A_RESUME_FLAGS, entry))
+        self._memory_writes.append((area + A_KICK, KICK_ENTER.to_bytes(8, "little")))
+        self._next_return[vcpu] = (regs.pc, regs.pstate)
+        await self._wake_through_gic(vcpu, area)
+        self.stats.idle_entries += 1
+        log.debug("vCPU %d halted in the stub: handler entered from this stop", vcpu)
+        return True
+
     async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
         if core.cpsr & PSTATE_EL_MASK != PSTATE_EL2:
             return await super()._enter_handlers(vcpu, core)
         if core.pc in self.layout.idle:
+            if core.pc == self._after_wfi and self.enter_from_idle and self._kick_enters:
+                return await self._enter_from_idle(vcpu, core)
             if vcpu in self._kicked:
                 log.debug(
                     "vCPU %d still idle at %#x after its kick: falling back to the vector breakpoints", vcpu, core.pc
@@ -470,9 +604,10 @@ class El2Conduit(GdbstubConduit):
             # period, where the handler is entered. No vector breakpoints meanwhile (16 round
             # trips); if no wake-site stop comes in KICK_GRACE, a fresh stop tries again.
             # Goes out with the stop's write-back and resume (one write, no round trip of its own).
-            self._memory_writes.append((self._area(core) + A_KICK, (1).to_bytes(8, "little")))
+            self._memory_writes.append((self._area(core) + A_KICK, KICK_STOP.to_bytes(8, "little")))
             self.stats.idle_kicks += 1
             log.debug("vCPU %d idles in the stub: kicked", vcpu)
+            await self._wake_through_gic(vcpu, self._area(core))
             self._kicked.add(vcpu)
             asyncio.get_running_loop().call_later(KICK_GRACE, self._check_kicked, vcpu)
             return False

@@ -557,12 +557,7 @@ class GdbstubConduit:
             thread = self.threads[vcpu]
             core = self._dirty.get(vcpu) or known.get(vcpu)
             if core is None:
-                if self._g_thread == thread:
-                    core = await self.rsp.read_core()
-                else:
-                    core = await self.rsp.read_core_of(thread)  # Hg + g, one round trip
-                    self._g_thread = thread
-                known[vcpu] = core
+                core = known[vcpu] = await self._read_for_delivery(thread)
             entered = await self._enter_handlers(vcpu, core)
             if entered is None:
                 if vcpu not in self._deferred:
@@ -577,6 +572,14 @@ class GdbstubConduit:
         still = set(self.dispatcher.deliverable())
         self._deferred &= still
         return delivered
+
+    async def _read_for_delivery(self, thread: ThreadId) -> CoreRegs:
+        """The registers of a vCPU that may take an event, not yet read this stop (a subclass may
+        read more in the same round trip)."""
+        if self._g_thread == thread:
+            return await self.rsp.read_core()
+        self._g_thread = thread
+        return await self.rsp.read_core_of(thread)  # Hg + g, one round trip
 
     async def _enter_handlers(self, vcpu: int, core: CoreRegs) -> bool | None:
         """Enter every handler deliverable on a stopped ``vcpu``, rewriting ``core``.

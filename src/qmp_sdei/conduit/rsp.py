@@ -683,11 +683,21 @@ class RspClient:
         _check_ok(await self.reply(select, f"Hg{thread}"), f"Hg{thread}")
         return CoreRegs.unpack(_hex_bytes(await self.reply(read, "'g'"), "'g' reply"))
 
-    async def read_core_and_memory(self, addr: int, length: int) -> tuple[CoreRegs, bytes]:
-        """``g`` and ``m`` in one write: the registers and a piece of memory in one round trip."""
-        read, fetch = self.send("g", f"m{addr:x},{length:x}")
-        core = CoreRegs.unpack(_hex_bytes(await self.reply(read, "'g'"), "'g' reply"))
-        return core, self._memory_reply(await self.reply(fetch, f"'m{addr:x}'"), addr, length)
+    async def read_core_and_memory(
+        self, *regions: tuple[int, int], thread: ThreadId | None = None
+    ) -> tuple[CoreRegs, list[bytes]]:
+        """``g`` and an ``m`` per region (``(address, length)``) in one write, preceded by
+        ``Hg<thread>`` when given: a vCPU's registers and pieces of memory in one round trip."""
+        packets = ([f"Hg{thread}"] if thread is not None else []) + ["g"] + [f"m{a:x},{n:x}" for a, n in regions]
+        futures = self.send(*packets)
+        if thread is not None:
+            _check_ok(await self.reply(futures.pop(0), f"Hg{thread}"), f"Hg{thread}")
+        core = CoreRegs.unpack(_hex_bytes(await self.reply(futures[0], "'g'"), "'g' reply"))
+        memory = [
+            self._memory_reply(await self.reply(fut, f"'m{addr:x}'"), addr, length)
+            for (addr, length), fut in zip(regions, futures[1:], strict=True)
+        ]
+        return core, memory
 
     @staticmethod
     def core_packet(regs: CoreRegs) -> bytes:

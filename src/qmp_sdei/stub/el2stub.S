@@ -35,7 +35,8 @@
 	.equ	A_TRAP_ESR2, 0x40
 	.equ	A_TRAP_COUNT, 0x48
 	/* per-CPU area: idle (trapped WFI) */
-	.equ	A_KICK, 0x50			/* the sidecar sets it to have an idle vCPU stop at stub_wake_site */
+	.equ	A_KICK, 0x50			/* the sidecar sets it: an idle vCPU leaves the idle loop (below) */
+	.equ	KICK_ENTER, 2			/* ... straight to stub_resume: the sidecar already entered a handler */
 	.equ	A_IDLE_CTL, 0x58		/* the guest's virtual timer while the stub borrows it */
 	.equ	A_IDLE_CVAL, 0x60
 	.equ	A_NO_HALT, 0x68			/* the sidecar sets it while a migration runs: idle without halting */
@@ -49,6 +50,10 @@
 	.equ	A_CTX_X, 0x88			/* 18 x 8 bytes */
 	.equ	A_CTX_ANSWERED, 0x118		/* how many EVENT_CONTEXT calls the stub answered */
 	.equ	CTX_REGS, 18
+	/* per-CPU area: the GIC redistributor register (GICR_ICPENDR0) through which the stub takes
+	 * back the sidecar's wake-up interrupt (the virtual timer's PPI) when a kick ends its idle */
+	.equ	A_UNPEND, 0x120
+	.equ	VTIMER_PPI_BIT, (1 << 27)
 	/* per-CPU area: the doorbell, deep in the stack's part, which the stub never uses more than
 	 * 48 bytes of. Every trapped call stores to it right before stub_trap_site, with the guest's
 	 * registers already back: the sidecar keeps a gdbstub write watchpoint on it. A watchpoint
@@ -128,6 +133,7 @@ el2_setup:
 	str	xzr, [x19, #A_RESUME_FLAGS]	/* RAM survives a guest reset: nothing stale */
 	str	xzr, [x19, #A_KICK]
 	str	xzr, [x19, #A_CTX_VALID]
+	str	xzr, [x19, #A_UNPEND]
 	add	x0, x19, #PERCPU_SIZE
 	mov	sp, x0
 	adr	x0, el2_vectors
@@ -385,9 +391,13 @@ event_context:
  * A trapped WFI/WFE (HCR_EL2.TWI). WFE returns at once. WFI idles here instead of in the guest:
  * the stub borrows the guest's virtual timer (the one interrupt Linux keeps enabled) to wake at
  * least every idle_poll_us, puts the guest's timer back, and returns to the guest when an
- * interrupt is pending for it. When the sidecar has set the area's kick flag it stops at
- * stub_wake_site first, where it can enter an event handler: an idle vCPU gets an event within
- * about one poll period, where a halted vCPU would wait for its next interrupt.
+ * interrupt is pending for it. When the sidecar has set the area's kick flag it leaves instead:
+ * kick 1 stops at stub_wake_site, where the sidecar can enter an event handler; kick 2
+ * (KICK_ENTER) goes straight to stub_resume, where the sidecar left a handler entry when it found
+ * the vCPU halted here. Either way an idle vCPU gets an event within about one poll period, where
+ * a halted vCPU would wait for its next interrupt, and at once when the sidecar also wakes it
+ * through the interrupt controller (it makes the virtual timer's interrupt pending, and leaves in
+ * A_UNPEND where the stub takes that back before the guest runs).
  * While a migration runs the sidecar sets A_NO_HALT and the loop polls with wfe, which QEMU's TCG
  * treats as a yield: no vCPU is halted when the guest switches over. QEMU (7.2 and 10) recomputes
  * the virtual timer while it loads a vCPU's registers, before it loads the interrupt controller,
@@ -438,13 +448,24 @@ stub_idle:
 	ldr	x16, [x18, #A_IDLE_CTL]
 	msr	cntv_ctl_el0, x16
 	isb
+	/* The kick first: the sidecar may wake a kicked vCPU with an interrupt of its own (it makes
+	 * the guest's virtual timer interrupt pending), which must not send it back to the guest. */
+	ldr	x16, [x18, #A_KICK]
+	cbnz	x16, 6f
 	mrs	x16, isr_el1
 	cbnz	x16, 3f				/* an interrupt for the guest: go back to it */
-	ldr	x16, [x18, #A_KICK]
-	cbz	x16, stub_idle
-	str	xzr, [x18, #A_KICK]
+	b	stub_idle
+6:	str	xzr, [x18, #A_KICK]
+	ldr	x17, [x18, #A_UNPEND]		/* the sidecar's wake-up interrupt: not for the guest */
+	cbz	x17, 7f
+	str	xzr, [x18, #A_UNPEND]
+	mov	w19, #VTIMER_PPI_BIT
+	str	w19, [x17]
+	dsb	sy
+7:	cmp	x16, #KICK_ENTER		/* the flags survive the loads below */
 	ldp	x16, x17, [sp], #16
 	ldp	x18, x19, [sp], #16
+	b.eq	stub_resume			/* a handler entry is waiting in the area: no stop */
 	stur	xzr, [sp, #(A_DOORBELL - PERCPU_SIZE)]	/* the doorbell again: the watchpoint stops here */
 	.global	stub_wake_site
 stub_wake_site:
