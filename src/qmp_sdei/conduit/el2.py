@@ -163,6 +163,7 @@ class El2Conduit(GdbstubConduit):
         # kicks wake it through its GIC redistributor (gicwake.py). Public so that a benchmark can
         # compare with the older way (kick, wait for the poll, stop at the wake site).
         self.enter_from_idle = True
+        self.wake_through_gic = True
         self._kick_enters = False
         self._redistributors: dict[int, int] | None = None  # vCPU -> frame; None: not looked up yet
         # vCPU -> (its area's first _IDLE_HEAD bytes, the stub's x16..x19 atop its stack), read this
@@ -518,7 +519,7 @@ class El2Conduit(GdbstubConduit):
         The stub takes the interrupt back (A_UNPEND) when it leaves the idle loop, before the
         guest runs. Sent with the kick (no round trip of its own; the first time, two to find the
         frames)."""
-        if not (self.enter_from_idle and self._kick_enters):
+        if not (self.wake_through_gic and self._kick_enters):
             return
         if self._redistributors is None:
             self._redistributors = await find_redistributors(self.rsp, len(self.threads))
