@@ -26,6 +26,7 @@ from integration.test_baremetal_guest import HOST_EVENTS, check_all_steps
 from qmp_sdei.config import parse
 from qmp_sdei.control.local import LocalControlClient, socket_path
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
+from qmp_sdei.statefile import StateStore
 from support.guests import config_doc, elf_symbols, free_port
 from support.sidecar import RunningSidecar, to_toml, until
 
@@ -175,6 +176,10 @@ async def test_guest_migrates_with_its_sdei_state_and_finishes_on_the_destinatio
         assert source_status["vm"]["runstate"] in ("postmigrate", "finish-migrate", "debug", "paused"), source_status[
             "vm"
         ]
+        # status.json, what `qmp-sdei status` reads, follows: written shortly after the migration's
+        # events rather than inside its downtime.
+        await asyncio.wait_for(pair.source.sidecar.status_settled(), TIMEOUT)
+        assert StateStore(src_state).read_status()["migration"]["migrations_out"] == 1
 
 
 async def migrate_cli(tmp_path: Path, pair: MigrationPair, *options: str) -> tuple[int, dict[str, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qmp_sdei import statefile
-from qmp_sdei.errors import IncompatibleState
+from qmp_sdei.errors import IncompatibleState, StateDirError
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
 from qmp_sdei.versions import VersionPins
@@ -45,6 +45,41 @@ def test_first_record_writes_state_json_then_appends(tmp_path: Path) -> None:
         store.record(state(n))
     assert (tmp_path / "state.json").read_bytes() == full  # no rename per change
     assert name_in(tmp_path) == "vm3"  # the journal's last record wins
+
+
+def test_an_opened_journal_takes_the_first_record_without_writing_state_json(tmp_path: Path) -> None:
+    earlier = StateStore(tmp_path)
+    earlier.record(state(0))  # state.json
+    earlier.record(state(1))  # journal
+    assert earlier._journal_fd is not None
+    os.close(earlier._journal_fd)  # a sidecar that died without release()
+    full = (tmp_path / "state.json").read_bytes()
+    store = StateStore(tmp_path)
+    store.open_journal()
+    store.record(state(2))
+    assert (tmp_path / "state.json").read_bytes() == full  # an append, not a full write
+    assert name_in(tmp_path) == "vm2"  # after the record already there, and it wins
+    store.release()
+    assert json.loads((tmp_path / "state.json").read_text())["vm"]["name"] == "vm2"
+
+
+def test_opening_the_journal_cuts_a_torn_record_that_would_hide_the_next(tmp_path: Path) -> None:
+    earlier = StateStore(tmp_path)
+    for n in range(3):
+        earlier.record(state(n))
+    journal = tmp_path / "state.journal"
+    journal.write_bytes(journal.read_bytes() + b"QSJ1\x40\0\0\0torn")  # a crash in the middle of a write
+    store = StateStore(tmp_path)
+    store.open_journal()
+    store.record(state(3))
+    assert name_in(tmp_path) == "vm3"  # without the cut, reading would stop at the torn bytes: vm2
+
+
+def test_a_journal_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state.journal").mkdir()
+    store = StateStore(tmp_path)
+    with pytest.raises(StateDirError, match=r"state\.journal: cannot open the journal"):
+        store.open_journal()
 
 
 def test_release_leaves_a_complete_state_json(tmp_path: Path) -> None:
