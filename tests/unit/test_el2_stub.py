@@ -147,3 +147,23 @@ def test_acpi_app_is_a_relocatable_efi_application() -> None:
     assert not characteristics & 1, "relocations-stripped flag set: edk2 would only load it at address 0"
     subsystem = int.from_bytes(data[pe + 24 + 68 : pe + 24 + 70], "little")
     assert subsystem == 10  # EFI application
+
+
+def test_the_idle_loop_takes_a_kick_first_and_knows_kick_enter() -> None:
+    """What the conduit looks for (start()) before it enters handlers from an idle stop and wakes
+    vCPUs through the GIC: the kick's load before the interrupt check, and the KICK_ENTER compare."""
+    from qmp_sdei.conduit.el2 import CMP_KICK_ENTER, LOAD_KICK, MRS_ISR  # noqa: PLC0415
+
+    image = _image()
+    layout = StubLayout.parse(STUB_BASE, _loaded(image, STUB_BASE, stub.HEADER_SIZE))
+    code = _loaded(image, layout.idle.start, len(layout.idle))
+    words = [int.from_bytes(code[i : i + 4], "little") for i in range(0, len(code), 4)]
+    assert words.index(LOAD_KICK) < words.index(MRS_ISR)
+    assert CMP_KICK_ENTER in words
+
+
+def test_area_fields_match_the_source() -> None:
+    source = (STUB_DIR / "el2stub.S").read_text()
+    for name in ("A_KICK", "A_UNPEND", "A_RESUME_FLAGS", "A_TRAP_ELR2", "A_CTX_VALID", "A_DOORBELL"):
+        assert f".equ\t{name}, {getattr(stub, name):#x}" in source, name
+    assert f".equ\tKICK_ENTER, {stub.KICK_ENTER}" in source

@@ -201,14 +201,25 @@ class El2Conduit(GdbstubConduit):
 
     def _retry_delivery(self, vcpu: int) -> None:
         """STUB_RETRY after finding ``vcpu`` inside the stub: stop the VM again if it still waits."""
-        if vcpu in self.dispatcher.deliverable() and self._running:
-            self._interrupt()
+        if vcpu in self.dispatcher.deliverable():
+            self._stop_again(vcpu, self._retry_delivery)
 
     def _check_kicked(self, vcpu: int) -> None:
         """KICK_GRACE after a kick: if that vCPU still waits, stop the VM so delivery is retried."""
-        if vcpu in self._kicked and vcpu in self.dispatcher.deliverable() and self._running:
+        if vcpu in self._kicked and vcpu in self.dispatcher.deliverable():
             log.debug("vCPU %d did not wake within %.3fs of its kick: stopping the VM again", vcpu, KICK_GRACE)
+            self._stop_again(vcpu, self._check_kicked)
+
+    def _stop_again(self, vcpu: int, retry: Callable[[int], None]) -> None:
+        """Interrupt the VM for a delivery that waits. When a stop is being served instead, look
+        again after it (``retry`` in STUB_RETRY): that stop may be past its delivery pass, and a
+        retry dropped here left the event undelivered for good when the guest took no exception
+        (the vector breakpoints it then waits at never fire). A VM its owner holds is left alone:
+        delivery follows its resume."""
+        if self._running:
             self._interrupt()
+        elif self._in_stop:
+            asyncio.get_running_loop().call_later(STUB_RETRY, retry, vcpu)
 
     async def start(self) -> None:
         """As the base class, after checking that the stub's trap and wake sites hold the ``nop``

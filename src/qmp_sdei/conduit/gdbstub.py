@@ -620,10 +620,12 @@ class GdbstubConduit:
                 else:
                     log.warning("vCPU %d has no VBAR_EL1 yet; its event waits for a later stop", vcpu)
         wanted -= self.trap_sites
-        for addr in sorted(self._vector_bps - wanted):
-            await self.rsp.remove_breakpoint(addr)
-        for addr in sorted(wanted - self._vector_bps):
-            await self.rsp.insert_breakpoint(addr)
+        # One round trip each way, not one per breakpoint: this runs inside a stop, and a timer
+        # that retries a delivery (the EL2 stub's) must not find the stop still going.
+        if stale := sorted(self._vector_bps - wanted):
+            await self.rsp.remove_breakpoints(stale)
+        if fresh := sorted(wanted - self._vector_bps):
+            await self.rsp.insert_breakpoints(fresh)
         self._vector_bps = wanted
 
     # ---- write back and resume -----------------------------------------------------------------

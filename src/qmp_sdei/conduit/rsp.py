@@ -754,6 +754,13 @@ class RspClient:
     async def remove_breakpoint(self, addr: int, kind: int = 4) -> None:
         _check_ok(await self.request(f"z0,{addr:x},{kind:x}"), f"z0 at {addr:#x}")
 
+    async def remove_breakpoints(self, addrs: Iterable[int], kind: int = 4) -> None:
+        """:meth:`remove_breakpoint` for each address, all in one write (one round trip)."""
+        ordered = list(addrs)
+        futures = self.send(*(f"z0,{addr:x},{kind:x}" for addr in ordered))
+        for addr, fut in zip(ordered, futures, strict=True):
+            _check_ok(await self.reply(fut, f"z0 at {addr:#x}"), f"z0 at {addr:#x}")
+
     async def insert_watchpoint(self, addr: int, length: int = 8) -> None:
         """``Z2``: a write watchpoint on every vCPU. QEMU stops the VM *after* the store, and
         reports it as ``T05...;watch:<addr>;``."""
