@@ -431,6 +431,7 @@ class Sidecar:
             stops_need_our_resume=stub_reports_only_our_resumes(qemu.major, qemu.minor),
             guest_arrival=arrival,
             vcpus=len(self.facts.vcpus),
+            memory_mb=self.facts.memory_mb,
         )
 
     async def _serve_control(self) -> None:

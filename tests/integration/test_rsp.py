@@ -88,6 +88,11 @@ async def test_a_feature_document_reads_the_same_however_many_chunks_go_at_once(
         assert await stub.read_xfer("features", href, ahead=ahead) == whole
     with pytest.raises(ConduitError, match=r"qXfer features/no-such\.xml failed"):
         await stub.read_xfer("features", "no-such.xml", ahead=ahead)
+    # Several documents at once (the register map's includes) read as they do one by one.
+    docs = ["aarch64-core.xml", "target.xml", "system-registers.xml"]
+    assert await stub.read_xfers("features", docs, ahead=ahead) == [
+        await stub.read_xfer("features", doc, ahead=1) for doc in docs
+    ]
 
 
 async def test_memory_regions_in_one_write_say_which_could_not_be_read(stub: RspClient) -> None:

@@ -72,7 +72,8 @@ async def test_name_and_uuid_absent(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_default_virt_uses_hvc(tmp_path: Path) -> None:
-    facts = await facts_of(tmp_path, QemuSpec())
+    facts = await facts_of(tmp_path, QemuSpec(memory_mb=384))
+    assert facts.memory_mb == 384  # where a firmware-booted EL2 stub sits (the top of RAM)
     assert facts.psci_conduit is PsciConduit.HVC
     assert not facts.virtualization
     assert not facts.secure

@@ -121,6 +121,8 @@ def test_firmware_boot_places_the_stub_above_the_firmware_memory(tmp_path: Path)
     assert stub.FIRMWARE_DTB_OFFSET + stub.FIRMWARE_DTB_MAX <= stub.FIRMWARE_SLOT
     assert f"loader,addr={base + 4:#x},cpu-num=0" in args  # _start + 4: the firmware entry
     assert base in stub.probe_addresses() and stub.probe_addresses()[0] == stub.STUB_BASE
+    # With the VM's RAM size known (a migration destination attaches inside the downtime): two places.
+    assert stub.probe_addresses(1024) == [stub.STUB_BASE, base]
 
 
 def test_firmware_dtb_room_matches_the_stub() -> None:

@@ -97,16 +97,16 @@ async def use_physical_memory(rsp: RspClient, physical: bool = True) -> bool:
     return reply == b"OK"
 
 
-async def probe_stub(rsp: RspClient) -> StubLayout | None:
+async def probe_stub(rsp: RspClient, memory_mb: int = 0) -> StubLayout | None:
     """The stub's layout if the VM was booted through it, else None. The VM must be stopped.
 
-    Looks at the direct-boot address, then at the firmware-boot slot at the top of RAM for RAM
-    sizes in steps of 256 MiB. Leaves the stub in physical-memory mode exactly when it returns a
-    layout.
+    Looks at the direct-boot address, then at the firmware-boot slot at the top of RAM: of
+    ``memory_mb`` if known, else for RAM sizes in steps of 256 MiB. Leaves the stub in
+    physical-memory mode exactly when it returns a layout.
     """
     if not await use_physical_memory(rsp):
         log.warning("the gdbstub has no physical-memory mode; looking for the EL2 stub through vCPU addresses")
-    bases = probe_addresses()
+    bases = probe_addresses(memory_mb)
     # All candidates in one round trip: this runs between a migration's arrival and the guest
     # running on the destination, where a read per candidate cost several milliseconds.
     headers = await rsp.read_memory_regions([(base, HEADER_SIZE) for base in bases])
@@ -663,6 +663,7 @@ async def attach_conduit(
     kernel: Path | None = None,
     timeout: float = 10.0,
     vcpus: int = 0,
+    memory_mb: int = 0,
 ) -> GdbstubConduit:
     """Connect to the gdbstub and pick the conduit, started, with the VM stopped:
 
@@ -672,10 +673,11 @@ async def attach_conduit(
     * otherwise the plain symbol/ELF conduit on ``find_sites()``.
 
     ``vcpus``: how many the VM has, when known (the thread list is then read in one round trip).
+    ``memory_mb``: its RAM size, when known (the stub is then looked for at two places, not 65).
     """
     client = await RspClient.connect(host, port, timeout=timeout)
     try:
-        layout = await probe_stub(client)
+        layout = await probe_stub(client, memory_mb)
         conduit: GdbstubConduit
         if layout is not None:
             log.info("guest booted through the qmp-sdei EL2 stub: trapping at %#x", layout.trap_site)

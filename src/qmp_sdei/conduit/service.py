@@ -60,6 +60,7 @@ async def serve_conduit(
     stops_need_our_resume: bool = True,
     guest_arrival: Callable[[], Awaitable[bool]] | None = None,
     vcpus: int = 0,
+    memory_mb: int = 0,
 ) -> None:
     """Attach the conduit and serve until the VM exits or the task is cancelled.
 
@@ -69,6 +70,7 @@ async def serve_conduit(
         gdbstub's address, the trap sites in the ELF) is done before, as the time between the
         arrival and the guest running is downtime.
     :param vcpus: the VM's vCPU count, if known (saves round trips while attaching).
+    :param memory_mb: the VM's RAM size, if known (where a firmware-booted stub can be).
     :param stops_need_our_resume: the stub reports a stop only after a resume of the debugger's
         (QEMU 8.1 and later; see :func:`~qmp_sdei.conduit.gdbstub.stub_reports_only_our_resumes`).
     """
@@ -94,7 +96,7 @@ async def serve_conduit(
         # query is skipped there: QEMU answers it late, right after the incoming migration).
         was_running = guest_arrival is None and await session.refresh_runstate() in ("running", "debug")
         conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
-            host, port, owner, trap_sites, kernel=settings.kernel, timeout=30.0, vcpus=vcpus
+            host, port, owner, trap_sites, kernel=settings.kernel, timeout=30.0, vcpus=vcpus, memory_mb=memory_mb
         )
     finally:
         if early_sites is not None:

@@ -88,6 +88,7 @@ class VmFacts:
     name: str | None  # -name, None if unset
     uuid: UUID | None  # -uuid, None if unset (QEMU reports the nil UUID)
     runstate: str  # query-status at discovery time
+    memory_mb: int = 0  # boot RAM (query-memory-size-summary), 0 if unknown: where a firmware-booted stub sits
 
     def vcpu_by_mpidr(self, mpidr: int) -> VcpuFacts | None:
         """The vCPU with this MPIDR affinity, or ``None``."""
@@ -185,7 +186,7 @@ async def discover(session: QmpSession) -> VmFacts:
         not ``virt``, QEMU's PSCI is disabled, the vCPUs disagree on the conduit, or a reply is
         not what QEMU 7.x sends; :class:`~qmp_sdei.qemu.qmp.QmpCommandError` for a refused query.
     """
-    version_r, target_r, type_r, cpus_r, name_r, uuid_r, status_r = await asyncio.gather(
+    version_r, target_r, type_r, cpus_r, name_r, uuid_r, status_r, memory_r = await asyncio.gather(
         session.execute("query-version"),
         session.execute("query-target"),
         _qom_get(session, "/machine", "type"),
@@ -193,6 +194,7 @@ async def discover(session: QmpSession) -> VmFacts:
         session.execute("query-name"),
         session.execute("query-uuid"),
         session.execute("query-status"),
+        session.execute("query-memory-size-summary"),
     )
     target = str(_field(_mapping(target_r, "query-target"), "arch", str, "query-target"))
     if target != "aarch64":
@@ -249,6 +251,7 @@ async def discover(session: QmpSession) -> VmFacts:
         name=name if isinstance(name, str) else None,
         uuid=_parse_uuid(uuid_r),
         runstate=str(status),
+        memory_mb=_as_int(_mapping(memory_r, "query-memory-size-summary").get("base-memory"), "base-memory") >> 20,
     )
 
 

@@ -188,7 +188,10 @@ def firmware_qemu_args(firmware: Path, dtb: Path, memory_mb: int) -> list[str]:
     ]  # fmt: skip
 
 
-def probe_addresses(max_memory_mb: int = 16 * 1024, step_mb: int = 256) -> list[int]:
-    """Where a stub can be: the direct-boot link address, then the firmware slot of every RAM
-    size that is a multiple of ``step_mb`` (the sidecar reads a header at each; cheap)."""
+def probe_addresses(memory_mb: int = 0, *, max_memory_mb: int = 16 * 1024, step_mb: int = 256) -> list[int]:
+    """Where a stub can be: the direct-boot link address, then the firmware slot at the top of
+    RAM: of ``memory_mb`` when the VM's RAM size is known, else of every RAM size that is a
+    multiple of ``step_mb`` (the sidecar reads a header at each: one batch, but 65 reads)."""
+    if memory_mb > FIRMWARE_SLOT >> 20:
+        return [STUB_BASE, firmware_stub_base(memory_mb)]
     return [STUB_BASE] + [firmware_stub_base(mb) for mb in range(step_mb, max_memory_mb + 1, step_mb)]
