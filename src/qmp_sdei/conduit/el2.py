@@ -580,13 +580,7 @@ class El2Conduit(GdbstubConduit):
         regs = VcpuRegs(guest, pc, pstate)
         self._areas[vcpu] = area
         self._kicked.discard(vcpu)
-        entered = False
-        while self._deliver_one(vcpu, regs):
-            entered = True
-            self.stats.deliveries += 1
-            if vcpu not in self.dispatcher.deliverable():
-                break
-        if not entered:
+        if not self._enter_deliverable(vcpu, regs):
             return False
         handler = [to_u64(v) for v in regs.x]
         core.x[:16] = handler[:16]  # x16..x19 stay the stub's (x18: the area); it pops the guest's
@@ -642,12 +636,7 @@ class El2Conduit(GdbstubConduit):
         self._areas[vcpu] = self._area(core)
         pc, pstate = await self._interrupted(vcpu, core)
         regs = VcpuRegs(list(core.x), pc, pstate)
-        entered = False
-        while self._deliver_one(vcpu, regs):
-            entered = True
-            self.stats.deliveries += 1
-            if vcpu not in self.dispatcher.deliverable():
-                break
+        entered = self._enter_deliverable(vcpu, regs)
         if entered:
             core.x[:] = [to_u64(v) for v in regs.x]
             await self._set_return(vcpu, core, regs.pc, regs.pstate)

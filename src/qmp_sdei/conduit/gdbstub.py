@@ -591,15 +591,21 @@ class GdbstubConduit:
         if not _is_el1h(core.cpsr):
             return None
         regs = _to_vcpu_regs(core)
+        entered = self._enter_deliverable(vcpu, regs)
+        if entered:
+            _apply(core, regs)
+        return entered
+
+    def _enter_deliverable(self, vcpu: int, regs: VcpuRegs) -> bool:
+        """Enter every handler deliverable on ``vcpu`` from ``regs`` (which become the last entry's
+        state): a critical event may be deliverable right on top of a normal one just entered.
+        Whether any was."""
         entered = False
-        # A critical event may be deliverable right on top of a normal one just entered.
         while self._deliver_one(vcpu, regs):
             entered = True
             self.stats.deliveries += 1
             if vcpu not in self.dispatcher.deliverable():
                 break
-        if entered:
-            _apply(core, regs)
         return entered
 
     def _deliver_one(self, vcpu: int, regs: VcpuRegs) -> bool:
