@@ -262,16 +262,22 @@ async def test_a_trap_served_while_the_gate_opens_is_resumed(tmp_path: Path, for
         conduit = src.sidecar.sidecar.conduit
         if conduit.stops_need_our_resume:
             pytest.skip("this QEMU's gdbstub reports no trap after its own resume (QEMU 8.1+): the race needs 7.2")
-        gate_opened = asyncio.Event()
+        gate_opened, trapped_while_closed = asyncio.Event(), asyncio.Event()
         served_while_opening: list[bool] = []
         original_open_gate, original_flush = conduit.open_gate, conduit._flush_dirty
 
         async def open_gate() -> None:
+            # The guest calls every millisecond: wait (a little) for its first trap after QEMU's
+            # resume, so that the trap is served with the gate still closed, the case under test.
+            # Without this, how often it came first depended on how fast the sidecar reacted.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(trapped_while_closed.wait(), 2.0)
             gate_opened.set()
             await original_open_gate()
 
         async def flush_dirty(*, resume: Any, resume_always: bool = False) -> None:
             if conduit._gate_closed and conduit._held and conduit._trapped_while_held and not resume_always:
+                trapped_while_closed.set()
                 await asyncio.wait_for(gate_opened.wait(), TIMEOUT)
                 served_while_opening.append(True)
             await original_flush(resume=resume, resume_always=resume_always)
@@ -280,6 +286,7 @@ async def test_a_trap_served_while_the_gate_opens_is_resumed(tmp_path: Path, for
         conduit._flush_dirty = flush_dirty
         for attempt in range(10):
             gate_opened.clear()
+            trapped_while_closed.clear()
             dst, uri = await new_destination(tmp_path, forever_elf, attempt, started)
 
             async def kill_destination(dst: Vm = dst) -> None:  # at the pause: the switchover then fails
