@@ -75,6 +75,9 @@ CANCEL_TIMEOUT = 30.0
 #: In the state directory while an outgoing migration runs: whether the guest was running, for a
 #: sidecar that restarts after this one died mid-migration.
 MARKER = "migration.json"
+#: How a cancelled switchover's reason begins when the VM was not safe to hand over (the guest
+#: stopped inside an SDEI call): an orchestrator retries those with a new destination.
+UNSAFE_SWITCHOVER = "the VM could not be handed over safely"
 
 
 class GatedConduit(Protocol):
@@ -436,8 +439,8 @@ class MigrationAgent:
                     with contextlib.suppress(QemuError):
                         await self._run_conduit_stop_before_cancel()
                 await self._cancel_switchover(
-                    "the VM could not be handed over safely (stopped inside an SDEI call, or a vCPU halted in "
-                    "the EL2 stub's idle loop); the guest runs on here; start the destination again and retry"
+                    f"{UNSAFE_SWITCHOVER} (stopped inside an SDEI call, or a vCPU halted in the EL2 stub's idle "
+                    "loop); the guest runs on here; start the destination again and retry"
                 )
             elif self.transport == "control" and (problem := await self._hand_over_state()) is not None:
                 await self._cancel_switchover(problem)

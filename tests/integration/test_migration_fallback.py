@@ -38,6 +38,7 @@ from integration.test_sidecar_migration import migrate_cli, migration_pair, requ
 from qmp_sdei.config import parse
 from qmp_sdei.control.local import socket_path
 from qmp_sdei.errors import ConfigError, MigrationError
+from qmp_sdei.migration import UNSAFE_SWITCHOVER
 from qmp_sdei.qemu import migration as qmig
 from qmp_sdei.qemu.launch import QemuProcess
 from support.guests import config_doc as baremetal_config
@@ -82,15 +83,12 @@ def source_migration(target: Vm) -> Any:
     return target.sidecar.sidecar.migration
 
 
-#: Why the source cancels a switchover that found the VM at one of its breakpoints (the same on both
-#: paths, covered by test_migration_failures): such an attempt is made again with a new destination.
-UNSAFE = "the VM was stopped inside an SDEI call"
-
-
 async def migrate_to_fresh_destinations(
     src: Vm, tmp_path: Path, elf: Path, started: list[Vm], prepare: Callable[[Vm], Awaitable[str | None]]
 ) -> tuple[Vm, str]:
-    """Third-party migrations to fresh destinations until one is not cancelled as unsafe.
+    """Third-party migrations to fresh destinations until one is not cancelled as unsafe (the
+    source found the VM at one of its breakpoints: the same on both paths, covered by
+    test_migration_failures; such an attempt is made again with a new destination).
 
     ``prepare(dst)`` sets the destination up (its sidecar, if any) and names the peer for the
     source (``None``: the source's ``migration.peer``). Returns the destination and the outcome.
@@ -107,7 +105,7 @@ async def migrate_to_fresh_destinations(
         migration.last_outcome = None
         outcome = await harness_migrate(src, f"tcp:127.0.0.1:{port}")
         await migration.wait_for_outcome({"cancelled", "failed", "completed"}, TIMEOUT)
-        if outcome == "cancelled" and UNSAFE in (migration.status()["last_cancel_reason"] or ""):
+        if outcome == "cancelled" and UNSAFE_SWITCHOVER in (migration.status()["last_cancel_reason"] or ""):
             await dst.qemu.wait(TIMEOUT)
             await dst.stop()
             continue
