@@ -396,10 +396,19 @@ class El2Conduit(GdbstubConduit):
             return planned
         return await self._read_pair(self._area(core) + A_TRAP_ELR2)
 
-    async def _resume_pending(self, core: CoreRegs) -> bool:
-        """Whether the area of a vCPU stopped in the stub holds a resume request stub_resume has not
-        consumed yet."""
-        return any(await self.rsp.read_memory(self._area(core) + A_RESUME_FLAGS, 8))
+    async def _pending_request(self, vcpu: int, core: CoreRegs) -> tuple[int, int, int, int, int]:
+        """The resume request (flags, ELR2, SPSR2, ELR1, SPSR1) in the area of a vCPU stopped in
+        the stub that ``stub_resume`` has not consumed yet (flags 0: none); read with its registers
+        when an event waited for it, else one round trip."""
+        area = self._area(core)
+        view = self._idle_views.get(vcpu)
+        block = (
+            view[0][A_RESUME_FLAGS : A_RESUME_FLAGS + _RESUME_BLOCK.size]
+            if view is not None and self._areas.get(vcpu) == area
+            else await self.rsp.read_memory(area + A_RESUME_FLAGS, _RESUME_BLOCK.size)
+        )
+        flags, elr2, spsr2, elr1, spsr1 = _RESUME_BLOCK.unpack(block)
+        return flags, elr2, spsr2, elr1, spsr1
 
     async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
         vcpu = thread.vcpu
@@ -625,21 +634,32 @@ class El2Conduit(GdbstubConduit):
             log.debug("vCPU %d is inside the stub at %#x: delivery retried in %.3fs", vcpu, core.pc, STUB_RETRY)
             asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
             return None
-        if vcpu not in self._dirty and vcpu not in self._next_return and await self._resume_pending(core):
-            # Stopped by an interrupt at stub_resume before running it, with the resume request
-            # an earlier stop left (a COMPLETE's return, a handler entry) still in its area: a
-            # handler entered now would replace that request, and the guest would later return
-            # into the code that made it. It leaves the stub in a few instructions: stop it again.
+        el1: tuple[int, int] | None = None
+        if vcpu not in self._dirty and vcpu not in self._next_return:
+            flags, elr2, spsr2, elr1, spsr1 = await self._pending_request(vcpu, core)
+        else:
+            flags = 0  # this stop planned the vCPU's return itself (_interrupted() knows it)
+        if flags & RESUME_EL2:
+            # Stopped at stub_resume before running it, with the request an earlier stop left
+            # (a COMPLETE's return, a handler entry) still in its area. The guest is, in effect,
+            # at that request's return point: the new handler interrupts exactly there, and its
+            # entry takes the request's place, keeping the ELR/SPSR_EL1 part a COMPLETE_AND_RESUME
+            # put in it. (Retrying 2 ms later, as before, cost events raised right after a
+            # COMPLETE about 2 ms each.)
+            pc, pstate = elr2, spsr2
+            el1 = (elr1, spsr1) if flags & RESUME_EL1 else None
+        elif flags:  # only the EL1 part: never written so; leave it to stub_resume and look again
             asyncio.get_running_loop().call_later(STUB_RETRY, self._retry_delivery, vcpu)
             return None
+        else:
+            pc, pstate = await self._interrupted(vcpu, core)
         self._kicked.discard(vcpu)
         self._areas[vcpu] = self._area(core)
-        pc, pstate = await self._interrupted(vcpu, core)
         regs = VcpuRegs(list(core.x), pc, pstate)
         entered = self._enter_deliverable(vcpu, regs)
         if entered:
             core.x[:] = [to_u64(v) for v in regs.x]
-            await self._set_return(vcpu, core, regs.pc, regs.pstate)
+            await self._set_return(vcpu, core, regs.pc, regs.pstate, el1)
         return entered
 
 
