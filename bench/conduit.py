@@ -102,7 +102,7 @@ from qmp_sdei.versions import VersionPins
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))  # the guests and their builders live with the tests
-from support.guests import CFLAGS, CROSS, build_guest_dir, connect_gdbstub, elf_symbols, free_port  # noqa: E402
+from support.guests import build_guest_dir, build_loop_guest_el2, connect_gdbstub, elf_symbols, free_port  # noqa: E402
 
 GUEST_DIR = REPO / "tests" / "guests" / "loop"
 ROUNDS, CALLS, EVENTS = 10, 200, 100  # as compiled into tests/guests/loop/loop.c
@@ -164,21 +164,6 @@ class TimingDispatcher:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # the rest of the owner's conduit side, unchanged
-
-
-def build_loop_guest_el2(outdir: Path) -> Path:
-    """The same loop guest linked where the EL2 stub enters a kernel, as a raw image."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    script = (GUEST_DIR / "link.ld").read_text().replace("0x40080000", f"{stub.KERNEL_ADDR:#x}")
-    (outdir / "link-el2.ld").write_text(script)
-    elf, raw = outdir / "loop-el2.elf", outdir / "loop-el2.bin"
-    subprocess.run(
-        [f"{CROSS}gcc", *CFLAGS, "-T", str(outdir / "link-el2.ld"), "-o", str(elf),
-         *(str(GUEST_DIR / s) for s in ("start.S", "loop.c"))],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run([f"{CROSS}objcopy", "-O", "binary", str(elf), str(raw)], check=True)
-    return raw
 
 
 def console_tail(vm: QemuProcess, lines: int = 5) -> str:

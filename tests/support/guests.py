@@ -123,6 +123,27 @@ def build_guest_dir(guest_dir: Path, outdir: Path, sources: tuple[str, ...] = SO
     return elf
 
 
+LOOP_GUEST_DIR = GUEST_DIR.parent / "loop"
+
+
+def build_loop_guest_el2(outdir: Path) -> Path:
+    """The loop guest (``tests/guests/loop``, also bench/conduit.py's) linked where the EL2 stub
+    enters a kernel, as a raw image for ``-device loader`` (see :func:`qmp_sdei.stub.qemu_args`)."""
+    from qmp_sdei import stub  # noqa: PLC0415
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    script = (LOOP_GUEST_DIR / "link.ld").read_text().replace("0x40080000", f"{stub.KERNEL_ADDR:#x}")
+    (outdir / "link-el2.ld").write_text(script)
+    elf, raw = outdir / "loop-el2.elf", outdir / "loop-el2.bin"
+    subprocess.run(
+        [f"{CROSS}gcc", *CFLAGS, "-T", str(outdir / "link-el2.ld"), "-o", str(elf),
+         *(str(LOOP_GUEST_DIR / s) for s in ("start.S", "loop.c"))],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run([f"{CROSS}objcopy", "-O", "binary", str(elf), str(raw)], check=True)
+    return raw
+
+
 def build_deferral_guest(outdir: Path) -> Path:
     """The deferred-delivery guest (``tests/guests/deferral``): vCPU 0 waits in EL1t and EL0."""
     return build_guest_dir(DEFERRAL_GUEST_DIR, outdir)

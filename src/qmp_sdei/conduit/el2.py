@@ -125,6 +125,7 @@ class El2Stats(ConduitStats):
     idle_wakes: int = 0  # stops at the wake site
     idle_gic_wakes: int = 0  # kicks sent with a wake-up through the vCPU's redistributor
     idle_entries: int = 0  # handlers entered from the stop that found their vCPU halted in the stub
+    entries_over_request: int = 0  # entered at stub_resume on top of an earlier stop's pending request
     doorbell_stops: int = 0  # calls stopped by the doorbell watchpoint (no translation-cache flush)
 
 
@@ -660,6 +661,8 @@ class El2Conduit(GdbstubConduit):
         if entered:
             core.x[:] = [to_u64(v) for v in regs.x]
             await self._set_return(vcpu, core, regs.pc, regs.pstate, el1)
+            if flags:
+                self.stats.entries_over_request += 1
         return entered
 
 
