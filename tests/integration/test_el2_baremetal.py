@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from qmp_sdei import stub
-from qmp_sdei.conduit.el2 import El2Conduit, probe_stub
+from qmp_sdei.conduit.el2 import El2Conduit, El2Stats, probe_stub
+from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.owner import NotificationKind, RaiseResult, SdeiOwner
 from qmp_sdei.qemu.launch import QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.versions import VersionPins
-from support.guests import build_loop_guest_el2, connect_gdbstub, start_qemu_with_gdbstub
+from support.guests import build_loop_guest_el2, conduit_on_gdbstub
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -40,34 +41,27 @@ async def test_events_raised_right_after_each_complete_are_all_entered(tmp_path:
         Dispatcher(events=[EventSpec(1000), EventSpec(1001)], mpidrs=[0], version=(1, 1), profile="tf-a"),
         pins=VersionPins((1, 1), 0, (1, 1)),
     )
-    vm, port = await start_qemu_with_gdbstub(spec, tmp_path)
-    try:
-        rsp = await connect_gdbstub(port, TIMEOUT)
+
+    async def el2_conduit(rsp: RspClient) -> El2Conduit:
         layout = await probe_stub(rsp)
-        assert layout is not None
-        conduit = El2Conduit(rsp, owner, layout, timeout=TIMEOUT)
-        await conduit.start()
-        run = asyncio.create_task(conduit.run(), name="conduit.run")
-        try:
-            await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
-            with owner.subscribe() as notifications:
-                for n in range(EVENTS):
-                    event = 1001 if n % 2 else 1000  # 1001's handler makes an EVENT_CONTEXT call first
-                    result = await owner.raise_event(event, 0, wait=TIMEOUT)
-                    assert result.result is RaiseResult.DELIVERED, (n, result)
-                    async with asyncio.timeout(TIMEOUT):
-                        async for note in notifications:
-                            if note.kind is NotificationKind.COMPLETED and note.event == event:
-                                break  # the next raise goes out right behind the COMPLETE's resume
-            await vm.wait_for_console(rf"EVENTS {EVENTS}\r?\n", TIMEOUT)
-            assert await vm.wait(TIMEOUT) == 0
-            await asyncio.wait_for(run, TIMEOUT)
-        finally:
-            if not run.done():
-                await conduit.close()
-            else:
-                await conduit.rsp.close()
-    finally:
-        await vm.stop()
-    assert conduit.stats.deliveries == EVENTS
-    assert conduit.stats.entries_over_request >= 1, conduit.stats  # the case under test came up
+        assert layout is not None, "the EL2 stub is not in guest memory"
+        return El2Conduit(rsp, owner, layout, timeout=TIMEOUT)
+
+    async with conduit_on_gdbstub(spec, tmp_path, owner, [], TIMEOUT, build=el2_conduit) as (vm, conduit, run):
+        await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
+        with owner.subscribe() as notifications:
+            for n in range(EVENTS):
+                event = 1001 if n % 2 else 1000  # 1001's handler makes an EVENT_CONTEXT call first
+                result = await owner.raise_event(event, 0, wait=TIMEOUT)
+                assert result.result is RaiseResult.DELIVERED, (n, result)
+                async with asyncio.timeout(TIMEOUT):
+                    async for note in notifications:
+                        if note.kind is NotificationKind.COMPLETED and note.event == event:
+                            break  # the next raise goes out right behind the COMPLETE's resume
+        await vm.wait_for_console(rf"EVENTS {EVENTS}\r?\n", TIMEOUT)
+        assert await vm.wait(TIMEOUT) == 0
+        await asyncio.wait_for(run, TIMEOUT)
+    stats = conduit.stats
+    assert isinstance(stats, El2Stats)
+    assert stats.deliveries == EVENTS
+    assert stats.entries_over_request >= 1, stats  # the case under test came up

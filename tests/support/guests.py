@@ -18,7 +18,7 @@ import os
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,16 +169,28 @@ async def start_qemu_with_gdbstub(spec: QemuSpec, workdir: Path, attempts: int =
 
 @contextlib.asynccontextmanager
 async def conduit_on_gdbstub(
-    spec: QemuSpec, workdir: Path, owner: SdeiPort, trap_sites: list[int], timeout: float
+    spec: QemuSpec,
+    workdir: Path,
+    owner: SdeiPort,
+    trap_sites: list[int],
+    timeout: float,
+    *,
+    build: Callable[[RspClient], Awaitable[GdbstubConduit]] | None = None,
 ) -> AsyncIterator[tuple[QemuProcess, GdbstubConduit, asyncio.Task[None]]]:
-    """QEMU started with a gdbstub, and a bare :class:`GdbstubConduit` serving it for ``owner``.
+    """QEMU started with a gdbstub, and a bare :class:`GdbstubConduit` serving it for ``owner``
+    (or the conduit ``build`` makes on the gdbstub's connection, e.g. an EL2 one).
 
     Yields the VM, the started conduit and its running ``run()`` task; the conduit is closed (or
     its connection, if ``run()`` already ended) and QEMU stopped on exit.
     """
     vm, port = await start_qemu_with_gdbstub(spec, workdir)
     try:
-        conduit = GdbstubConduit(await connect_gdbstub(port, timeout), owner, trap_sites, timeout=timeout)
+        rsp = await connect_gdbstub(port, timeout)
+        try:
+            conduit = await build(rsp) if build is not None else GdbstubConduit(rsp, owner, trap_sites, timeout=timeout)
+        except BaseException:
+            await rsp.close()
+            raise
         await conduit.start()
         run = asyncio.create_task(conduit.run(), name="conduit.run")
         try:
