@@ -769,20 +769,21 @@ class RspClient:
 
     async def insert_breakpoints(self, addrs: Iterable[int], kind: int = 4) -> None:
         """:meth:`insert_breakpoint` for each address, all in one write (one round trip)."""
-        ordered = list(addrs)
-        futures = self.send(*(f"Z0,{addr:x},{kind:x}" for addr in ordered))
-        for addr, fut in zip(ordered, futures, strict=True):
-            _check_ok(await self.reply(fut, f"Z0 at {addr:#x}"), f"Z0 at {addr:#x}")
+        await self._breakpoint_batch("Z0", addrs, kind)
 
     async def remove_breakpoint(self, addr: int, kind: int = 4) -> None:
         _check_ok(await self.request(f"z0,{addr:x},{kind:x}"), f"z0 at {addr:#x}")
 
     async def remove_breakpoints(self, addrs: Iterable[int], kind: int = 4) -> None:
         """:meth:`remove_breakpoint` for each address, all in one write (one round trip)."""
+        await self._breakpoint_batch("z0", addrs, kind)
+
+    async def _breakpoint_batch(self, op: str, addrs: Iterable[int], kind: int) -> None:
+        """``op`` (``Z0``/``z0``) at each address in one write; every reply must be ``OK``."""
         ordered = list(addrs)
-        futures = self.send(*(f"z0,{addr:x},{kind:x}" for addr in ordered))
+        futures = self.send(*(f"{op},{addr:x},{kind:x}" for addr in ordered))
         for addr, fut in zip(ordered, futures, strict=True):
-            _check_ok(await self.reply(fut, f"z0 at {addr:#x}"), f"z0 at {addr:#x}")
+            _check_ok(await self.reply(fut, f"{op} at {addr:#x}"), f"{op} at {addr:#x}")
 
     async def insert_watchpoint(self, addr: int, length: int = 8) -> None:
         """``Z2``: a write watchpoint on every vCPU. QEMU stops the VM *after* the store, and
