@@ -5,9 +5,10 @@ latest after its poll period (1 ms), earlier if an interrupt arrives. The sideca
 interrupt over QMP, but a gdbstub memory write in physical mode is a bus write, and it reaches the
 GIC's registers too. Making the guest's virtual timer interrupt (PPI 27, which the stub borrows for
 its poll and the guest keeps enabled) pending in the vCPU's redistributor wakes the vCPU as soon as
-the VM runs again, so it reaches the wake site without waiting for its poll. At the wake stop,
-before the guest can run, the conduit clears that pending state again: the guest never sees the
-interrupt (if its own timer is due, the timer's level keeps it pending, as it should).
+the VM runs again, without waiting for its poll. The conduit also leaves the frame's
+``GICR_ICPENDR0`` in the vCPU's per-CPU area (``A_UNPEND``), and the stub clears that pending state
+there as it leaves the idle loop, before the guest runs: the guest never sees the interrupt (if its
+own timer is due, the timer's level keeps it pending, as it should).
 
 GICv3 and GICv4 only, found where ``-M virt`` puts them. GICv2 keeps its private interrupts in
 registers banked by the *accessing* CPU, and QEMU (7.2) looks that CPU up even for a debugger's
@@ -16,7 +17,7 @@ identify themselves as GICv3/v4 redistributors (``GICR_PIDR2``), whose registers
 not to an accessor. On any other machine there is nothing there (reads as zeros) and idle vCPUs
 wake by the stub's poll, as before.
 
-What it must not do: write anything but the one pending bit of a frame it has identified.
+What it must not do: name anything but the one pending bit of a frame it has identified.
 """
 
 from __future__ import annotations
