@@ -28,9 +28,13 @@ STUB_RESERVED = 0x2_0000  # the stub's code, data, per-CPU areas and stacks: the
 KERNEL_ADDR = 0x4020_0000  # where the stub enters the kernel Image (header boot_kernel)
 DTB_ADDR = 0x4800_0000  # what the stub passes in x0 (header boot_dtb)
 MAGIC = b"QSDEIEL2"
-HEADER_VERSION = 1
-HEADER_SIZE = 0x70
+HEADER_VERSION = 2  # 2 adds the mailbox; a stub of version 1 (booted by an older release) is still served
+HEADER_VERSIONS = (1, 2)
+HEADER_SIZE = 0x88  # what this sidecar reads (a version 1 header is 0x70 bytes, followed by code)
+_HEADER_V1_SIZE = 0x70
 _HEADER = struct.Struct("<8sIIQQQQIIQQQQQQ")
+_HEADER_V2 = struct.Struct("<IIQQ")  # fast_spin_us, counter_hz, mailbox_wait, mailbox_wait_end
+HEADER_COUNTER_HZ = 0x74  # CNTFRQ_EL0 as the stub found it at boot (leases are CNTVCT values)
 
 # Per-CPU area fields (el2stub.S A_*).
 A_RESUME_FLAGS = 0x00
@@ -49,6 +53,16 @@ A_CTX_X = 0x88  # the running handler's interrupted x0..x17 (followed by A_CTX_A
 A_CTX_ANSWERED = 0x118  # how many EVENT_CONTEXT calls the stub answered without a stop
 CTX_REGS = 18
 A_UNPEND = 0x120  # GICR_ICPENDR0 of the vCPU's redistributor: the stub clears the wake-up interrupt there
+# The mailbox (header version 2; el2stub.S explains the protocol).
+A_FAST_UNTIL = 0x128  # the sidecar's lease: the CNTVCT value until which calls are posted
+A_TRAP_TIME = 0x130  # CNTVCT at the vCPU's last trapped call
+A_POST = 0x138  # the trap count (A_TRAP_COUNT) of the call posted in A_MAIL_X
+A_DONE = 0x140  # written by the sidecar: the trap count of the call it answered
+A_VERDICT = 0x148  # written by the sidecar with A_DONE: one of the VERDICT_* below
+A_MAIL_X = 0x150  # the call's x0..x17, overwritten by the answer's when VERDICT_ANSWERED
+VERDICT_ANSWERED = 0  # the stub loads x0..x17 from the mailbox and returns to the guest
+VERDICT_PASS = 1  # ... and forwards the call to QEMU's firmware
+VERDICT_STOP = 2  # the stub stops at the doorbell: the call is served in that stop
 A_DOORBELL = 0x300  # the stub stores to it right before the trap site: the sidecar's watchpoint
 DOORBELL_STORE = 0xF81003FF  # stur xzr, [sp, #-256]: the instruction before the trap site that does
 RESUME_EL2 = 1  # stub_resume loads ELR_EL2/SPSR_EL2 from the area
@@ -71,11 +85,15 @@ class StubLayout:
     dtb: int
     wake_site: int
     idle: range  # the idle loop's addresses: a vCPU stopped there sits in a trapped WFI
+    version: int = 1
+    #: a vCPU in this range waits for the sidecar's answer in its mailbox (empty: no mailbox)
+    mailbox_wait: range = range(0)
+    fast_spin_us: int = 0  # the longest a posted call waits for an answer before it stops
 
     @classmethod
     def parse(cls, base: int, header: bytes) -> StubLayout:
         """:raise ConduitError: not our stub (no magic) or a header version we do not speak."""
-        if len(header) < HEADER_SIZE or header[8:16] != MAGIC:
+        if len(header) < _HEADER_V1_SIZE or header[8:16] != MAGIC:
             raise ConduitError(f"no qmp-sdei EL2 stub at {base:#x} (magic {header[8:16]!r})")
         (
             _,
@@ -93,9 +111,16 @@ class StubLayout:
             idle,
             idle_end,
             _firmware,
-        ) = _HEADER.unpack(header[8:HEADER_SIZE])
-        if version != HEADER_VERSION:
-            raise ConduitError(f"EL2 stub header version {version}, this sidecar speaks {HEADER_VERSION}")
+        ) = _HEADER.unpack(header[8:_HEADER_V1_SIZE])
+        if version not in HEADER_VERSIONS:
+            raise ConduitError(
+                f"EL2 stub header version {version}, this sidecar speaks {', '.join(map(str, HEADER_VERSIONS))}"
+            )
+        spin_us, wait, wait_end = 0, 0, 0
+        if version >= 2:
+            if len(header) < HEADER_SIZE:
+                raise ConduitError(f"EL2 stub header at {base:#x} is cut short ({len(header)} bytes)")
+            spin_us, _hz, wait, wait_end = _HEADER_V2.unpack(header[_HEADER_V1_SIZE:HEADER_SIZE])
         return cls(
             base=base,
             percpu_size=percpu_size,
@@ -109,7 +134,20 @@ class StubLayout:
             dtb=dtb,
             wake_site=base + wake,
             idle=range(base + idle, base + idle_end),
+            version=version,
+            mailbox_wait=range(base + wait, base + wait_end),
+            fast_spin_us=spin_us,
         )
+
+    @property
+    def has_mailbox(self) -> bool:
+        """Whether the stub can post calls to a mailbox (header version 2 and later)."""
+        return self.version >= 2
+
+    @property
+    def areas_end(self) -> int:
+        """The first address past the last per-CPU area."""
+        return self.percpu + self.max_cpus * self.percpu_size
 
     def area_below(self, sp: int) -> int:
         """The per-CPU area of a vCPU running stub code with stack pointer ``sp`` (areas are

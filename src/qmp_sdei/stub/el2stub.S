@@ -18,7 +18,7 @@
  * below; the sidecar reads and writes them in guest physical memory. See docs/el2-stub.md.
  */
 
-	.equ	HEADER_VERSION, 1
+	.equ	HEADER_VERSION, 2		/* 2: the mailbox (fast path) and its header fields */
 	.equ	PERCPU_SHIFT, 10		/* 1 KiB per vCPU: the fields below, then the EL2 stack */
 	.equ	PERCPU_SIZE, (1 << PERCPU_SHIFT)
 	.equ	MAX_CPUS, 64
@@ -54,6 +54,21 @@
 	 * back the sidecar's wake-up interrupt (the virtual timer's PPI) when a kick ends its idle */
 	.equ	A_UNPEND, 0x120
 	.equ	VTIMER_PPI_BIT, (1 << 27)
+	/* per-CPU area: the mailbox. When the guest's RAM is shared with the sidecar (a shared memory
+	 * backend), the sidecar watches it from a thread and answers a call there without stopping
+	 * the VM. It leases the mailbox for a while after each call it served: until A_FAST_UNTIL (a
+	 * CNTVCT value) a trapped call is posted here (x0..x17 to A_MAIL_X, then its trap count to
+	 * A_POST with release semantics) and the stub spins until the sidecar writes that count to
+	 * A_DONE (the answer's x0..x17 in A_MAIL_X, what to do in A_VERDICT), or for at most
+	 * fast_spin_us. Then, or with no lease, the call stops at the doorbell as before; the sidecar
+	 * sees its post there and serves it exactly once, from the stop or from the mailbox. */
+	.equ	A_FAST_UNTIL, 0x128		/* the sidecar's lease: CNTVCT until which it watches */
+	.equ	A_TRAP_TIME, 0x130		/* CNTVCT at the last trapped call (the sidecar's clock) */
+	.equ	A_POST, 0x138			/* the trap count of the call posted in A_MAIL_X */
+	.equ	A_DONE, 0x140			/* the sidecar: the trap count of the call it answered */
+	.equ	A_VERDICT, 0x148		/* the sidecar: VERDICT_* for the answered call */
+	.equ	A_MAIL_X, 0x150			/* x0..x17: the call's, then the answer's (18 x 8 bytes) */
+	.equ	VERDICT_PASS, 1			/* 0: answered (stub_resume); 1: forward it; 2: stop for it */
 	/* per-CPU area: the doorbell, deep in the stack's part, which the stub never uses more than
 	 * 48 bytes of. Every trapped call stores to it right before stub_trap_site, with the guest's
 	 * registers already back: the sidecar keeps a gdbstub write watchpoint on it. A watchpoint
@@ -115,6 +130,12 @@ boot_dtb:
 	.quad	stub_idle_end - _start		/* 0x60 */
 boot_firmware:
 	.quad	0x0				/* 0x68: where firmware_entry enters (virt's flash) */
+fast_spin_us:
+	.word	1000				/* 0x70: the longest a posted call waits for the sidecar */
+counter_hz:
+	.word	0				/* 0x74: CNTFRQ_EL0, written at boot (leases are CNTVCT values) */
+	.quad	mailbox_wait - _start		/* 0x78: a vCPU in [mailbox_wait, mailbox_wait_end) */
+	.quad	mailbox_wait_end - _start	/* 0x80: waits for the sidecar's answer */
 
 	.text
 /* x0 = MPIDR -> x0 = this vCPU's per-CPU area. Clobbers x1. (The CPU_ON path inlines it.) */
@@ -134,6 +155,7 @@ el2_setup:
 	str	xzr, [x19, #A_KICK]
 	str	xzr, [x19, #A_CTX_VALID]
 	str	xzr, [x19, #A_UNPEND]
+	str	xzr, [x19, #A_FAST_UNTIL]	/* no lease until the sidecar gives one */
 	add	x0, x19, #PERCPU_SIZE
 	mov	sp, x0
 	adr	x0, el2_vectors
@@ -162,6 +184,16 @@ el2_setup:
 	ldr	x1, =1000000
 	udiv	x0, x0, x1
 	adr	x1, idle_poll_ticks
+	str	x0, [x1]
+	mrs	x0, cntfrq_el0			/* the mailbox's spin limit in counter ticks */
+	adr	x1, counter_hz
+	str	w0, [x1]
+	adr	x1, fast_spin_us
+	ldr	w1, [x1]
+	mul	x0, x0, x1
+	ldr	x1, =1000000
+	udiv	x0, x0, x1
+	adr	x1, fast_spin_ticks
 	str	x0, [x1]
 	mrs	x0, id_aa64pfr0_el1
 	ubfx	x1, x0, #24, #4			/* GIC system registers present */
@@ -314,14 +346,69 @@ trap_call:
 	str	x19, [x18, #A_TRAP_ELR2]
 	mrs	x19, spsr_el2
 	str	x19, [x18, #A_TRAP_SPSR2]
+	mrs	x19, cntvct_el0
+	str	x19, [x18, #A_TRAP_TIME]
 	ldr	x19, [x18, #A_TRAP_COUNT]
 	add	x19, x19, #1
 	str	x19, [x18, #A_TRAP_COUNT]
+	/* The mailbox, while the sidecar's lease runs (see A_FAST_UNTIL). x19 = this call's count. */
+	stp	x16, x17, [x18, #(A_MAIL_X + 16 * 8)]
+	ldr	x16, [x18, #A_FAST_UNTIL]
+	ldr	x17, [x18, #A_TRAP_TIME]
+	cmp	x17, x16
+	b.hs	call_stops			/* no lease: stop at the doorbell */
+	stp	x0, x1, [x18, #(A_MAIL_X + 0 * 8)]
+	stp	x2, x3, [x18, #(A_MAIL_X + 2 * 8)]
+	stp	x4, x5, [x18, #(A_MAIL_X + 4 * 8)]
+	stp	x6, x7, [x18, #(A_MAIL_X + 6 * 8)]
+	stp	x8, x9, [x18, #(A_MAIL_X + 8 * 8)]
+	stp	x10, x11, [x18, #(A_MAIL_X + 10 * 8)]
+	stp	x12, x13, [x18, #(A_MAIL_X + 12 * 8)]
+	stp	x14, x15, [x18, #(A_MAIL_X + 14 * 8)]
+	add	x16, x18, #A_POST
+	stlr	x19, [x16]			/* posted: the arguments are visible before the count */
+	adr	x16, fast_spin_ticks
+	ldr	x16, [x16]
+	add	x17, x17, x16			/* the wait's deadline */
+	add	x16, x18, #A_DONE
+	.global	mailbox_wait
+mailbox_wait:
+	ldar	x0, [x16]			/* acquire: the answer is read after its count */
+	cmp	x0, x19
+	b.eq	1f
+	mrs	x0, cntvct_el0
+	cmp	x0, x17
+	b.lo	mailbox_wait
+mailbox_wait_end:
+	/* No answer in time: the call stops at the doorbell with the guest's registers (x0 back from
+	 * the mailbox; x1..x15 were never touched); the sidecar finds the post there, answered by then
+	 * or not, and serves the call exactly once. */
+	ldr	x0, [x18, #(A_MAIL_X + 0 * 8)]
+	b	call_stops
+1:	ldr	x19, [x18, #A_VERDICT]
+	cmp	x19, #VERDICT_PASS		/* lo: answered, eq: forward, hi: stop for it */
+	ldp	x0, x1, [x18, #(A_MAIL_X + 0 * 8)]
+	ldp	x2, x3, [x18, #(A_MAIL_X + 2 * 8)]
+	ldp	x4, x5, [x18, #(A_MAIL_X + 4 * 8)]
+	ldp	x6, x7, [x18, #(A_MAIL_X + 6 * 8)]
+	ldp	x8, x9, [x18, #(A_MAIL_X + 8 * 8)]
+	ldp	x10, x11, [x18, #(A_MAIL_X + 10 * 8)]
+	ldp	x12, x13, [x18, #(A_MAIL_X + 12 * 8)]
+	ldp	x14, x15, [x18, #(A_MAIL_X + 14 * 8)]
+	ldp	x16, x17, [x18, #(A_MAIL_X + 16 * 8)]
+	ldp	x18, x19, [sp], #16		/* the flags survive the loads */
+	b.lo	stub_resume
+	b.eq	call_forward
+	b	call_doorbell
+call_stops:
+	ldp	x16, x17, [x18, #(A_MAIL_X + 16 * 8)]
 	ldp	x18, x19, [sp], #16
+call_doorbell:
 	stur	xzr, [sp, #(A_DOORBELL - PERCPU_SIZE)]	/* the sidecar's watchpoint: stops at stub_trap_site */
 	.global	stub_trap_site
 stub_trap_site:
 	nop					/* the sidecar's breakpoint: x0..x30 are the guest's */
+call_forward:
 	/* Nobody answered: QEMU's firmware serves the call. */
 	stp	x18, x19, [sp, #-16]!
 	stp	x2, x3, [sp, #-16]!
@@ -488,6 +575,8 @@ stub_unexpected:
 
 	.balign	8
 idle_poll_ticks:
+	.quad	0
+fast_spin_ticks:
 	.quad	0
 
 	.bss

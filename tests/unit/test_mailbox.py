@@ -1,0 +1,423 @@
+"""The EL2 stub's mailbox, sidecar side (pure logic: guest RAM is a bytearray, no QEMU).
+
+What must hold: a posted call is answered at most once, from the mailbox or from the stop the stub
+makes when its wait runs out; the answer's registers are in place before the count the stub waits
+for; calls that change the return state go to a stop undispatched; nothing is answered through
+guest RAM while a migration runs or the conduit leaves. The real stub and QEMU are exercised by
+tests/integration/test_el2_mailbox.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from qmp_sdei import stub
+from qmp_sdei.abi import psci
+from qmp_sdei.abi.sdei import Function
+from qmp_sdei.abi.smccc import SVE_HINT, to_u64
+from qmp_sdei.conduit.el2 import El2Conduit
+from qmp_sdei.conduit.mailbox import Mailboxes, MailboxWatcher
+from qmp_sdei.conduit.rsp import CoreRegs, StopReply
+from qmp_sdei.errors import ConduitError
+from qmp_sdei.owner import SdeiOwner
+from qmp_sdei.sdei import Dispatcher, EventSpec
+from qmp_sdei.stub import (
+    A_CTX_VALID,
+    A_DONE,
+    A_FAST_UNTIL,
+    A_MAIL_X,
+    A_POST,
+    A_TRAP_COUNT,
+    A_TRAP_TIME,
+    A_VERDICT,
+    HEADER_COUNTER_HZ,
+    STUB_BASE,
+    VERDICT_ANSWERED,
+    VERDICT_PASS,
+    VERDICT_STOP,
+    StubLayout,
+)
+from qmp_sdei.versions import VersionPins
+
+HZ = 62_500_000
+SDEI_VERSION_1_1 = (1 << 48) | (1 << 32)
+
+
+class RamInBytes:
+    """A RamWindow over a bytearray."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self.size = base, size
+        self.bytes = bytearray(size)
+        self.buffer = memoryview(self.bytes)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _layout() -> StubLayout:
+    return StubLayout.parse(STUB_BASE, stub.STUB_BIN.read_bytes()[: stub.HEADER_SIZE])
+
+
+def _ram(layout: StubLayout, *, booted: bool = True) -> RamInBytes:
+    ram = RamInBytes(layout.base, layout.areas_end - layout.base)
+    if booted:  # the stub records its counter frequency at boot
+        struct.pack_into("<I", ram.buffer, HEADER_COUNTER_HZ, HZ)
+    return ram
+
+
+def _u64(ram: RamInBytes, addr: int) -> int:
+    value: int = struct.unpack_from("<Q", ram.buffer, addr - ram.base)[0]
+    return value
+
+
+def _set(ram: RamInBytes, addr: int, value: int) -> None:
+    struct.pack_into("<Q", ram.buffer, addr - ram.base, value)
+
+
+def _post(ram: RamInBytes, area: int, count: int, x: list[int]) -> None:
+    """What the stub does for a call while its lease runs."""
+    _set(ram, area + A_TRAP_COUNT, count)
+    struct.pack_into("<18Q", ram.buffer, area + A_MAIL_X - ram.base, *(x + [0] * (18 - len(x))))
+    _set(ram, area + A_POST, count)
+
+
+def _mail(ram: RamInBytes, area: int) -> list[int]:
+    return list(struct.unpack_from("<18Q", ram.buffer, area + A_MAIL_X - ram.base))
+
+
+# ---- Mailboxes --------------------------------------------------------------------------------
+
+
+def test_the_stub_header_announces_the_mailbox() -> None:
+    layout = _layout()
+    assert layout.version == 2 and layout.has_mailbox
+    assert layout.fast_spin_us == 1000
+    assert len(layout.mailbox_wait) > 0 and layout.base < layout.mailbox_wait.start < layout.trap_site
+
+
+def test_a_version_1_stub_is_still_served_but_has_no_mailbox() -> None:
+    header = bytearray(stub.STUB_BIN.read_bytes()[: stub.HEADER_SIZE])
+    struct.pack_into("<I", header, 0x10, 1)
+    layout = StubLayout.parse(STUB_BASE, bytes(header))
+    assert not layout.has_mailbox and len(layout.mailbox_wait) == 0
+    with pytest.raises(ConduitError, match="no mailbox"):
+        Mailboxes(_ram(layout), layout)
+
+
+def test_an_unknown_header_version_is_refused() -> None:
+    header = bytearray(stub.STUB_BIN.read_bytes()[: stub.HEADER_SIZE])
+    struct.pack_into("<I", header, 0x10, 3)
+    with pytest.raises(ConduitError, match="version 3"):
+        StubLayout.parse(STUB_BASE, bytes(header))
+
+
+def test_a_window_that_misses_part_of_the_stub_is_refused() -> None:
+    layout = _layout()
+    short = RamInBytes(layout.base, layout.areas_end - layout.base - 8)
+    with pytest.raises(ConduitError, match="does not cover"):
+        Mailboxes(short, layout)
+
+
+def test_a_lease_runs_from_the_last_trap_for_the_lease_time() -> None:
+    layout = _layout()
+    ram = _ram(layout)
+    mail = Mailboxes(ram, layout, lease=0.05)
+    area = layout.percpu + layout.percpu_size
+    _set(ram, area + A_TRAP_TIME, 1_000_000)
+    assert mail.lease(area)
+    assert _u64(ram, area + A_FAST_UNTIL) == 1_000_000 + HZ // 20
+    mail.revoke(area)
+    assert _u64(ram, area + A_FAST_UNTIL) == 0
+
+
+def test_no_lease_before_the_stub_has_run() -> None:
+    layout = _layout()
+    ram = _ram(layout, booted=False)
+    mail = Mailboxes(ram, layout)
+    assert not mail.lease(layout.percpu)
+    assert _u64(ram, layout.percpu + A_FAST_UNTIL) == 0
+
+
+def test_an_answer_is_its_registers_verdict_and_then_its_count() -> None:
+    layout = _layout()
+    ram = _ram(layout)
+    mail = Mailboxes(ram, layout)
+    area = layout.percpu
+    _post(ram, area, 7, [0xC400_0020, 5])
+    assert mail.posted_now(area) == 7
+    mail.answer(area, 7, VERDICT_ANSWERED, [SDEI_VERSION_1_1, *range(1, 18)])
+    assert _mail(ram, area) == [SDEI_VERSION_1_1, *range(1, 18)]
+    assert (_u64(ram, area + A_VERDICT), _u64(ram, area + A_DONE)) == (VERDICT_ANSWERED, 7)
+    mail.answer(area, 8, VERDICT_STOP, None)  # a stop verdict leaves the guest's registers alone
+    assert _mail(ram, area)[0] == SDEI_VERSION_1_1
+    _set(ram, area + A_TRAP_COUNT, 8)  # a later call that was not posted
+    assert mail.posted_now(area) is None
+
+
+# ---- the watcher ----------------------------------------------------------------------------
+
+
+async def _next(queue: asyncio.Queue[tuple[int, int]]) -> tuple[int, int]:
+    return await asyncio.wait_for(queue.get(), 10.0)
+
+
+@pytest.mark.asyncio
+async def test_the_watcher_hands_each_new_post_to_the_loop_once() -> None:
+    layout = _layout()
+    ram = _ram(layout)
+    area = layout.percpu
+    _post(ram, area, 3, [1])  # posted before it was watched: not new
+    seen: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    watcher: MailboxWatcher
+
+    def on_post(vcpu: int, count: int, _ns: int) -> None:
+        seen.put_nowait((vcpu, count))
+        watcher.loop_done()
+
+    watcher = MailboxWatcher(Mailboxes(ram, layout), on_post, asyncio.get_running_loop(), interval=1e-4)
+    try:
+        watcher.watch(0, area)
+        watcher.keep_hot()
+        _post(ram, area, 4, [1])
+        assert await _next(seen) == (0, 4)
+        _post(ram, area, 5, [1])
+        assert await _next(seen) == (0, 5)
+        await asyncio.sleep(0.01)  # many polls: nothing new means nothing handed over
+        assert seen.empty()
+    finally:
+        watcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_cool_watcher_sees_nothing_until_a_lease_heats_it() -> None:
+    layout = _layout()
+    ram = _ram(layout)
+    area = layout.percpu
+    seen: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    watcher: MailboxWatcher
+
+    def on_post(vcpu: int, count: int, _ns: int) -> None:
+        seen.put_nowait((vcpu, count))
+        watcher.loop_done()
+
+    watcher = MailboxWatcher(Mailboxes(ram, layout), on_post, asyncio.get_running_loop(), interval=1e-4)
+    try:
+        watcher.watch(0, area)
+        watcher.keep_hot()
+        watcher.cool()
+        _post(ram, area, 1, [1])
+        await asyncio.sleep(0.02)
+        assert seen.empty()
+        watcher.keep_hot()
+        assert await _next(seen) == (0, 1)
+    finally:
+        watcher.close()
+
+
+@pytest.mark.asyncio
+async def test_the_watcher_waits_while_the_loop_serves() -> None:
+    layout = _layout()
+    ram = _ram(layout)
+    areas = [layout.percpu, layout.percpu + layout.percpu_size]
+    seen: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    watcher = MailboxWatcher(
+        Mailboxes(ram, layout), lambda v, c, _ns: seen.put_nowait((v, c)), asyncio.get_running_loop(), interval=1e-4
+    )
+    try:
+        for vcpu, area in enumerate(areas):
+            watcher.watch(vcpu, area)
+        watcher.keep_hot()
+        _post(ram, areas[0], 1, [1])
+        assert await _next(seen) == (0, 1)
+        _post(ram, areas[1], 1, [1])  # the loop has not said it is done with the first
+        await asyncio.sleep(0.02)
+        assert seen.empty()
+        watcher.loop_done()
+        assert await _next(seen) == (1, 1)
+    finally:
+        watcher.close()
+
+
+# ---- the conduit's side ------------------------------------------------------------------------
+
+
+class RecordingStub:
+    """Stands in for RspClient: records interrupts (0x03)."""
+
+    def __init__(self) -> None:
+        self.interrupts = 0
+
+    def interrupt(self) -> None:
+        self.interrupts += 1
+
+
+class CountingOwner(SdeiOwner):
+    def __init__(self) -> None:
+        inner = Dispatcher(events=[EventSpec(1000)], mpidrs=[0, 1], version=(1, 1), profile="tf-a")
+        super().__init__(inner, pins=VersionPins((1, 1), 0, (1, 1)), persist=None)
+        self.calls: list[int] = []
+        self.commits = 0
+        self.fail: Exception | None = None
+
+    def hypercall(self, vcpu, regs):  # type: ignore[no-untyped-def]
+        if self.fail is not None:
+            raise self.fail
+        self.calls.append(regs.x[0])
+        return super().hypercall(vcpu, regs)
+
+    def commit(self) -> None:
+        self.commits += 1
+        super().commit()
+
+
+def _conduit(*, running: bool = True) -> tuple[El2Conduit, RamInBytes, CountingOwner, RecordingStub]:
+    layout = _layout()
+    ram, owner, rsp = _ram(layout), CountingOwner(), RecordingStub()
+    conduit = El2Conduit(rsp, owner, layout, ram=ram)  # type: ignore[arg-type]
+    conduit._mail = Mailboxes(ram, layout)  # what start() sets up, without a watcher thread
+    conduit._areas[0] = layout.percpu
+    conduit._running = running
+    return conduit, ram, owner, rsp
+
+
+def _serve(conduit: El2Conduit, count: int) -> None:
+    conduit._serve_post(0, count, 0)
+
+
+def test_a_posted_sdei_call_is_answered_in_the_mailbox_after_the_state_is_committed() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _set(ram, area + A_CTX_VALID, 1)  # a handler context the stub would answer EVENT_CONTEXT from
+    _post(ram, area, 1, [0xC400_0020, 0, 0, 0, 4, 5, 6])
+    _serve(conduit, 1)
+    assert owner.calls == [0xC400_0020] and owner.commits == 1
+    x = _mail(ram, area)
+    assert x[0] == SDEI_VERSION_1_1 and x[4:7] == [4, 5, 6]
+    assert (_u64(ram, area + A_VERDICT), _u64(ram, area + A_DONE)) == (VERDICT_ANSWERED, 1)
+    assert _u64(ram, area + A_CTX_VALID) == 0  # any other call ends the stub's EVENT_CONTEXT answers
+    assert conduit.stats.mailbox_calls == 1 and conduit.stats.sdei_calls == 1
+    _serve(conduit, 1)  # handed over twice (or re-offered): still one answer
+    assert owner.calls == [0xC400_0020]
+
+
+def test_an_sdei_error_comes_back_as_a_64_bit_value() -> None:
+    conduit, ram, _, _ = _conduit()
+    area = conduit.layout.percpu
+    _post(ram, area, 1, [Function.EVENT_ENABLE, 999])  # not in the catalogue: INVALID_PARAMETERS (-2)
+    _serve(conduit, 1)
+    assert _mail(ram, area)[0] == to_u64(-2)
+
+
+@pytest.mark.parametrize("fid", [Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME])
+def test_a_call_that_changes_the_return_state_goes_to_a_stop_undispatched(fid: int) -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _post(ram, area, 1, [fid, 0x1234])
+    _serve(conduit, 1)
+    assert owner.calls == []
+    assert (_u64(ram, area + A_VERDICT), _u64(ram, area + A_DONE)) == (VERDICT_STOP, 1)
+    assert _mail(ram, area)[:2] == [fid, 0x1234]  # the guest's registers, for the stop to serve
+    core = CoreRegs(x=[fid, 0x1234, *[0] * 29], sp=area + 0x3F0, pc=conduit.layout.trap_site, cpsr=0x3C9)
+    assert not conduit._posted_call_in_stop(0, area, core)  # the stop serves it
+    assert conduit.stats.mailbox_stops == 1
+
+
+@pytest.mark.asyncio  # a PSCI call starts the SDEI-probe watch, a loop timer
+async def test_a_psci_call_qemu_answers_is_passed_on_without_the_sve_hint() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _post(ram, area, 1, [psci.Function.CPU_ON | 0x4000_0000 | SVE_HINT, 1, 0x4008_0000, 0])
+    _serve(conduit, 1)
+    assert _u64(ram, area + A_VERDICT) == VERDICT_PASS
+    assert _mail(ram, area)[0] == psci.Function.CPU_ON | 0x4000_0000
+    assert conduit.stats.psci_passthrough == 1 and conduit._mail_failure is None
+
+
+def test_nothing_is_answered_while_a_migration_runs_or_the_conduit_leaves() -> None:
+    for block in ("_mail_paused", "_stopping", "_gate_closed"):
+        conduit, ram, owner, _ = _conduit()
+        setattr(conduit, block, True)
+        _post(ram, conduit.layout.percpu, 1, [0xC400_0020])
+        _serve(conduit, 1)
+        assert owner.calls == [] and _u64(ram, conduit.layout.percpu + A_DONE) == 0, block
+
+
+def test_a_stale_or_taken_post_is_not_answered() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _post(ram, area, 2, [0xC400_0020])
+    _serve(conduit, 1)  # the count handed over is not what is posted now
+    conduit._mail_taken[0] = 2  # a stop served it
+    _serve(conduit, 2)
+    assert owner.calls == []
+
+
+def test_a_post_during_a_stop_is_answered_when_the_stop_is_over() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    conduit._in_stop = True
+    _post(ram, area, 1, [0xC400_0020])
+    _serve(conduit, 1)
+    assert owner.calls == [] and conduit._mail_deferred == {0}
+    conduit._in_stop = False
+    conduit._offer_deferred_posts()
+    assert owner.calls == [0xC400_0020] and _u64(ram, area + A_DONE) == 1
+
+
+def test_a_post_the_stop_found_unanswered_is_the_stops_for_good() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _post(ram, area, 1, [0xC400_0020])
+    core = CoreRegs(x=[0xC400_0020, *[0] * 30], sp=area + 0x3F0, pc=conduit.layout.trap_site - 4, cpsr=0x3C9)
+    assert not conduit._posted_call_in_stop(0, area, core)
+    assert conduit.stats.mailbox_timeouts == 1
+    _serve(conduit, 1)  # the watcher's hand-over arrives after the stop took it
+    assert owner.calls == []
+
+
+def test_an_answer_the_stub_gave_up_on_is_applied_at_its_stop_not_served_again() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _post(ram, area, 1, [0xC400_0020, 0, 0, 0, 4])
+    _serve(conduit, 1)
+    core = CoreRegs(x=[0xC400_0020, *[9] * 30], sp=area + 0x3F0, pc=conduit.layout.trap_site - 4, cpsr=0x3C9)
+    assert conduit._posted_call_in_stop(0, area, core)
+    assert core.x[0] == SDEI_VERSION_1_1 and core.x[4] == 4 and core.x[18] == 9
+    assert core.pc == conduit.layout.resume and conduit._dirty[0] is core
+    assert owner.calls == [0xC400_0020] and conduit.stats.mailbox_late == 1
+
+
+@pytest.mark.asyncio
+async def test_a_failing_dispatch_stops_the_vm_and_fails_the_loop_at_that_stop() -> None:
+    conduit, ram, owner, rsp = _conduit()
+    owner.fail = RuntimeError("boom")
+    _post(ram, conduit.layout.percpu, 1, [0xC400_0020])
+    _serve(conduit, 1)
+    assert rsp.interrupts == 1 and _u64(ram, conduit.layout.percpu + A_DONE) == 0
+    with pytest.raises(ConduitError, match="mailbox failed: boom"):
+        await conduit._handle_stop(StopReply(kind="T", signal=2, thread=None, info={}))
+
+
+def test_an_event_made_deliverable_by_a_posted_call_gets_a_stop() -> None:
+    conduit, ram, owner, _ = _conduit()
+    requested: list[bool] = []
+    conduit.request_delivery = lambda: requested.append(True)  # type: ignore[method-assign]
+    area = conduit.layout.percpu
+    calls: list[list[int]] = [
+        [Function.EVENT_REGISTER, 1000, 0x4008_0000, 0x55, 0, 0],
+        [Function.EVENT_ENABLE, 1000],
+    ]
+    for count, x in enumerate(calls, start=1):
+        _post(ram, area, count, x)
+        _serve(conduit, count)
+    owner.dispatcher.trigger(1000, 0)  # pending: vCPU 0 is still masked
+    assert not owner.dispatcher.deliverable() and not requested
+    _post(ram, area, 3, [Function.PE_UNMASK])
+    _serve(conduit, 3)
+    assert owner.dispatcher.deliverable() == [0] and requested == [True]
+    assert owner.calls == [Function.EVENT_REGISTER, Function.EVENT_ENABLE, Function.PE_UNMASK]
