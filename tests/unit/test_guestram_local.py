@@ -182,3 +182,29 @@ def test_close_is_idempotent_and_a_sliced_view_keeps_the_pages_until_released() 
         assert bytes(part) == MAGIC[:4]  # still mapped under the caller's view
         part.release()
         assert mappings() == maps  # gone with the last view
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_process_of_another_user_is_refused() -> None:
+    """A child that became ``nobody`` looks at this (root's) process: not ours to open."""
+    owner = os.getpid()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        message = "no error"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            map_guest_ram(owner, MB, MAGIC_AT, 16).close()
+        except SharedRamUnavailable as err:
+            message = f"SharedRamUnavailable: {err}"
+        except BaseException as err:  # anything else is reported, never raised in the fork
+            message = f"{type(err).__name__}: {err}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        message = report.read().decode()
+    os.waitpid(child, 0)
+    assert message.startswith("SharedRamUnavailable: "), message
+    assert f"QEMU {owner}'s open files" in message and "not ours" in message
