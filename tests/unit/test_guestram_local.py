@@ -7,6 +7,7 @@ tests/integration/test_guestram.py does the same against a real QEMU.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
@@ -208,3 +209,16 @@ def test_a_process_of_another_user_is_refused() -> None:
     os.waitpid(child, 0)
     assert message.startswith("SharedRamUnavailable: "), message
     assert f"QEMU {owner}'s open files" in message and "not ours" in message
+
+
+def test_close_with_a_ctypes_object_on_the_buffer() -> None:
+    with fake_ram() as ram:
+        maps = mappings()
+        window = map_guest_ram(os.getpid(), MB, MAGIC_AT, 16)
+        word = ctypes.c_uint32.from_buffer(window.buffer, 4)
+        window.close()
+        assert window.closed
+        word.value = 0x6B6F6F6C  # still mapped: the write reaches the RAM
+        assert ram[MAGIC_AT - RAM_BASE + 4 : MAGIC_AT - RAM_BASE + 8] == b"look"
+        del word
+        assert mappings() == maps

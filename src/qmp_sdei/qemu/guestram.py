@@ -96,15 +96,19 @@ class GuestRamWindow:
     def close(self) -> None:
         """Unmap the window (idempotent; never raises).
 
-        A view the caller sliced from :attr:`buffer` and still holds keeps the pages mapped (and
-        valid) until it is released; the mapping goes away with the last such view.
+        A view the caller took of :attr:`buffer` and still holds (a slice, a ``ctypes`` object
+        ``from_buffer``) keeps the pages mapped, and valid, until it goes; the mapping goes with
+        the last one.
         """
         if self._mapping is None:
             return
         mapping, self._mapping = self._mapping, None
-        self.buffer.release()
-        self._whole.release()
-        with contextlib.suppress(BufferError):  # views still out: unmapped when the last is released
+        # BufferError: still exported; freed when the last user lets go.
+        with contextlib.suppress(BufferError):
+            self.buffer.release()
+        with contextlib.suppress(BufferError):
+            self._whole.release()
+        with contextlib.suppress(BufferError):
             mapping.close()
 
     def __enter__(self) -> GuestRamWindow:
