@@ -331,7 +331,8 @@ async def run_boot_test(
 
 # The machine for a boot through the EL2 stub: EL2 for the stub, and a GICv3, through whose
 # redistributors the conduit wakes an idle vCPU at once (QEMU's virt defaults to a GICv2, where
-# idle vCPUs wait for the stub's 1 ms poll; a GICv3 also allows more than 8 vCPUs).
+# idle vCPUs wait for the stub's 1 ms poll; a GICv3 also allows more than 8 vCPUs). Its specs also
+# set shared_ram: guest RAM in a shared memfd the sidecar maps to answer the stub's mailbox.
 EL2_MACHINE: Final[dict[str, str]] = {"virtualization": "on", "gic-version": "3"}
 
 
@@ -366,7 +367,10 @@ async def qemu_spec(
         )  # fmt: skip
         spec.dtb = await build_sdei_dtb(spec, work / "sdei.dtb", sdei_method="hvc", psci_compatible=psci_compatible)
         return spec
-    spec = QemuSpec(smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options=dict(EL2_MACHINE), paused=True, name=VM_NAME)
+    spec = QemuSpec(
+        smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options=dict(EL2_MACHINE), paused=True, name=VM_NAME,
+        shared_ram=True,
+    )  # fmt: skip
     base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
     dtb = await add_chosen(
         base,
@@ -400,7 +404,9 @@ async def _uefi_spec(
     if not UEFI_FIRMWARE.is_file():
         raise ConfigError(f"boot-test: UEFI firmware {UEFI_FIRMWARE} not found (Debian package qemu-efi-aarch64)")
     machine = {**EL2_MACHINE, "acpi": "on" if acpi else "off"}
-    spec = QemuSpec(smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options=machine, paused=True, name=VM_NAME)
+    spec = QemuSpec(
+        smp=smp, memory_mb=memory_mb, cpu=cpu, machine_options=machine, paused=True, name=VM_NAME, shared_ram=True
+    )
     base = await build_sdei_dtb(spec, work / "sdei-base.dtb", sdei_method="smc", psci_compatible=psci_compatible)
     dtb = await add_chosen(base, work / "sdei.dtb", bootargs=cmdline, memory=stub.firmware_memory(memory_mb))
     spec.extra_args = stub.firmware_qemu_args(UEFI_FIRMWARE, dtb, memory_mb)
@@ -475,7 +481,7 @@ async def stub_boot_args(
     memory_mb: int = MEMORY_MB,
     psci: str = "1.1",
 ) -> list[str]:
-    """QEMU arguments (machine, CPU, memory, and the stub boot) for ``qmp-sdei qemu-args``.
+    """QEMU arguments (machine, CPU, memory in a shared backend, and the stub boot) for ``qmp-sdei qemu-args``.
 
     Writes the DTB to ``dtb_out``: QEMU's tree for this machine with ``/firmware/sdei`` and
     ``/chosen`` (command line, initrd range, a fresh ``kaslr-seed``) for a direct boot of
@@ -513,13 +519,14 @@ async def stub_boot_args(
             )  # fmt: skip
         dtb_out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(work / "sdei.dtb", dtb_out)
-    machine = ",".join([spec.machine, *(f"{k}={v}" for k, v in spec.machine_options.items())])
     if firmware == "uefi":
         boot = stub.firmware_qemu_args(UEFI_FIRMWARE, dtb_out.resolve(), memory_mb)
     else:
         assert kernel_path is not None
         boot = stub.qemu_args(kernel_path, dtb_out.resolve(), initrd=initrd_path)
-    return ["-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb), *boot]
+    # Guest RAM in a shared memory backend, as boot-test starts it: the sidecar maps it for the
+    # stub's mailbox (see docs/deployment.md).
+    return ["-M", spec.machine_arg(), "-cpu", cpu, "-smp", str(smp), *spec.memory_args(), *boot]
 
 
 async def _boot(

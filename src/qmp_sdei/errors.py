@@ -22,6 +22,7 @@ the daemon both read it from here, so the mapping exists once::
      |    |                   a machine we can serve
      |    +-- QmpCommandError  a QMP command failed (in qemu/qmp.py, carries QEMU's error class)
      |    +-- MigrationError   a live migration failed, was cancelled, or ended unexpectedly
+     |    +-- SharedRamUnavailable  QEMU's guest RAM cannot be mapped (not a shared backend)
      +-- VmstateError         the in-band migration channel failed    3 QEMU
      |                        (private D-Bus daemon, VMState1 service)
      +-- IncompatibleState    a state blob (or status file) is       4 STATE
@@ -114,6 +115,16 @@ class MigrationError(QemuError):
     """A live migration failed, was cancelled, or reached a state the caller did not wait for.
 
     The message carries QEMU's ``error-desc`` when it gave one.
+    """
+
+
+class SharedRamUnavailable(QemuError):
+    """The sidecar cannot map this QEMU's guest RAM (:mod:`qmp_sdei.qemu.guestram`).
+
+    The guest RAM is private (no ``memory-backend-*,share=on`` of the VM's size among QEMU's
+    files), the process is gone or belongs to another user, or no candidate holds the expected
+    bytes. The message says what was looked at and how to start QEMU so that it works
+    (``qmp-sdei qemu-args`` prints the arguments). Nothing was mapped or left open.
     """
 
 

@@ -33,7 +33,7 @@ EVENTS = 100  # as compiled into tests/guests/loop/loop.c: it powers off after t
 async def test_events_raised_right_after_each_complete_are_all_entered(tmp_path: Path) -> None:
     image = build_loop_guest_el2(tmp_path / "guest")
     spec = QemuSpec(
-        smp=1, machine_options={"virtualization": "on", "gic-version": "3"}, paused=True,
+        smp=1, machine_options={"virtualization": "on", "gic-version": "3"}, paused=True, shared_ram=True,
         extra_args=("-kernel", str(stub.STUB_ELF),
                     "-device", f"loader,file={image},addr={stub.KERNEL_ADDR:#x},force-raw=on"),
     )  # fmt: skip

@@ -49,7 +49,9 @@ async def test_a_guest_that_never_probes_sdei_is_reported(
     VM goes (QEMU exits on the panic)."""
     monkeypatch.setattr(el2, "SDEI_PROBE_GRACE", grace)
     kernel = fetch_debian_kernel()
-    spec = QemuSpec(smp=1, memory_mb=1024, machine_options={"virtualization": "on"}, paused=True, name="no-sdei")
+    spec = QemuSpec(
+        smp=1, memory_mb=1024, machine_options={"virtualization": "on"}, paused=True, name="no-sdei", shared_ram=True
+    )
     plain = await dump_qemu_dtb(spec, tmp_path / "plain.dtb")  # QEMU's own tree: no /firmware/sdei
     dtb = await add_chosen(
         plain, tmp_path / "guest.dtb", bootargs="console=ttyAMA0 panic=-1", reserve=(STUB_BASE, STUB_RESERVED)

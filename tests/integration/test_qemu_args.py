@@ -33,7 +33,9 @@ async def test_prints_the_stub_boot_and_writes_the_dtb(tmp_path: Path) -> None:
     result = _run("--kernel", str(kernel), "--dtb-out", str(dtb), "--smp", "2", "--append", "console=ttyAMA0 quiet")
     assert result.returncode == 0, result.stderr
     argv = shlex.split(result.stdout)
-    assert argv[:2] == ["-M", "virt,virtualization=on,gic-version=3"]
+    assert argv[:2] == ["-M", "virt,virtualization=on,gic-version=3,memory-backend=qsdei-ram"]
+    assert argv[argv.index("-m") : argv.index("-m") + 2] == ["-m", "1024"]
+    assert argv[argv.index("-object") + 1] == "memory-backend-memfd,id=qsdei-ram,size=1024M,share=on"
     assert argv[argv.index("-smp") : argv.index("-smp") + 2] == ["-smp", "2"]
     assert argv[argv.index("-kernel") + 1] == str(STUB_ELF)
     assert f"loader,file={kernel},addr={KERNEL_ADDR:#x},force-raw=on" in argv
@@ -60,7 +62,8 @@ async def test_uefi_args_hide_the_stub_from_the_firmware(tmp_path: Path) -> None
     result = _run("--firmware", "uefi", "--dtb-out", str(dtb), "--memory", "2048")
     assert result.returncode == 0, result.stderr
     argv = shlex.split(result.stdout)
-    assert argv[:2] == ["-M", "virt,virtualization=on,gic-version=3,acpi=off"]
+    assert argv[:2] == ["-M", "virt,virtualization=on,gic-version=3,acpi=off,memory-backend=qsdei-ram"]
+    assert argv[argv.index("-object") + 1] == "memory-backend-memfd,id=qsdei-ram,size=2048M,share=on"
     top = 0x4000_0000 + (2048 << 20) - 0x20_0000
     assert f"loader,addr={top + 4:#x},cpu-num=0" in argv
     assert argv[argv.index("-dtb") + 1] == str(dtb.resolve())

@@ -31,6 +31,20 @@ from qmp_sdei.errors import QemuError
 
 QEMU_BINARY = "qemu-system-aarch64"
 
+#: the id of the shared guest-RAM backend :attr:`QemuSpec.shared_ram` adds (``-M virt,memory-backend=``)
+SHARED_RAM_ID = "qsdei-ram"
+
+
+def shared_ram_args(memory_mb: int) -> list[str]:
+    """The ``-object`` that backs guest RAM with a shared memfd of ``memory_mb`` MiB.
+
+    ``share=on`` makes QEMU map the memfd ``MAP_SHARED``, so another process that maps the same
+    file (the sidecar, see :mod:`qmp_sdei.qemu.guestram`) sees the guest's writes and the guest
+    sees its writes. The machine must name it (``memory-backend=``, :data:`SHARED_RAM_ID`), and
+    ``-m`` must stay equal to its size: QEMU 7.2 and 10 both refuse a mismatch.
+    """
+    return ["-object", f"memory-backend-memfd,id={SHARED_RAM_ID},size={memory_mb}M,share=on"]
+
 
 @dataclass
 class QemuSpec:
@@ -50,16 +64,29 @@ class QemuSpec:
     name: str | None = None
     uuid: str | None = None
     extra_args: Sequence[str] = ()
+    # Guest RAM in a shared memfd (shared_ram_args) the sidecar can map, instead of QEMU's
+    # private anonymous memory: what the EL2 stub's mailbox fast path needs.
+    shared_ram: bool = False
+
+    def machine_arg(self) -> str:
+        """The ``-M`` value: the machine, its options, and with :attr:`shared_ram` its RAM backend."""
+        options = dict(self.machine_options)
+        if self.shared_ram:
+            options["memory-backend"] = SHARED_RAM_ID
+        return ",".join([self.machine, *(f"{k}={v}" for k, v in options.items())])
+
+    def memory_args(self) -> list[str]:
+        """``-m`` and, with :attr:`shared_ram`, the backend object (its size is ``-m``'s)."""
+        return ["-m", str(self.memory_mb), *(shared_ram_args(self.memory_mb) if self.shared_ram else [])]
 
     def argv(self, workdir: Path) -> list[str]:
         """The full command line, with sockets placed in ``workdir``."""
-        machine = ",".join([self.machine, *(f"{k}={v}" for k, v in self.machine_options.items())])
         sidecar = workdir / "sidecar-qmp.sock"
         chardev = f"socket,id=sdei,path={sidecar}"
         chardev += ",reconnect=1" if self.sidecar_listens else ",server=on,wait=off"
         args = [
             QEMU_BINARY, "-nodefaults", "-no-user-config",
-            "-M", machine, "-cpu", self.cpu, "-smp", str(self.smp), "-m", str(self.memory_mb),
+            "-M", self.machine_arg(), "-cpu", self.cpu, "-smp", str(self.smp), *self.memory_args(),
             "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
             "-chardev", chardev, "-mon", "chardev=sdei,mode=control",
             "-qmp", f"unix:{workdir / 'harness-qmp.sock'},server=on,wait=off",
