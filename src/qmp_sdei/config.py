@@ -90,6 +90,9 @@ class ConduitSettings:
     #: start a VM that QEMU holds in prelaunch (-S) once the traps are armed; otherwise wait for
     #: its owner's QMP cont (a VM someone else paused is never resumed by the sidecar)
     start_vm: bool = False
+    #: answer the EL2 stub's calls through its mailbox in shared guest RAM, without stopping the VM,
+    #: when QEMU's RAM is a shared memory backend (qemu-args prints one); False: every call stops it
+    mailbox: bool = True
 
 
 @dataclass(frozen=True)
@@ -465,6 +468,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
         kernel=Path(kernel) if kernel else None,
         trap_sites=tuple(sites),
         start_vm=conduit.get("start_vm", bool, False),
+        mailbox=conduit.get("mailbox", bool, True),
     )
     conduit.done()
 

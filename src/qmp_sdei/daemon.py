@@ -432,6 +432,7 @@ class Sidecar:
             guest_arrival=arrival,
             vcpus=len(self.facts.vcpus),
             memory_mb=self.facts.memory_mb,
+            vcpu_thread=next((v.thread_id for v in self.facts.vcpus if v.thread_id), None),
         )
 
     async def _serve_control(self) -> None:

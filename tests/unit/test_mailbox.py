@@ -329,7 +329,7 @@ def test_a_call_that_changes_the_return_state_goes_to_a_stop_undispatched(fid: i
 
 @pytest.mark.asyncio  # a PSCI call starts the SDEI-probe watch, a loop timer
 async def test_a_psci_call_qemu_answers_is_passed_on_without_the_sve_hint() -> None:
-    conduit, ram, owner, _ = _conduit()
+    conduit, ram, _owner, _ = _conduit()
     area = conduit.layout.percpu
     _post(ram, area, 1, [psci.Function.CPU_ON | 0x4000_0000 | SVE_HINT, 1, 0x4008_0000, 0])
     _serve(conduit, 1)

@@ -26,23 +26,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qmp_sdei.abi import psci, sdei
 from qmp_sdei.abi.sdei import Function
-from qmp_sdei.abi.smccc import function_id, to_u64
-from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit, SdeiPort
+from qmp_sdei.abi.smccc import SVE_HINT, function_id, has_sve_hint, to_u64
+from qmp_sdei.conduit.gdbstub import LATENCY_SAMPLES, ConduitStats, GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.gicwake import PENDING_CLEAR, PENDING_SET, VTIMER_BIT, find_redistributors
+from qmp_sdei.conduit.mailbox import Mailboxes, MailboxWatcher, RamWindow, host_supported
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
 from qmp_sdei.conduit.symbols import NOP, KernelCheckedConduit
 from qmp_sdei.conduit.traps import linux_trap_sites, load_kallsyms
-from qmp_sdei.errors import ConduitError
+from qmp_sdei.errors import ConduitError, SdeiError
 from qmp_sdei.sdei import Completion, VcpuRegs
 from qmp_sdei.stub import (
     A_CTX_VALID,
     A_DOORBELL,
+    A_FAST_UNTIL,
     A_KICK,
     A_NO_HALT,
     A_RESUME_FLAGS,
@@ -57,6 +61,9 @@ from qmp_sdei.stub import (
     MAGIC,
     RESUME_EL1,
     RESUME_EL2,
+    VERDICT_ANSWERED,
+    VERDICT_PASS,
+    VERDICT_STOP,
     StubLayout,
     probe_addresses,
 )
@@ -127,6 +134,12 @@ class El2Stats(ConduitStats):
     idle_entries: int = 0  # handlers entered from the stop that found their vCPU halted in the stub
     entries_over_request: int = 0  # entered at stub_resume on top of an earlier stop's pending request
     doorbell_stops: int = 0  # calls stopped by the doorbell watchpoint (no translation-cache flush)
+    mailbox_calls: int = 0  # calls answered (or passed on to QEMU) through the mailbox, no VM stop
+    mailbox_stops: int = 0  # posted calls the mailbox sent to the doorbell (they change the return state)
+    mailbox_timeouts: int = 0  # posted calls that stopped before an answer: served in the stop
+    mailbox_late: int = 0  # ... answered by the mailbox after the stub gave up: that answer, applied in the stop
+    #: the watcher saw a post -> its answer written (the sidecar's share of a mailbox call)
+    mailbox_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
 
 class El2Conduit(GdbstubConduit):
@@ -139,7 +152,11 @@ class El2Conduit(GdbstubConduit):
         layout: StubLayout,
         *,
         timeout: float = 10.0,
+        ram: RamWindow | None = None,
     ) -> None:
+        """:param ram: guest RAM mapped from QEMU's shared memory backend, covering the stub: its
+        calls are then answered through the mailbox while calls come (see :mod:`.mailbox`). The
+        conduit closes it."""
         super().__init__(rsp, dispatcher, [layout.trap_site, layout.unexpected, layout.wake_site], timeout=timeout)
         self.layout = layout
         self.stats: El2Stats = El2Stats()
@@ -170,6 +187,14 @@ class El2Conduit(GdbstubConduit):
         # vCPU -> (its area's first _IDLE_HEAD bytes, the stub's x16..x19 atop its stack), read this
         # stop with its registers because an event waits for it
         self._idle_views: dict[int, tuple[bytes, bytes]] = {}
+        self._ram = ram
+        self._mail: Mailboxes | None = None
+        self._watcher: MailboxWatcher | None = None
+        self._mail_paused = False  # a migration runs: no leases, no answers through guest RAM
+        self._mail_answers: dict[int, tuple[int, int, list[int]]] = {}  # vCPU -> (count, verdict, x0..x17)
+        self._mail_taken: dict[int, int] = {}  # vCPU -> the count of a posted call a stop served
+        self._mail_failure: BaseException | None = None
+        self._mail_deferred: set[int] = set()  # vCPUs whose post came while a stop was served
 
     def _watch_for_sdei_probe(self) -> None:
         """The guest's firmware interface is up (a PSCI call came): if no SDEI call follows within
@@ -184,6 +209,7 @@ class El2Conduit(GdbstubConduit):
         try:
             await super().run(resume=resume)
         finally:
+            self._close_mailbox()
             if self._probe_watch is not None:
                 self._probe_watch.cancel()
                 if self.exit_reason is not None:  # the VM went by itself, not a detach
@@ -246,8 +272,11 @@ class El2Conduit(GdbstubConduit):
         # No handler context from before this attach stays valid: the stub would answer a later
         # handler's EVENT_CONTEXT from it. Nor a migration's "no halting" (a destination's guest
         # arrives with it set). The VM is stopped.
-        await self._write_every_area((A_CTX_VALID, A_NO_HALT), _ZERO, "clearing the stub's handler contexts")
+        # Nor a lease of a sidecar before us: the stub would post calls nobody watches.
+        fields = (A_CTX_VALID, A_NO_HALT, A_FAST_UNTIL) if self.layout.has_mailbox else (A_CTX_VALID, A_NO_HALT)
+        await self._write_every_area(fields, _ZERO, "clearing the stub's handler contexts")
         await super().start()
+        self._start_mailbox()
         self._context_clear = set(range(len(self.threads)))
         idle = await self.rsp.read_memory(self.layout.idle.start, len(self.layout.idle))
         words = [int.from_bytes(idle[i : i + 4], "little") for i in range(0, len(idle) - 3, 4)]
@@ -263,14 +292,217 @@ class El2Conduit(GdbstubConduit):
             and words.index(LOAD_KICK) < words.index(MRS_ISR)
         )
 
+    def _start_mailbox(self) -> None:
+        """Use the mailbox if the stub has one and guest RAM is mapped; say why not otherwise."""
+        if self._ram is None:
+            log.info("guest RAM is not shared with the sidecar: every call stops the VM (see qemu-args)")
+            return
+        if not self.layout.has_mailbox:
+            log.info("the EL2 stub in this VM predates the mailbox: every call stops the VM")
+        elif not host_supported():
+            log.info("no mailbox on this host architecture: every call stops the VM")
+        else:
+            self._mail = Mailboxes(self._ram, self.layout)
+            self._watcher = MailboxWatcher(self._mail, self._serve_post, asyncio.get_running_loop())
+            log.info("calls are answered through the stub's mailbox in shared guest RAM while they come")
+            return
+        self._ram.close()
+        self._ram = None
+
+    def _revoke_leases(self) -> None:
+        """No vCPU posts from now on (one waiting already stops when its wait runs out)."""
+        if self._mail is not None:
+            for area in set(self._areas.values()):
+                self._mail.revoke(area)
+        if self._watcher is not None:
+            self._watcher.cool()
+
+    def _close_mailbox(self) -> None:
+        """Revoke every lease and stop watching (the stub's posted calls then stop at the doorbell,
+        or, with nobody attached, go to QEMU); unmap guest RAM."""
+        self._revoke_leases()
+        self._mail = None
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        if self._ram is not None:
+            self._ram.close()
+            self._ram = None
+
+    def _lease(self, vcpu: int, area: int) -> None:
+        """Let this vCPU post its next calls (a call of its was just served)."""
+        if self._mail is not None and self._watcher is not None and self._mail_may_lease() and self._mail.lease(area):
+            self._watcher.watch(vcpu, area)
+            self._watcher.keep_hot()
+
+    def _mail_may_lease(self) -> bool:
+        return not (self._mail_paused or self._stopping or self._gate_closed)
+
+    def _posted_call_in_stop(self, vcpu: int, area: int, core: CoreRegs) -> bool:
+        """A vCPU stopped at the doorbell or trap site: if its call was posted and the mailbox
+        answered it after the stub stopped waiting, apply that answer (True). Otherwise the stop
+        serves the call, and the mailbox must never answer it."""
+        if self._mail is None:
+            return False
+        count = self._mail.posted_now(area)
+        if count is None:
+            return False
+        answered = self._mail_answers.get(vcpu)
+        if answered is None or answered[0] != count:
+            self._mail_taken[vcpu] = count
+            self.stats.mailbox_timeouts += 1
+            return False
+        _, verdict, registers = answered
+        if verdict == VERDICT_STOP:
+            self._mail_taken[vcpu] = count
+            return False
+        self.stats.mailbox_late += 1
+        core.x[:CTX_REGS] = registers
+        core.pc = self.layout.resume if verdict == VERDICT_ANSWERED else self.layout.trap_site + 4
+        self._dirty[vcpu] = core
+        return True
+
+    def _serve_post(self, vcpu: int, count: int, seen_ns: int) -> None:
+        """A vCPU posted a call (the watcher saw it; this runs in the event loop). Answer it, or
+        leave it to the stop it makes when its wait runs out: while a migration runs or the conduit
+        is leaving. One that comes while a stop is served waits for the stop's end."""
+        try:
+            self._answer_post(vcpu, count, seen_ns)
+        finally:
+            if self._watcher is not None and not self._in_stop:
+                self._watcher.loop_done()
+
+    def _answer_post(self, vcpu: int, count: int, seen_ns: int) -> None:
+        mail = self._mail
+        area = self._areas.get(vcpu)
+        if (
+            mail is None
+            or area is None
+            or not self._mail_may_lease()
+            or self._mail_failure is not None
+            or self._mail_taken.get(vcpu) == count
+            or mail.post(area) != count
+        ):
+            return
+        if not self._running or self._in_stop or self._held:
+            # A stop is being served (its resume may be out already, and the vCPU posting right
+            # behind it), or the VM is not ours to run: offered again when that is over.
+            self._mail_deferred.add(vcpu)
+            return
+        answered = self._mail_answers.get(vcpu)
+        if answered is not None and answered[0] == count:
+            return
+        registers = mail.arguments(area)
+        fid = function_id(registers[0])
+        if fid in _CONTEXT_SWITCHES:
+            # They change where the guest returns to, with the stop's register writes: no dispatch
+            # here, the stub stops at the doorbell for it at once.
+            self._mail_answers[vcpu] = (count, VERDICT_STOP, registers)
+            mail.answer(area, count, VERDICT_STOP, None)
+            self.stats.mailbox_stops += 1
+            return
+        try:
+            verdict = self._dispatch_posted(vcpu, area, fid, registers)
+        except Exception as err:  # the run loop raises it at its next stop; the stub stops there
+            self._mail_failure = err
+            if self._running and not self._interrupt_sent:
+                self._interrupt()
+            return
+        self._mail_answers[vcpu] = (count, verdict, registers)
+        mail.answer(area, count, verdict, registers)
+        self.stats.mailbox_calls += 1
+        self.stats.mailbox_ns.append(time.perf_counter_ns() - seen_ns)
+        self._lease(vcpu, area)
+        if self.dispatcher.deliverable():
+            self.request_delivery()
+
+    def _offer_deferred_posts(self) -> None:
+        """Serve the posts that came while a stop was served (see :meth:`_serve_post`)."""
+        deferred, self._mail_deferred = self._mail_deferred, set()
+        if self._mail is None:
+            return
+        now = time.perf_counter_ns()
+        for vcpu in deferred:
+            area = self._areas.get(vcpu)
+            if area is not None:
+                self._answer_post(vcpu, self._mail.post(area), now)
+
+    async def _serve_stop(self, stop: StopReply, *, ours: bool) -> None:
+        if self._watcher is not None:
+            self._watcher.loop_busy()
+        try:
+            await super()._serve_stop(stop, ours=ours)
+        finally:
+            if self._mail_deferred:
+                self._offer_deferred_posts()
+            if self._watcher is not None:
+                self._watcher.loop_done()
+
+    async def owner_resumed(self) -> None:
+        await super().owner_resumed()
+        if self._mail_deferred:
+            self._offer_deferred_posts()
+
+    def _dispatch_posted(self, vcpu: int, area: int, fid: int, registers: list[int]) -> int:
+        """Serve a posted call as :meth:`_trap` serves one at a stop; ``registers`` becomes the
+        answer. Returns the stub's verdict."""
+        assert self._mail is not None
+        self.stats.traps += 1
+        if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
+            self._mail.clear_context(area)  # as _trap does, before the guest sees the answer
+            self._context_clear.add(vcpu)
+        self.dispatcher.begin_stop()
+        try:
+            if sdei.is_sdei_range(fid):
+                self.stats.sdei_calls += 1
+                regs = VcpuRegs([*registers, *[0] * (31 - CTX_REGS)], self.layout.resume, self._mail.trap_spsr(area))
+                completion = self.dispatcher.hypercall(vcpu, regs)
+                if completion is not Completion.RETURN:
+                    raise ConduitError(f"SDEI call {fid:#x} through the mailbox completed as {completion}")
+                registers[:] = [to_u64(v) for v in regs.x[:CTX_REGS]]
+                verdict = VERDICT_ANSWERED
+            else:
+                verdict = VERDICT_PASS
+                if psci.is_psci_range(fid):
+                    self._watch_for_sdei_probe()
+                    answer = self.dispatcher.psci_call(vcpu, fid, registers[1], registers[2], registers[3])
+                    if answer is not None:
+                        self.stats.psci_answered += 1
+                        registers[0] = to_u64(answer)
+                        verdict = VERDICT_ANSWERED
+                    else:
+                        self.stats.psci_passthrough += 1
+                else:
+                    self.stats.other_passthrough += 1
+                if verdict == VERDICT_PASS and has_sve_hint(registers[0]):
+                    registers[0] &= ~SVE_HINT  # as _strip_sve_hint: QEMU 7.2's PSCI does not know it
+            self.dispatcher.commit()
+        finally:
+            self.dispatcher.end_stop()
+        return verdict
+
+    async def detach(self) -> None:
+        """As the base class. The leases go first: a call posted now stops at the doorbell and is
+        served by the last stop; one the mailbox answered stays answered (its record is kept)."""
+        self._revoke_leases()
+        try:
+            await super().detach()
+        finally:
+            self._close_mailbox()
+
+    async def close(self) -> None:
+        self._revoke_leases()
+        try:
+            await super().close()
+        finally:
+            self._close_mailbox()
+
     async def _write_every_area(self, fields: tuple[int, ...], value: bytes, what: str) -> None:
         """Write ``value`` at each of ``fields`` in every per-CPU area the stub has, in one pipelined
         batch (the VM must be stopped). Every area, not one per vCPU: the stub picks a vCPU's area
         from its MPIDR, which is not its index beyond the first cluster."""
         areas = [self.layout.percpu + n * self.layout.percpu_size for n in range(self.layout.max_cpus)]
-        for fut in self.rsp.send(
-            *(f"M{area + field:x},{len(value):x}:{value.hex()}" for area in areas for field in fields)
-        ):
+        for fut in self.rsp.send(*(f"M{area + at:x},{len(value):x}:{value.hex()}" for area in areas for at in fields)):
             reply = await self.rsp.reply(fut, what, self.timeout)
             if reply != b"OK":
                 raise ConduitError(f"could not finish {what}: gdbstub replied {reply[:60]!r}")
@@ -286,6 +518,11 @@ class El2Conduit(GdbstubConduit):
         effect within one poll period, long before a switchover; costs host CPU only while set.
         """
         flag = (1 if awake else 0).to_bytes(8, "little")
+        # Nor any call answered through guest RAM meanwhile: QEMU tracks only the guest's own
+        # writes to RAM for the migration, not ours. Calls stop the VM until the migration ends.
+        self._mail_paused = awake
+        if awake:
+            self._revoke_leases()
 
         async def write() -> None:
             await self._write_every_area((A_NO_HALT,), flag, "setting the stub's no-halt flags")
@@ -457,6 +694,9 @@ class El2Conduit(GdbstubConduit):
         core.pc = self.layout.resume
 
     async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
+        failure, self._mail_failure = self._mail_failure, None
+        if failure is not None:
+            raise ConduitError(f"serving a call through the mailbox failed: {failure}") from failure
         if "watch" in stop.info:
             self.stats.doorbell_stops += 1
         self._next_return.clear()
@@ -487,9 +727,13 @@ class El2Conduit(GdbstubConduit):
             core.pc = self.layout.resume
             self._dirty[thread.vcpu] = core
             return None
-        self.stats.traps += 1
         vcpu = thread.vcpu
         await self._learn_area(vcpu, core)
+        area = self._areas[vcpu]
+        if self._posted_call_in_stop(vcpu, area, core):
+            return None
+        self._lease(vcpu, area)
+        self.stats.traps += 1
         fid = function_id(core.x[0])
         if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
             # Any other call may end or change the running handler: the stub stops answering
@@ -676,6 +920,7 @@ async def attach_conduit(
     timeout: float = 10.0,
     vcpus: int = 0,
     memory_mb: int = 0,
+    map_ram: Callable[[StubLayout], RamWindow] | None = None,
 ) -> GdbstubConduit:
     """Connect to the gdbstub and pick the conduit, started, with the VM stopped:
 
@@ -686,14 +931,22 @@ async def attach_conduit(
 
     ``vcpus``: how many the VM has, when known (the thread list is then read in one round trip).
     ``memory_mb``: its RAM size, when known (the stub is then looked for at two places, not 65).
+    ``map_ram``: maps the guest RAM a stub with a mailbox is in (in a thread; any error only costs
+    the mailbox, and the log says why).
     """
     client = await RspClient.connect(host, port, timeout=timeout)
+    ram: RamWindow | None = None
     try:
         layout = await probe_stub(client, memory_mb)
         conduit: GdbstubConduit
         if layout is not None:
             log.info("guest booted through the qmp-sdei EL2 stub: trapping at %#x", layout.trap_site)
-            conduit = El2Conduit(client, dispatcher, layout, timeout=timeout)
+            if map_ram is not None and layout.has_mailbox:
+                try:
+                    ram = await asyncio.to_thread(map_ram, layout)
+                except (SdeiError, OSError) as err:
+                    log.info("the EL2 stub's mailbox is off, every call stops the VM: %s", err)
+            conduit = El2Conduit(client, dispatcher, layout, timeout=timeout, ram=ram)
         else:
             sites = await find_sites()
             checks = await asyncio.to_thread(_kernel_checks, kernel) if kernel is not None else None
@@ -707,6 +960,8 @@ async def attach_conduit(
         conduit.expected_vcpus = vcpus
         await conduit.start()
     except BaseException:
+        if ram is not None:
+            ram.close()
         await client.close()
         raise
     return conduit

@@ -27,6 +27,7 @@ the protocol needs; other host architectures do not get the mailbox (:func:`host
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import platform
@@ -257,7 +258,5 @@ class MailboxWatcher:
 def _fine_timer_slack() -> None:
     """Sleep as long as asked: Linux lets a thread's sleeps run up to 50 us late by default,
     longer than the whole wait this watcher exists to shorten. Best effort."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass

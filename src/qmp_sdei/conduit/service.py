@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING
 
 from qmp_sdei.conduit.el2 import attach_conduit
 from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
+from qmp_sdei.conduit.mailbox import RamWindow
 from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.config import parse_tcp
 from qmp_sdei.errors import ConduitError, ConfigError, GuestImageError, SdeiError
+from qmp_sdei.qemu.guestram import map_guest_ram, qemu_pid_of_thread
 from qmp_sdei.qemu.migration import wait_left_finish_migrate
 from qmp_sdei.qemu.qmp import EventSubscription, QmpSession, VmEventKind, gdbstub_address, start_gdbstub
+from qmp_sdei.stub import MAGIC, StubLayout
 
 if TYPE_CHECKING:
     from qmp_sdei.config import ConduitSettings
@@ -61,6 +64,7 @@ async def serve_conduit(
     guest_arrival: Callable[[], Awaitable[bool]] | None = None,
     vcpus: int = 0,
     memory_mb: int = 0,
+    vcpu_thread: int | None = None,
 ) -> None:
     """Attach the conduit and serve until the VM exits or the task is cancelled.
 
@@ -71,6 +75,9 @@ async def serve_conduit(
         arrival and the guest running is downtime.
     :param vcpus: the VM's vCPU count, if known (saves round trips while attaching).
     :param memory_mb: the VM's RAM size, if known (where a firmware-booted stub can be).
+    :param vcpu_thread: the host thread id of one of QEMU's vCPUs (QMP gives it), which leads to
+        QEMU's process and its guest RAM: with both this and ``memory_mb`` the EL2 stub's calls
+        can be answered through its mailbox (``settings.mailbox``).
     :param stops_need_our_resume: the stub reports a stop only after a resume of the debugger's
         (QEMU 8.1 and later; see :func:`~qmp_sdei.conduit.gdbstub.stub_reports_only_our_resumes`).
     """
@@ -95,8 +102,17 @@ async def serve_conduit(
         # a VM its owner paused or started with -S. An arrived guest runs as its source did (the
         # query is skipped there: QEMU answers it late, right after the incoming migration).
         was_running = guest_arrival is None and await session.refresh_runstate() in ("running", "debug")
+        map_ram = _guest_ram_mapper(vcpu_thread, memory_mb) if settings.mailbox else None
         conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
-            host, port, owner, trap_sites, kernel=settings.kernel, timeout=30.0, vcpus=vcpus, memory_mb=memory_mb
+            host,
+            port,
+            owner,
+            trap_sites,
+            kernel=settings.kernel,
+            timeout=30.0,
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+            map_ram=map_ram,
         )
     finally:
         if early_sites is not None:
@@ -113,6 +129,21 @@ async def serve_conduit(
             watcher.cancel()
     if conduit.exit_reason is not None:
         log.info("conduit stopped: %s", conduit.exit_reason)
+
+
+def _guest_ram_mapper(vcpu_thread: int | None, memory_mb: int) -> Callable[[StubLayout], RamWindow] | None:
+    """How to map the part of guest RAM the EL2 stub's mailboxes are in, or None if unknown."""
+    if vcpu_thread is None or memory_mb <= 0:
+        return None
+    thread = vcpu_thread
+
+    def map_stub(layout: StubLayout) -> RamWindow:
+        pid = qemu_pid_of_thread(thread)
+        return map_guest_ram(
+            pid, memory_mb, layout.base, layout.areas_end - layout.base, magic=(layout.base + 8, MAGIC)
+        )
+
+    return map_stub
 
 
 async def _follow_resumes(session: QmpSession, conduit: GdbstubConduit, resumes: EventSubscription) -> None:
