@@ -15,14 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from qmp_sdei import stub
-from qmp_sdei.conduit.el2 import El2Conduit, El2Stats, probe_stub
-from qmp_sdei.conduit.rsp import RspClient
+from qmp_sdei.conduit.el2 import El2Stats
 from qmp_sdei.owner import NotificationKind, RaiseResult, SdeiOwner
-from qmp_sdei.qemu.launch import QemuSpec
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.versions import VersionPins
-from support.guests import build_loop_guest_el2, conduit_on_gdbstub
+from support.guests import build_loop_guest_el2, conduit_on_gdbstub, el2_conduit, el2_spec
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -32,22 +29,14 @@ EVENTS = 100  # as compiled into tests/guests/loop/loop.c: it powers off after t
 
 async def test_events_raised_right_after_each_complete_are_all_entered(tmp_path: Path) -> None:
     image = build_loop_guest_el2(tmp_path / "guest")
-    spec = QemuSpec(
-        smp=1, machine_options={"virtualization": "on", "gic-version": "3"}, paused=True, shared_ram=True,
-        extra_args=("-kernel", str(stub.STUB_ELF),
-                    "-device", f"loader,file={image},addr={stub.KERNEL_ADDR:#x},force-raw=on"),
-    )  # fmt: skip
+    spec = el2_spec(image)
     owner = SdeiOwner(
         Dispatcher(events=[EventSpec(1000), EventSpec(1001)], mpidrs=[0], version=(1, 1), profile="tf-a"),
         pins=VersionPins((1, 1), 0, (1, 1)),
     )
+    el2 = el2_conduit(owner, TIMEOUT)
 
-    async def el2_conduit(rsp: RspClient) -> El2Conduit:
-        layout = await probe_stub(rsp)
-        assert layout is not None, "the EL2 stub is not in guest memory"
-        return El2Conduit(rsp, owner, layout, timeout=TIMEOUT)
-
-    async with conduit_on_gdbstub(spec, tmp_path, owner, [], TIMEOUT, build=el2_conduit) as (vm, conduit, run):
+    async with conduit_on_gdbstub(spec, tmp_path, owner, [], TIMEOUT, build=el2) as (vm, conduit, run):
         await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
         with owner.subscribe() as notifications:
             for n in range(EVENTS):
@@ -65,3 +54,4 @@ async def test_events_raised_right_after_each_complete_are_all_entered(tmp_path:
     assert isinstance(stats, El2Stats)
     assert stats.deliveries == EVENTS
     assert stats.entries_over_request >= 1, stats  # the case under test came up
+    assert stats.mailbox_calls > 1000, stats  # the 2000 calls before the events, most without a stop

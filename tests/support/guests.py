@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 
+from qmp_sdei.conduit.el2 import El2Conduit, probe_stub
 from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.errors import ConduitError, QemuError
+from qmp_sdei.qemu.guestram import map_guest_ram
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guests" / "baremetal"
@@ -126,22 +128,61 @@ def build_guest_dir(guest_dir: Path, outdir: Path, sources: tuple[str, ...] = SO
 LOOP_GUEST_DIR = GUEST_DIR.parent / "loop"
 
 
-def build_loop_guest_el2(outdir: Path) -> Path:
-    """The loop guest (``tests/guests/loop``, also bench/conduit.py's) linked where the EL2 stub
-    enters a kernel, as a raw image for ``-device loader`` (see :func:`qmp_sdei.stub.qemu_args`)."""
+def build_guest_el2(guest_dir: Path, outdir: Path, sources: tuple[str, ...] = SOURCES) -> tuple[Path, Path]:
+    """The guest in ``guest_dir`` linked where the EL2 stub enters a kernel: its ELF (for symbols)
+    and the raw image for ``-device loader`` (see :func:`qmp_sdei.stub.qemu_args`)."""
     from qmp_sdei import stub  # noqa: PLC0415
 
     outdir.mkdir(parents=True, exist_ok=True)
-    script = (LOOP_GUEST_DIR / "link.ld").read_text().replace("0x40080000", f"{stub.KERNEL_ADDR:#x}")
-    (outdir / "link-el2.ld").write_text(script)
-    elf, raw = outdir / "loop-el2.elf", outdir / "loop-el2.bin"
+    script = (guest_dir / LINKER_SCRIPT).read_text().replace("0x40080000", f"{stub.KERNEL_ADDR:#x}")
+    linker = outdir / f"link-{guest_dir.name}-el2.ld"
+    linker.write_text(script)
+    elf, raw = outdir / f"{guest_dir.name}-el2.elf", outdir / f"{guest_dir.name}-el2.bin"
     subprocess.run(
-        [f"{CROSS}gcc", *CFLAGS, "-T", str(outdir / "link-el2.ld"), "-o", str(elf),
-         *(str(LOOP_GUEST_DIR / s) for s in ("start.S", "loop.c"))],
+        [f"{CROSS}gcc", *CFLAGS, "-T", str(linker), "-o", str(elf), *(str(guest_dir / s) for s in sources)],
         check=True, capture_output=True,
     )  # fmt: skip
     subprocess.run([f"{CROSS}objcopy", "-O", "binary", str(elf), str(raw)], check=True)
-    return raw
+    return elf, raw
+
+
+def build_loop_guest_el2(outdir: Path) -> Path:
+    """The loop guest (``tests/guests/loop``, also bench/conduit.py's) as a raw image for the EL2 stub."""
+    return build_guest_el2(LOOP_GUEST_DIR, outdir, ("start.S", "loop.c"))[1]
+
+
+def el2_spec(image: Path, *, smp: int = 1, memory_mb: int = 256, shared_ram: bool = True) -> QemuSpec:
+    """A VM that boots the raw ``image`` through the EL2 stub, its RAM shared (the stub's mailbox)."""
+    from qmp_sdei import stub  # noqa: PLC0415
+
+    return QemuSpec(
+        smp=smp, memory_mb=memory_mb, machine_options={"virtualization": "on", "gic-version": "3"}, paused=True,
+        shared_ram=shared_ram,
+        extra_args=("-kernel", str(stub.STUB_ELF),
+                    "-device", f"loader,file={image},addr={stub.KERNEL_ADDR:#x},force-raw=on"),
+    )  # fmt: skip
+
+
+def el2_conduit(
+    owner: SdeiPort, timeout: float, *, mailbox: bool = True, conduit_class: type[El2Conduit] | None = None
+) -> Callable[[RspClient, QemuProcess], Awaitable[GdbstubConduit]]:
+    """A ``build`` for :func:`conduit_on_gdbstub`: the EL2 conduit, answering through the stub's
+    mailbox in the VM's shared RAM (``mailbox``; the VM needs ``shared_ram``)."""
+    from qmp_sdei import stub  # noqa: PLC0415
+
+    async def build(rsp: RspClient, vm: QemuProcess) -> GdbstubConduit:
+        layout = await probe_stub(rsp)
+        assert layout is not None, "the EL2 stub is not in guest memory"
+        ram = None
+        if mailbox:
+            assert vm.process is not None
+            ram = map_guest_ram(
+                vm.process.pid, vm.spec.memory_mb, layout.base, layout.areas_end - layout.base,
+                magic=(layout.base + 8, stub.MAGIC),
+            )  # fmt: skip
+        return (conduit_class or El2Conduit)(rsp, owner, layout, timeout=timeout, ram=ram)
+
+    return build
 
 
 def build_deferral_guest(outdir: Path) -> Path:
@@ -175,7 +216,7 @@ async def conduit_on_gdbstub(
     trap_sites: list[int],
     timeout: float,
     *,
-    build: Callable[[RspClient], Awaitable[GdbstubConduit]] | None = None,
+    build: Callable[[RspClient, QemuProcess], Awaitable[GdbstubConduit]] | None = None,
 ) -> AsyncIterator[tuple[QemuProcess, GdbstubConduit, asyncio.Task[None]]]:
     """QEMU started with a gdbstub, and a bare :class:`GdbstubConduit` serving it for ``owner``
     (or the conduit ``build`` makes on the gdbstub's connection, e.g. an EL2 one).
@@ -187,7 +228,9 @@ async def conduit_on_gdbstub(
     try:
         rsp = await connect_gdbstub(port, timeout)
         try:
-            conduit = await build(rsp) if build is not None else GdbstubConduit(rsp, owner, trap_sites, timeout=timeout)
+            conduit = (
+                await build(rsp, vm) if build is not None else GdbstubConduit(rsp, owner, trap_sites, timeout=timeout)
+            )
         except BaseException:
             await rsp.close()
             raise

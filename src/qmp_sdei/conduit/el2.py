@@ -944,7 +944,7 @@ async def attach_conduit(
             if map_ram is not None and layout.has_mailbox:
                 try:
                     ram = await asyncio.to_thread(map_ram, layout)
-                except (SdeiError, OSError) as err:
+                except (SdeiError, OSError, ValueError) as err:
                     log.info("the EL2 stub's mailbox is off, every call stops the VM: %s", err)
             conduit = El2Conduit(client, dispatcher, layout, timeout=timeout, ram=ram)
         else:
