@@ -42,9 +42,11 @@ interrupt stop plus 5 breakpoint traps, each of which makes QEMU flush its trans
 Through the EL2 stub (``-M virt,virtualization=on``; ``docs/el2-stub.md``):
 
 * ``baremetal_el2`` (``--no-el2`` skips it): the same loop guest, linked where the stub enters a
-  kernel and loaded raw, served by ``El2Conduit``: every ``hvc`` traps to the stub's one site.
-  ``trapped_call_el2_vs_symbols`` puts the two conduits' median round trip and sidecar share side
-  by side (same run, same persistence). The stub answers the 1001 handler's ``EVENT_CONTEXT``
+  kernel and loaded raw, served by ``El2Conduit``: every ``hvc`` traps to the stub's one site. Its
+  RAM is shared, so calls are answered through the stub's mailbox without a VM stop (the first of
+  a burst stops the VM); ``baremetal_el2_stops`` is the same VM and code with the mailbox off.
+  ``trapped_call_el2_vs_symbols`` puts the three median round trips and sidecar shares side by
+  side (same run, same persistence). The stub answers the 1001 handler's ``EVENT_CONTEXT``
   itself, so ``request_to_handler_running`` has no samples there.
 * ``linux_el2_boot`` (``--el2-boots N``, ``--uefi-boots N``): the Debian kernel booted through the
   stub directly and through UEFI (edk2 from a disk image, ~7 s a boot), to the ``sdei:`` line with
@@ -94,6 +96,7 @@ from qmp_sdei.conduit.el2 import El2Conduit, probe_stub
 from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit
 from qmp_sdei.errors import QemuError
 from qmp_sdei.owner import RaiseResult, SdeiOwner
+from qmp_sdei.qemu.guestram import map_guest_ram
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Completion, Dispatcher, EventSpec, VcpuRegs
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
@@ -174,25 +177,38 @@ def baremetal_spec(elf: Path, port: int, el2_image: Path | None) -> QemuSpec:
     if el2_image is None:
         return QemuSpec(smp=1, kernel=elf, gdb=f"tcp:127.0.0.1:{port}", paused=True)
     return QemuSpec(
-        smp=1, machine_options={"virtualization": "on"}, gdb=f"tcp:127.0.0.1:{port}", paused=True,
+        smp=1, machine_options={"virtualization": "on"}, gdb=f"tcp:127.0.0.1:{port}", paused=True, shared_ram=True,
         extra_args=["-kernel", str(stub.STUB_ELF),
                     "-device", f"loader,file={el2_image},addr={stub.KERNEL_ADDR:#x},force-raw=on"],
     )  # fmt: skip
 
 
-async def baremetal_conduit(port: int, timing: TimingDispatcher, elf: Path, *, el2: bool) -> GdbstubConduit:
+async def baremetal_conduit(
+    vm: QemuProcess, port: int, timing: TimingDispatcher, elf: Path, *, el2: bool, mailbox: bool
+) -> GdbstubConduit:
     rsp = await connect_gdbstub(port, TIMEOUT)
     if not el2:
         return GdbstubConduit(rsp, timing, [hvc_site(elf)], timeout=TIMEOUT)
     layout = await probe_stub(rsp)
     if layout is None:
         raise RuntimeError("the EL2 stub was not found in guest memory")
-    return El2Conduit(rsp, timing, layout, timeout=TIMEOUT)
+    ram = None
+    if mailbox and layout.has_mailbox and vm.process is not None:
+        span = layout.areas_end - layout.base
+        ram = map_guest_ram(vm.process.pid, vm.spec.memory_mb, layout.base, span, magic=(layout.base + 8, stub.MAGIC))
+    return (
+        El2Conduit(rsp, timing, layout, timeout=TIMEOUT, ram=ram)
+        if ram is not None
+        else El2Conduit(rsp, timing, layout, timeout=TIMEOUT)
+    )
 
 
-async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool, el2_image: Path | None = None) -> dict[str, Any]:
+async def bench_baremetal(
+    elf: Path, workdir: Path, *, persist: bool, el2_image: Path | None = None, mailbox: bool = True
+) -> dict[str, Any]:
     """The loop guest on the symbol conduit (``elf``), or through the EL2 stub (``el2_image``:
-    the raw guest the stub enters at EL1; every ``hvc`` traps to the stub's one site)."""
+    the raw guest the stub enters at EL1; every ``hvc`` traps to the stub's one site), answering
+    through the stub's mailbox in shared guest RAM (``mailbox``) or at VM stops only."""
     port = free_port()
     spec = baremetal_spec(elf, port, el2_image)
     inner = Dispatcher(events=[EventSpec(1000), EventSpec(1001)], mpidrs=[0], version=(1, 1), profile="tf-a")
@@ -209,12 +225,13 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool, el2_image:
     owner = SdeiOwner(inner, pins=pins, persist=save if persist else None)
     timing = TimingDispatcher(owner)
     async with QemuProcess(spec, workdir / "vm") as vm:
-        conduit = await baremetal_conduit(port, timing, elf, el2=el2_image is not None)
+        conduit = await baremetal_conduit(vm, port, timing, elf, el2=el2_image is not None, mailbox=mailbox)
         await conduit.start()
         run = asyncio.create_task(conduit.run(), name="conduit.run")
         try:
             await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
             loop_handling = list(conduit.stats.trap_handling_ns)
+            mailbox_handling = list(getattr(conduit.stats, "mailbox_ns", ()))
             version_times = [t for fid, t in timing.calls if fid == Function.VERSION]
             assert len(version_times) == ROUNDS * CALLS, len(version_times)
 
@@ -247,8 +264,9 @@ async def bench_baremetal(elf: Path, workdir: Path, *, persist: bool, el2_image:
         console = vm.console
 
     return baremetal_summary(
-        conduit="el2" if el2_image is not None else "symbols",
+        conduit=("el2" if mailbox else "el2-stops") if el2_image is not None else "symbols",
         persist=persist,
+        mailbox_handling=mailbox_handling,
         saves=saves,
         version_times=version_times,
         loop_handling=loop_handling,
@@ -267,6 +285,7 @@ def baremetal_summary(
     saves: int,
     version_times: list[int],
     loop_handling: list[int],
+    mailbox_handling: list[int],
     console: str,
     deliver_ns: list[int],
     running_ns: list[int],
@@ -280,8 +299,16 @@ def baremetal_summary(
         (int(m["ticks"]) / int(m["freq"])) / int(m["calls"])
         for m in re.finditer(r"ROUND \d+ calls=(?P<calls>\d+) ticks=(?P<ticks>\d+) freq=(?P<freq>\d+)", console)
     ]
-    handling = summary_us(loop_handling)
+    # The sidecar's share of a call: stop reply -> resume sent, or, for calls answered through the
+    # stub's mailbox, the watcher seeing the post -> the answer written (whichever served most).
+    through_mailbox = len(mailbox_handling) > len(loop_handling)
+    handling = summary_us(mailbox_handling if through_mailbox else loop_handling)
     round_trip = summary_us(intervals)
+    mailbox = {
+        key: getattr(stats, key)
+        for key in ("mailbox_calls", "mailbox_stops", "mailbox_timeouts", "mailbox_late", "stops")
+        if hasattr(stats, key)
+    }
     return {
         "conduit": conduit,
         "persist_state": persist,
@@ -295,6 +322,9 @@ def baremetal_summary(
             },
             "round_trip": round_trip,
             "sidecar_share": handling,
+            "sidecar_share_is": "mailbox" if through_mailbox else "stops",
+            "calls_at_stops_share": summary_us(loop_handling),
+            "served": mailbox,
             "qemu_and_guest_share_median_us": round(round_trip["median_us"] - handling["median_us"], 1),
             "guest_visible_per_call_us_median": round(statistics.median(guest) * 1e6, 1) if guest else None,
         },
@@ -580,9 +610,12 @@ async def bench_doorbell_ab(count: int, reps: int, workdir: Path) -> dict[str, A
     }
 
 
-def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any]]) -> dict[str, Any]:
+def compare_trapped_calls(
+    symbols: list[dict[str, Any]], el2: list[dict[str, Any]], el2_stops: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Median trapped SDEI_VERSION round trip and sidecar share, per conduit, same run and same
-    persistence setting (the first run of each: with the state file unless --no-persist)."""
+    persistence setting (the first run of each: with the state file unless --no-persist).
+    ``el2``: through the stub's mailbox; ``el2_stops``: the same stub with every call at a stop."""
 
     def medians(run: dict[str, Any]) -> dict[str, float]:
         calls = run["trapped_calls"]
@@ -592,7 +625,12 @@ def compare_trapped_calls(symbols: list[dict[str, Any]], el2: list[dict[str, Any
             "qemu_and_guest_share_median_us": calls["qemu_and_guest_share_median_us"],
         }
 
-    return {"persist_state": symbols[0]["persist_state"], "symbols": medians(symbols[0]), "el2": medians(el2[0])}
+    return {
+        "persist_state": symbols[0]["persist_state"],
+        "symbols": medians(symbols[0]),
+        "el2": medians(el2[0]),
+        "el2_stops": medians(el2_stops[0]),
+    }
 
 
 MEDIAN_KEYS = ("median_us", "median_ms", "median_s", "median", "ratio", "qemu_and_guest_share_median_us")
@@ -696,8 +734,13 @@ async def main(args: argparse.Namespace, qemu: str) -> dict[str, Any]:
                     await bench_baremetal(elf, work / f"bm-el2-{persist}", persist=persist, el2_image=el2_image)
                     for persist in runs
                 ]
+                result["baremetal_el2_stops"] = [
+                    await bench_baremetal(
+                        elf, work / "bm-el2-stops", persist=runs[0], el2_image=el2_image, mailbox=False
+                    )
+                ]
                 result["trapped_call_el2_vs_symbols"] = compare_trapped_calls(
-                    result["baremetal"], result["baremetal_el2"]
+                    result["baremetal"], result["baremetal_el2"], result["baremetal_el2_stops"]
                 )
             except RuntimeError as err:  # say so in the JSON and go on with the other sections
                 result["baremetal_el2"] = {"failed": str(err)}
