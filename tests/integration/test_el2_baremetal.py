@@ -34,7 +34,9 @@ async def test_events_raised_right_after_each_complete_are_all_entered(tmp_path:
         Dispatcher(events=[EventSpec(1000), EventSpec(1001)], mpidrs=[0], version=(1, 1), profile="tf-a"),
         pins=VersionPins((1, 1), 0, (1, 1)),
     )
-    el2 = el2_conduit(owner, TIMEOUT)
+    # Every call at a stop: the case needs an interrupt stop to land right behind a COMPLETE's, and
+    # the mailbox's watcher thread shifts that timing (tests/integration/test_el2_mailbox.py).
+    el2 = el2_conduit(owner, TIMEOUT, mailbox=False)
 
     async with conduit_on_gdbstub(spec, tmp_path, owner, [], TIMEOUT, build=el2) as (vm, conduit, run):
         await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
@@ -54,4 +56,3 @@ async def test_events_raised_right_after_each_complete_are_all_entered(tmp_path:
     assert isinstance(stats, El2Stats)
     assert stats.deliveries == EVENTS
     assert stats.entries_over_request >= 1, stats  # the case under test came up
-    assert stats.mailbox_calls > 1000, stats  # the 2000 calls before the events, most without a stop

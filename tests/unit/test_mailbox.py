@@ -403,21 +403,47 @@ async def test_a_failing_dispatch_stops_the_vm_and_fails_the_loop_at_that_stop()
         await conduit._handle_stop(StopReply(kind="T", signal=2, thread=None, info={}))
 
 
-def test_an_event_made_deliverable_by_a_posted_call_gets_a_stop() -> None:
+def _register_and_enable(conduit: El2Conduit, ram: RamInBytes, vcpu: int, event: int, first_count: int) -> int:
+    area = conduit._areas[vcpu]
+    calls: list[list[int]] = [[Function.EVENT_REGISTER, event, 0x4008_0000, 0x55, 0, 0], [Function.EVENT_ENABLE, event]]
+    for count, x in enumerate(calls, start=first_count):
+        _post(ram, area, count, x)
+        conduit._serve_post(vcpu, count, 0)
+    return first_count + len(calls)
+
+
+def test_an_event_a_posted_call_makes_deliverable_is_entered_on_its_return() -> None:
     conduit, ram, owner, _ = _conduit()
     requested: list[bool] = []
     conduit.request_delivery = lambda: requested.append(True)  # type: ignore[method-assign]
     area = conduit.layout.percpu
-    calls: list[list[int]] = [
-        [Function.EVENT_REGISTER, 1000, 0x4008_0000, 0x55, 0, 0],
-        [Function.EVENT_ENABLE, 1000],
-    ]
-    for count, x in enumerate(calls, start=1):
-        _post(ram, area, count, x)
-        _serve(conduit, count)
+    count = _register_and_enable(conduit, ram, 0, 1000, 1)
     owner.dispatcher.trigger(1000, 0)  # pending: vCPU 0 is still masked
-    assert not owner.dispatcher.deliverable() and not requested
-    _post(ram, area, 3, [Function.PE_UNMASK])
-    _serve(conduit, 3)
+    assert not owner.dispatcher.deliverable()
+    _set(ram, area + stub.A_TRAP_ELR2, 0x4008_1234)  # where the PE_UNMASK returns to
+    _set(ram, area + stub.A_TRAP_SPSR2, 0x3C5)
+    _post(ram, area, count, [Function.PE_UNMASK, 0, 0, 0, 0xAAAA])
+    _serve(conduit, count)
+    assert not owner.dispatcher.deliverable() and not requested  # entered here, no stop needed
+    x = _mail(ram, area)
+    assert x[:2] == [1000, 0x55] and x[2:4] == [0x4008_1234, 0x3C5] and x[4] == 0xAAAA
+    flags, elr2, spsr2 = struct.unpack_from("<3Q", ram.buffer, area + stub.A_RESUME_FLAGS - ram.base)
+    assert (flags, elr2) == (stub.RESUME_EL2, 0x4008_0000)  # stub_resume erets into the handler
+    assert spsr2 & 0x3C0 == 0x3C0  # with interrupts masked
+    valid, first = struct.unpack_from("<2Q", ram.buffer, area + A_CTX_VALID - ram.base)
+    assert (valid, first) == (1, 0)  # EVENT_CONTEXT(0) is the interrupted x0: PE_UNMASK's result
+    assert conduit.stats.deliveries == 1 and _u64(ram, area + A_DONE) == count
+
+
+def test_an_event_a_posted_call_makes_deliverable_elsewhere_gets_a_stop() -> None:
+    conduit, ram, owner, _ = _conduit()
+    requested: list[bool] = []
+    conduit.request_delivery = lambda: requested.append(True)  # type: ignore[method-assign]
+    conduit._areas[1] = conduit.layout.percpu + conduit.layout.percpu_size
+    count = _register_and_enable(conduit, ram, 0, 0, 1)
+    _post(ram, conduit._areas[0], count, [Function.PE_UNMASK])
+    _serve(conduit, count)
+    _post(ram, conduit._areas[1], 1, [Function.EVENT_SIGNAL, 0, 0])  # vCPU 1 signals vCPU 0 (MPIDR 0)
+    conduit._serve_post(1, 1, 0)
+    assert _mail(ram, conduit._areas[1])[0] == 0
     assert owner.dispatcher.deliverable() == [0] and requested == [True]
-    assert owner.calls == [Function.EVENT_REGISTER, Function.EVENT_ENABLE, Function.PE_UNMASK]

@@ -43,6 +43,7 @@ from qmp_sdei.conduit.symbols import NOP, KernelCheckedConduit
 from qmp_sdei.conduit.traps import linux_trap_sites, load_kallsyms
 from qmp_sdei.errors import ConduitError, SdeiError
 from qmp_sdei.sdei import Completion, VcpuRegs
+from qmp_sdei.sdei.model import GPR_COUNT
 from qmp_sdei.stub import (
     A_CTX_VALID,
     A_DOORBELL,
@@ -195,6 +196,7 @@ class El2Conduit(GdbstubConduit):
         self._mail_taken: dict[int, int] = {}  # vCPU -> the count of a posted call a stop served
         self._mail_failure: BaseException | None = None
         self._mail_deferred: set[int] = set()  # vCPUs whose post came while a stop was served
+        self._serving_post = False  # a handler is being entered on a posted call's return
 
     def _watch_for_sdei_probe(self) -> None:
         """The guest's firmware interface is up (a PSCI call came): if no SDEI call follows within
@@ -455,7 +457,9 @@ class El2Conduit(GdbstubConduit):
         try:
             if sdei.is_sdei_range(fid):
                 self.stats.sdei_calls += 1
-                regs = VcpuRegs([*registers, *[0] * (31 - CTX_REGS)], self.layout.resume, self._mail.trap_spsr(area))
+                regs = VcpuRegs(
+                    [*registers, *[0] * (GPR_COUNT - CTX_REGS)], self.layout.resume, self._mail.trap_spsr(area)
+                )
                 completion = self.dispatcher.hypercall(vcpu, regs)
                 if completion is not Completion.RETURN:
                     raise ConduitError(f"SDEI call {fid:#x} through the mailbox completed as {completion}")
@@ -476,10 +480,35 @@ class El2Conduit(GdbstubConduit):
                     self.stats.other_passthrough += 1
                 if verdict == VERDICT_PASS and has_sve_hint(registers[0]):
                     registers[0] &= ~SVE_HINT  # as _strip_sve_hint: QEMU 7.2's PSCI does not know it
+            if verdict == VERDICT_ANSWERED and vcpu in self.dispatcher.deliverable():
+                self._enter_from_post(vcpu, area, registers)
             self.dispatcher.commit()
         finally:
             self.dispatcher.end_stop()
         return verdict
+
+    def _enter_from_post(self, vcpu: int, area: int, registers: list[int]) -> None:
+        """Enter the handlers now deliverable on a vCPU whose posted call was just answered (an
+        EVENT_SIGNAL to itself, a PE_UNMASK with an event pending), as a stop at the trap site
+        would: on the call's return, before the guest's next instruction. The handler's entry goes
+        into the area as a resume request (what ``stub_resume`` loads), its registers into the
+        answer; both are in guest RAM before the answer's count."""
+        assert self._mail is not None
+        pc, pstate = self._mail.trap_return(area)
+        regs = VcpuRegs([*registers, *[0] * (GPR_COUNT - CTX_REGS)], pc, pstate)
+        self._serving_post = True
+        try:
+            if not self._enter_deliverable(vcpu, regs):
+                return
+        finally:
+            self._serving_post = False
+        registers[:] = [to_u64(v) for v in regs.x[:CTX_REGS]]
+        entry = _RESUME_BLOCK.pack(RESUME_EL2, to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF, 0, 0)
+        self._mail.write_bytes(area + A_RESUME_FLAGS, entry)
+        self._kicked.discard(vcpu)
+        if self._delivery_requested_ns:
+            self.stats.delivery_ns.append(time.perf_counter_ns() - self._delivery_requested_ns)
+            self._delivery_requested_ns = 0
 
     async def detach(self) -> None:
         """As the base class. The leases go first: a call posted now stops at the doorbell and is
@@ -774,7 +803,10 @@ class El2Conduit(GdbstubConduit):
         block = _CONTEXT_BLOCK.pack(1, *interrupted)
         area = self._areas.get(vcpu)
         if area is not None:  # else (not seen in the stub since attach) the stub traps its calls
-            self._memory_writes.append((area + A_CTX_VALID, block))
+            if self._serving_post and self._mail is not None:  # the vCPU runs: straight into its area
+                self._mail.write_bytes(area + A_CTX_VALID, block)
+            else:  # with the stop's write-back
+                self._memory_writes.append((area + A_CTX_VALID, block))
             self._context_clear.discard(vcpu)
         return True
 

@@ -45,6 +45,7 @@ from qmp_sdei.stub import (
     A_MAIL_X,
     A_POST,
     A_TRAP_COUNT,
+    A_TRAP_ELR2,
     A_TRAP_SPSR2,
     A_TRAP_TIME,
     A_VERDICT,
@@ -124,6 +125,15 @@ class Mailboxes:
 
     def trap_spsr(self, area: int) -> int:
         return self.read(area, A_TRAP_SPSR2)
+
+    def trap_return(self, area: int) -> tuple[int, int]:
+        """Where the vCPU's trapped call returns to: (ELR_EL2, SPSR_EL2) as the stub recorded them."""
+        return self.read(area, A_TRAP_ELR2), self.read(area, A_TRAP_SPSR2)
+
+    def write_bytes(self, addr: int, data: bytes) -> None:
+        """Write ``data`` at guest physical ``addr`` (inside the window)."""
+        at = addr - self.window.base
+        self._mem[at : at + len(data)] = data
 
     def answer(self, area: int, count: int, verdict: int, registers: list[int] | None) -> None:
         """Give the stub its answer: the registers (if any), the verdict, and then the count it
