@@ -702,6 +702,10 @@ def _collect_conduit(report: BootReport, sidecar: Sidecar) -> None:
         "trap_sites": [f"{site:#x}" for site in sorted(conduit.trap_sites)],
         "trap_handling_median_us": round(statistics.median(samples) / 1e3, 1) if samples else None,
     }
+    mailbox = list(getattr(stats, "mailbox_ns", ()))
+    if hasattr(stats, "mailbox_calls"):  # the EL2 stub's calls answered without a stop
+        report.conduit["mailbox_calls"] = stats.mailbox_calls
+        report.conduit["mailbox_median_us"] = round(statistics.median(mailbox) / 1e3, 1) if mailbox else None
 
 
 async def _stop_sidecar(report: BootReport, sidecar: Sidecar, task: asyncio.Task[ExitCode]) -> None:

@@ -189,7 +189,7 @@ class SidecarMetrics:
         )
         self.trap_seconds = Histogram(
             f"{PREFIX}_trapped_call_seconds",
-            "a trapped call's time in the sidecar: stop received to vCPU resumed",
+            "a trapped call's time in the sidecar: stop received to vCPU resumed, or post seen to answer written",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -325,13 +325,16 @@ class SidecarMetrics:
         )
 
     def tap_conduit(self, stats: Any) -> None:
-        """Observe the conduit's own latency samples (``trap_handling_ns``, ``delivery_ns``) as they are taken.
+        """Observe the conduit's own latency samples (``trap_handling_ns``, ``delivery_ns``, and the
+        EL2 conduit's ``mailbox_ns``, also calls served) as they are taken.
 
         Replaces the two sample deques of a :class:`~qmp_sdei.conduit.gdbstub.ConduitStats` with ones
         that keep the same samples and also feed :attr:`trap_seconds` and :attr:`delivery_seconds`.
         """
         stats.trap_handling_ns = _ObservingSamples(stats.trap_handling_ns, self.observe_trap)
         stats.delivery_ns = _ObservingSamples(stats.delivery_ns, self.observe_delivery)
+        if hasattr(stats, "mailbox_ns"):  # the EL2 stub's calls answered without a stop
+            stats.mailbox_ns = _ObservingSamples(stats.mailbox_ns, self.observe_trap)
         self.add_counters("conduit", lambda: stats)
 
     async def follow(self, owner: SdeiOwner) -> None:

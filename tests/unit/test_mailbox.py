@@ -352,7 +352,7 @@ def test_a_stale_or_taken_post_is_not_answered() -> None:
     area = conduit.layout.percpu
     _post(ram, area, 2, [0xC400_0020])
     _serve(conduit, 1)  # the count handed over is not what is posted now
-    conduit._mail_taken[0] = 2  # a stop served it
+    conduit._mail_taken[0] = (2, 0)  # a stop served it (count 2, trap time 0)
     _serve(conduit, 2)
     assert owner.calls == []
 
@@ -390,6 +390,32 @@ def test_an_answer_the_stub_gave_up_on_is_applied_at_its_stop_not_served_again()
     assert core.x[0] == SDEI_VERSION_1_1 and core.x[4] == 4 and core.x[18] == 9
     assert core.pc == conduit.layout.resume and conduit._dirty[0] is core
     assert owner.calls == [0xC400_0020] and conduit.stats.mailbox_late == 1
+
+
+def test_an_answer_from_before_a_reset_is_not_taken_for_a_call_with_the_same_count() -> None:
+    conduit, ram, _, _ = _conduit()
+    area = conduit.layout.percpu
+    _set(ram, area + A_TRAP_TIME, 1000)
+    _post(ram, area, 1, [0xC400_0020])
+    _serve(conduit, 1)
+    _set(ram, area + A_TRAP_TIME, 5000)  # the reset reloaded the stub: its count starts again
+    _post(ram, area, 1, [Function.EVENT_STATUS, 1000])
+    core = CoreRegs(
+        x=[Function.EVENT_STATUS, 1000, *[0] * 29], sp=area + 0x3F0, pc=conduit.layout.trap_site, cpsr=0x3C9
+    )
+    assert not conduit._posted_call_in_stop(0, area, core)  # served by the stop, not the old answer
+    assert core.x[0] == Function.EVENT_STATUS and conduit.stats.mailbox_late == 0
+
+
+def test_a_late_answer_is_still_the_guests_at_the_last_stop_before_a_detach() -> None:
+    conduit, ram, _, _ = _conduit()
+    area = conduit.layout.percpu
+    _post(ram, area, 1, [Function.EVENT_REGISTER, 1000, 0x4008_0000, 0, 0, 0])
+    _serve(conduit, 1)  # answered, but the stub had stopped waiting
+    core = CoreRegs(x=[Function.EVENT_REGISTER, *[0] * 30], sp=area + 0x3F0, pc=conduit.layout.trap_site, cpsr=0x3C9)
+    assert conduit._answer_when_leaving(0, core)  # not left to QEMU: the registration happened
+    _set(ram, area + A_TRAP_COUNT, 2)  # a later call that was not posted: left to QEMU as before
+    assert not conduit._answer_when_leaving(0, core)
 
 
 @pytest.mark.asyncio

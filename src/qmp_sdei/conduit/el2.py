@@ -192,8 +192,10 @@ class El2Conduit(GdbstubConduit):
         self._mail: Mailboxes | None = None
         self._watcher: MailboxWatcher | None = None
         self._mail_paused = False  # a migration runs: no leases, no answers through guest RAM
-        self._mail_answers: dict[int, tuple[int, int, list[int]]] = {}  # vCPU -> (count, verdict, x0..x17)
-        self._mail_taken: dict[int, int] = {}  # vCPU -> the count of a posted call a stop served
+        # A posted call is named by (trap count, trap time): counts start again when a reset reloads
+        # the stub, the guest's counter goes on.
+        self._mail_answers: dict[int, tuple[tuple[int, int], int, list[int]]] = {}  # vCPU -> (call, verdict, x0..x17)
+        self._mail_taken: dict[int, tuple[int, int]] = {}  # vCPU -> a posted call a stop served
         self._mail_failure: BaseException | None = None
         self._mail_deferred: set[int] = set()  # vCPUs whose post came while a stop was served
         self._serving_post = False  # a handler is being entered on a posted call's return
@@ -349,20 +351,33 @@ class El2Conduit(GdbstubConduit):
         count = self._mail.posted_now(area)
         if count is None:
             return False
+        call = (count, self._mail.trap_time(area))
         answered = self._mail_answers.get(vcpu)
-        if answered is None or answered[0] != count:
-            self._mail_taken[vcpu] = count
+        if answered is None or answered[0] != call:
+            self._mail_taken[vcpu] = call
             self.stats.mailbox_timeouts += 1
             return False
         _, verdict, registers = answered
         if verdict == VERDICT_STOP:
-            self._mail_taken[vcpu] = count
+            self._mail_taken[vcpu] = call
             return False
         self.stats.mailbox_late += 1
         core.x[:CTX_REGS] = registers
         core.pc = self.layout.resume if verdict == VERDICT_ANSWERED else self.layout.trap_site + 4
         self._dirty[vcpu] = core
         return True
+
+    def _answer_when_leaving(self, vcpu: int, core: CoreRegs) -> bool:
+        """Also a call the mailbox answered after its vCPU stopped waiting: the dispatcher has
+        served it, so the guest must get that answer, not QEMU's."""
+        if super()._answer_when_leaving(vcpu, core):
+            return True
+        area = self._areas.get(vcpu)
+        answered = self._mail_answers.get(vcpu)
+        if self._mail is None or area is None or answered is None or answered[1] == VERDICT_STOP:
+            return False
+        count = self._mail.posted_now(area)
+        return count is not None and answered[0] == (count, self._mail.trap_time(area))
 
     def _serve_post(self, vcpu: int, count: int, seen_ns: int) -> None:
         """A vCPU posted a call (the watcher saw it; this runs in the event loop). Answer it, or
@@ -382,9 +397,11 @@ class El2Conduit(GdbstubConduit):
             or area is None
             or not self._mail_may_lease()
             or self._mail_failure is not None
-            or self._mail_taken.get(vcpu) == count
             or mail.post(area) != count
         ):
+            return
+        call = (count, mail.trap_time(area))
+        if self._mail_taken.get(vcpu) == call:
             return
         if not self._running or self._in_stop or self._held:
             # A stop is being served (its resume may be out already, and the vCPU posting right
@@ -392,14 +409,14 @@ class El2Conduit(GdbstubConduit):
             self._mail_deferred.add(vcpu)
             return
         answered = self._mail_answers.get(vcpu)
-        if answered is not None and answered[0] == count:
+        if answered is not None and answered[0] == call:
             return
         registers = mail.arguments(area)
         fid = function_id(registers[0])
         if fid in _CONTEXT_SWITCHES:
             # They change where the guest returns to, with the stop's register writes: no dispatch
             # here, the stub stops at the doorbell for it at once.
-            self._mail_answers[vcpu] = (count, VERDICT_STOP, registers)
+            self._mail_answers[vcpu] = (call, VERDICT_STOP, registers)
             mail.answer(area, count, VERDICT_STOP, None)
             self.stats.mailbox_stops += 1
             return
@@ -410,7 +427,7 @@ class El2Conduit(GdbstubConduit):
             if self._running and not self._interrupt_sent:
                 self._interrupt()
             return
-        self._mail_answers[vcpu] = (count, verdict, registers)
+        self._mail_answers[vcpu] = (call, verdict, registers)
         mail.answer(area, count, verdict, registers)
         self.stats.mailbox_calls += 1
         self.stats.mailbox_ns.append(time.perf_counter_ns() - seen_ns)

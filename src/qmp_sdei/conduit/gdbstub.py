@@ -377,7 +377,7 @@ class GdbstubConduit:
         core = await self._read_stopped(thread)
         step_over: ThreadId | None = None
         trapped = self._at_call_site(core.pc)
-        if trapped and self._stopping and not _answer_when_leaving(core.x[0]):
+        if trapped and self._stopping and not self._answer_when_leaving(thread.vcpu, core):
             # The last stop before a detach: the call is left for QEMU to answer (NOT_SUPPORTED)
             # once we are gone. Answering it could promise what nobody will keep: a SIGNAL's
             # event would never be entered. A handler's COMPLETE is still answered.
@@ -412,6 +412,11 @@ class GdbstubConduit:
         resumed_ns = await self._after_stop(thread, core, step_over=step_over)
         if trapped and stop.received_ns:
             self.stats.trap_handling_ns.append(resumed_ns - stop.received_ns)
+
+    def _answer_when_leaving(self, vcpu: int, core: CoreRegs) -> bool:
+        """Whether the call ``vcpu`` makes at the last stop before a detach is still ours to
+        answer (see :func:`_answer_when_leaving`; a subclass may know of more)."""
+        return _answer_when_leaving(core.x[0])
 
     async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
         """The registers of the vCPU a stop reply named (``g`` acts on it); a subclass may read

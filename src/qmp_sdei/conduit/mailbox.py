@@ -120,6 +120,11 @@ class Mailboxes:
         count = self.read(area, A_TRAP_COUNT)
         return count if self.read(area, A_POST) == count else None
 
+    def trap_time(self, area: int) -> int:
+        """CNTVCT at the vCPU's last trapped call. With the trap count it names one call for good:
+        a reset reloads the stub and its counts start again, the guest's counter does not."""
+        return self.read(area, A_TRAP_TIME)
+
     def arguments(self, area: int) -> list[int]:
         return list(_MAIL.unpack_from(self._mem, self._at(area, A_MAIL_X)))
 
