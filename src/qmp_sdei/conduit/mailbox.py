@@ -88,7 +88,7 @@ class Mailboxes:
 
     def __init__(self, window: RamWindow, layout: StubLayout, *, lease: float = LEASE) -> None:
         if not layout.has_mailbox:
-            raise ConduitError("this EL2 stub has no mailbox (header version 1)")
+            raise ConduitError("this EL2 stub has no mailbox (its header has no mailbox extension)")
         if not (window.base <= layout.base and layout.areas_end <= window.base + window.size):
             raise ConduitError(
                 f"the guest RAM window [{window.base:#x}, {window.base + window.size:#x}) does not cover the "

@@ -28,13 +28,16 @@ STUB_RESERVED = 0x2_0000  # the stub's code, data, per-CPU areas and stacks: the
 KERNEL_ADDR = 0x4020_0000  # where the stub enters the kernel Image (header boot_kernel)
 DTB_ADDR = 0x4800_0000  # what the stub passes in x0 (header boot_dtb)
 MAGIC = b"QSDEIEL2"
-HEADER_VERSION = 2  # 2 adds the mailbox; a stub of version 1 (booted by an older release) is still served
-HEADER_VERSIONS = (1, 2)
-HEADER_SIZE = 0x88  # what this sidecar reads (a version 1 header is 0x70 bytes, followed by code)
-_HEADER_V1_SIZE = 0x70
+HEADER_VERSION = 1
+HEADER_SIZE = 0x90  # what this sidecar reads: the base header (0x70 bytes) and the mailbox extension
+_BASE_HEADER_SIZE = 0x70
 _HEADER = struct.Struct("<8sIIQQQQIIQQQQQQ")
-_HEADER_V2 = struct.Struct("<IIQQ")  # fast_spin_us, counter_hz, mailbox_wait, mailbox_wait_end
-HEADER_COUNTER_HZ = 0x74  # CNTFRQ_EL0 as the stub found it at boot (leases are CNTVCT values)
+# The mailbox extension, after the base header: a tag (a stub without it has code there), then
+# fast_spin_us, counter_hz, mailbox_wait, mailbox_wait_end. Older sidecars read only the base
+# header and never give a lease: the stub then never posts, and serves them as before.
+MAILBOX_TAG = b"QSDEIMB1"
+_MAILBOX_EXTENSION = struct.Struct("<8sIIQQ")
+HEADER_COUNTER_HZ = 0x7C  # CNTFRQ_EL0 as the stub found it at boot (leases are CNTVCT values)
 
 # Per-CPU area fields (el2stub.S A_*).
 A_RESUME_FLAGS = 0x00
@@ -85,7 +88,6 @@ class StubLayout:
     dtb: int
     wake_site: int
     idle: range  # the idle loop's addresses: a vCPU stopped there sits in a trapped WFI
-    version: int = 1
     #: a vCPU in this range waits for the sidecar's answer in its mailbox (empty: no mailbox)
     mailbox_wait: range = range(0)
     fast_spin_us: int = 0  # the longest a posted call waits for an answer before it stops
@@ -93,7 +95,7 @@ class StubLayout:
     @classmethod
     def parse(cls, base: int, header: bytes) -> StubLayout:
         """:raise ConduitError: not our stub (no magic) or a header version we do not speak."""
-        if len(header) < _HEADER_V1_SIZE or header[8:16] != MAGIC:
+        if len(header) < _BASE_HEADER_SIZE or header[8:16] != MAGIC:
             raise ConduitError(f"no qmp-sdei EL2 stub at {base:#x} (magic {header[8:16]!r})")
         (
             _,
@@ -111,16 +113,13 @@ class StubLayout:
             idle,
             idle_end,
             _firmware,
-        ) = _HEADER.unpack(header[8:_HEADER_V1_SIZE])
-        if version not in HEADER_VERSIONS:
-            raise ConduitError(
-                f"EL2 stub header version {version}, this sidecar speaks {', '.join(map(str, HEADER_VERSIONS))}"
-            )
+        ) = _HEADER.unpack(header[8:_BASE_HEADER_SIZE])
+        if version != HEADER_VERSION:
+            raise ConduitError(f"EL2 stub header version {version}, this sidecar speaks {HEADER_VERSION}")
         spin_us, wait, wait_end = 0, 0, 0
-        if version >= 2:
-            if len(header) < HEADER_SIZE:
-                raise ConduitError(f"EL2 stub header at {base:#x} is cut short ({len(header)} bytes)")
-            spin_us, _hz, wait, wait_end = _HEADER_V2.unpack(header[_HEADER_V1_SIZE:HEADER_SIZE])
+        extension = header[_BASE_HEADER_SIZE:HEADER_SIZE]
+        if len(extension) == _MAILBOX_EXTENSION.size and extension[:8] == MAILBOX_TAG:
+            _, spin_us, _hz, wait, wait_end = _MAILBOX_EXTENSION.unpack(extension)
         return cls(
             base=base,
             percpu_size=percpu_size,
@@ -134,15 +133,14 @@ class StubLayout:
             dtb=dtb,
             wake_site=base + wake,
             idle=range(base + idle, base + idle_end),
-            version=version,
             mailbox_wait=range(base + wait, base + wait_end),
             fast_spin_us=spin_us,
         )
 
     @property
     def has_mailbox(self) -> bool:
-        """Whether the stub can post calls to a mailbox (header version 2 and later)."""
-        return self.version >= 2
+        """Whether the stub can post calls to a mailbox (its header has the mailbox extension)."""
+        return len(self.mailbox_wait) > 0
 
     @property
     def areas_end(self) -> int:

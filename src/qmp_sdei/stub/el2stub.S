@@ -18,7 +18,7 @@
  * below; the sidecar reads and writes them in guest physical memory. See docs/el2-stub.md.
  */
 
-	.equ	HEADER_VERSION, 2		/* 2: the mailbox (fast path) and its header fields */
+	.equ	HEADER_VERSION, 1		/* additions come as tagged extensions (below), which older sidecars skip */
 	.equ	PERCPU_SHIFT, 10		/* 1 KiB per vCPU: the fields below, then the EL2 stack */
 	.equ	PERCPU_SIZE, (1 << PERCPU_SHIFT)
 	.equ	MAX_CPUS, 64
@@ -131,12 +131,16 @@ boot_dtb:
 	.quad	stub_idle_end - _start		/* 0x60 */
 boot_firmware:
 	.quad	0x0				/* 0x68: where firmware_entry enters (virt's flash) */
+	/* The mailbox extension: its tag tells a sidecar that knows it that the stub has one (an
+	 * older stub has code here); a sidecar that does not know it reads the header only to 0x70
+	 * and never gives a lease, so the stub never posts. */
+	.ascii	"QSDEIMB1"			/* 0x70 */
 fast_spin_us:
-	.word	1000				/* 0x70: the longest a posted call waits for the sidecar */
+	.word	1000				/* 0x78: the longest a posted call waits for the sidecar */
 counter_hz:
-	.word	0				/* 0x74: CNTFRQ_EL0, written at boot (leases are CNTVCT values) */
-	.quad	mailbox_wait - _start		/* 0x78: a vCPU in [mailbox_wait, mailbox_wait_end) */
-	.quad	mailbox_wait_end - _start	/* 0x80: waits for the sidecar's answer */
+	.word	0				/* 0x7c: CNTFRQ_EL0, written at boot (leases are CNTVCT values) */
+	.quad	mailbox_wait - _start		/* 0x80: a vCPU in [mailbox_wait, mailbox_wait_end) */
+	.quad	mailbox_wait_end - _start	/* 0x88: waits for the sidecar's answer */
 
 	.text
 /* x0 = MPIDR -> x0 = this vCPU's per-CPU area. Clobbers x1. (The CPU_ON path inlines it.) */
