@@ -457,6 +457,13 @@ class El2Conduit(GdbstubConduit):
             if self._watcher is not None:
                 self._watcher.loop_done()
 
+    def _interrupt(self) -> None:
+        """As the base class; the watcher also rests until the stop is served: no post can be
+        answered before that, and QEMU needs the host's cores to stop the VM."""
+        if self._watcher is not None:
+            self._watcher.loop_busy()
+        super()._interrupt()
+
     async def owner_resumed(self) -> None:
         await super().owner_resumed()
         if self._mail_deferred:
@@ -778,9 +785,13 @@ class El2Conduit(GdbstubConduit):
         area = self._areas[vcpu]
         if self._posted_call_in_stop(vcpu, area, core):
             return None
-        self._lease(vcpu, area)
         self.stats.traps += 1
         fid = function_id(core.x[0])
+        if fid not in _CONTEXT_SWITCHES:
+            # A lease for the calls that may follow this one. Not after a handler's COMPLETE: the
+            # guest goes back to what the event interrupted, which seldom calls at once, and a
+            # watcher polling for nothing takes a host core's time from QEMU.
+            self._lease(vcpu, area)
         if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
             # Any other call may end or change the running handler: the stub stops answering
             # EVENT_CONTEXT until the next handler entry (an out-of-range EVENT_CONTEXT changes
