@@ -306,7 +306,7 @@ def baremetal_summary(
     round_trip = summary_us(intervals)
     mailbox = {
         key: getattr(stats, key)
-        for key in ("mailbox_calls", "mailbox_stops", "mailbox_timeouts", "mailbox_late", "stops")
+        for key in ("mailbox_calls", "mailbox_timeouts", "mailbox_late", "stops")
         if hasattr(stats, key)
     }
     return {

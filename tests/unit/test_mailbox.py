@@ -265,7 +265,9 @@ class RecordingStub:
 
 class CountingOwner(SdeiOwner):
     def __init__(self) -> None:
-        inner = Dispatcher(events=[EventSpec(1000)], mpidrs=[0, 1], version=(1, 1), profile="tf-a")
+        inner = Dispatcher(
+            events=[EventSpec(1000), EventSpec(1001, critical=True)], mpidrs=[0, 1], version=(1, 1), profile="tf-a"
+        )
         super().__init__(inner, pins=VersionPins((1, 1), 0, (1, 1)), persist=None)
         self.calls: list[int] = []
         self.commits = 0
@@ -318,20 +320,6 @@ def test_an_sdei_error_comes_back_as_a_64_bit_value() -> None:
     _post(ram, area, 1, [Function.EVENT_ENABLE, 999])  # not in the catalogue: INVALID_PARAMETERS (-2)
     _serve(conduit, 1)
     assert _mail(ram, area)[0] == to_u64(-2)
-
-
-@pytest.mark.parametrize("fid", [Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME])
-def test_a_call_that_changes_the_return_state_goes_to_a_stop_undispatched(fid: int) -> None:
-    conduit, ram, owner, _ = _conduit()
-    area = conduit.layout.percpu
-    _post(ram, area, 1, [fid, 0x1234])
-    _serve(conduit, 1)
-    assert owner.calls == []
-    assert (_u64(ram, area + A_VERDICT), _u64(ram, area + A_DONE)) == (VERDICT_STOP, 1)
-    assert _mail(ram, area)[:2] == [fid, 0x1234]  # the guest's registers, for the stop to serve
-    core = CoreRegs(x=[fid, 0x1234, *[0] * 29], sp=area + 0x3F0, pc=conduit.layout.trap_site, cpsr=0x3C9)
-    assert not conduit._posted_call_in_stop(0, area, core)  # the stop serves it
-    assert conduit.stats.mailbox_stops == 1
 
 
 @pytest.mark.asyncio  # a PSCI call starts the SDEI-probe watch, a loop timer
@@ -466,6 +454,78 @@ def test_an_event_a_posted_call_makes_deliverable_is_entered_on_its_return() -> 
     valid, first = struct.unpack_from("<2Q", ram.buffer, area + A_CTX_VALID - ram.base)
     assert (valid, first) == (1, 0)  # EVENT_CONTEXT(0) is the interrupted x0: PE_UNMASK's result
     assert conduit.stats.deliveries == 1 and _u64(ram, area + A_DONE) == count
+
+
+def _handler_running(conduit: El2Conduit, ram: RamInBytes) -> int:
+    """vCPU 0 runs event 1000's handler, entered on the return of its PE_UNMASK (at 0x40081234,
+    EL1h); 1001 is registered and enabled too. Returns the next trap count."""
+    area = conduit.layout.percpu
+    count = _register_and_enable(conduit, ram, 0, 1000, 1)
+    count = _register_and_enable(conduit, ram, 0, 1001, count)
+    owner = conduit.dispatcher
+    assert isinstance(owner, SdeiOwner)
+    owner.dispatcher.trigger(1000, 0)
+    _set(ram, area + stub.A_TRAP_ELR2, 0x4008_1234)
+    _set(ram, area + stub.A_TRAP_SPSR2, 0x3C5)
+    _post(ram, area, count, [Function.PE_UNMASK, 0, 0, 0, 0xAAAA])
+    _serve(conduit, count)
+    assert _mail(ram, area)[0] == 1000
+    _set(ram, area + stub.A_TRAP_ELR2, 0x4009_0008)  # the handler's COMPLETE returns past its hvc
+    _set(ram, area + stub.A_TRAP_SPSR2, 0x3C5)
+    return count + 1
+
+
+def _resume_request(ram: RamInBytes, area: int) -> tuple[int, ...]:
+    return struct.unpack_from("<5Q", ram.buffer, area + stub.A_RESUME_FLAGS - ram.base)
+
+
+def test_a_posted_complete_returns_to_the_interrupted_context_through_stub_resume() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    count = _handler_running(conduit, ram)
+    _post(ram, area, count, [Function.EVENT_COMPLETE, 0, 0, 0, 0xBBBB])
+    _serve(conduit, count)
+    assert owner.calls[-1] == Function.EVENT_COMPLETE
+    x = _mail(ram, area)
+    assert x[0] == 0 and x[4] == 0xAAAA  # the interrupted x0..x17: PE_UNMASK's result, its x4
+    assert _resume_request(ram, area)[:3] == (stub.RESUME_EL2, 0x4008_1234, 0x3C5)
+    assert (_u64(ram, area + A_VERDICT), _u64(ram, area + A_DONE)) == (VERDICT_ANSWERED, count)
+    assert _u64(ram, area + A_CTX_VALID) == 0 and _u64(ram, area + A_FAST_UNTIL) == 0
+
+
+def test_a_posted_complete_and_resume_sets_the_el1_return_too() -> None:
+    conduit, ram, _, _ = _conduit()
+    area = conduit.layout.percpu
+    count = _handler_running(conduit, ram)
+    _post(ram, area, count, [Function.EVENT_COMPLETE_AND_RESUME, 0x4008_8000])
+    _serve(conduit, count)
+    flags, elr2, _spsr2, elr1, spsr1 = _resume_request(ram, area)
+    assert flags == stub.RESUME_EL2 | stub.RESUME_EL1
+    assert elr2 == 0x4008_8000 and (elr1, spsr1) == (0x4008_1234, 0x3C5)
+
+
+def test_an_event_waiting_behind_a_posted_complete_is_entered_on_its_return() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    count = _handler_running(conduit, ram)
+    owner.dispatcher.trigger(1001, 0)  # critical: deliverable over the running normal handler
+    assert owner.dispatcher.deliverable() == [0]
+    _post(ram, area, count, [Function.EVENT_CONTEXT, 0])  # 1001 is entered on this call's return
+    _serve(conduit, count)
+    assert _mail(ram, area)[0] == 1001 and conduit.stats.deliveries == 2
+    _set(ram, area + stub.A_TRAP_ELR2, 0x4009_0100)
+    _post(ram, area, count + 1, [Function.EVENT_COMPLETE])  # 1001 completes: back into 1000's handler
+    _serve(conduit, count + 1)
+    assert _resume_request(ram, area)[:2] == (stub.RESUME_EL2, 0x4009_0008)
+    owner.dispatcher.trigger(1000, 0)  # pending behind the running 1000 handler
+    _set(ram, area + stub.A_TRAP_ELR2, 0x4009_0008)
+    _post(ram, area, count + 2, [Function.EVENT_COMPLETE])  # 1000 completes: the next 1000 enters
+    _serve(conduit, count + 2)
+    x = _mail(ram, area)
+    flags, elr2, _, _, _ = _resume_request(ram, area)
+    assert x[0] == 1000 and (flags, elr2) == (stub.RESUME_EL2, 0x4008_0000)
+    assert x[2] == 0x4008_1234  # its interrupted pc: where the first handler's COMPLETE returned to
+    assert conduit.stats.deliveries == 3
 
 
 def test_an_event_a_posted_call_makes_deliverable_elsewhere_gets_a_stop() -> None:

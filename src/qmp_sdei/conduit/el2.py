@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from qmp_sdei.abi import psci, sdei
 from qmp_sdei.abi.sdei import Function
@@ -64,7 +65,6 @@ from qmp_sdei.stub import (
     RESUME_EL2,
     VERDICT_ANSWERED,
     VERDICT_PASS,
-    VERDICT_STOP,
     StubLayout,
     probe_addresses,
 )
@@ -91,6 +91,17 @@ _CONTEXT_BLOCK = struct.Struct(f"<Q{CTX_REGS}Q")  # A_CTX_VALID, then the interr
 _ZERO = (0).to_bytes(8, "little")
 _NO_CONTEXT = _ZERO
 _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME)
+LEASE_UNTIL_COMPLETE = 0xFFFF_FFFF_FFFF_FFFF  # a handler's vCPU posts until its COMPLETE is served
+
+
+class _MailAnswer(NamedTuple):
+    """What the mailbox answered a posted call with, kept until that vCPU's next call."""
+
+    call: tuple[int, int]  # (trap count, trap time): the call, for good (see _mail_answers)
+    verdict: int
+    registers: list[int]  # x0..x17 as the guest gets them
+    resume: tuple[int, int, int, int, int] | None  # the resume request written with it, if any
+    entered: bool  # a handler was entered on its return
 
 
 async def use_physical_memory(rsp: RspClient, physical: bool = True) -> bool:
@@ -136,7 +147,6 @@ class El2Stats(ConduitStats):
     entries_over_request: int = 0  # entered at stub_resume on top of an earlier stop's pending request
     doorbell_stops: int = 0  # calls stopped by the doorbell watchpoint (no translation-cache flush)
     mailbox_calls: int = 0  # calls answered (or passed on to QEMU) through the mailbox, no VM stop
-    mailbox_stops: int = 0  # posted calls the mailbox sent to the doorbell (they change the return state)
     mailbox_timeouts: int = 0  # posted calls that stopped before an answer: served in the stop
     mailbox_late: int = 0  # ... answered by the mailbox after the stub gave up: that answer, applied in the stop
     #: the watcher saw a post -> its answer written (the sidecar's share of a mailbox call)
@@ -163,6 +173,9 @@ class El2Conduit(GdbstubConduit):
         self.stats: El2Stats = El2Stats()
         # vCPU -> the exception return its next stub_resume will make, when we changed it this stop
         self._next_return: dict[int, tuple[int, int]] = {}
+        # ... and the ELR/SPSR_EL1 it loads too (a COMPLETE_AND_RESUME's), kept when a handler is
+        # entered on top of that return in the same stop
+        self._next_el1: dict[int, tuple[int, int]] = {}
         self._kicked: set[int] = set()  # vCPUs told to leave the idle loop for the wake site
         # vCPUs whose area holds no valid handler context (A_CTX_VALID = 0): all of them after
         # start(), which clears every area's flag (a previous sidecar may have left one set).
@@ -194,7 +207,7 @@ class El2Conduit(GdbstubConduit):
         self._mail_paused = False  # a migration runs: no leases, no answers through guest RAM
         # A posted call is named by (trap count, trap time): counts start again when a reset reloads
         # the stub, the guest's counter goes on.
-        self._mail_answers: dict[int, tuple[tuple[int, int], int, list[int]]] = {}  # vCPU -> (call, verdict, x0..x17)
+        self._mail_answers: dict[int, _MailAnswer] = {}  # vCPU -> its last call the mailbox answered
         self._mail_taken: dict[int, tuple[int, int]] = {}  # vCPU -> a posted call a stop served
         self._mail_failure: BaseException | None = None
         self._mail_deferred: set[int] = set()  # vCPUs whose post came while a stop was served
@@ -353,18 +366,19 @@ class El2Conduit(GdbstubConduit):
             return False
         call = (count, self._mail.trap_time(area))
         answered = self._mail_answers.get(vcpu)
-        if answered is None or answered[0] != call:
+        if answered is None or answered.call != call:
             self._mail_taken[vcpu] = call
             self.stats.mailbox_timeouts += 1
             return False
-        _, verdict, registers = answered
-        if verdict == VERDICT_STOP:
-            self._mail_taken[vcpu] = call
-            return False
         self.stats.mailbox_late += 1
-        core.x[:CTX_REGS] = registers
-        core.pc = self.layout.resume if verdict == VERDICT_ANSWERED else self.layout.trap_site + 4
+        core.x[:CTX_REGS] = answered.registers
+        core.pc = self.layout.resume if answered.verdict == VERDICT_ANSWERED else self.layout.trap_site + 4
         self._dirty[vcpu] = core
+        if answered.resume is not None:  # already in the area: this stop's deliveries go on top of it
+            flags, elr2, spsr2, elr1, spsr1 = answered.resume
+            self._next_return[vcpu] = (elr2, spsr2)
+            if flags & RESUME_EL1:
+                self._next_el1[vcpu] = (elr1, spsr1)
         return True
 
     def _answer_when_leaving(self, vcpu: int, core: CoreRegs) -> bool:
@@ -374,10 +388,10 @@ class El2Conduit(GdbstubConduit):
             return True
         area = self._areas.get(vcpu)
         answered = self._mail_answers.get(vcpu)
-        if self._mail is None or area is None or answered is None or answered[1] == VERDICT_STOP:
+        if self._mail is None or area is None or answered is None:
             return False
         count = self._mail.posted_now(area)
-        return count is not None and answered[0] == (count, self._mail.trap_time(area))
+        return count is not None and answered.call == (count, self._mail.trap_time(area))
 
     def _serve_post(self, vcpu: int, count: int, seen_ns: int) -> None:
         """A vCPU posted a call (the watcher saw it; this runs in the event loop). Answer it, or
@@ -409,29 +423,28 @@ class El2Conduit(GdbstubConduit):
             self._mail_deferred.add(vcpu)
             return
         answered = self._mail_answers.get(vcpu)
-        if answered is not None and answered[0] == call:
+        if answered is not None and answered.call == call:
             return
         registers = mail.arguments(area)
         fid = function_id(registers[0])
-        if fid in _CONTEXT_SWITCHES:
-            # They change where the guest returns to, with the stop's register writes: no dispatch
-            # here, the stub stops at the doorbell for it at once.
-            self._mail_answers[vcpu] = (call, VERDICT_STOP, registers)
-            mail.answer(area, count, VERDICT_STOP, None)
-            self.stats.mailbox_stops += 1
-            return
         try:
-            verdict = self._dispatch_posted(vcpu, area, fid, registers)
+            answer = self._dispatch_posted(vcpu, area, call, fid, registers)
         except Exception as err:  # the run loop raises it at its next stop; the stub stops there
             self._mail_failure = err
             if self._running and not self._interrupt_sent:
                 self._interrupt()
             return
-        self._mail_answers[vcpu] = (call, verdict, registers)
-        mail.answer(area, count, verdict, registers)
+        self._mail_answers[vcpu] = answer
+        if answer.resume is not None:  # before the count: stub_resume loads it
+            mail.write_bytes(area + A_RESUME_FLAGS, _RESUME_BLOCK.pack(*answer.resume))
+        mail.answer(area, count, answer.verdict, answer.registers)
         self.stats.mailbox_calls += 1
         self.stats.mailbox_ns.append(time.perf_counter_ns() - seen_ns)
-        self._lease(vcpu, area)
+        if fid in _CONTEXT_SWITCHES:
+            if not answer.entered:
+                mail.revoke(area)  # the handler's lease ends with it (see _deliver_one)
+        else:
+            self._lease(vcpu, area)
         if self.dispatcher.deliverable():
             self.request_delivery()
 
@@ -469,25 +482,35 @@ class El2Conduit(GdbstubConduit):
         if self._mail_deferred:
             self._offer_deferred_posts()
 
-    def _dispatch_posted(self, vcpu: int, area: int, fid: int, registers: list[int]) -> int:
+    def _dispatch_posted(
+        self, vcpu: int, area: int, call: tuple[int, int], fid: int, registers: list[int]
+    ) -> _MailAnswer:
         """Serve a posted call as :meth:`_trap` serves one at a stop; ``registers`` becomes the
-        answer. Returns the stub's verdict."""
+        answer's x0..x17. A COMPLETE's return state goes into a resume request, which the stub's
+        ``stub_resume`` loads on its way back (as after a stop)."""
         assert self._mail is not None
         self.stats.traps += 1
         if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
             self._mail.clear_context(area)  # as _trap does, before the guest sees the answer
             self._context_clear.add(vcpu)
+        resume: tuple[int, int, int, int, int] | None = None
         self.dispatcher.begin_stop()
         try:
+            returns_to = self._mail.trap_return(area)
             if sdei.is_sdei_range(fid):
                 self.stats.sdei_calls += 1
-                regs = VcpuRegs(
-                    [*registers, *[0] * (GPR_COUNT - CTX_REGS)], self.layout.resume, self._mail.trap_spsr(area)
-                )
+                # COMPLETE's own return state is the handler's (its call site); COMPLETE_AND_RESUME
+                # keeps its PAN bit. Other calls see stub_resume, as at a stop.
+                pc, pstate = returns_to if fid in _CONTEXT_SWITCHES else (self.layout.resume, returns_to[1])
+                regs = VcpuRegs([*registers, *[0] * (GPR_COUNT - CTX_REGS)], pc, pstate)
                 completion = self.dispatcher.hypercall(vcpu, regs)
-                if completion is not Completion.RETURN:
-                    raise ConduitError(f"SDEI call {fid:#x} through the mailbox completed as {completion}")
                 registers[:] = [to_u64(v) for v in regs.x[:CTX_REGS]]
+                if completion is Completion.COMPLETE:
+                    returns_to = (to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF)
+                    resume = (RESUME_EL2, *returns_to, 0, 0)
+                elif completion is Completion.COMPLETE_AND_RESUME:
+                    returns_to = (to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF)
+                    resume = (RESUME_EL2 | RESUME_EL1, *returns_to, to_u64(regs.elr_el1), regs.spsr_el1 & 0xFFFF_FFFF)
                 verdict = VERDICT_ANSWERED
             else:
                 verdict = VERDICT_PASS
@@ -504,35 +527,38 @@ class El2Conduit(GdbstubConduit):
                     self.stats.other_passthrough += 1
                 if verdict == VERDICT_PASS and has_sve_hint(registers[0]):
                     registers[0] &= ~SVE_HINT  # as _strip_sve_hint: QEMU 7.2's PSCI does not know it
+            entry = None
             if verdict == VERDICT_ANSWERED and vcpu in self.dispatcher.deliverable():
-                self._enter_from_post(vcpu, area, registers)
+                el1 = (resume[3], resume[4]) if resume is not None and resume[0] & RESUME_EL1 else None
+                entry = self._enter_from_post(vcpu, registers, returns_to, el1)
             self.dispatcher.commit()
         finally:
             self.dispatcher.end_stop()
-        return verdict
+        return _MailAnswer(call, verdict, registers, entry or resume, entry is not None)
 
-    def _enter_from_post(self, vcpu: int, area: int, registers: list[int]) -> None:
+    def _enter_from_post(
+        self, vcpu: int, registers: list[int], returns_to: tuple[int, int], el1: tuple[int, int] | None
+    ) -> tuple[int, int, int, int, int] | None:
         """Enter the handlers now deliverable on a vCPU whose posted call was just answered (an
-        EVENT_SIGNAL to itself, a PE_UNMASK with an event pending), as a stop at the trap site
-        would: on the call's return, before the guest's next instruction. The handler's entry goes
-        into the area as a resume request (what ``stub_resume`` loads), its registers into the
-        answer; both are in guest RAM before the answer's count."""
-        assert self._mail is not None
-        pc, pstate = self._mail.trap_return(area)
-        regs = VcpuRegs([*registers, *[0] * (GPR_COUNT - CTX_REGS)], pc, pstate)
+        EVENT_SIGNAL to itself, a PE_UNMASK with an event pending, a COMPLETE with another event
+        waiting), as a stop at the trap site would: on the call's return (``returns_to``), before
+        the guest's next instruction. Returns the resume request that enters it (it replaces the
+        call's own, keeping a COMPLETE_AND_RESUME's ``el1`` part); its registers become the answer."""
+        regs = VcpuRegs([*registers, *[0] * (GPR_COUNT - CTX_REGS)], *returns_to)
         self._serving_post = True
         try:
             if not self._enter_deliverable(vcpu, regs):
-                return
+                return None
         finally:
             self._serving_post = False
         registers[:] = [to_u64(v) for v in regs.x[:CTX_REGS]]
-        entry = _RESUME_BLOCK.pack(RESUME_EL2, to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF, 0, 0)
-        self._mail.write_bytes(area + A_RESUME_FLAGS, entry)
         self._kicked.discard(vcpu)
         if self._delivery_requested_ns:
             self.stats.delivery_ns.append(time.perf_counter_ns() - self._delivery_requested_ns)
             self._delivery_requested_ns = 0
+        elr1, spsr1 = el1 if el1 is not None else (0, 0)
+        flags = RESUME_EL2 | (RESUME_EL1 if el1 is not None else 0)
+        return (flags, to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF, elr1, spsr1)
 
     async def detach(self) -> None:
         """As the base class. The leases go first: a call posted now stops at the doorbell and is
@@ -744,6 +770,8 @@ class El2Conduit(GdbstubConduit):
         # Goes out with the register write-back and the resume (one write, no round trip).
         self._memory_writes.append((self._area(core) + A_RESUME_FLAGS, block))
         self._next_return[vcpu] = (pc, pstate)
+        if el1 is not None:
+            self._next_el1[vcpu] = el1
         core.pc = self.layout.resume
 
     async def _handle_stop(self, stop: StopReply, *, ours: bool = True) -> None:
@@ -753,12 +781,14 @@ class El2Conduit(GdbstubConduit):
         if "watch" in stop.info:
             self.stats.doorbell_stops += 1
         self._next_return.clear()
+        self._next_el1.clear()
         self._recorded.clear()
         self._idle_views.clear()
         try:
             await super()._handle_stop(stop, ours=ours)
         finally:
             self._next_return.clear()
+            self._next_el1.clear()
             self._idle_views.clear()
 
     async def _trap(self, thread: ThreadId, core: CoreRegs) -> ThreadId | None:
@@ -788,10 +818,12 @@ class El2Conduit(GdbstubConduit):
         self.stats.traps += 1
         fid = function_id(core.x[0])
         if fid not in _CONTEXT_SWITCHES:
-            # A lease for the calls that may follow this one. Not after a handler's COMPLETE: the
-            # guest goes back to what the event interrupted, which seldom calls at once, and a
-            # watcher polling for nothing takes a host core's time from QEMU.
-            self._lease(vcpu, area)
+            self._lease(vcpu, area)  # for the calls that may follow this one
+        elif self._mail is not None:
+            # The handler's lease ends with it: the guest goes back to what the event interrupted,
+            # which seldom calls at once, and a watcher polling for nothing takes a host core's
+            # time from QEMU. A handler entered in this stop gets a lease of its own.
+            self._mail.revoke(area)
         if fid != Function.EVENT_CONTEXT and vcpu not in self._context_clear:
             # Any other call may end or change the running handler: the stub stops answering
             # EVENT_CONTEXT until the next handler entry (an out-of-range EVENT_CONTEXT changes
@@ -836,7 +868,17 @@ class El2Conduit(GdbstubConduit):
             else:  # with the stop's write-back
                 self._memory_writes.append((area + A_CTX_VALID, block))
             self._context_clear.discard(vcpu)
+            self._lease_until_complete(vcpu, area)
         return True
+
+    def _lease_until_complete(self, vcpu: int, area: int) -> None:
+        """A handler was entered: its calls, its COMPLETE above all, go through the mailbox until
+        that COMPLETE is served (which ends the lease). Written straight into guest RAM: the VM is
+        stopped, or the vCPU is waiting for the answer that enters the handler."""
+        if self._mail is not None and self._watcher is not None and self._mail_may_lease():
+            self._mail.write(area, A_FAST_UNTIL, LEASE_UNTIL_COMPLETE)
+            self._watcher.watch(vcpu, area)
+            self._watcher.keep_hot()
 
     async def _wake_through_gic(self, vcpu: int, area: int) -> None:
         """With a kick, make the vCPU's timer interrupt pending in its redistributor: a halted vCPU
@@ -944,6 +986,7 @@ class El2Conduit(GdbstubConduit):
             flags, elr2, spsr2, elr1, spsr1 = await self._pending_request(vcpu, core)
         else:
             flags = 0  # this stop planned the vCPU's return itself (_interrupted() knows it)
+            el1 = self._next_el1.get(vcpu)
         if flags & RESUME_EL2:
             # Stopped at stub_resume before running it, with the request an earlier stop left
             # (a COMPLETE's return, a handler entry) still in its area. The guest is, in effect,

@@ -241,6 +241,7 @@ class MailboxWatcher:
     def _run(self) -> None:
         _fine_timer_slack()
         seen: dict[int, int] = {}
+        next_first = 0
         post_at = A_POST - self._mailboxes.window.base
         mem = self._mailboxes.window.buffer
         unpack = _U64.unpack_from
@@ -256,12 +257,18 @@ class MailboxWatcher:
                     self._polling = True
                     continue
                 self._loop_free.wait()
-                for vcpu, (area, initial) in self._areas.items():
+                watched = list(self._areas.items())
+                start = next_first % len(watched) if watched else 0
+                for n, (vcpu, (area, initial)) in enumerate(watched[start:] + watched[:start]):
                     count = unpack(mem, area + post_at)[0]
                     if count != seen.get(vcpu, initial):
                         seen[vcpu] = count
                         self._loop_free.clear()  # the handler sets it again (loop_done)
                         self._loop.call_soon_threadsafe(self._on_post, vcpu, count, time.perf_counter_ns())
+                        # One post at a time; the next look starts after this vCPU, so a vCPU
+                        # that calls back to back does not keep the others waiting.
+                        next_first = start + n + 1
+                        break
                 time.sleep(self._interval)
         except RuntimeError:  # the loop was closed under us: nothing left to hand posts to
             log.debug("mailbox watcher: event loop closed")

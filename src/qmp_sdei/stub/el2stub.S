@@ -102,7 +102,6 @@
 
 	.equ	PSCI_CPU_ON_MASKED, 0x84000003	/* CPU_ON with the SMC64 bit cleared */
 	.equ	SDEI_EVENT_CONTEXT, 0xc4000024
-	.equ	SDEI_EVENT_COMPLETE, 0xc4000025	/* COMPLETE_AND_RESUME is the next one */
 
 	.section .text.head, "ax"
 	.global	_start
@@ -362,10 +361,6 @@ trap_call:
 	ldr	x17, [x18, #A_TRAP_TIME]
 	cmp	x17, x16
 	b.hs	call_stops			/* no lease: stop at the doorbell */
-	ldr	w16, =SDEI_EVENT_COMPLETE	/* COMPLETE and COMPLETE_AND_RESUME change the guest's return */
-	sub	w16, w0, w16			/* state, which only a stop can: no post, stop at once */
-	cmp	w16, #1
-	b.ls	call_stops
 	stp	x0, x1, [x18, #(A_MAIL_X + 0 * 8)]
 	stp	x2, x3, [x18, #(A_MAIL_X + 2 * 8)]
 	stp	x4, x5, [x18, #(A_MAIL_X + 4 * 8)]
