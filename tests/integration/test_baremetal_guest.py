@@ -210,8 +210,13 @@ async def raise_host_events(
 
 async def test_guest_drives_every_sdei_call(booted: Booted) -> None:
     vm, conduit = booted.vm, booted.conduit
-    await raise_host_events(vm, booted.owner.raise_event, HOST_EVENTS)
-    await vm.wait_for_console(r"DONE\r?\n", TIMEOUT)
+    try:
+        await raise_host_events(vm, booted.owner.raise_event, HOST_EVENTS)
+        await vm.wait_for_console(r"DONE\r?\n", TIMEOUT)
+    except TimeoutError:
+        print("---- console tail ----\n" + "\n".join(vm.console.splitlines()[-15:]))
+        print(f"---- conduit ----\n{conduit.stats}")
+        raise
     console = vm.console
     steps = check_all_steps(console, booted.symbols)
     unexpected = set(steps) - set(EXPECTED_X0) - set(EXPECTED_FACTS)

@@ -387,6 +387,26 @@ def test_an_answer_the_stub_gave_up_on_is_applied_at_its_stop_not_served_again()
     assert owner.calls == [0xC400_0020] and conduit.stats.mailbox_late == 1
 
 
+def test_a_post_whose_vcpu_has_moved_on_is_never_served_again() -> None:
+    # Found by the conformance guest under load: a call the stop served late (its answer applied
+    # there) was offered again while the vCPU was posting its next call, whose trap count and time
+    # were written but not yet its arguments or post count. That must not be read as a call.
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _set(ram, area + A_TRAP_TIME, 1000)
+    _post(ram, area, 1, [Function.EVENT_SIGNAL, 0, 0])
+    _serve(conduit, 1)
+    core = CoreRegs(x=[Function.EVENT_SIGNAL, *[0] * 30], sp=area + 0x3F0, pc=conduit.layout.trap_site, cpsr=0x3C9)
+    assert conduit._posted_call_in_stop(0, area, core)  # the answer came late: applied at the stop
+    _set(ram, area + A_TRAP_TIME, 2000)  # the next call: trapped, half posted (post count still 1)
+    _set(ram, area + A_TRAP_COUNT, 2)
+    struct.pack_into("<Q", ram.buffer, area + A_MAIL_X - ram.base, Function.EVENT_ENABLE)
+    conduit._mail_deferred.add(0)
+    conduit._offer_deferred_posts()
+    _serve(conduit, 1)
+    assert owner.calls == [Function.EVENT_SIGNAL] and _u64(ram, area + A_DONE) == 1
+
+
 def test_an_answer_from_before_a_reset_is_not_taken_for_a_call_with_the_same_count() -> None:
     conduit, ram, _, _ = _conduit()
     area = conduit.layout.percpu

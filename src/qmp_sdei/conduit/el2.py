@@ -411,8 +411,11 @@ class El2Conduit(GdbstubConduit):
             or area is None
             or not self._mail_may_lease()
             or self._mail_failure is not None
-            or mail.post(area) != count
+            or mail.posted_now(area) != count
         ):
+            # Not the vCPU's current call (any more): answered or served at a stop already, and
+            # the vCPU may be posting its next one right now (its trap count and time are written
+            # first, its arguments and post count after): nothing of that may be read yet.
             return
         call = (count, mail.trap_time(area))
         if self._mail_taken.get(vcpu) == call:
@@ -456,8 +459,9 @@ class El2Conduit(GdbstubConduit):
         now = time.perf_counter_ns()
         for vcpu in deferred:
             area = self._areas.get(vcpu)
-            if area is not None:
-                self._answer_post(vcpu, self._mail.post(area), now)
+            count = self._mail.posted_now(area) if area is not None else None
+            if area is not None and count is not None:
+                self._answer_post(vcpu, count, now)
 
     async def _serve_stop(self, stop: StopReply, *, ours: bool) -> None:
         if self._watcher is not None:
