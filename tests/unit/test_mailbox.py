@@ -10,7 +10,9 @@ tests/integration/test_el2_mailbox.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -173,31 +175,43 @@ async def _next(queue: asyncio.Queue[tuple[int, int]]) -> tuple[int, int]:
     return await asyncio.wait_for(queue.get(), 10.0)
 
 
+@contextlib.asynccontextmanager
+async def _watching(
+    ram: RamInBytes, layout: StubLayout, areas: list[int], *, handler_done: bool = True
+) -> AsyncIterator[tuple[MailboxWatcher, asyncio.Queue[tuple[int, int]]]]:
+    """A hot watcher on ``areas`` (vCPU n -> areas[n]) whose hand-overs land in a queue; the
+    handler says it is done with each post unless ``handler_done`` is False."""
+    seen: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    watcher: MailboxWatcher
+
+    def on_post(vcpu: int, count: int, _ns: int) -> None:
+        seen.put_nowait((vcpu, count))
+        if handler_done:
+            watcher.loop_done()
+
+    watcher = MailboxWatcher(Mailboxes(ram, layout), on_post, asyncio.get_running_loop(), interval=1e-4)
+    try:
+        for vcpu, area in enumerate(areas):
+            watcher.watch(vcpu, area)
+        watcher.keep_hot()
+        yield watcher, seen
+    finally:
+        watcher.close()
+
+
 @pytest.mark.asyncio
 async def test_the_watcher_hands_each_new_post_to_the_loop_once() -> None:
     layout = _layout()
     ram = _ram(layout)
     area = layout.percpu
     _post(ram, area, 3, [1])  # posted before it was watched: not new
-    seen: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    watcher: MailboxWatcher
-
-    def on_post(vcpu: int, count: int, _ns: int) -> None:
-        seen.put_nowait((vcpu, count))
-        watcher.loop_done()
-
-    watcher = MailboxWatcher(Mailboxes(ram, layout), on_post, asyncio.get_running_loop(), interval=1e-4)
-    try:
-        watcher.watch(0, area)
-        watcher.keep_hot()
+    async with _watching(ram, layout, [area]) as (_, seen):
         _post(ram, area, 4, [1])
         assert await _next(seen) == (0, 4)
         _post(ram, area, 5, [1])
         assert await _next(seen) == (0, 5)
         await asyncio.sleep(0.01)  # many polls: nothing new means nothing handed over
         assert seen.empty()
-    finally:
-        watcher.close()
 
 
 @pytest.mark.asyncio
@@ -205,25 +219,13 @@ async def test_a_cool_watcher_sees_nothing_until_a_lease_heats_it() -> None:
     layout = _layout()
     ram = _ram(layout)
     area = layout.percpu
-    seen: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    watcher: MailboxWatcher
-
-    def on_post(vcpu: int, count: int, _ns: int) -> None:
-        seen.put_nowait((vcpu, count))
-        watcher.loop_done()
-
-    watcher = MailboxWatcher(Mailboxes(ram, layout), on_post, asyncio.get_running_loop(), interval=1e-4)
-    try:
-        watcher.watch(0, area)
-        watcher.keep_hot()
+    async with _watching(ram, layout, [area]) as (watcher, seen):
         watcher.cool()
         _post(ram, area, 1, [1])
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # many poll periods: a cool watcher does not look
         assert seen.empty()
         watcher.keep_hot()
         assert await _next(seen) == (0, 1)
-    finally:
-        watcher.close()
 
 
 @pytest.mark.asyncio
@@ -231,14 +233,7 @@ async def test_the_watcher_waits_while_the_loop_serves() -> None:
     layout = _layout()
     ram = _ram(layout)
     areas = [layout.percpu, layout.percpu + layout.percpu_size]
-    seen: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    watcher = MailboxWatcher(
-        Mailboxes(ram, layout), lambda v, c, _ns: seen.put_nowait((v, c)), asyncio.get_running_loop(), interval=1e-4
-    )
-    try:
-        for vcpu, area in enumerate(areas):
-            watcher.watch(vcpu, area)
-        watcher.keep_hot()
+    async with _watching(ram, layout, areas, handler_done=False) as (watcher, seen):
         _post(ram, areas[0], 1, [1])
         assert await _next(seen) == (0, 1)
         _post(ram, areas[1], 1, [1])  # the loop has not said it is done with the first
@@ -246,8 +241,20 @@ async def test_the_watcher_waits_while_the_loop_serves() -> None:
         assert seen.empty()
         watcher.loop_done()
         assert await _next(seen) == (1, 1)
-    finally:
-        watcher.close()
+
+
+@pytest.mark.asyncio
+async def test_a_vcpu_that_posts_back_to_back_does_not_keep_the_others_waiting() -> None:
+    layout = _layout()
+    ram = _ram(layout)
+    areas = [layout.percpu, layout.percpu + layout.percpu_size]
+    async with _watching(ram, layout, areas, handler_done=False) as (watcher, seen):
+        _post(ram, areas[0], 1, [1])
+        _post(ram, areas[1], 1, [1])
+        first = await _next(seen)
+        _post(ram, areas[first[0]], 2, [1])  # the first one posts again before the other is seen
+        watcher.loop_done()
+        assert (await _next(seen))[0] != first[0]
 
 
 # ---- the conduit's side ------------------------------------------------------------------------
