@@ -231,7 +231,9 @@ async def bench_baremetal(
         try:
             await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
             loop_handling = list(conduit.stats.trap_handling_ns)
-            mailbox_handling = list(getattr(conduit.stats, "mailbox_ns", ()))
+            mailbox_handling, mailbox_handover = (
+                list(getattr(conduit.stats, name, ())) for name in ("mailbox_ns", "mailbox_handover_ns")
+            )
             version_times = [t for fid, t in timing.calls if fid == Function.VERSION]
             assert len(version_times) == ROUNDS * CALLS, len(version_times)
 
@@ -267,6 +269,7 @@ async def bench_baremetal(
         conduit=("el2" if mailbox else "el2-stops") if el2_image is not None else "symbols",
         persist=persist,
         mailbox_handling=mailbox_handling,
+        mailbox_handover=mailbox_handover,
         saves=saves,
         version_times=version_times,
         loop_handling=loop_handling,
@@ -286,6 +289,7 @@ def baremetal_summary(
     version_times: list[int],
     loop_handling: list[int],
     mailbox_handling: list[int],
+    mailbox_handover: list[int],
     console: str,
     deliver_ns: list[int],
     running_ns: list[int],
@@ -299,8 +303,10 @@ def baremetal_summary(
         (int(m["ticks"]) / int(m["freq"])) / int(m["calls"])
         for m in re.finditer(r"ROUND \d+ calls=(?P<calls>\d+) ticks=(?P<ticks>\d+) freq=(?P<freq>\d+)", console)
     ]
-    # The sidecar's share of a call: stop reply -> resume sent, or, for calls answered through the
-    # stub's mailbox, the watcher seeing the post -> the answer written (whichever served most).
+    # The sidecar's share of a call: the stop reply read by the event loop -> resume sent, or, for
+    # calls answered through the stub's mailbox, the loop taking the post -> the answer written
+    # (whichever served most). The mailbox's hand-over from the watcher thread to the loop is
+    # reported beside it, as the loop's wake-up for a stop reply is not in the stops' share.
     through_mailbox = len(mailbox_handling) > len(loop_handling)
     handling = summary_us(mailbox_handling if through_mailbox else loop_handling)
     round_trip = summary_us(intervals)
@@ -323,6 +329,7 @@ def baremetal_summary(
             "round_trip": round_trip,
             "sidecar_share": handling,
             "sidecar_share_is": "mailbox" if through_mailbox else "stops",
+            "mailbox_handover": summary_us(mailbox_handover),
             "calls_at_stops_share": summary_us(loop_handling),
             "served": mailbox,
             "qemu_and_guest_share_median_us": round(round_trip["median_us"] - handling["median_us"], 1),

@@ -149,8 +149,11 @@ class El2Stats(ConduitStats):
     mailbox_calls: int = 0  # calls answered (or passed on to QEMU) through the mailbox, no VM stop
     mailbox_timeouts: int = 0  # posted calls that stopped before an answer: served in the stop
     mailbox_late: int = 0  # ... answered by the mailbox after the stub gave up: that answer, applied in the stop
-    #: the watcher saw a post -> its answer written (the sidecar's share of a mailbox call)
+    #: the event loop took a post -> its answer written: the sidecar's share of a mailbox call, as
+    #: trap_handling_ns is of a stopped one (stop reply read by the loop -> resume written)
     mailbox_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    #: the watcher thread saw a post -> the event loop took it (the hand-over between the two)
+    mailbox_handover_ns: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
 
 
 class El2Conduit(GdbstubConduit):
@@ -397,13 +400,17 @@ class El2Conduit(GdbstubConduit):
         """A vCPU posted a call (the watcher saw it; this runs in the event loop). Answer it, or
         leave it to the stop it makes when its wait runs out: while a migration runs or the conduit
         is leaving. One that comes while a stop is served waits for the stop's end."""
+        taken = time.perf_counter_ns()
         try:
-            self._answer_post(vcpu, count, seen_ns)
+            if self._answer_post(vcpu, count, taken):
+                self.stats.mailbox_handover_ns.append(taken - seen_ns)
         finally:
             if self._watcher is not None and not self._in_stop:
                 self._watcher.loop_done()
 
-    def _answer_post(self, vcpu: int, count: int, seen_ns: int) -> None:
+    def _answer_post(self, vcpu: int, count: int, taken_ns: int) -> bool:
+        """Answer a post (see :meth:`_serve_post`); whether it did. ``taken_ns``: when the loop
+        took it (perf_counter_ns)."""
         mail = self._mail
         area = self._areas.get(vcpu)
         if (
@@ -416,18 +423,18 @@ class El2Conduit(GdbstubConduit):
             # Not the vCPU's current call (any more): answered or served at a stop already, and
             # the vCPU may be posting its next one right now (its trap count and time are written
             # first, its arguments and post count after): nothing of that may be read yet.
-            return
+            return False
         call = (count, mail.trap_time(area))
         if self._mail_taken.get(vcpu) == call:
-            return
+            return False
         if not self._running or self._in_stop or self._held:
             # A stop is being served (its resume may be out already, and the vCPU posting right
             # behind it), or the VM is not ours to run: offered again when that is over.
             self._mail_deferred.add(vcpu)
-            return
+            return False
         answered = self._mail_answers.get(vcpu)
         if answered is not None and answered.call == call:
-            return
+            return False
         registers = mail.arguments(area)
         fid = function_id(registers[0])
         try:
@@ -436,13 +443,13 @@ class El2Conduit(GdbstubConduit):
             self._mail_failure = err
             if self._running and not self._interrupt_sent:
                 self._interrupt()
-            return
+            return False
         self._mail_answers[vcpu] = answer
         if answer.resume is not None:  # before the count: stub_resume loads it
             mail.write_bytes(area + A_RESUME_FLAGS, _RESUME_BLOCK.pack(*answer.resume))
         mail.answer(area, count, answer.verdict, answer.registers)
         self.stats.mailbox_calls += 1
-        self.stats.mailbox_ns.append(time.perf_counter_ns() - seen_ns)
+        self.stats.mailbox_ns.append(time.perf_counter_ns() - taken_ns)
         if fid in _CONTEXT_SWITCHES:
             if not answer.entered:
                 mail.revoke(area)  # the handler's lease ends with it (see _deliver_one)
@@ -450,6 +457,7 @@ class El2Conduit(GdbstubConduit):
             self._lease(vcpu, area)
         if self.dispatcher.deliverable():
             self.request_delivery()
+        return True
 
     def _offer_deferred_posts(self) -> None:
         """Serve the posts that came while a stop was served (see :meth:`_serve_post`)."""
