@@ -58,7 +58,9 @@ log = logging.getLogger(__name__)
 
 LEASE = 0.05  # seconds a vCPU may post after its last call served (guest counter time)
 WATCH_MARGIN = 0.01  # the watcher stays hot this much longer than a lease it granted
-POLL_INTERVAL = 20e-6  # seconds between looks at the posts while hot
+POLL_INTERVAL = 20e-6  # seconds between looks at the posts right after a call
+POLL_FAST_FOR = 2e-3  # ... for this long; then the interval grows with the quiet time
+POLL_SLOWEST = 500e-6  # ... up to this: well inside the stub's 1 ms wait, a few % of a core
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _MAIL = struct.Struct(f"<{CTX_REGS}Q")
@@ -175,8 +177,11 @@ PostHandler = Callable[[int, int, int], None]
 class MailboxWatcher:
     """Watch the posts of the vCPUs' mailboxes from a thread, and hand each new one to the loop.
 
-    Hot (polling every POLL_INTERVAL) while a lease it granted may run, idle (blocked, no CPU)
-    otherwise. The handler runs in the event loop, never in the thread.
+    Hot while a lease it granted may run, idle (blocked, no CPU) otherwise. Hot, it looks every
+    POLL_INTERVAL for POLL_FAST_FOR after a call, then less often the longer the guest is quiet,
+    down to every POLL_SLOWEST: polling every 20 us costs about half a host core, which a guest
+    that calls now and then would otherwise cost all the time. The handler runs in the event
+    loop, never in the thread.
     """
 
     def __init__(
@@ -187,12 +192,17 @@ class MailboxWatcher:
         *,
         interval: float = POLL_INTERVAL,
         hot_for: float = LEASE + WATCH_MARGIN,
+        fast_for: float = POLL_FAST_FOR,
+        slowest: float = POLL_SLOWEST,
     ) -> None:
         self._mailboxes = mailboxes
         self._on_post = on_post
         self._loop = loop
         self._interval = interval
         self._hot_for = hot_for
+        self._fast_for = fast_for
+        self._slowest = max(slowest, interval)
+        self._last_call = 0.0  # monotonic time of the last post seen or lease granted
         # vCPU -> (area, the post already there when it was watched): replaced, never mutated, so
         # the thread always reads a whole mapping
         self._areas: dict[int, tuple[int, int]] = {}
@@ -215,9 +225,18 @@ class MailboxWatcher:
 
     def keep_hot(self) -> None:
         """A lease was granted: poll until it has surely run out."""
-        self._hot_until = time.monotonic() + self._hot_for
+        now = time.monotonic()
+        self._last_call = now
+        self._hot_until = now + self._hot_for
         if not self._polling:
             self._wake.set()
+
+    def _poll_interval(self) -> float:
+        """POLL_INTERVAL right after a call, growing with the quiet time after POLL_FAST_FOR."""
+        quiet = time.monotonic() - self._last_call
+        if quiet <= self._fast_for:
+            return self._interval
+        return min(self._slowest, self._interval * quiet / self._fast_for)
 
     def loop_busy(self) -> None:
         """The loop serves a stop: no polling until :meth:`loop_done`."""
@@ -268,8 +287,9 @@ class MailboxWatcher:
                         # One post at a time; the next look starts after this vCPU, so a vCPU
                         # that calls back to back does not keep the others waiting.
                         next_first = start + n + 1
+                        self._last_call = time.monotonic()
                         break
-                time.sleep(self._interval)
+                time.sleep(self._poll_interval())
         except RuntimeError:  # the loop was closed under us: nothing left to hand posts to
             log.debug("mailbox watcher: event loop closed")
         except (ValueError, TypeError):  # the window was unmapped under us (closed)
