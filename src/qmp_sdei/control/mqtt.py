@@ -363,8 +363,15 @@ class MqttBridge:
                 await self._on_message(message)
         except asyncio.CancelledError:
             # A clean shutdown, at any point of the connection: say so, then disconnect normally
-            # (which makes the broker drop the will).
+            # (which makes the broker drop the will). The periodic status goes first: an online
+            # status it was publishing could otherwise reach the broker after the offline one and
+            # stay retained (seen on Debian 13 about one run in three).
             self._set_client(None)
+            if status_task is not None:
+                status_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await status_task
+                status_task = None
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await client.publish(
                     self.topics.status,
