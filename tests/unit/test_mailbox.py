@@ -567,3 +567,21 @@ def test_an_event_a_posted_call_makes_deliverable_elsewhere_gets_a_stop() -> Non
     conduit._serve_post(1, 1, 0)
     assert _mail(ram, conduit._areas[1])[0] == 0
     assert owner.dispatcher.deliverable() == [0] and requested == [True]
+
+
+@pytest.mark.asyncio
+async def test_a_handler_entered_at_a_stop_on_top_of_a_complete_and_resume_keeps_its_el1_return() -> None:
+    # The stop path: the COMPLETE_AND_RESUME's return (EL2 and EL1 parts) is planned in this stop,
+    # then a critical event is entered on top of it; the EL1 part must survive in the request.
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _handler_running(conduit, ram)
+    owner.dispatcher.trigger(1001, 0)  # critical: deliverable over the running normal handler
+    core = CoreRegs(x=[0] * 31, sp=area + 0x3F0, pc=conduit.layout.trap_site, cpsr=0x3C9)
+    await conduit._set_return(0, core, 0x4008_8000, 0x3C5, (0x4008_1234, 0x3C5))
+    conduit._dirty[0] = core
+    assert await conduit._enter_handlers(0, core)
+    addr, block = conduit._memory_writes[-1]
+    flags, elr2, _, elr1, spsr1 = struct.unpack("<5Q", block)
+    assert addr == area + stub.A_RESUME_FLAGS and elr2 == 0x4008_0000
+    assert flags == stub.RESUME_EL2 | stub.RESUME_EL1 and (elr1, spsr1) == (0x4008_1234, 0x3C5)
