@@ -585,3 +585,38 @@ async def test_a_handler_entered_at_a_stop_on_top_of_a_complete_and_resume_keeps
     flags, elr2, _, elr1, spsr1 = struct.unpack("<5Q", block)
     assert addr == area + stub.A_RESUME_FLAGS and elr2 == 0x4008_0000
     assert flags == stub.RESUME_EL2 | stub.RESUME_EL1 and (elr1, spsr1) == (0x4008_1234, 0x3C5)
+
+
+def test_a_served_call_is_not_served_again_while_the_next_one_is_half_trapped() -> None:
+    # Found in review: the stub stores its next call's trap time before its trap count, so for a
+    # moment (count, time) names a call that never was; refusing by count alone closes that.
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    _set(ram, area + A_TRAP_TIME, 1000)
+    _post(ram, area, 7, [Function.EVENT_SIGNAL, 0, 0])
+    _serve(conduit, 7)
+    _set(ram, area + A_TRAP_TIME, 2000)  # the next trap: time stored, count and post not yet
+    _serve(conduit, 7)
+    conduit._mail_deferred.add(0)
+    conduit._offer_deferred_posts()
+    assert owner.calls == [Function.EVENT_SIGNAL] and conduit.stats.mailbox_calls == 1
+    assert _u64(ram, area + A_VERDICT) == VERDICT_ANSWERED  # not re-answered from its own answer
+
+
+def test_an_untouched_area_has_no_post() -> None:
+    layout = _layout()
+    mail = Mailboxes(_ram(layout), layout)
+    assert mail.posted_now(layout.percpu) is None  # count 0 = post 0: a zeroed area, not a call
+
+
+def test_leaving_answers_a_posted_complete_but_leaves_other_sdei_calls_to_qemu() -> None:
+    conduit, ram, owner, _ = _conduit()
+    area = conduit.layout.percpu
+    count = _handler_running(conduit, ram)
+    conduit._stopping = True  # a detach: the last stop
+    _post(ram, area, count, [Function.EVENT_STATUS, 1000])
+    assert not conduit._answer_post(0, count, 0, leaving=True)  # QEMU answers it once we are gone
+    _post(ram, area, count + 1, [Function.EVENT_COMPLETE])
+    assert conduit._answer_post(0, count + 1, 0, leaving=True)  # the handler must not hang
+    assert owner.calls[-1] == Function.EVENT_COMPLETE and _u64(ram, area + A_DONE) == count + 1
+    assert _resume_request(ram, area)[:2] == (stub.RESUME_EL2, 0x4008_1234)

@@ -94,6 +94,11 @@ _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME
 LEASE_UNTIL_COMPLETE = 0xFFFF_FFFF_FFFF_FFFF  # a handler's vCPU posts until its COMPLETE is served
 
 
+def _posted_core(registers: list[int]) -> CoreRegs:
+    """A posted call's x0..x17 as the registers :meth:`El2Conduit._answer_when_leaving` reads."""
+    return CoreRegs(x=[*registers, *[0] * (GPR_COUNT - CTX_REGS)], sp=0, pc=0, cpsr=0)
+
+
 class _MailAnswer(NamedTuple):
     """What the mailbox answered a posted call with, kept until that vCPU's next call."""
 
@@ -351,7 +356,10 @@ class El2Conduit(GdbstubConduit):
 
     def _lease(self, vcpu: int, area: int) -> None:
         """Let this vCPU post its next calls (a call of its was just served)."""
-        if self._mail is not None and self._watcher is not None and self._mail_may_lease() and self._mail.lease(area):
+        if self._mail is None or self._watcher is None or not self._mail_may_lease():
+            return
+        if self._mail.read(area, A_FAST_UNTIL) == LEASE_UNTIL_COMPLETE or self._mail.lease(area):
+            # (a running handler's lease, until its COMPLETE, is never shortened)
             self._watcher.watch(vcpu, area)
             self._watcher.keep_hot()
 
@@ -408,15 +416,16 @@ class El2Conduit(GdbstubConduit):
             if self._watcher is not None and not self._in_stop:
                 self._watcher.loop_done()
 
-    def _answer_post(self, vcpu: int, count: int, taken_ns: int) -> bool:
+    def _answer_post(self, vcpu: int, count: int, taken_ns: int, *, leaving: bool = False) -> bool:
         """Answer a post (see :meth:`_serve_post`); whether it did. ``taken_ns``: when the loop
-        took it (perf_counter_ns)."""
+        took it (perf_counter_ns). ``leaving``: at the last stop before a detach, with the VM
+        stopped, answer the calls still ours to answer then (see :meth:`_serve_posts_when_leaving`)."""
         mail = self._mail
         area = self._areas.get(vcpu)
         if (
             mail is None
             or area is None
-            or not self._mail_may_lease()
+            or not (leaving or self._mail_may_lease())
             or self._mail_failure is not None
             or mail.posted_now(area) != count
         ):
@@ -424,16 +433,21 @@ class El2Conduit(GdbstubConduit):
             # the vCPU may be posting its next one right now (its trap count and time are written
             # first, its arguments and post count after): nothing of that may be read yet.
             return False
-        call = (count, mail.trap_time(area))
-        if self._mail_taken.get(vcpu) == call:
+        # By count alone here: the vCPU runs, and once this call is over it may have stored its
+        # next call's trap time but not yet its count, so (count, time) could be read torn and
+        # pass for a new call. Refusing a count seen before is always safe: if it is a new call
+        # after all (a reset restarted the counts), its wait runs out and its stop serves it.
+        taken, answered = self._mail_taken.get(vcpu), self._mail_answers.get(vcpu)
+        if (taken is not None and taken[0] == count) or (answered is not None and answered.call[0] == count):
             return False
-        if not self._running or self._in_stop or self._held:
+        call = (count, mail.trap_time(area))
+        if leaving:
+            if not self._answer_when_leaving(vcpu, _posted_core(mail.arguments(area))):
+                return False
+        elif not self._running or self._in_stop or self._held:
             # A stop is being served (its resume may be out already, and the vCPU posting right
             # behind it), or the VM is not ours to run: offered again when that is over.
             self._mail_deferred.add(vcpu)
-            return False
-        answered = self._mail_answers.get(vcpu)
-        if answered is not None and answered.call == call:
             return False
         registers = mail.arguments(area)
         fid = function_id(registers[0])
@@ -453,11 +467,35 @@ class El2Conduit(GdbstubConduit):
         if fid in _CONTEXT_SWITCHES:
             if not answer.entered:
                 mail.revoke(area)  # the handler's lease ends with it (see _deliver_one)
-        else:
+        elif not answer.entered:  # (entering a handler leased the vCPU until its COMPLETE)
             self._lease(vcpu, area)
-        if self.dispatcher.deliverable():
+        if self.dispatcher.deliverable() and not leaving:
             self.request_delivery()
         return True
+
+    async def _serve_posts_when_leaving(self, stopped: ThreadId | None) -> None:
+        """At the last stop before a detach: answer, through the mailbox, the posted calls that
+        are still ours to answer then (a handler's COMPLETE above all: left to QEMU it would get
+        NOT_SUPPORTED, and Linux's handler exit then spins for good). A vCPU that posted one just
+        before the leases were revoked is still waiting in the stub, not at a call site, so the
+        stop itself does not see it; it takes the answer when the VM runs on. Only a vCPU still
+        inside the wait loop: one past it is on its way to the doorbell and QEMU."""
+        mail = self._mail
+        if mail is None or self.registers is None:
+            return
+        now = time.perf_counter_ns()
+        looked = False
+        self._g_thread = stopped or self.threads[0]  # where QEMU points g after a stop (_handle_stop)
+        for vcpu, area in list(self._areas.items()):
+            count = mail.posted_now(area)
+            if count is None or vcpu >= len(self.threads):
+                continue
+            await self._select(self.threads[vcpu])
+            looked = True
+            if await self.rsp.read_register(self._pc_regnum()) in self.layout.mailbox_wait:
+                self._answer_post(vcpu, count, now, leaving=True)
+        if looked:  # the stop's handling reads the stopped vCPU with g: point QEMU back at it
+            await self._select(stopped or self.threads[0])
 
     def _offer_deferred_posts(self) -> None:
         """Serve the posts that came while a stop was served (see :meth:`_serve_post`)."""
@@ -474,6 +512,8 @@ class El2Conduit(GdbstubConduit):
     async def _serve_stop(self, stop: StopReply, *, ours: bool) -> None:
         if self._watcher is not None:
             self._watcher.loop_busy()
+        if self._stopping:
+            await self._serve_posts_when_leaving(stop.thread)  # before the stop's bracket: it has its own
         try:
             await super()._serve_stop(stop, ours=ours)
         finally:
@@ -491,6 +531,8 @@ class El2Conduit(GdbstubConduit):
 
     async def owner_resumed(self) -> None:
         await super().owner_resumed()
+        if self._watcher is not None and not self._held:
+            self._watcher.keep_hot()  # leases are guest time, which stood still while it was held
         if self._mail_deferred:
             self._offer_deferred_posts()
 

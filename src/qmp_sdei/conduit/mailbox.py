@@ -120,7 +120,8 @@ class Mailboxes:
         """The trap count of the vCPU's current call if it was posted (the vCPU is stopped in the
         stub for that call), else None."""
         count = self.read(area, A_TRAP_COUNT)
-        return count if self.read(area, A_POST) == count else None
+        # 0: the area has not posted since the stub (re)started (a reset reloads it zeroed)
+        return count if count and self.read(area, A_POST) == count else None
 
     def trap_time(self, area: int) -> int:
         """CNTVCT at the vCPU's last trapped call. With the trap count it names one call for good:
