@@ -36,7 +36,7 @@ from typing import NamedTuple
 from qmp_sdei.abi import psci, sdei
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import SVE_HINT, function_id, has_sve_hint, to_u64
-from qmp_sdei.conduit.gdbstub import LATENCY_SAMPLES, ConduitStats, GdbstubConduit, SdeiPort
+from qmp_sdei.conduit.gdbstub import LATENCY_SAMPLES, ConduitStats, GdbstubConduit, SdeiPort, ours_when_leaving
 from qmp_sdei.conduit.gicwake import PENDING_CLEAR, PENDING_SET, VTIMER_BIT, find_redistributors
 from qmp_sdei.conduit.mailbox import Mailboxes, MailboxWatcher, RamWindow, host_supported
 from qmp_sdei.conduit.rsp import CoreRegs, RspClient, StopReply, ThreadId
@@ -94,9 +94,12 @@ _CONTEXT_SWITCHES = (Function.EVENT_COMPLETE, Function.EVENT_COMPLETE_AND_RESUME
 LEASE_UNTIL_COMPLETE = 0xFFFF_FFFF_FFFF_FFFF  # a handler's vCPU posts until its COMPLETE is served
 
 
-def _posted_core(registers: list[int]) -> CoreRegs:
-    """A posted call's x0..x17 as the registers :meth:`El2Conduit._answer_when_leaving` reads."""
-    return CoreRegs(x=[*registers, *[0] * (GPR_COUNT - CTX_REGS)], sp=0, pc=0, cpsr=0)
+def _resume_request(pc: int, pstate: int, el1: tuple[int, int] | None = None) -> tuple[int, int, int, int, int]:
+    """A resume request for ``stub_resume`` (flags, ELR2, SPSR2, ELR1, SPSR1): return to ``pc`` in
+    ``pstate``, and with ``el1`` also load ELR/SPSR_EL1 (a COMPLETE_AND_RESUME's)."""
+    elr1, spsr1 = el1 if el1 is not None else (0, 0)
+    flags = RESUME_EL2 | (RESUME_EL1 if el1 is not None else 0)
+    return flags, to_u64(pc), pstate & 0xFFFF_FFFF, to_u64(elr1), spsr1 & 0xFFFF_FFFF
 
 
 class _MailAnswer(NamedTuple):
@@ -441,15 +444,15 @@ class El2Conduit(GdbstubConduit):
         if (taken is not None and taken[0] == count) or (answered is not None and answered.call[0] == count):
             return False
         call = (count, mail.trap_time(area))
+        registers = mail.arguments(area)
         if leaving:
-            if not self._answer_when_leaving(vcpu, _posted_core(mail.arguments(area))):
+            if not ours_when_leaving(registers[0]):
                 return False
         elif not self._running or self._in_stop or self._held:
             # A stop is being served (its resume may be out already, and the vCPU posting right
             # behind it), or the VM is not ours to run: offered again when that is over.
             self._mail_deferred.add(vcpu)
             return False
-        registers = mail.arguments(area)
         fid = function_id(registers[0])
         try:
             answer = self._dispatch_posted(vcpu, area, call, fid, registers)
@@ -559,12 +562,10 @@ class El2Conduit(GdbstubConduit):
                 regs = VcpuRegs([*registers, *[0] * (GPR_COUNT - CTX_REGS)], pc, pstate)
                 completion = self.dispatcher.hypercall(vcpu, regs)
                 registers[:] = [to_u64(v) for v in regs.x[:CTX_REGS]]
-                if completion is Completion.COMPLETE:
-                    returns_to = (to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF)
-                    resume = (RESUME_EL2, *returns_to, 0, 0)
-                elif completion is Completion.COMPLETE_AND_RESUME:
-                    returns_to = (to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF)
-                    resume = (RESUME_EL2 | RESUME_EL1, *returns_to, to_u64(regs.elr_el1), regs.spsr_el1 & 0xFFFF_FFFF)
+                if completion in (Completion.COMPLETE, Completion.COMPLETE_AND_RESUME):
+                    el1 = (regs.elr_el1, regs.spsr_el1) if completion is Completion.COMPLETE_AND_RESUME else None
+                    resume = _resume_request(regs.pc, regs.pstate, el1)
+                    returns_to = resume[1], resume[2]
                 verdict = VERDICT_ANSWERED
             else:
                 verdict = VERDICT_PASS
@@ -610,9 +611,7 @@ class El2Conduit(GdbstubConduit):
         if self._delivery_requested_ns:
             self.stats.delivery_ns.append(time.perf_counter_ns() - self._delivery_requested_ns)
             self._delivery_requested_ns = 0
-        elr1, spsr1 = el1 if el1 is not None else (0, 0)
-        flags = RESUME_EL2 | (RESUME_EL1 if el1 is not None else 0)
-        return (flags, to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF, elr1, spsr1)
+        return _resume_request(regs.pc, regs.pstate, el1)
 
     async def detach(self) -> None:
         """As the base class. The leases go first: a call posted now stops at the doorbell and is
@@ -818,9 +817,7 @@ class El2Conduit(GdbstubConduit):
     async def _set_return(
         self, vcpu: int, core: CoreRegs, pc: int, pstate: int, el1: tuple[int, int] | None = None
     ) -> None:
-        flags = RESUME_EL2 | (RESUME_EL1 if el1 is not None else 0)
-        elr1, spsr1 = el1 if el1 is not None else (0, 0)
-        block = _RESUME_BLOCK.pack(flags, to_u64(pc), pstate & 0xFFFF_FFFF, to_u64(elr1), spsr1 & 0xFFFF_FFFF)
+        block = _RESUME_BLOCK.pack(*_resume_request(pc, pstate, el1))
         # Goes out with the register write-back and the resume (one write, no round trip).
         self._memory_writes.append((self._area(core) + A_RESUME_FLAGS, block))
         self._next_return[vcpu] = (pc, pstate)
@@ -996,8 +993,7 @@ class El2Conduit(GdbstubConduit):
         core.x[:16] = handler[:16]  # x16..x19 stay the stub's (x18: the area); it pops the guest's
         if handler[16:20] != guest[16:20]:  # the entry changed x16/x17 (a profile zeroing them)
             self._memory_writes.append((core.sp, _STUB_SCRATCH.pack(*handler[16:20])))
-        entry = _RESUME_BLOCK.pack(RESUME_EL2, to_u64(regs.pc), regs.pstate & 0xFFFF_FFFF, 0, 0)
-        self._memory_writes.append((area + A_RESUME_FLAGS, entry))
+        self._memory_writes.append((area + A_RESUME_FLAGS, _RESUME_BLOCK.pack(*_resume_request(regs.pc, regs.pstate))))
         self._memory_writes.append((area + A_KICK, KICK_ENTER.to_bytes(8, "little")))
         self._next_return[vcpu] = (regs.pc, regs.pstate)
         await self._wake_through_gic(vcpu, area)

@@ -136,7 +136,7 @@ class _Waiter:
     done: asyncio.Future[None]
 
 
-def _answer_when_leaving(x0: int) -> bool:
+def ours_when_leaving(x0: int) -> bool:
     """Whether a call trapped at the last stop before a detach is still ours to answer: anything
     but SDEI, and the SDEI calls that end a running handler."""
     fid = function_id(x0)
@@ -415,8 +415,8 @@ class GdbstubConduit:
 
     def _answer_when_leaving(self, vcpu: int, core: CoreRegs) -> bool:
         """Whether the call ``vcpu`` makes at the last stop before a detach is still ours to
-        answer (see :func:`_answer_when_leaving`; a subclass may know of more)."""
-        return _answer_when_leaving(core.x[0])
+        answer (see :func:`ours_when_leaving`; a subclass may know of more)."""
+        return ours_when_leaving(core.x[0])
 
     async def _read_stopped(self, thread: ThreadId) -> CoreRegs:
         """The registers of the vCPU a stop reply named (``g`` acts on it); a subclass may read

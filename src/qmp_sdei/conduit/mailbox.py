@@ -131,9 +131,6 @@ class Mailboxes:
     def arguments(self, area: int) -> list[int]:
         return list(_MAIL.unpack_from(self._mem, self._at(area, A_MAIL_X)))
 
-    def trap_spsr(self, area: int) -> int:
-        return self.read(area, A_TRAP_SPSR2)
-
     def trap_return(self, area: int) -> tuple[int, int]:
         """Where the vCPU's trapped call returns to: (ELR_EL2, SPSR_EL2) as the stub recorded them."""
         return self.read(area, A_TRAP_ELR2), self.read(area, A_TRAP_SPSR2)
