@@ -94,9 +94,9 @@ from qmp_sdei.abi.sdei import Function
 from qmp_sdei.abi.smccc import function_id
 from qmp_sdei.conduit.el2 import El2Conduit, probe_stub
 from qmp_sdei.conduit.gdbstub import ConduitStats, GdbstubConduit
+from qmp_sdei.conduit.service import map_stub_areas
 from qmp_sdei.errors import QemuError
 from qmp_sdei.owner import RaiseResult, SdeiOwner
-from qmp_sdei.qemu.guestram import map_guest_ram
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 from qmp_sdei.sdei import Completion, Dispatcher, EventSpec, VcpuRegs
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
@@ -194,13 +194,8 @@ async def baremetal_conduit(
         raise RuntimeError("the EL2 stub was not found in guest memory")
     ram = None
     if mailbox and layout.has_mailbox and vm.process is not None:
-        span = layout.areas_end - layout.base
-        ram = map_guest_ram(vm.process.pid, vm.spec.memory_mb, layout.base, span, magic=(layout.base + 8, stub.MAGIC))
-    return (
-        El2Conduit(rsp, timing, layout, timeout=TIMEOUT, ram=ram)
-        if ram is not None
-        else El2Conduit(rsp, timing, layout, timeout=TIMEOUT)
-    )
+        ram = map_stub_areas(vm.process.pid, vm.spec.memory_mb, layout)
+    return El2Conduit(rsp, timing, layout, timeout=TIMEOUT, ram=ram)
 
 
 async def bench_baremetal(

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from qmp_sdei import stub
 from qmp_sdei.abi.sdei import Function
 from qmp_sdei.conduit.el2 import El2Conduit, El2Stats, attach_conduit
 from qmp_sdei.conduit.mailbox import RamWindow
+from qmp_sdei.conduit.service import map_stub_areas
 from qmp_sdei.owner import SdeiOwner
-from qmp_sdei.qemu.guestram import map_guest_ram
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.stub import StubLayout
 from qmp_sdei.versions import VersionPins
@@ -107,9 +106,7 @@ async def test_a_vm_with_private_ram_is_served_through_stops_and_the_log_says_wh
         pid = vm.process.pid
 
         def map_stub(layout: StubLayout) -> RamWindow:
-            return map_guest_ram(
-                pid, 256, layout.base, layout.areas_end - layout.base, magic=(layout.base + 8, stub.MAGIC)
-            )
+            return map_stub_areas(pid, 256, layout)
 
         await (await connect_gdbstub(port, TIMEOUT)).close()  # QEMU listens on its gdb port late
         with caplog.at_level(logging.INFO, logger="qmp_sdei.conduit.el2"):

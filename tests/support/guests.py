@@ -27,8 +27,8 @@ import pytest
 from qmp_sdei.conduit.el2 import El2Conduit, probe_stub
 from qmp_sdei.conduit.gdbstub import GdbstubConduit, SdeiPort
 from qmp_sdei.conduit.rsp import RspClient
+from qmp_sdei.conduit.service import map_stub_areas
 from qmp_sdei.errors import ConduitError, QemuError
-from qmp_sdei.qemu.guestram import map_guest_ram
 from qmp_sdei.qemu.launch import QemuProcess, QemuSpec
 
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guests" / "baremetal"
@@ -168,7 +168,6 @@ def el2_conduit(
 ) -> Callable[[RspClient, QemuProcess], Awaitable[GdbstubConduit]]:
     """A ``build`` for :func:`conduit_on_gdbstub`: the EL2 conduit, answering through the stub's
     mailbox in the VM's shared RAM (``mailbox``; the VM needs ``shared_ram``)."""
-    from qmp_sdei import stub  # noqa: PLC0415
 
     async def build(rsp: RspClient, vm: QemuProcess) -> GdbstubConduit:
         layout = await probe_stub(rsp)
@@ -176,10 +175,7 @@ def el2_conduit(
         ram = None
         if mailbox:
             assert vm.process is not None
-            ram = map_guest_ram(
-                vm.process.pid, vm.spec.memory_mb, layout.base, layout.areas_end - layout.base,
-                magic=(layout.base + 8, stub.MAGIC),
-            )  # fmt: skip
+            ram = map_stub_areas(vm.process.pid, vm.spec.memory_mb, layout)
         return (conduit_class or El2Conduit)(rsp, owner, layout, timeout=timeout, ram=ram)
 
     return build

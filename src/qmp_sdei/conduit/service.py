@@ -131,6 +131,12 @@ async def serve_conduit(
         log.info("conduit stopped: %s", conduit.exit_reason)
 
 
+def map_stub_areas(pid: int, memory_mb: int, layout: StubLayout) -> RamWindow:
+    """Map the EL2 stub, header to per-CPU areas, from QEMU process ``pid``'s shared guest RAM
+    (the file that holds the stub's header there). :raise SharedRamUnavailable: none such."""
+    return map_guest_ram(pid, memory_mb, layout.base, layout.areas_end - layout.base, magic=(layout.base + 8, MAGIC))
+
+
 def _guest_ram_mapper(vcpu_thread: int | None, memory_mb: int) -> Callable[[StubLayout], RamWindow] | None:
     """How to map the part of guest RAM the EL2 stub's mailboxes are in, or None if unknown."""
     if vcpu_thread is None or memory_mb <= 0:
@@ -138,10 +144,7 @@ def _guest_ram_mapper(vcpu_thread: int | None, memory_mb: int) -> Callable[[Stub
     thread = vcpu_thread
 
     def map_stub(layout: StubLayout) -> RamWindow:
-        pid = qemu_pid_of_thread(thread)
-        return map_guest_ram(
-            pid, memory_mb, layout.base, layout.areas_end - layout.base, magic=(layout.base + 8, MAGIC)
-        )
+        return map_stub_areas(qemu_pid_of_thread(thread), memory_mb, layout)
 
     return map_stub
 
