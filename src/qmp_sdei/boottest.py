@@ -702,8 +702,8 @@ def _collect_conduit(report: BootReport, sidecar: Sidecar) -> None:
         "trap_sites": [f"{site:#x}" for site in sorted(conduit.trap_sites)],
         "trap_handling_median_us": round(statistics.median(samples) / 1e3, 1) if samples else None,
     }
-    mailbox = list(getattr(stats, "mailbox_ns", ()))
     if hasattr(stats, "mailbox_calls"):  # the EL2 stub's calls answered without a stop
+        mailbox = list(stats.mailbox_ns)
         report.conduit["mailbox_calls"] = stats.mailbox_calls
         report.conduit["mailbox_median_us"] = round(statistics.median(mailbox) / 1e3, 1) if mailbox else None
 

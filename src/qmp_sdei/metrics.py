@@ -189,7 +189,7 @@ class SidecarMetrics:
         )
         self.trap_seconds = Histogram(
             f"{PREFIX}_trapped_call_seconds",
-            "a trapped call's time in the sidecar: stop received to vCPU resumed, or post seen to answer written",
+            "a trapped call's time in the sidecar: stop received to vCPU resumed, or post taken to answer written",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -56,7 +56,7 @@ A_CTX_X = 0x88  # the running handler's interrupted x0..x17 (followed by A_CTX_A
 A_CTX_ANSWERED = 0x118  # how many EVENT_CONTEXT calls the stub answered without a stop
 CTX_REGS = 18
 A_UNPEND = 0x120  # GICR_ICPENDR0 of the vCPU's redistributor: the stub clears the wake-up interrupt there
-# The mailbox (header version 2; el2stub.S explains the protocol).
+# The mailbox (a stub whose header has the mailbox extension; el2stub.S explains the protocol).
 A_FAST_UNTIL = 0x128  # the sidecar's lease: the CNTVCT value until which calls are posted
 A_TRAP_TIME = 0x130  # CNTVCT at the vCPU's last trapped call
 A_POST = 0x138  # the trap count (A_TRAP_COUNT) of the call posted in A_MAIL_X
