@@ -328,6 +328,18 @@ el2_vectors:
 	unexpected_vector
 	unexpected_vector
 
+/* x0..x15 to (stp) or from (ldp) the vCPU's mailbox; x18 = its per-CPU area */
+	.macro	mail_x0_x15 op
+	\op	x0, x1, [x18, #(A_MAIL_X + 0 * 8)]
+	\op	x2, x3, [x18, #(A_MAIL_X + 2 * 8)]
+	\op	x4, x5, [x18, #(A_MAIL_X + 4 * 8)]
+	\op	x6, x7, [x18, #(A_MAIL_X + 6 * 8)]
+	\op	x8, x9, [x18, #(A_MAIL_X + 8 * 8)]
+	\op	x10, x11, [x18, #(A_MAIL_X + 10 * 8)]
+	\op	x12, x13, [x18, #(A_MAIL_X + 12 * 8)]
+	\op	x14, x15, [x18, #(A_MAIL_X + 14 * 8)]
+	.endm
+
 lower_sync:
 	stp	x18, x19, [sp, #-16]!
 	mrs	x18, tpidr_el2
@@ -361,14 +373,7 @@ trap_call:
 	ldr	x17, [x18, #A_TRAP_TIME]
 	cmp	x17, x16
 	b.hs	call_stops			/* no lease: stop at the doorbell */
-	stp	x0, x1, [x18, #(A_MAIL_X + 0 * 8)]
-	stp	x2, x3, [x18, #(A_MAIL_X + 2 * 8)]
-	stp	x4, x5, [x18, #(A_MAIL_X + 4 * 8)]
-	stp	x6, x7, [x18, #(A_MAIL_X + 6 * 8)]
-	stp	x8, x9, [x18, #(A_MAIL_X + 8 * 8)]
-	stp	x10, x11, [x18, #(A_MAIL_X + 10 * 8)]
-	stp	x12, x13, [x18, #(A_MAIL_X + 12 * 8)]
-	stp	x14, x15, [x18, #(A_MAIL_X + 14 * 8)]
+	mail_x0_x15 stp
 	add	x16, x18, #A_POST
 	stlr	x19, [x16]			/* posted: the arguments are visible before the count */
 	adr	x16, fast_spin_ticks
@@ -391,14 +396,7 @@ mailbox_wait_end:
 	b	call_stops
 1:	ldr	x19, [x18, #A_VERDICT]
 	cmp	x19, #VERDICT_PASS		/* lo: answered, eq: forward, hi: stop for it */
-	ldp	x0, x1, [x18, #(A_MAIL_X + 0 * 8)]
-	ldp	x2, x3, [x18, #(A_MAIL_X + 2 * 8)]
-	ldp	x4, x5, [x18, #(A_MAIL_X + 4 * 8)]
-	ldp	x6, x7, [x18, #(A_MAIL_X + 6 * 8)]
-	ldp	x8, x9, [x18, #(A_MAIL_X + 8 * 8)]
-	ldp	x10, x11, [x18, #(A_MAIL_X + 10 * 8)]
-	ldp	x12, x13, [x18, #(A_MAIL_X + 12 * 8)]
-	ldp	x14, x15, [x18, #(A_MAIL_X + 14 * 8)]
+	mail_x0_x15 ldp
 	ldp	x16, x17, [x18, #(A_MAIL_X + 16 * 8)]
 	ldp	x18, x19, [sp], #16		/* the flags survive the loads */
 	b.lo	stub_resume
