@@ -237,7 +237,7 @@ async def test_the_watcher_waits_while_the_loop_serves() -> None:
         _post(ram, areas[0], 1, [1])
         assert await _next(seen) == (0, 1)
         _post(ram, areas[1], 1, [1])  # the loop has not said it is done with the first
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # many poll periods: an absence has no event to wait on
         assert seen.empty()
         watcher.loop_done()
         assert await _next(seen) == (1, 1)
