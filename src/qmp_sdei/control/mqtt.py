@@ -401,8 +401,11 @@ class MqttBridge:
     async def _status_loop(self, client: aiomqtt.Client) -> None:
         """Re-publish the status when notifications say it changed (coalesced), and periodically."""
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that meets
+            # the event being set, and the shutdown then waited for this loop until its timeout.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_changed.wait(), self.status_interval)
+                async with asyncio.timeout(self.status_interval):
+                    await self._status_changed.wait()
             await asyncio.sleep(STATUS_MIN_GAP_S)  # rate limit: a burst of changes is one publication
             self._status_changed.clear()
             try:
