@@ -210,6 +210,21 @@ class Backoff:
         return delay
 
 
+def _keep_cancellation(cause: BaseException | None = None) -> None:
+    """Raise CancelledError again if this task was asked to stop and something below lost that.
+
+    Two things below us can: leaving aiomqtt's ``async with`` disconnects, and a disconnect the
+    broker side reports as unexpected raises MqttError in place of our CancelledError; and 3.11's
+    ``wait_for`` (under aiomqtt's publish and subscribe) returns the result when a cancellation
+    meets an operation that has just completed. The task still counts the request
+    (``cancelling()``), so the connection loops ask it instead of reconnecting a sidecar that is
+    shutting down (a clean-clone CI once saw the bridge come back and serve after its cancel).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from cause
+
+
 class MqttBridge:
     """Serves one :class:`ControlService` on a broker until cancelled; see the module docstring.
 
@@ -332,6 +347,7 @@ class MqttBridge:
                     log.info("MQTT connected to %s as %s; serving %s", url, self.client_id, self.topics.base)
                     await self._serve_connection(client, ready)
             except aiomqtt.MqttError as err:
+                _keep_cancellation(err)
                 if connected:
                     self.stats.disconnects += 1
                     log.warning("MQTT connection to %s lost: %s", url, err)
@@ -361,6 +377,7 @@ class MqttBridge:
             status_task = asyncio.create_task(self._status_loop(client), name="mqtt.status")
             async for message in client.messages:
                 await self._on_message(message)
+                _keep_cancellation()
         except asyncio.CancelledError:
             # A clean shutdown, at any point of the connection: say so, then disconnect normally
             # (which makes the broker drop the will). The periodic status goes first: an online
@@ -571,7 +588,9 @@ class IncomingStateListener:
                     self.ready.set()
                     async for message in client.messages:
                         await self._serve(client, message)
+                        _keep_cancellation()
             except aiomqtt.MqttError as err:
+                _keep_cancellation(err)
                 log.warning("MQTT broker %s (incoming state): %s", url, err)
             finally:
                 self.ready.clear()
