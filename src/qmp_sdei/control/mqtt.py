@@ -213,16 +213,31 @@ class Backoff:
 def _keep_cancellation(cause: BaseException | None = None) -> None:
     """Raise CancelledError again if this task was asked to stop and something below lost that.
 
-    Two things below us can: leaving aiomqtt's ``async with`` disconnects, and a disconnect the
-    broker side reports as unexpected raises MqttError in place of our CancelledError; and 3.11's
-    ``wait_for`` (under aiomqtt's publish and subscribe) returns the result when a cancellation
-    meets an operation that has just completed. The task still counts the request
-    (``cancelling()``), so the connection loops ask it instead of reconnecting a sidecar that is
-    shutting down (a clean-clone CI once saw the bridge come back and serve after its cancel).
+    Two things below us can. Python 3.11's ``wait_for`` (under aiomqtt's publish and subscribe)
+    returns the result when our cancellation meets an operation that has just completed: the
+    periodic status task went on publishing after its cancel, and the shutdown waiting for it hung
+    (seen in clean-clone CI runs, with the PUBACK of the last status arriving as the test ended).
+    And leaving aiomqtt's ``async with`` disconnects; a disconnect that fails raises MqttError in
+    place of our CancelledError, which the reconnect loops would take for an outage. The task
+    still counts the request (``cancelling()``), so every long-lived loop asks it after each
+    aiomqtt operation (:func:`_publish`, :func:`_subscribe`) and before reconnecting.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from cause
+
+
+async def _publish(client: aiomqtt.Client, topic: str, payload: bytes, **options: Any) -> None:
+    """``client.publish``, then :func:`_keep_cancellation`: the publish may have swallowed ours."""
+    await client.publish(topic, payload, **options)
+    _keep_cancellation()
+
+
+async def _subscribe(client: aiomqtt.Client, topic: str) -> Any:
+    """``client.subscribe`` at QoS 1, then :func:`_keep_cancellation` (see :func:`_publish`)."""
+    reasons = await client.subscribe(topic, qos=1)
+    _keep_cancellation()
+    return reasons
 
 
 class MqttBridge:
@@ -364,7 +379,7 @@ class MqttBridge:
     async def _serve_connection(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
         status_task: asyncio.Task[None] | None = None
         try:
-            reasons = await client.subscribe(self.topics.request, qos=1)
+            reasons = await _subscribe(client, self.topics.request)
             refused = [r for r in reasons if isinstance(r, ReasonCode) and r.is_failure]
             if refused:
                 # Not an outage: the ACL does not let us read our own request topic. Keep publishing
@@ -412,7 +427,7 @@ class MqttBridge:
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
         doc = await self._online_document()
-        await client.publish(self.topics.status, encode(doc), qos=1, retain=True, properties=_JSON)
+        await _publish(client, self.topics.status, encode(doc), qos=1, retain=True, properties=_JSON)
         self.stats.status_published += 1
 
     async def _status_loop(self, client: aiomqtt.Client) -> None:
@@ -448,10 +463,10 @@ class MqttBridge:
                 topic = self.topics.notifications
                 if self._lost_unreported:
                     lost = {"v": PROTOCOL_VERSION, "kind": "lost", "count": self._lost_unreported, "time": time.time()}
-                    await client.publish(topic, encode(lost), qos=NOTIFICATION_QOS, properties=_JSON)
+                    await _publish(client, topic, encode(lost), qos=NOTIFICATION_QOS, properties=_JSON)
                     self._lost_unreported = 0
                 doc = notification_document(note.to_dict())
-                await client.publish(topic, encode(doc), qos=NOTIFICATION_QOS, properties=_JSON)
+                await _publish(client, topic, encode(doc), qos=NOTIFICATION_QOS, properties=_JSON)
                 self.stats.notifications_published += 1
             except aiomqtt.MqttError as err:
                 log.debug("notification not published: %s", err)
@@ -530,7 +545,7 @@ class MqttBridge:
             log.warning("MQTT reply to %s lost: the broker is away", response_topic)
             return
         try:
-            await client.publish(response_topic, encode(doc), qos=1, properties=_reply_properties(correlation))
+            await _publish(client, response_topic, encode(doc), qos=1, properties=_reply_properties(correlation))
         except (aiomqtt.MqttError, ValueError) as err:
             self.stats.replies_lost += 1
             log.warning("MQTT reply to %s not published: %s", response_topic, err)
@@ -579,7 +594,7 @@ class IncomingStateListener:
             try:
                 async with self._new_client() as client:
                     self.backoff.reset()
-                    reasons = await client.subscribe(self.topics.incoming, qos=1)
+                    reasons = await _subscribe(client, self.topics.incoming)
                     refused = [r for r in reasons if isinstance(r, ReasonCode) and r.is_failure]
                     if refused:
                         log.error("MQTT broker refused our subscription to %s: %s", self.topics.incoming, refused[0])
@@ -609,7 +624,7 @@ class IncomingStateListener:
             log.warning("incoming-state request without a usable ResponseTopic (%r): not answered", response_topic)
             return
         try:
-            await client.publish(response_topic, encode(doc), qos=1, properties=_reply_properties(correlation))
+            await _publish(client, response_topic, encode(doc), qos=1, properties=_reply_properties(correlation))
         except (aiomqtt.MqttError, ValueError) as err:
             log.warning("MQTT reply to %s not published: %s", response_topic, err)
 
