@@ -26,7 +26,7 @@
 extern uint64_t sdei_call(uint64_t fid, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
 extern char sdei_hvc_insn[], sdei_entry[], car_resume[], secondary_entry[];
 extern char spin_marked_loop[], spin_marked_end[];
-extern void spin_marked(volatile uint32_t *flag);
+extern void spin_marked(volatile uint32_t *flag, volatile uint32_t *uart_dr);
 
 /* ---- console ------------------------------------------------------------------------------ */
 
@@ -298,8 +298,12 @@ static void host_private(void)
 {
     handler_mode = MODE_CONTEXT;
     spin_flag = 0;
-    wait_for_host("host-private", EV_PRIVATE);
-    spin_marked(&spin_flag);
+    /* The WAIT line's last character comes from inside spin_marked, once it is ready for the event. */
+    begin("WAIT", "host-private");
+    uart_putc(' ');
+    put_dec(EV_PRIVATE);
+    uart_putc('\r');
+    spin_marked(&spin_flag, (volatile uint32_t *)(UART_BASE + UART_DR));
     report_handler("host-private-handled", &rec[0]);
     begin("STEP", "host-private-context");
     kv("pc_in_spin", rec[0].pc >= (uint64_t)spin_marked_loop && rec[0].pc < (uint64_t)spin_marked_end);
@@ -343,7 +347,7 @@ static void nested(void)
     handler_mode = MODE_NESTED;
     spin_flag = 0;
     wait_for_host("host-nested", EV_PRIVATE);
-    spin_marked(&spin_flag); /* the 1000 handler announces itself and waits for 1001 */
+    spin_marked(&spin_flag, 0); /* the 1000 handler announces itself and waits for 1001 */
     handler_mode = MODE_PLAIN;
     report_handler("nested-critical-handled", &critical_rec);
     begin("STEP", "nested-done");

@@ -66,9 +66,13 @@ car_resume:
     .size   car_resume, . - car_resume
 
 /*
- * void spin_marked(volatile uint32_t *flag): wait with interrupts unmasked until *flag != 0,
- * with x0-x3 and x17 holding known marks, so a handler that interrupts the loop can check what
- * SDEI_EVENT_CONTEXT returns and that x2 (interrupted pc) lies inside the loop.
+ * void spin_marked(volatile uint32_t *flag, volatile uint32_t *uart_dr): wait with interrupts
+ * unmasked until *flag != 0, with x0-x3 and x17 holding known marks, so a handler that interrupts
+ * the loop can check what SDEI_EVENT_CONTEXT returns and that x2 (interrupted pc) lies inside the
+ * loop. The '\n' that ends the host's WAIT line is written here, once the marks are in place: the
+ * host raises the event when it reads that line, so the event can only interrupt the loop (a busy
+ * host used to be fast enough to raise it before the marks were set). QEMU's PL011 never fills its
+ * transmit FIFO, so this store does not wait for room. uart_dr NULL: nothing to announce.
  */
     .global spin_marked
     .global spin_marked_loop
@@ -76,12 +80,16 @@ car_resume:
     .type   spin_marked, %function
 spin_marked:
     mov     x9, x0
+    mov     x11, x1
     movz    x0, #0x5eed, lsl #16
     add     x1, x0, #1
     add     x2, x0, #2
     add     x3, x0, #3
     add     x17, x0, #0x11
     msr     daifclr, #0xf
+    cbz     x11, spin_marked_loop
+    mov     w12, #'\n'
+    str     w12, [x11]
 spin_marked_loop:
     ldr     w10, [x9]
     cbz     w10, spin_marked_loop
