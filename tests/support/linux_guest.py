@@ -516,6 +516,23 @@ def sidecar_config(
     }
 
 
+def _print_failure_facts(vm: QemuProcess, sidecar: Sidecar | None, probe: EventProbe | None) -> None:
+    """What a failed Linux event test needs said: every line of the test module (a wrong delivery
+    count shows there, not in the tail), the console's tail, the conduit's counters and the last
+    SDEI calls the guest made."""
+    lines = vm.console.splitlines()
+    print("---- sdei_test lines ----\n" + "\n".join(line for line in lines if "sdei_test:" in line))
+    print("---- console tail ----\n" + "\n".join(lines[-40:]))
+    conduit = sidecar.conduit if sidecar is not None else None
+    if conduit is not None:
+        counters = {k: v for k, v in vars(conduit.stats).items() if isinstance(v, int)}
+        print(f"---- conduit counters ----\n{counters}")
+    if probe is not None:
+        calls = [f"vCPU {vcpu} {_call_name(fid)} {at}" for vcpu, fid, at in probe.calls[-16:]]
+        print("---- last SDEI calls (ns) ----\n" + "\n".join(calls))
+        print(f"entered {[at for _, at in probe.entered[-8:]]}, completions {len(probe.completions)}")
+
+
 @contextlib.asynccontextmanager
 async def booted_linux(
     guest: LinuxEventGuest,
@@ -554,6 +571,7 @@ async def booted_linux(
     vm = QemuProcess(spec, workdir / "vm")
     sidecar_task: asyncio.Task[ExitCode] | None = None
     sidecar: Sidecar | None = None
+    probe: EventProbe | None = None
     code: ExitCode | BaseException | None = None
     failed = False
     try:
@@ -572,7 +590,7 @@ async def booted_linux(
         yield linux
     except BaseException:
         failed = True
-        print("---- console tail ----\n" + "\n".join(vm.console.splitlines()[-40:]))
+        _print_failure_facts(vm, sidecar, probe)
         raise
     finally:
         if sidecar is not None and sidecar_task is not None:
