@@ -480,8 +480,12 @@ async def stub_boot_args(
     cpu: str = CPU,
     memory_mb: int = MEMORY_MB,
     psci: str = "1.1",
+    guest_ram: str | Path | None = None,
 ) -> list[str]:
     """QEMU arguments (machine, CPU, memory in a shared backend, and the stub boot) for ``qmp-sdei qemu-args``.
+
+    ``guest_ram``: keep guest RAM in that file (``memory-backend-file``, for ``[conduit] guest_ram``)
+    rather than a memfd the sidecar finds among QEMU's open files.
 
     Writes the DTB to ``dtb_out``: QEMU's tree for this machine with ``/firmware/sdei`` and
     ``/chosen`` (command line, initrd range, a fresh ``kaslr-seed``) for a direct boot of
@@ -496,6 +500,8 @@ async def stub_boot_args(
         raise ConfigError("qemu-args: --acpi needs --firmware uefi")
     if firmware == "direct" and kernel is None:
         raise ConfigError("qemu-args: a direct boot needs --kernel")
+    if guest_ram is not None and not Path(guest_ram).is_absolute():
+        raise ConfigError(f"qemu-args: --guest-ram must be an absolute path, not {str(guest_ram)!r}")
     dtb_out = Path(dtb_out)
     kernel_path = Path(kernel) if kernel is not None else None
     if kernel_path is not None and firmware == "direct":
@@ -526,6 +532,7 @@ async def stub_boot_args(
         boot = stub.qemu_args(kernel_path, dtb_out.resolve(), initrd=initrd_path)
     # Guest RAM in a shared memory backend, as boot-test starts it: the sidecar maps it for the
     # stub's mailbox (see docs/deployment.md).
+    spec.shared_ram_path = Path(guest_ram) if guest_ram is not None else None
     return ["-M", spec.machine_arg(), "-cpu", cpu, "-smp", str(smp), *spec.memory_args(), *boot]
 
 

@@ -11,7 +11,7 @@ Subcommands::
     qmp-sdei boot-test --kernel IMAGE [--expect-sdei 1.1 --expect-psci 1.0] [--smp N] [--cpu MODEL]
                        [--conduit el2|symbols] [--append ARGS] [--initrd FILE] [--console FILE] [--json]
     qmp-sdei qemu-args (--kernel IMAGE | --firmware uefi [--acpi]) --dtb-out FILE [--initrd FILE] [--append ARGS]
-                       [--smp N] [--cpu MODEL] [--memory MB]
+                       [--smp N] [--cpu MODEL] [--memory MB] [--guest-ram FILE]
     qmp-sdei version
 
 Errors the user can act on print one line to stderr and exit with the code their class carries
@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     qargs.add_argument("--cpu", default="cortex-a57")
     qargs.add_argument("--memory", type=int, default=1024, help="MiB")
     qargs.add_argument("--psci", default="1.1", help="PSCI version the DTB advertises (match [psci] version)")
+    qargs.add_argument(
+        "--guest-ram",
+        metavar="FILE",
+        help="keep guest RAM in this file (memory-backend-file; match [conduit] guest_ram) instead of a memfd",
+    )
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -504,6 +509,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
             cpu=args.cpu,
             memory_mb=args.memory,
             psci=args.psci,
+            guest_ram=args.guest_ram,
         )
     )
     print(shlex.join(argv))

@@ -93,6 +93,9 @@ class ConduitSettings:
     #: answer the EL2 stub's calls through its mailbox in shared guest RAM, without stopping the VM,
     #: when QEMU's RAM is a shared memory backend (qemu-args prints one); False: every call stops it
     mailbox: bool = True
+    #: QEMU's guest RAM file (memory-backend-file,mem-path=...,share=on) for the mailbox; unset:
+    #: the sidecar finds QEMU's shared RAM among its open files (/proc/<pid>/fd)
+    guest_ram: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -451,6 +454,12 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
     conduit = root.table("conduit")
     elf = conduit.get("elf", str, "")
     kernel = conduit.get("kernel", str, "")
+    guest_ram = conduit.get(
+        "guest_ram",
+        str,
+        "",
+        lambda v: None if v == "" or v.startswith("/") else "must be an absolute path",
+    )
     sites = conduit.get(
         "trap_sites",
         list,
@@ -469,6 +478,7 @@ def parse(data: dict[str, Any], *, source: Path | None = None) -> Config:
         trap_sites=tuple(sites),
         start_vm=conduit.get("start_vm", bool, False),
         mailbox=conduit.get("mailbox", bool, True),
+        guest_ram=Path(guest_ram) if guest_ram else None,
     )
     conduit.done()
 

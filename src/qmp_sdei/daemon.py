@@ -31,12 +31,13 @@ from qmp_sdei import __version__, sdnotify
 from qmp_sdei.config import Config, load
 from qmp_sdei.control.commands import ControlService
 from qmp_sdei.control.local import LocalControlServer, socket_path
-from qmp_sdei.errors import ConfigError, IncompatibleState, SdeiError
+from qmp_sdei.errors import ConfigError, IncompatibleState, SdeiError, SharedRamUnavailable
 from qmp_sdei.errors import ExitCode as ExitCode  # noqa: PLC0414 (re-export: callers know daemon.ExitCode)
 from qmp_sdei.logs import configure_logging
 from qmp_sdei.migration import MigrationAgent
 from qmp_sdei.owner import SdeiOwner
 from qmp_sdei.qemu.facts import VmFacts, discover, qemu_psci_version
+from qmp_sdei.qemu.guestram import prepare_guest_ram_file
 from qmp_sdei.qemu.qmp import QmpSession, VmEvent, VmEventKind, attach
 from qmp_sdei.sdei import Dispatcher
 from qmp_sdei.statefile import StateStore, StoredState, VmIdentity
@@ -525,9 +526,23 @@ class Sidecar:
         elif not refused:
             log.info("SIGHUP: config unchanged")
 
+    def _prepare_guest_ram(self) -> None:
+        """``[conduit] guest_ram``: have the file there, group-writable, before QEMU opens it (a
+        QEMU that creates it makes it its own user's alone). Without it the mailbox is off, which
+        costs speed, not service: said, and the sidecar goes on."""
+        conduit = self.config.conduit
+        if not (conduit.enabled and conduit.mailbox and conduit.guest_ram is not None):
+            return
+        try:
+            if prepare_guest_ram_file(conduit.guest_ram):
+                log.info("created the guest RAM file %s (empty, group-writable) for QEMU", conduit.guest_ram)
+        except SharedRamUnavailable as err:
+            log.warning("%s: every call through the EL2 stub will stop the VM", err)
+
     async def run(self) -> ExitCode:
         """Serve until QEMU exits or a signal arrives; never raises for expected failures."""
         signals = self._install_signals()
+        self._prepare_guest_ram()
         sdnotify.status(f"attaching to QEMU at {self.config.qmp.address}")
         try:
             # A shutdown signal wins over the wait for QEMU (which may be long, or unbounded).

@@ -10,6 +10,7 @@ each call once: a call served twice, or lost, shows in the count or hangs the gu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from qmp_sdei.abi.sdei import Function
 from qmp_sdei.conduit.el2 import El2Conduit, El2Stats, attach_conduit
 from qmp_sdei.conduit.mailbox import RamWindow
 from qmp_sdei.conduit.service import map_stub_areas
+from qmp_sdei.config import parse
+from qmp_sdei.daemon import ExitCode
 from qmp_sdei.owner import SdeiOwner
 from qmp_sdei.sdei import Dispatcher, EventSpec
 from qmp_sdei.stub import StubLayout
@@ -32,6 +35,8 @@ from support.guests import (
     el2_spec,
     start_qemu_with_gdbstub,
 )
+from support.qemu import running_qemu
+from support.sidecar import RunningSidecar, config_for
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -68,10 +73,13 @@ class UnreliableMailbox(El2Conduit):
         super()._serve_post(vcpu, count, seen_ns)
 
 
-async def _serve_the_calls(tmp_path: Path, owner: CountingOwner, conduit_class: type[El2Conduit]) -> El2Stats:
+async def _serve_the_calls(
+    tmp_path: Path, owner: CountingOwner, conduit_class: type[El2Conduit], ram_file: Path | None = None
+) -> El2Stats:
     image = build_loop_guest_el2(tmp_path / "guest")
     build = el2_conduit(owner, TIMEOUT, conduit_class=conduit_class)
-    async with conduit_on_gdbstub(el2_spec(image), tmp_path, owner, [], TIMEOUT, build=build) as (vm, conduit, _):
+    spec = el2_spec(image, ram_file=ram_file)
+    async with conduit_on_gdbstub(spec, tmp_path, owner, [], TIMEOUT, build=build) as (vm, conduit, _):
         await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
         stats = conduit.stats
         assert isinstance(stats, El2Stats)
@@ -84,6 +92,51 @@ async def test_every_call_is_answered_once_through_the_mailbox(tmp_path: Path) -
     assert owner.versions == CALLS
     assert stats.mailbox_calls > CALLS // 2, stats  # a busy host may send some to a stop
     assert stats.mailbox_calls + stats.stops >= CALLS
+
+
+async def test_a_ram_file_named_by_path_serves_the_mailbox(tmp_path: Path) -> None:
+    """``[conduit] guest_ram``: QEMU keeps guest RAM in a file both can open (memory-backend-file,
+    share=on), and the sidecar maps that file, never looking into QEMU's /proc."""
+    owner = CountingOwner()
+    ram_file = tmp_path / "shm" / "vm.ram"
+    ram_file.parent.mkdir()
+    stats = await _serve_the_calls(tmp_path, owner, El2Conduit, ram_file)
+    assert owner.versions == CALLS
+    assert stats.mailbox_calls > CALLS // 2, stats
+    assert ram_file.stat().st_size == 256 << 20  # QEMU made it, and left it for its owner to remove
+
+
+async def test_the_sidecar_prepares_the_ram_file_before_qemu_and_serves_the_mailbox_through_it(
+    tmp_path: Path,
+) -> None:
+    """The deployment recipe end to end: the sidecar starts first (listening for QEMU's QMP) and
+    creates ``[conduit] guest_ram`` group-writable; QEMU, started after it, keeps guest RAM there."""
+    image = build_loop_guest_el2(tmp_path / "guest")
+    ram = tmp_path / "run" / "vm.ram"
+    ram.parent.mkdir()
+    socket = tmp_path / "listen.sock"
+    config = config_for(
+        tmp_path, socket, qmp={"mode": "listen"}, conduit={"enabled": True, "start_vm": True, "guest_ram": str(ram)}
+    )
+    sidecars = RunningSidecar(parse(config))
+    try:
+        await asyncio.sleep(0)  # run() makes the file before its first await: before any QEMU could start
+        assert ram.stat().st_size == 0 and ram.stat().st_mode & 0o777 == 0o660
+        spec = dataclasses.replace(
+            el2_spec(image, ram_file=ram), sidecar_listens=True,
+            extra_args=(*el2_spec(image).extra_args, "-chardev", f"socket,id=s2,path={socket},reconnect=1",
+                        "-mon", "chardev=s2,mode=control"),
+        )  # fmt: skip
+        async with running_qemu(tmp_path, spec) as vm:
+            conduit = await sidecars.conduit_attached()
+            await vm.wait_for_console(r"WAIT events\r?\n", TIMEOUT)
+            assert isinstance(conduit.stats, El2Stats)
+            assert conduit.stats.mailbox_calls > CALLS // 2, conduit.stats
+            assert ram.stat().st_size == 256 << 20 and ram.stat().st_mode & 0o777 == 0o660  # QEMU kept it so
+            assert await sidecars.stop() == ExitCode.OK
+    finally:
+        if not sidecars.task.done():
+            await sidecars.stop()
 
 
 async def test_calls_the_mailbox_misses_or_answers_late_are_served_once_by_their_stops(tmp_path: Path) -> None:

@@ -72,6 +72,22 @@ async def test_uefi_args_hide_the_stub_from_the_firmware(tmp_path: Path) -> None
 
 
 @pytest.mark.qemu
+def test_guest_ram_in_a_named_file(tmp_path: Path) -> None:
+    result = _run("--firmware", "uefi", "--dtb-out", str(tmp_path / "fw.dtb"), "--guest-ram", "/dev/shm/vm 1.ram")
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout)
+    assert argv[1].endswith(",memory-backend=qsdei-ram")
+    backend = "memory-backend-file,id=qsdei-ram,size=1024M,mem-path=/dev/shm/vm 1.ram,share=on,discard-data=on"
+    assert argv[argv.index("-object") + 1] == backend
+
+
+def test_guest_ram_must_be_an_absolute_path(tmp_path: Path) -> None:
+    result = _run("--firmware", "uefi", "--dtb-out", str(tmp_path / "fw.dtb"), "--guest-ram", "vm1.ram")
+    assert result.returncode == 2 and "--guest-ram must be an absolute path" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "fw.dtb").exists()
+
+
+@pytest.mark.qemu
 @pytest.mark.asyncio
 async def test_direct_dtb_describes_the_memory_asked_for(tmp_path: Path) -> None:
     kernel = tmp_path / "Image"

@@ -151,13 +151,16 @@ def build_loop_guest_el2(outdir: Path) -> Path:
     return build_guest_el2(LOOP_GUEST_DIR, outdir, ("start.S", "loop.c"))[1]
 
 
-def el2_spec(image: Path, *, smp: int = 1, memory_mb: int = 256, shared_ram: bool = True) -> QemuSpec:
-    """A VM that boots the raw ``image`` through the EL2 stub, its RAM shared (the stub's mailbox)."""
+def el2_spec(
+    image: Path, *, smp: int = 1, memory_mb: int = 256, shared_ram: bool = True, ram_file: Path | None = None
+) -> QemuSpec:
+    """A VM that boots the raw ``image`` through the EL2 stub, its RAM shared (the stub's mailbox),
+    in a memfd or in ``ram_file``."""
     from qmp_sdei import stub  # noqa: PLC0415
 
     return QemuSpec(
         smp=smp, memory_mb=memory_mb, machine_options={"virtualization": "on", "gic-version": "3"}, paused=True,
-        shared_ram=shared_ram,
+        shared_ram=shared_ram, shared_ram_path=ram_file,
         extra_args=("-kernel", str(stub.STUB_ELF),
                     "-device", f"loader,file={image},addr={stub.KERNEL_ADDR:#x},force-raw=on"),
     )  # fmt: skip
@@ -173,9 +176,9 @@ def el2_conduit(
         layout = await probe_stub(rsp)
         assert layout is not None, "the EL2 stub is not in guest memory"
         ram = None
-        if mailbox:
+        if mailbox:  # through the RAM file the VM names, else through QEMU's open files
             assert vm.process is not None
-            ram = map_stub_areas(vm.process.pid, vm.spec.memory_mb, layout)
+            ram = map_stub_areas(vm.spec.shared_ram_path or vm.process.pid, vm.spec.memory_mb, layout)
         return (conduit_class or El2Conduit)(rsp, owner, layout, timeout=timeout, ram=ram)
 
     return build

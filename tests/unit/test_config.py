@@ -39,6 +39,7 @@ enabled = true
 gdb = "tcp:127.0.0.1:1234"
 elf = "guest.elf"
 trap_sites = [0x40080804]
+guest_ram = "/dev/shm/qmp-sdei/vm1.ram"
 
 [log]
 level = "debug"
@@ -64,6 +65,7 @@ def test_good_config(tmp_path: Path) -> None:
     assert cfg.versions.sdei_vendor == 0x4B564D
     assert cfg.versions.psci == "1.0"
     assert cfg.conduit.trap_sites == (0x40080804,)
+    assert cfg.conduit.guest_ram == Path("/dev/shm/qmp-sdei/vm1.ram")
     assert cfg.log.format == "json"
 
 
@@ -137,6 +139,8 @@ def test_defaults_and_tcp_address() -> None:
         ({"qmp": {"socket": "/s"}, "vm": {"state_dir": "/tmp/x\0y"}}, "vm.state_dir: contains a NUL character"),
         ({"qmp": {"socket": "/s\0"}}, "qmp.socket: contains a NUL character"),
         ({"qmp": {"socket": "/s"}, "conduit": {"elf": "a\0.elf"}}, "conduit.elf: contains a NUL character"),
+        ({"qmp": {"socket": "/s"}, "conduit": {"guest_ram": "vm1.ram"}}, "conduit.guest_ram: must be an absolute path"),
+        ({"qmp": {"socket": "/s"}, "conduit": {"guest_ram": 3}}, "conduit.guest_ram: expected a string"),
         ({"qmp": {"socket": "/s", "timeout": float("inf")}}, "qmp.timeout: must be a finite number of seconds"),
         ({"qmp": {"socket": "/s", "timeout": float("nan")}}, "qmp.timeout: must be a finite number of seconds"),
         ({"qmp": {"socket": "/s"}, "sdei": {"version": " 1.1"}}, "sdei.version: SDEI version ' 1.1' is not"),

@@ -13,11 +13,18 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from qmp_sdei.errors import QemuError, SharedRamUnavailable
-from qmp_sdei.qemu.guestram import RAM_BASE, map_guest_ram, qemu_pid_of_thread
+from qmp_sdei.qemu.guestram import (
+    RAM_BASE,
+    map_guest_ram,
+    map_guest_ram_file,
+    prepare_guest_ram_file,
+    qemu_pid_of_thread,
+)
 
 MB = 3  # an odd size no other file of this process has
 SIZE = MB << 20
@@ -222,3 +229,111 @@ def test_close_with_a_ctypes_object_on_the_buffer() -> None:
         assert ram[MAGIC_AT - RAM_BASE + 4 : MAGIC_AT - RAM_BASE + 8] == b"look"
         del word
         assert mappings() == maps
+
+
+# ---- a RAM file named by path ([conduit] guest_ram): no /proc of QEMU involved ------------------
+
+
+def ram_file(tmp_path: Path, *, magic: bytes = MAGIC, size: int = SIZE) -> Path:
+    """A file as QEMU's memory-backend-file,mem-path=... leaves it, the guest's magic in it."""
+    path = tmp_path / "vm.ram"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(MAGIC_AT - RAM_BASE)
+        f.write(magic)
+    return path
+
+
+def test_a_ram_file_is_mapped_by_path_and_writes_reach_it(tmp_path: Path) -> None:
+    path = ram_file(tmp_path)
+    with nothing_leaks():
+        with map_guest_ram_file(path, MB, MAGIC_AT, 64, magic=(MAGIC_AT, MAGIC)) as window:
+            assert bytes(window.buffer[: len(MAGIC)]) == MAGIC
+            window.buffer[32:36] = b"ping"
+            assert str(path) in repr(window)
+        with open(path, "rb") as f:
+            f.seek(MAGIC_AT - RAM_BASE + 32)
+            assert f.read(4) == b"ping"
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "no guest RAM file"),
+        ("directory", "Is a directory"),
+        ("device", "not a regular file"),
+        ("size", "not the VM's 3 MiB"),
+        ("magic", "does not hold the expected bytes"),
+    ],
+)
+def test_a_ram_file_that_is_not_the_vms_is_refused_and_leaves_nothing_open(
+    tmp_path: Path, setup: str, message: str
+) -> None:
+    if setup == "size":
+        path = ram_file(tmp_path, size=SIZE + 4096)
+    elif setup == "magic":
+        path = ram_file(tmp_path, magic=b"something-else!!")
+    else:
+        path = {"missing": tmp_path / "nothing-here", "directory": tmp_path, "device": Path("/dev/null")}[setup]
+    with nothing_leaks(), pytest.raises(SharedRamUnavailable, match=message):
+        map_guest_ram_file(path, MB, MAGIC_AT, 64, magic=(MAGIC_AT, MAGIC))
+
+
+def test_a_ram_file_outside_the_window_checks_is_refused_before_opening(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not inside guest RAM"):
+        map_guest_ram_file(tmp_path / "never-opened", MB, RAM_BASE + SIZE, 8)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_ram_file_the_sidecar_may_not_write_is_refused(tmp_path: Path) -> None:
+    """As the unit's own user would see a file QEMU created 0644 under its user."""
+    path = ram_file(tmp_path)
+    path.chmod(0o644)
+    tmp_path.chmod(0o755)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        message = "no error"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            map_guest_ram_file(path, MB, MAGIC_AT, 16).close()
+        except SharedRamUnavailable as err:
+            message = f"SharedRamUnavailable: {err}"
+        except BaseException as err:  # anything else is reported, never raised in the fork
+            message = f"{type(err).__name__}: {err}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        text = report.read().decode()
+    os.waitpid(child, 0)
+    assert text.startswith("SharedRamUnavailable: ") and "read and write access" in text, text
+
+
+def test_a_missing_ram_file_is_created_empty_and_group_writable(tmp_path: Path) -> None:
+    path = tmp_path / "vm.ram"
+    old = os.umask(0o077)  # a strict umask must not take the group's access away
+    try:
+        assert prepare_guest_ram_file(path) is True
+    finally:
+        os.umask(old)
+    st = path.stat()
+    assert st.st_size == 0 and st.st_mode & 0o777 == 0o660
+
+
+def test_an_existing_ram_file_is_left_as_it_is(tmp_path: Path) -> None:
+    """A running QEMU may be using it (the sidecar restarted): same file, same bytes, same mode."""
+    path = ram_file(tmp_path)
+    path.chmod(0o600)
+    before = path.stat()
+    assert prepare_guest_ram_file(path) is False
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mode, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mode, before.st_mtime_ns,
+    )  # fmt: skip
+
+
+def test_a_ram_file_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SharedRamUnavailable, match=r"cannot create the guest RAM file .*No such file or directory"):
+        prepare_guest_ram_file(tmp_path / "no-such-dir" / "vm.ram")

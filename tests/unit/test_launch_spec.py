@@ -47,3 +47,19 @@ def test_machine_options_are_not_changed_by_shared_ram(tmp_path: Path) -> None:
     spec.argv(tmp_path)
     assert options == {"virtualization": "on"}
     assert spec.machine_options == {"virtualization": "on"}  # a DTB dump's spec copies these
+
+
+def test_shared_ram_in_a_named_file(tmp_path: Path) -> None:
+    ram = tmp_path / "odd,name" / "vm1.ram"
+    spec = QemuSpec(memory_mb=256, shared_ram=True, shared_ram_path=ram)
+    argv = spec.argv(tmp_path)
+    assert _option(argv, "-M") == f"virt,memory-backend={SHARED_RAM_ID}"
+    # QEMU's option syntax: a comma inside a value is written twice
+    mem_path = str(ram).replace(",", ",,")
+    backend = f"memory-backend-file,id={SHARED_RAM_ID},size=256M,mem-path={mem_path},share=on,discard-data=on"
+    assert _option(argv, "-object") == backend
+
+
+def test_a_ram_path_alone_changes_nothing(tmp_path: Path) -> None:
+    argv = QemuSpec(shared_ram_path=tmp_path / "vm1.ram").argv(tmp_path)
+    assert "-object" not in argv

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmp_sdei.conduit.el2 import attach_conduit
@@ -19,8 +20,8 @@ from qmp_sdei.conduit.mailbox import RamWindow
 from qmp_sdei.conduit.rsp import RspClient
 from qmp_sdei.conduit.traps import elf_trap_sites, linux_trap_sites, load_kallsyms, merge_sites
 from qmp_sdei.config import parse_tcp
-from qmp_sdei.errors import ConduitError, ConfigError, GuestImageError, SdeiError
-from qmp_sdei.qemu.guestram import map_guest_ram, qemu_pid_of_thread
+from qmp_sdei.errors import ConduitError, ConfigError, GuestImageError, SdeiError, SharedRamUnavailable
+from qmp_sdei.qemu.guestram import map_guest_ram, map_guest_ram_file, qemu_pid_of_thread
 from qmp_sdei.qemu.migration import wait_left_finish_migrate
 from qmp_sdei.qemu.qmp import EventSubscription, QmpSession, VmEventKind, gdbstub_address, start_gdbstub
 from qmp_sdei.stub import MAGIC, StubLayout
@@ -102,7 +103,7 @@ async def serve_conduit(
         # a VM its owner paused or started with -S. An arrived guest runs as its source did (the
         # query is skipped there: QEMU answers it late, right after the incoming migration).
         was_running = guest_arrival is None and await session.refresh_runstate() in ("running", "debug")
-        map_ram = _guest_ram_mapper(vcpu_thread, memory_mb) if settings.mailbox else None
+        map_ram = _guest_ram_mapper(vcpu_thread, memory_mb, settings.guest_ram) if settings.mailbox else None
         conduit = await attach_conduit(  # the EL2 stub's trap site if the VM booted through it
             host,
             port,
@@ -131,19 +132,34 @@ async def serve_conduit(
         log.info("conduit stopped: %s", conduit.exit_reason)
 
 
-def map_stub_areas(pid: int, memory_mb: int, layout: StubLayout) -> RamWindow:
-    """Map the EL2 stub, header to per-CPU areas, from QEMU process ``pid``'s shared guest RAM
-    (the file that holds the stub's header there). :raise SharedRamUnavailable: none such."""
-    return map_guest_ram(pid, memory_mb, layout.base, layout.areas_end - layout.base, magic=(layout.base + 8, MAGIC))
+def map_stub_areas(source: int | Path, memory_mb: int, layout: StubLayout) -> RamWindow:
+    """Map the EL2 stub, header to per-CPU areas, from shared guest RAM that holds the stub's
+    header there: QEMU process ``source``'s RAM file (found among its open files), or the RAM
+    file at path ``source`` (``[conduit] guest_ram``). :raise SharedRamUnavailable: none such."""
+    window = (layout.base, layout.areas_end - layout.base)
+    magic = (layout.base + 8, MAGIC)
+    if isinstance(source, Path):
+        return map_guest_ram_file(source, memory_mb, *window, magic=magic)
+    return map_guest_ram(source, memory_mb, *window, magic=magic)
 
 
-def _guest_ram_mapper(vcpu_thread: int | None, memory_mb: int) -> Callable[[StubLayout], RamWindow] | None:
-    """How to map the part of guest RAM the EL2 stub's mailboxes are in, or None if unknown."""
-    if vcpu_thread is None or memory_mb <= 0:
+def _guest_ram_mapper(
+    vcpu_thread: int | None, memory_mb: int, path: Path | None
+) -> Callable[[StubLayout], RamWindow] | None:
+    """How to map the part of guest RAM the EL2 stub's mailboxes are in, or None if unknown:
+    through the file the configuration names, else through QEMU's process (a vCPU thread's)."""
+    if memory_mb <= 0 or (path is None and vcpu_thread is None):
         return None
     thread = vcpu_thread
 
     def map_stub(layout: StubLayout) -> RamWindow:
+        if path is not None:
+            try:
+                return map_stub_areas(path, memory_mb, layout)
+            except SharedRamUnavailable as err:  # configured, so not what the operator expects
+                log.warning("[conduit] guest_ram: %s", err)
+                raise
+        assert thread is not None
         return map_stub_areas(qemu_pid_of_thread(thread), memory_mb, layout)
 
     return map_stub

@@ -236,16 +236,101 @@ def _open(pid: int, candidate: _Candidate, flags: int) -> int:
 
 def _has_magic(pid: int, candidate: _Candidate, size: int, magic: tuple[int, bytes]) -> bool:
     """Whether the file holds ``magic``'s bytes at its guest address; read through a read-only mapping."""
-    addr, expected = magic
-    offset, length = _span(addr, len(expected), candidate.alignment, size)
     fd = _open(pid, candidate, os.O_RDONLY)
     try:
-        view = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset)
+        return _holds(fd, candidate.alignment, size, magic)
     finally:
-        os.close(fd)  # the mapping holds its own reference
-    with view:
+        os.close(fd)  # a mapping holds its own reference
+
+
+def _holds(fd: int, alignment: int, size: int, magic: tuple[int, bytes]) -> bool:
+    """Whether RAM file ``fd`` holds ``magic``'s bytes at its guest address (a read-only mapping)."""
+    addr, expected = magic
+    offset, length = _span(addr, len(expected), alignment, size)
+    with mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset) as view:
         skip = addr - RAM_BASE - offset
         return view[skip : skip + len(expected)] == expected
+
+
+def prepare_guest_ram_file(path: str | os.PathLike[str]) -> bool:
+    """Create the RAM file at ``path`` empty and group-writable if it is missing; whether it did.
+
+    QEMU creates a missing ``mem-path`` file itself, but readable only by its own user (0644), and
+    the sidecar must write it. An empty file QEMU finds instead it opens as it is and grows to the
+    VM's size, keeping its owner and mode: created by the sidecar before QEMU starts, in a
+    directory both share a group of (the setgid ``/run/qmp-sdei``), it stays writable for both. An
+    existing file is never touched: a running QEMU may be using it.
+    :raise SharedRamUnavailable: it cannot be created (no such directory, no permission).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        raise SharedRamUnavailable(f"cannot create the guest RAM file {os.fspath(path)!r}: {err.strerror}") from err
+    try:
+        os.fchmod(fd, 0o660)  # whatever the umask: QEMU's user writes it through the group
+    finally:
+        os.close(fd)
+    return True
+
+
+def map_guest_ram_file(
+    path: str | os.PathLike[str], memory_mb: int, start: int, length: int, *, magic: tuple[int, bytes] | None = None
+) -> GuestRamWindow:
+    """Map guest physical ``[start, start + length)`` read-write and shared from the RAM file at
+    ``path``: QEMU's ``memory-backend-file,mem-path=<path>,share=on``.
+
+    For a sidecar that may not look into QEMU's ``/proc/<pid>`` (another user, another PID
+    namespace) but is given the file itself, e.g. on a tmpfs both can reach. Only the file's
+    permissions matter then. What cannot be checked from here is that QEMU maps it shared: with
+    ``share=off`` the guest's writes stay in QEMU's private copy, so the stub's header is missing
+    from the file and this refuses it, or (a file an earlier VM left behind) the guest never sees
+    the mailbox and every call keeps stopping the VM, as without it.
+
+    :param magic: as for :func:`map_guest_ram`; without it any file of the right size is taken.
+    :raise SharedRamUnavailable: missing, not ours to open read-write, not a regular file, not of
+        ``memory_mb`` MiB, or without the magic. Nothing stays open or mapped.
+    :raise ValueError: the window or the magic's address is not inside guest RAM.
+    """
+    _check_window(memory_mb, start, length, "window")
+    if magic is not None:
+        _check_window(memory_mb, magic[0], len(magic[1]), "magic")
+    size = memory_mb * _MIB
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise SharedRamUnavailable(
+            f"no guest RAM file {os.fspath(path)!r}: start QEMU with -object "
+            f"memory-backend-file,id={SHARED_RAM_ID},size={memory_mb}M,mem-path={os.fspath(path)},share=on"
+        ) from err
+    except OSError as err:
+        raise SharedRamUnavailable(
+            f"cannot open the guest RAM file {os.fspath(path)!r} read-write: {err.strerror} (the sidecar's user "
+            "needs read and write access to it)"
+        ) from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SharedRamUnavailable(f"the guest RAM file {os.fspath(path)!r} is not a regular file")
+        if st.st_size != size:
+            raise SharedRamUnavailable(
+                f"the guest RAM file {os.fspath(path)!r} holds {st.st_size} bytes, not the VM's {memory_mb} MiB: "
+                "not this VM's memory backend"
+            )
+        alignment = _alignment(st)
+        if magic is not None and not _holds(fd, alignment, size, magic):
+            raise SharedRamUnavailable(
+                f"the guest RAM file {os.fspath(path)!r} does not hold the expected bytes at {magic[0]:#x}: not the "
+                "RAM of a VM booted through the EL2 stub, or QEMU maps it privately (share=off)"
+            )
+        offset, span = _span(start, length, alignment, size)
+        mapping = mmap.mmap(fd, span, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    except OSError as err:
+        raise SharedRamUnavailable(f"cannot map the guest RAM file {os.fspath(path)!r}: {err.strerror}") from err
+    finally:
+        os.close(fd)  # the mapping holds its own reference
+    return GuestRamWindow(mapping, start, length, start - RAM_BASE - offset, os.fspath(path))
 
 
 def map_guest_ram(

@@ -35,15 +35,24 @@ QEMU_BINARY = "qemu-system-aarch64"
 SHARED_RAM_ID = "qsdei-ram"
 
 
-def shared_ram_args(memory_mb: int) -> list[str]:
-    """The ``-object`` that backs guest RAM with a shared memfd of ``memory_mb`` MiB.
+def shared_ram_args(memory_mb: int, path: Path | None = None) -> list[str]:
+    """The ``-object`` that backs guest RAM with a shared memfd of ``memory_mb`` MiB, or with the
+    file at ``path`` (``memory-backend-file``; QEMU creates it if missing and never removes it, but
+    frees its pages when it exits).
 
-    ``share=on`` makes QEMU map the memfd ``MAP_SHARED``, so another process that maps the same
+    ``share=on`` makes QEMU map the file ``MAP_SHARED``, so another process that maps the same
     file (the sidecar, see :mod:`qmp_sdei.qemu.guestram`) sees the guest's writes and the guest
-    sees its writes. The machine must name it (``memory-backend=``, :data:`SHARED_RAM_ID`), and
-    ``-m`` must stay equal to its size: QEMU 7.2 and 10 both refuse a mismatch.
+    sees its writes. The sidecar finds a memfd among QEMU's open files; a path it opens itself,
+    which needs no access to QEMU's ``/proc``. The machine must name it (``memory-backend=``,
+    :data:`SHARED_RAM_ID`), and ``-m`` must stay equal to its size: QEMU 7.2 and 10 both refuse a
+    mismatch.
     """
-    return ["-object", f"memory-backend-memfd,id={SHARED_RAM_ID},size={memory_mb}M,share=on"]
+    if path is None:
+        return ["-object", f"memory-backend-memfd,id={SHARED_RAM_ID},size={memory_mb}M,share=on"]
+    mem_path = str(path).replace(",", ",,")  # QEMU's option syntax doubles a comma inside a value
+    # discard-data: a QEMU that exits frees the file's pages (it stays, empty, for the next run)
+    backend = f"memory-backend-file,id={SHARED_RAM_ID},size={memory_mb}M,mem-path={mem_path},share=on,discard-data=on"
+    return ["-object", backend]
 
 
 @dataclass
@@ -67,6 +76,8 @@ class QemuSpec:
     # Guest RAM in a shared memfd (shared_ram_args) the sidecar can map, instead of QEMU's
     # private anonymous memory: what the EL2 stub's mailbox fast path needs.
     shared_ram: bool = False
+    # With shared_ram: the file to keep it in (memory-backend-file) instead of a memfd
+    shared_ram_path: Path | None = None
 
     def machine_arg(self) -> str:
         """The ``-M`` value: the machine, its options, and with :attr:`shared_ram` its RAM backend."""
@@ -77,7 +88,8 @@ class QemuSpec:
 
     def memory_args(self) -> list[str]:
         """``-m`` and, with :attr:`shared_ram`, the backend object (its size is ``-m``'s)."""
-        return ["-m", str(self.memory_mb), *(shared_ram_args(self.memory_mb) if self.shared_ram else [])]
+        backend = shared_ram_args(self.memory_mb, self.shared_ram_path) if self.shared_ram else []
+        return ["-m", str(self.memory_mb), *backend]
 
     def argv(self, workdir: Path) -> list[str]:
         """The full command line, with sockets placed in ``workdir``."""
