@@ -11,7 +11,7 @@ import ctypes
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -192,10 +192,8 @@ def test_close_is_idempotent_and_a_sliced_view_keeps_the_pages_until_released() 
         assert mappings() == maps  # gone with the last view
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
-def test_a_process_of_another_user_is_refused() -> None:
-    """A child that became ``nobody`` looks at this (root's) process: not ours to open."""
-    owner = os.getpid()
+def as_nobody(attempt: Callable[[], object]) -> str:
+    """Run ``attempt`` in a child that became ``nobody``; what it raised, as "Type: message"."""
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover (the child reports through the pipe)
@@ -203,10 +201,8 @@ def test_a_process_of_another_user_is_refused() -> None:
         try:
             os.setgid(65534)
             os.setuid(65534)
-            map_guest_ram(owner, MB, MAGIC_AT, 16).close()
-        except SharedRamUnavailable as err:
-            message = f"SharedRamUnavailable: {err}"
-        except BaseException as err:  # anything else is reported, never raised in the fork
+            attempt()
+        except BaseException as err:  # reported, never raised in the fork
             message = f"{type(err).__name__}: {err}"
         os.write(write_end, message.encode())
         os._exit(0)
@@ -214,6 +210,14 @@ def test_a_process_of_another_user_is_refused() -> None:
     with os.fdopen(read_end, "rb") as report:
         message = report.read().decode()
     os.waitpid(child, 0)
+    return message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_process_of_another_user_is_refused() -> None:
+    """A child that became ``nobody`` looks at this (root's) process: not ours to open."""
+    owner = os.getpid()
+    message = as_nobody(lambda: map_guest_ram(owner, MB, MAGIC_AT, 16).close())
     assert message.startswith("SharedRamUnavailable: "), message
     assert f"QEMU {owner}'s open files" in message and "not ours" in message
 
@@ -290,24 +294,7 @@ def test_a_ram_file_the_sidecar_may_not_write_is_refused(tmp_path: Path) -> None
     path = ram_file(tmp_path)
     path.chmod(0o644)
     tmp_path.chmod(0o755)
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover (the child reports through the pipe)
-        message = "no error"
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            map_guest_ram_file(path, MB, MAGIC_AT, 16).close()
-        except SharedRamUnavailable as err:
-            message = f"SharedRamUnavailable: {err}"
-        except BaseException as err:  # anything else is reported, never raised in the fork
-            message = f"{type(err).__name__}: {err}"
-        os.write(write_end, message.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as report:
-        text = report.read().decode()
-    os.waitpid(child, 0)
+    text = as_nobody(lambda: map_guest_ram_file(path, MB, MAGIC_AT, 16).close())
     assert text.startswith("SharedRamUnavailable: ") and "read and write access" in text, text
 
 
