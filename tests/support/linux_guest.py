@@ -517,11 +517,13 @@ def sidecar_config(
 
 
 def _print_failure_facts(vm: QemuProcess, sidecar: Sidecar | None, probe: EventProbe | None) -> None:
-    """What a failed Linux event test needs said: every line of the test module (a wrong delivery
-    count shows there, not in the tail), the console's tail, the conduit's counters and the last
-    SDEI calls the guest made."""
+    """What a failed Linux event test needs said: every line about SDEI or a kernel fault (a wrong
+    delivery count or an oops shows there, not in the tail), the console's tail, the conduit's
+    counters and the last SDEI calls the guest made."""
     lines = vm.console.splitlines()
-    print("---- sdei_test lines ----\n" + "\n".join(line for line in lines if "sdei_test:" in line))
+    telling = re.compile(r"sdei|Oops|BUG|WARNING|Internal error|Call trace|panic", re.IGNORECASE)
+    said = [line for line in lines if telling.search(line) and "sdei_test_init: alive" not in line]
+    print("---- SDEI and fault lines ----\n" + "\n".join(said))
     print("---- console tail ----\n" + "\n".join(lines[-40:]))
     conduit = sidecar.conduit if sidecar is not None else None
     if conduit is not None:
@@ -590,7 +592,10 @@ async def booted_linux(
         yield linux
     except BaseException:
         failed = True
-        _print_failure_facts(vm, sidecar, probe)
+        try:
+            _print_failure_facts(vm, sidecar, probe)
+        except Exception as err:  # never in place of the failure itself
+            print(f"(the failure's facts could not be printed: {err!r})")
         raise
     finally:
         if sidecar is not None and sidecar_task is not None:
