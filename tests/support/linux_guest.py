@@ -70,9 +70,11 @@ through /dev/kmsg, which otherwise rate-limits it to 10 lines per 5 s)."""
 READY_LINE = re.compile(r"sdei_test: ready event=(?P<event>\d+) cpus=(?P<cpus>\d+)")
 DELIVERY_LINE = (
     r"sdei_test: event (?P<event>\d+) #{n} on CPU (?P<cpu>\d+) arg_ok=(?P<arg_ok>\d) "
-    r"pc=(?P<pc>\S+) pstate=(?P<pstate>[0-9a-f]+)\r?\n"
+    r"pc=(?P<pc>\S+)(?: \[(?P<module>[^\]]+)\])? pstate=(?P<pstate>[0-9a-f]+)\r?\n"
 )
-"""The callback's line for delivery ``{n}`` (format it); whole lines only, the console may be mid-line."""
+"""The callback's line for delivery ``{n}`` (format it); whole lines only, the console may be mid-line.
+``%pS`` names the module after a pc inside one: an event raised as soon as the module says it is
+ready may interrupt the module's own init (seen in CI runs: "pc=sdei_test_init+0xe8/0x1000 [sdei_test]")."""
 DELIVERY_ANY = re.compile(DELIVERY_LINE.format(n=r"(?P<n>\d+)"))
 HEARTBEAT = re.compile(r"sdei_test_init: alive (?P<n>\d+)\r?\n")
 TROUBLE = re.compile(
