@@ -29,6 +29,7 @@ from support.qemu import (
     running_qemu,
     say_nothing,
     send_junk,
+    stale_event_first,
 )
 
 pytestmark = [pytest.mark.qemu, requires_qemu]
@@ -216,6 +217,24 @@ async def test_non_qemu_peer_is_refused(tmp_path: Path, behaviour: object, messa
             await attach(path, listen=False, timeout=1.0)
         assert time.monotonic() - start < 1.0 + 5.0
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_an_event_ahead_of_the_greeting_is_met_by_connecting_again(tmp_path: Path) -> None:
+    """A sidecar restarted at once against QEMU 10.0 got the previous client's event where the
+    greeting belongs; attaching again gets a clean handshake."""
+    async with (
+        fake_peer(tmp_path / "fake.sock", stale_event_first(2)) as path,
+        await attach(path, listen=False, timeout=SLOW) as s,
+    ):
+        assert s.status == "running" and s.greeting_version == (10, 0, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_never_greets_first_is_still_refused(tmp_path: Path) -> None:
+    async with fake_peer(tmp_path / "fake.sock", stale_event_first(1000)) as path:
+        with pytest.raises(QemuError, match="is not a QEMU monitor: did not understand its greeting"):
+            await attach(path, listen=False, timeout=SLOW)
 
 
 @pytest.mark.asyncio

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
@@ -89,9 +90,48 @@ async def qmp_but_not_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamW
     """Speak enough QMP to pass the handshake, but know no commands (like a storage daemon)."""
     writer.write(b'{"QMP": {"version": {"qemu": {"major": 9, "minor": 9, "micro": 9}, "package": ""},')
     writer.write(b' "capabilities": []}}\r\n')
+    async for request in _requests(reader):
+        if request.get("execute") == "qmp_capabilities":
+            reply: dict[str, object] = {"return": {}}
+        else:
+            reply = {"error": {"class": "CommandNotFound", "desc": "The command is not found"}}
+        if "id" in request:
+            reply["id"] = request["id"]
+        writer.write(json.dumps(reply).encode() + b"\r\n")
+        await writer.drain()
+
+
+def stale_event_first(stale_connections: int) -> PeerBehaviour:
+    """A QEMU-like monitor whose first ``stale_connections`` clients get an event meant for the
+    client before them ahead of the greeting (QEMU 10.0 did that to a sidecar restarted at once);
+    later ones get a plain handshake and a running VM's ``query-status``."""
+    seen = 0
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        seen += 1
+        if seen <= stale_connections:
+            writer.write(b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}\r\n')
+        writer.write(b'{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": ""},')
+        writer.write(b' "capabilities": ["oob"]}}\r\n')
+        await writer.drain()
+        async for request in _requests(reader):
+            reply: dict[str, object] = {"return": {}}
+            if request.get("execute") == "query-status":
+                reply = {"return": {"status": "running", "running": True}}
+            if "id" in request:
+                reply["id"] = request["id"]
+            writer.write(json.dumps(reply).encode() + b"\r\n")
+            await writer.drain()
+
+    return behaviour
+
+
+async def _requests(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects a QMP client sends (qemu.qmp sends them with no separator)."""
     decoder = json.JSONDecoder()
     pending = ""
-    while chunk := await reader.read(4096):  # qemu.qmp sends JSON objects with no separator
+    while chunk := await reader.read(4096):
         pending += chunk.decode()
         while pending.strip():
             try:
@@ -99,14 +139,7 @@ async def qmp_but_not_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamW
             except json.JSONDecodeError:
                 break
             pending = pending.lstrip()[end:]
-            if request.get("execute") == "qmp_capabilities":
-                reply: dict[str, object] = {"return": {}}
-            else:
-                reply = {"error": {"class": "CommandNotFound", "desc": "The command is not found"}}
-            if "id" in request:
-                reply["id"] = request["id"]
-            writer.write(json.dumps(reply).encode() + b"\r\n")
-        await writer.drain()
+            yield request
 
 
 @contextlib.asynccontextmanager

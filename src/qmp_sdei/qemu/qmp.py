@@ -734,16 +734,17 @@ async def attach(
         system emulator (one-line message naming the address).
     """
     attempt = _Attempt(address, listen)
-    client = _QuietQMPClient(name or f"qmp-sdei:{attempt.where}")
-    session = QmpSession(client, address, command_timeout)
+    client: QMPClient | None = None
     try:
         async with asyncio.timeout(timeout):
-            status = await attempt.run(client, timeout)
+            client, status = await _handshake(attempt, name or f"qmp-sdei:{attempt.where}", timeout)
+        session = QmpSession(client, address, command_timeout)
         if not isinstance(status, Mapping):
             raise QemuError(f"{attempt.where} answered query-status with {status!r}: not QEMU")
         session._start(status)
     except BaseException as err:
-        await _drop(client)
+        if client is not None:
+            await _drop(client)
         attempt.remove_listen_socket()
         mapped = attempt.error(err, timeout)
         if mapped is None:
@@ -751,6 +752,41 @@ async def attach(
         raise mapped from err
     log.info("QMP attached to %s (QEMU %d.%d.%d)", attempt.where, *session.greeting_version)
     return session
+
+
+#: How often a connect meeting a message before QEMU's greeting is tried (see _stale_before_greeting).
+_STALE_GREETING_TRIES: Final = 3
+
+
+async def _handshake(attempt: _Attempt, name: str, timeout: float) -> tuple[QMPClient, object]:
+    """A client through the handshake and its ``query-status`` reply (see :meth:`_Attempt.run`);
+    connecting again when a stale message came where the greeting should be. A client that
+    failed is dropped."""
+    tries = 0
+    while True:
+        tries += 1
+        client = _QuietQMPClient(name)
+        try:
+            return client, await attempt.run(client, timeout)
+        except ConnectError as err:
+            await _drop(client)
+            if attempt.listen or tries >= _STALE_GREETING_TRIES or not _stale_before_greeting(err):
+                raise
+            log.debug("QMP %s sent a message before its greeting; connecting again", attempt.where)
+        except BaseException:
+            await _drop(client)
+            raise
+
+
+def _stale_before_greeting(err: ConnectError) -> bool:
+    """Whether the handshake failed on a QMP message where the greeting should be.
+
+    QEMU's monitor serves one client at a time. An event or reply meant for the client before us
+    can reach us ahead of our greeting when we connect right after that client left (seen with
+    QEMU 10.0, a sidecar restarted at once against the same VM). Such a message is a JSON object
+    without the greeting's ``QMP`` member; a peer that is not QMP at all fails differently.
+    """
+    return isinstance(err.exc, GreetingError) and isinstance(err.exc.exc, KeyError)
 
 
 def _timeout_message(where: str, phase: str, timeout: float) -> str:
