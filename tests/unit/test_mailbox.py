@@ -305,6 +305,20 @@ def _serve(conduit: El2Conduit, count: int) -> None:
     conduit._serve_post(0, count, 0)
 
 
+def _trapped_and_served(conduit: El2Conduit, ram: RamInBytes, count: int, x: list[int], *, at: int) -> None:
+    """vCPU 0's call ``count``, trapped at CNTVCT ``at`` and posted, then served by the mailbox."""
+    area = conduit.layout.percpu
+    _set(ram, area + A_TRAP_TIME, at)
+    _post(ram, area, count, x)
+    _serve(conduit, count)
+
+
+def _offer_deferred(conduit: El2Conduit) -> None:
+    """What the end of a stop does for vCPU 0's post if it came while the stop was served."""
+    conduit._mail_deferred.add(0)
+    conduit._offer_deferred_posts()
+
+
 def test_a_posted_sdei_call_is_answered_in_the_mailbox_after_the_state_is_committed() -> None:
     conduit, ram, owner, _ = _conduit()
     area = conduit.layout.percpu
@@ -400,16 +414,13 @@ def test_a_post_whose_vcpu_has_moved_on_is_never_served_again() -> None:
     # were written but not yet its arguments or post count. That must not be read as a call.
     conduit, ram, owner, _ = _conduit()
     area = conduit.layout.percpu
-    _set(ram, area + A_TRAP_TIME, 1000)
-    _post(ram, area, 1, [Function.EVENT_SIGNAL, 0, 0])
-    _serve(conduit, 1)
+    _trapped_and_served(conduit, ram, 1, [Function.EVENT_SIGNAL, 0, 0], at=1000)
     core = CoreRegs(x=[Function.EVENT_SIGNAL, *[0] * 30], sp=area + 0x3F0, pc=conduit.layout.trap_site, cpsr=0x3C9)
     assert conduit._posted_call_in_stop(0, area, core)  # the answer came late: applied at the stop
     _set(ram, area + A_TRAP_TIME, 2000)  # the next call: trapped, half posted (post count still 1)
     _set(ram, area + A_TRAP_COUNT, 2)
     struct.pack_into("<Q", ram.buffer, area + A_MAIL_X - ram.base, Function.EVENT_ENABLE)
-    conduit._mail_deferred.add(0)
-    conduit._offer_deferred_posts()
+    _offer_deferred(conduit)
     _serve(conduit, 1)
     assert owner.calls == [Function.EVENT_SIGNAL] and _u64(ram, area + A_DONE) == 1
 
@@ -417,9 +428,7 @@ def test_a_post_whose_vcpu_has_moved_on_is_never_served_again() -> None:
 def test_an_answer_from_before_a_reset_is_not_taken_for_a_call_with_the_same_count() -> None:
     conduit, ram, _, _ = _conduit()
     area = conduit.layout.percpu
-    _set(ram, area + A_TRAP_TIME, 1000)
-    _post(ram, area, 1, [0xC400_0020])
-    _serve(conduit, 1)
+    _trapped_and_served(conduit, ram, 1, [0xC400_0020], at=1000)
     _set(ram, area + A_TRAP_TIME, 5000)  # the reset reloaded the stub: its count starts again
     _post(ram, area, 1, [Function.EVENT_STATUS, 1000])
     core = CoreRegs(
@@ -592,13 +601,10 @@ def test_a_served_call_is_not_served_again_while_the_next_one_is_half_trapped() 
     # moment (count, time) names a call that never was; refusing by count alone closes that.
     conduit, ram, owner, _ = _conduit()
     area = conduit.layout.percpu
-    _set(ram, area + A_TRAP_TIME, 1000)
-    _post(ram, area, 7, [Function.EVENT_SIGNAL, 0, 0])
-    _serve(conduit, 7)
+    _trapped_and_served(conduit, ram, 7, [Function.EVENT_SIGNAL, 0, 0], at=1000)
     _set(ram, area + A_TRAP_TIME, 2000)  # the next trap: time stored, count and post not yet
     _serve(conduit, 7)
-    conduit._mail_deferred.add(0)
-    conduit._offer_deferred_posts()
+    _offer_deferred(conduit)
     assert owner.calls == [Function.EVENT_SIGNAL] and conduit.stats.mailbox_calls == 1
     assert _u64(ram, area + A_VERDICT) == VERDICT_ANSWERED  # not re-answered from its own answer
 
