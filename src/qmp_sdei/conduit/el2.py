@@ -509,7 +509,7 @@ class El2Conduit(GdbstubConduit):
         for vcpu in deferred:
             area = self._areas.get(vcpu)
             count = self._mail.posted_now(area) if area is not None else None
-            if area is not None and count is not None:
+            if count is not None:
                 self._answer_post(vcpu, count, now)
 
     async def _serve_stop(self, stop: StopReply, *, ours: bool) -> None:
