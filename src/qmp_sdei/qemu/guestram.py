@@ -324,13 +324,11 @@ def map_guest_ram_file(
                 f"the guest RAM file {os.fspath(path)!r} does not hold the expected bytes at {magic[0]:#x}: not the "
                 "RAM of a VM booted through the EL2 stub, or QEMU maps it privately (share=off)"
             )
-        offset, span = _span(start, length, alignment, size)
-        mapping = mmap.mmap(fd, span, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        return _window(fd, alignment, size, start, length, source=os.fspath(path))
     except OSError as err:
         raise SharedRamUnavailable(f"cannot map the guest RAM file {os.fspath(path)!r}: {err.strerror}") from err
     finally:
         os.close(fd)  # the mapping holds its own reference
-    return GuestRamWindow(mapping, start, length, start - RAM_BASE - offset, os.fspath(path))
 
 
 def map_guest_ram(
@@ -391,7 +389,6 @@ def map_guest_ram(
 
 
 def _map(pid: int, candidate: _Candidate, size: int, start: int, length: int) -> GuestRamWindow:
-    offset, span = _span(start, length, candidate.alignment, size)
     try:
         fd = _open(pid, candidate, os.O_RDWR)
     except OSError as err:
@@ -399,9 +396,16 @@ def _map(pid: int, candidate: _Candidate, size: int, start: int, length: int) ->
             f"cannot open QEMU {pid}'s guest RAM ({candidate.name}) read-write: {err.strerror}"
         ) from err
     try:
-        mapping = mmap.mmap(fd, span, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        return _window(fd, candidate.alignment, size, start, length, source=f"QEMU {pid} {candidate.name}")
     except OSError as err:
         raise SharedRamUnavailable(f"cannot map QEMU {pid}'s guest RAM ({candidate.name}): {err.strerror}") from err
     finally:
         os.close(fd)  # the mapping holds its own reference
-    return GuestRamWindow(mapping, start, length, start - RAM_BASE - offset, f"QEMU {pid} {candidate.name}")
+
+
+def _window(fd: int, alignment: int, size: int, start: int, length: int, *, source: str) -> GuestRamWindow:
+    """Guest ``[start, start + length)`` of RAM file ``fd`` (``size`` bytes), mapped read-write and
+    shared; the fd may be closed afterwards. :raise OSError: the mapping failed."""
+    offset, span = _span(start, length, alignment, size)
+    mapping = mmap.mmap(fd, span, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    return GuestRamWindow(mapping, start, length, start - RAM_BASE - offset, source)
